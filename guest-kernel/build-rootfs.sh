@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Build the guest root filesystem: busybox + Debian's fio with its libraries, our init and
+# the fio job files. Two forms of the same tree:
+#   rootfs.ext4          read-only ext4 root disk (/dev/vda), the default
+#   initramfs.cpio.gz    the same tree as an initramfs (kept for the boot-time comparison)
+# Output: symlinks in $BUILD_DIR/guest/, cached by the hash of the inputs.
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+
+for bin in /bin/busybox /usr/bin/fio /sbin/mkfs.ext4 /usr/bin/cpio; do
+    [ -x "$bin" ] || die "$bin missing: run scripts/setup.sh"
+done
+busybox_path=/bin/busybox
+# Debian's busybox-static installs /bin/busybox; make sure it is the static one
+file -L "$busybox_path" 2>/dev/null | grep -q 'statically linked' || die "$busybox_path is not static (install busybox-static)"
+
+here="$REPO_ROOT/guest-kernel"
+versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version libc6) $(pkg_version e2fsprogs)"
+RECIPE="rootfs-2"
+key="$(inputs_hash "$RECIPE $versions" "$here/rootfs/init" "$REPO_ROOT"/benches/fio/*)"
+out="$CACHE_DIR/rootfs-$key"
+mkdir -p "$BUILD_DIR/guest"
+lock_cache rootfs
+
+if [ -f "$out/rootfs.ext4" ] && [ -f "$out/initramfs.cpio.gz" ]; then
+    step "guest rootfs: cached ($out)"
+else
+    step "guest rootfs: assembling busybox + fio"
+    tmp="$out.tmp"; rm -rf "$tmp"; tree="$tmp/tree"
+    mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,mnt,etc,fio}
+    cp "$busybox_path" "$tree/bin/busybox"
+    for app in $("$busybox_path" --list); do
+        [ -e "$tree/bin/$app" ] || ln -s busybox "$tree/bin/$app"
+    done
+    cp /usr/bin/fio "$tree/usr/bin/fio"
+    # fio's shared libraries and the dynamic loader, at the paths the binary expects
+    ldd /usr/bin/fio | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
+        mkdir -p "$tree$(dirname "$lib")"
+        cp -L "$lib" "$tree$lib"
+    done
+    cp "$here/rootfs/init" "$tree/init"
+    cp "$REPO_ROOT"/benches/fio/* "$tree/fio/"
+    printf 'root:x:0:0:root:/:/bin/sh\n' > "$tree/etc/passwd"
+    printf 'root:x:0:\n' > "$tree/etc/group"
+
+    step "guest rootfs: ext4 image and initramfs"
+    mb=$(( $(du -sm "$tree" | cut -f1) * 5 / 4 + 16 ))
+    mkfs.ext4 -q -F -E root_owner=0:0 -L guestroot -O ^has_journal -d "$tree" "$tmp/rootfs.ext4" "${mb}M" >/dev/null
+    (cd "$tree" && find . | cpio -o -H newc --quiet | gzip -6 > "$tmp/initramfs.cpio.gz")
+    rm -rf "$tree"
+    rm -rf "$out"; mv "$tmp" "$out"
+    step "guest rootfs: built (ext4 $(du -h --apparent-size "$out/rootfs.ext4" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1))"
+fi
+ln -sfn "$out/rootfs.ext4" "$BUILD_DIR/guest/rootfs.ext4"
+ln -sfn "$out/initramfs.cpio.gz" "$BUILD_DIR/guest/initramfs.cpio.gz"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds the guest image, the lab image and the workspace (each step cached).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+bash "$REPO_ROOT/guest-kernel/build.sh"
+bash "$REPO_ROOT/tests/lab/build-lab.sh"
+step "cargo build --workspace --release"
+cargo build --quiet --workspace --release --manifest-path "$REPO_ROOT/Cargo.toml"

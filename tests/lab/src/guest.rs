@@ -1,0 +1,334 @@
+//! Boots the guest with a named VMM backend, under KVM that works (hardware, or inside the
+//! lab), and collects what it reported on its serial console.
+
+use crate::console::{self, GuestConsole};
+use crate::fio::{self, FioRow};
+use crate::paths::GuestImage;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The VMM that runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// QEMU with `-enable-kvm`, the peer our VMM is compared against.
+    Qemu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+        }
+    }
+}
+
+/// How the guest gets its root filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootFs {
+    /// Read-only ext4 image as the first virtio disk (/dev/vda); data disks follow.
+    Ext4,
+    /// The same tree as an initramfs; data disks start at /dev/vda.
+    Initramfs,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    pub backend: Backend,
+    pub image: GuestImage,
+    pub rootfs: RootFs,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub data_disks: Vec<DataDisk>,
+    /// The guest init's task words (`selftest`, `fio=JOB,..`, `boot`, `shell`, options).
+    pub task: String,
+    pub timeout: Duration,
+    /// Connect the guest's console to our stdin/stdout (for `shell`).
+    pub interactive: bool,
+}
+
+/// How the VMM process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmExit {
+    /// Exited with this status (0: the guest reset, which is how it exits).
+    Status(i32),
+    /// Killed by a signal.
+    Signal,
+    /// Killed by us at the time limit.
+    Timeout,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestRun {
+    pub backend: Backend,
+    /// Wall time from starting the VMM to the guest init's first line.
+    pub wall_to_init_ms: Option<f64>,
+    pub wall_total_ms: f64,
+    pub vmm_exit: VmmExit,
+    pub console: GuestConsole,
+    /// fio results, one row per job and direction.
+    pub fio: Vec<FioRow>,
+    /// Everything that went wrong, in words; empty when the run is a success.
+    pub problems: Vec<String>,
+    #[serde(skip)]
+    pub transcript: String,
+}
+
+impl GuestRun {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The kernel command line for a spec.
+pub fn kernel_cmdline(spec: &GuestSpec) -> String {
+    let root = match spec.rootfs {
+        RootFs::Ext4 => "root=/dev/vda ro rootfstype=ext4 init=/init",
+        RootFs::Initramfs => "rdinit=/init",
+    };
+    format!("console=ttyS0 reboot=k panic=-1 quiet {root} {}", spec.task)
+}
+
+fn qemu_command(spec: &GuestSpec) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-enable-kvm", "-M", "pc", "-cpu", "host"])
+        .args([
+            "-smp",
+            &spec.vcpus.to_string(),
+            "-m",
+            &spec.mem_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&spec.image.bzimage)
+        .args(["-append", &kernel_cmdline(spec)]);
+    let mut drives: Vec<(String, bool)> = Vec::new();
+    match spec.rootfs {
+        RootFs::Ext4 => drives.push((spec.image.rootfs_ext4.to_string_lossy().into_owned(), true)),
+        RootFs::Initramfs => {
+            cmd.arg("-initrd").arg(&spec.image.initramfs);
+        }
+    }
+    for d in &spec.data_disks {
+        drives.push((d.path.to_string_lossy().into_owned(), d.read_only));
+    }
+    for (i, (path, ro)) in drives.iter().enumerate() {
+        // Buffered I/O: the lab's disk images live on tmpfs, which has no O_DIRECT.
+        let mut drive = format!(
+            "file={},if=none,id=d{i},format=raw,cache=writeback,aio=threads",
+            path.replace(',', ",,")
+        );
+        if *ro {
+            drive.push_str(",readonly=on");
+        }
+        cmd.args(["-drive", &drive])
+            .args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
+    }
+    cmd
+}
+
+fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<(Instant, String)>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(reader);
+        let mut buf = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
+            buf.clear();
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Boots the guest, waits for it to reset (or the time limit) and checks what it reported.
+pub fn boot(spec: &GuestSpec) -> Result<GuestRun> {
+    let mut cmd = match spec.backend {
+        Backend::Qemu => qemu_command(spec),
+    };
+    cmd.stdin(if spec.interactive {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start the {} backend", spec.backend.name()))?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        forward_lines(out, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_lines(err, tx);
+    }
+    let mut transcript = String::new();
+    let mut wall_to_init = None;
+    let mut timed_out = false;
+    let init_marker = format!("{} init ", console::GUEST_MARKER);
+    loop {
+        let left = spec.timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            timed_out = true;
+            let _ = child.kill();
+            break;
+        }
+        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            Ok((at, line)) => {
+                if wall_to_init.is_none() && line.contains(&init_marker) {
+                    wall_to_init = Some(at.duration_since(start));
+                }
+                if spec.interactive {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                transcript.push_str(&line);
+                transcript.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait().context("waiting for the VMM")?;
+    let vmm_exit = if timed_out {
+        VmmExit::Timeout
+    } else {
+        status.code().map_or(VmmExit::Signal, VmmExit::Status)
+    };
+    Ok(judge(
+        spec,
+        start.elapsed(),
+        wall_to_init,
+        vmm_exit,
+        transcript,
+    ))
+}
+
+fn judge(
+    spec: &GuestSpec,
+    total: Duration,
+    wall_to_init: Option<Duration>,
+    vmm_exit: VmmExit,
+    transcript: String,
+) -> GuestRun {
+    let console = console::parse(&transcript);
+    let mut problems = Vec::new();
+    let mut rows = Vec::new();
+    match vmm_exit {
+        VmmExit::Status(0) => {}
+        VmmExit::Timeout => problems.push(format!("timed out after {:?}", spec.timeout)),
+        other => problems.push(format!("{} exited with {other:?}", spec.backend.name())),
+    }
+    if console.init_uptime_s.is_none() {
+        problems.push("the guest never reached its init".to_string());
+    }
+    match console.exit_rc {
+        Some(0) => {}
+        Some(rc) => problems.push(format!("the guest's task ended with status {rc}")),
+        None => problems.push("the guest never reached its reset (panic or hang?)".to_string()),
+    }
+    let words: Vec<&str> = spec.task.split_whitespace().collect();
+    if words.contains(&"selftest") && console.selftest != Some(true) {
+        problems.push(format!(
+            "selftest did not pass: {}",
+            console.selftest_detail
+        ));
+    }
+    for block in &console.fio {
+        if block.rc != Some(0) {
+            problems.push(format!("fio job {} ended with {:?}", block.job, block.rc));
+        }
+        match fio::parse_fio_json(&block.job, &block.json) {
+            Ok(r) => rows.extend(r),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    for e in &console.errors {
+        problems.push(format!("guest: {e}"));
+    }
+    GuestRun {
+        backend: spec.backend,
+        wall_to_init_ms: wall_to_init.map(|d| d.as_secs_f64() * 1e3),
+        wall_total_ms: total.as_secs_f64() * 1e3,
+        vmm_exit,
+        console,
+        fio: rows,
+        problems,
+        transcript,
+    }
+}
+
+/// A scratch directory for disk images (tmpfs inside the lab), removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("vmm-lab-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A new sparse raw disk image of `mib` MiB.
+    pub fn disk(&self, name: &str, mib: u64) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        f.set_len(mib << 20)
+            .with_context(|| format!("sizing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Refuses to start when the spec cannot work, before spending a boot on it.
+pub fn check_spec(spec: &GuestSpec) -> Result<()> {
+    if spec.vcpus == 0 || spec.mem_mib < 128 {
+        bail!("a guest needs at least 1 vCPU and 128 MiB");
+    }
+    if spec.rootfs == RootFs::Ext4 || !spec.data_disks.is_empty() {
+        for d in &spec.data_disks {
+            if !d.path.exists() {
+                bail!("data disk {} does not exist", d.path.display());
+            }
+        }
+    }
+    Ok(())
+}

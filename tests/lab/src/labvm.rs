@@ -1,0 +1,277 @@
+//! Runs a command inside the lab VM: QEMU in software emulation with an emulated AMD SVM
+//! CPU, booting Debian's kernel with the real `kvm_amd`, the host's root filesystem over 9p
+//! and a tmpfs on /tmp. The command runs chrooted into the host's filesystem, so the host's
+//! binaries (our `vmm`, QEMU, this harness) run in there unchanged.
+
+use crate::paths;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Prefix of the lab init's lines for the harness.
+pub const LAB_MARKER: &str = "@@LAB@@";
+/// Set in the environment of commands running inside the lab.
+pub const INSIDE_ENV: &str = "VMM_LAB_INSIDE";
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub timeout: Duration,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// Connect the lab's console to this process's stdin (for `shell`).
+    pub interactive: bool,
+    /// Print the command's output as it comes (otherwise only collect it).
+    pub echo: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            timeout: Duration::from_secs(1800),
+            mem_mib: 4096,
+            cpus: 2,
+            interactive: false,
+            echo: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOutcome {
+    /// The command's exit status; None when it never finished (timeout, lab failure).
+    pub rc: Option<i32>,
+    /// What the command printed (stdout and stderr).
+    pub output: String,
+    /// The lab's whole console, kept for diagnosis.
+    pub console_log: PathBuf,
+    /// Lab VM uptime when it was ready to run the command.
+    pub ready_uptime_s: Option<f64>,
+    pub wall: Duration,
+    pub timed_out: bool,
+}
+
+/// Quotes a word for bash.
+pub fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+fn run_dir() -> Result<PathBuf> {
+    // Under build/ (host disk): the lab mounts its own tmpfs over /tmp, hiding the host's.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = paths::build_dir()
+        .join("lab-runs")
+        .join(format!("{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::canonicalize(&dir).context("canonicalizing the lab run directory")
+}
+
+fn write_script(dir: &Path, argv: &[String], env: &[(String, String)]) -> Result<()> {
+    let cwd = std::env::current_dir().context("current directory")?;
+    let mut s = String::from("#!/bin/bash\n");
+    s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    s.push_str("export HOME=/root TMPDIR=/tmp\n");
+    s.push_str(&format!("export {INSIDE_ENV}=1\n"));
+    for (k, v) in env {
+        s.push_str(&format!("export {k}={}\n", shell_quote(v)));
+    }
+    s.push_str(&format!("cd {}\n", shell_quote(&cwd.to_string_lossy())));
+    let words: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
+    s.push_str(&format!("exec {}\n", words.join(" ")));
+    std::fs::write(dir.join("cmd.sh"), s).context("writing cmd.sh")
+}
+
+/// Forwards the output of `reader` line by line into `tx`.
+fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_string();
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Runs `argv` inside the lab VM and waits for it (or for the time limit).
+pub fn run_in_lab(
+    argv: &[String],
+    env: &[(String, String)],
+    opts: &LabOptions,
+) -> Result<LabOutcome> {
+    if argv.is_empty() {
+        bail!("no command to run in the lab");
+    }
+    let image = paths::lab_image()?;
+    let dir = run_dir()?;
+    write_script(&dir, argv, env)?;
+    let console_log = dir.join("console.log");
+    let mut log = std::fs::File::create(&console_log).context("creating console.log")?;
+
+    let append = format!("console=ttyS0 panic=-1 quiet lab.run={}", dir.display());
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", "max"])
+        .args([
+            "-smp",
+            &opts.cpus.to_string(),
+            "-m",
+            &opts.mem_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&image.initrd)
+        .args(["-append", &append])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap",
+        ])
+        .stdin(if opts.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .context("cannot start qemu-system-x86_64 for the lab VM (run scripts/setup.sh)")?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        forward_lines(out, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_lines(err, tx);
+    }
+
+    let mut outcome = LabOutcome {
+        rc: None,
+        output: String::new(),
+        console_log: console_log.clone(),
+        ready_uptime_s: None,
+        wall: Duration::ZERO,
+        timed_out: false,
+    };
+    let mut inside = false;
+    let mut lab_error = None;
+    let stdout = std::io::stdout();
+    loop {
+        let left = opts.timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            outcome.timed_out = true;
+            let _ = child.kill();
+            break;
+        }
+        let line = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let _ = writeln!(log, "{line}");
+        match line.find(LAB_MARKER) {
+            Some(pos) if inside && line[pos..].starts_with("@@LAB@@ end") => {
+                let before = &line[..pos];
+                if !before.is_empty() {
+                    outcome.output.push_str(before);
+                    outcome.output.push('\n');
+                }
+                outcome.rc = field(&line[pos..], "rc").and_then(|v| v.parse().ok());
+                inside = false;
+            }
+            Some(pos) if !inside => {
+                let rest = &line[pos + LAB_MARKER.len()..];
+                if rest.trim_start().starts_with("ready") {
+                    outcome.ready_uptime_s = field(rest, "uptime").and_then(|v| v.parse().ok());
+                    if field(rest, "kvm") == Some("no") {
+                        lab_error =
+                            Some("the lab VM has no /dev/kvm (kvm_amd did not load)".to_string());
+                    }
+                } else if rest.trim_start().starts_with("begin") {
+                    inside = true;
+                } else if let Some(msg) = rest.trim_start().strip_prefix("error") {
+                    lab_error = Some(msg.trim().to_string());
+                }
+            }
+            _ if inside => {
+                if opts.echo {
+                    let mut out = stdout.lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                outcome.output.push_str(&line);
+                outcome.output.push('\n');
+            }
+            _ => {}
+        }
+    }
+    let _ = child.wait();
+    outcome.wall = start.elapsed();
+    if outcome.rc.is_none() {
+        let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let why = if outcome.timed_out {
+            format!("timed out after {:?}", opts.timeout)
+        } else if let Some(e) = lab_error {
+            e
+        } else {
+            "the lab VM stopped before the command finished".to_string()
+        };
+        bail!(
+            "lab: {why}; console log {}; its last lines:\n{}",
+            console_log.display(),
+            tail.join("\n")
+        );
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes_and_spaces() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn fields_are_read_from_marker_lines() {
+        assert_eq!(field("@@LAB@@ end rc=17", "rc"), Some("17"));
+        assert_eq!(
+            field("@@LAB@@ ready uptime=3.2 kvm=yes", "kvm"),
+            Some("yes")
+        );
+        assert_eq!(field("@@LAB@@ ready", "kvm"), None);
+    }
+}

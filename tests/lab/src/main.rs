@@ -1,0 +1,364 @@
+//! `lab`: run real guests under real KVM, directly on a host with hardware KVM or inside
+//! the nested lab VM otherwise.
+//!
+//!   lab detect                       which mode this host needs, and why
+//!   lab exec -- CMD ARGS..           run a command inside the lab VM
+//!   lab guest --task "selftest"      boot the guest once and check its report
+//!   lab bench                        boot time (median of N) and the fio table
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+use vmm_lab::detect::{self, KvmMode};
+use vmm_lab::fio;
+use vmm_lab::guest::{self, Backend, DataDisk, GuestRun, GuestSpec, RootFs, Scratch};
+use vmm_lab::labvm::{self, LabOptions};
+use vmm_lab::paths;
+
+#[derive(Parser, Debug)]
+#[command(about = "Run real guests under real KVM (directly or inside the nested lab VM)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print whether this host has usable hardware KVM or needs the lab VM.
+    Detect,
+    /// Run a command inside the lab VM and exit with its status.
+    Exec(ExecArgs),
+    /// Boot the guest once with a task and check what it reports.
+    Guest(GuestArgs),
+    /// Measure boot time to init (median of N boots) and run the fio jobs.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct LabArgs {
+    /// Lab VM time limit in seconds.
+    #[arg(long, default_value_t = 1800)]
+    lab_timeout: u64,
+    /// Lab VM memory in MiB (its tmpfs for disk images takes up to 75% of it).
+    #[arg(long, default_value_t = 4096)]
+    lab_mem_mib: u32,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    #[command(flatten)]
+    lab: LabArgs,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct GuestOpts {
+    /// The VMM that runs the guest.
+    #[arg(long, value_enum, default_value = "qemu")]
+    backend: Backend,
+    #[arg(long, value_enum, default_value = "ext4")]
+    rootfs: RootFs,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 512)]
+    mem_mib: u32,
+    /// Size of the (fresh, sparse) data disk in MiB.
+    #[arg(long, default_value_t = 1024)]
+    disk_mib: u64,
+    /// Seconds each timed fio job runs (after 1 s of ramp).
+    #[arg(long, default_value_t = 5)]
+    fio_runtime: u32,
+    /// Guest time limit in seconds, per boot.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    #[command(flatten)]
+    lab: LabArgs,
+}
+
+#[derive(Args, Debug)]
+struct GuestArgs {
+    /// The guest's task: any of `selftest`, `fio=JOB[,JOB..]` (or `fio=all`), `boot`,
+    /// `shell`, in the order to run them.
+    #[arg(long, default_value = "selftest")]
+    task: String,
+    /// Write the run's report as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Print the guest's whole console at the end.
+    #[arg(long)]
+    show_console: bool,
+    #[command(flatten)]
+    opts: GuestOpts,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Boots measured for the boot time (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    boots: usize,
+    /// fio jobs to run (names from benches/fio, comma-separated), or `all`.
+    #[arg(long, default_value = "all")]
+    jobs: String,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    opts: GuestOpts,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lab: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Detect => {
+            let d = detect::detect();
+            println!("{} ({})", d.mode, d.reason);
+            Ok(0)
+        }
+        Cmd::Exec(a) => {
+            let out = labvm::run_in_lab(&a.command, &forwarded_env(), &lab_options(&a.lab))?;
+            eprintln!(
+                "lab: command exited {} after {:.1} s (lab ready at {:.1} s uptime)",
+                out.rc.unwrap_or(-1),
+                out.wall.as_secs_f64(),
+                out.ready_uptime_s.unwrap_or(f64::NAN)
+            );
+            Ok(out.rc.unwrap_or(1))
+        }
+        Cmd::Guest(a) => {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab)? {
+                return Ok(code);
+            }
+            cmd_guest(a)
+        }
+        Cmd::Bench(a) => {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab)? {
+                return Ok(code);
+            }
+            cmd_bench(a)
+        }
+    }
+}
+
+fn lab_options(a: &LabArgs) -> LabOptions {
+    LabOptions {
+        timeout: Duration::from_secs(a.lab_timeout),
+        mem_mib: a.lab_mem_mib,
+        ..LabOptions::default()
+    }
+}
+
+/// Environment passed into the lab: the project's own settings and Rust's diagnostics.
+fn forwarded_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("VMM_") || k == "RUST_BACKTRACE" || k == "RUST_LOG")
+        .filter(|(k, _)| k != labvm::INSIDE_ENV)
+        .collect()
+}
+
+/// On a host without usable hardware KVM, runs this same command inside the lab VM and
+/// returns its exit status; on a host with hardware KVM (the lab VM included), returns None.
+fn maybe_reexec_in_lab(lab: &LabArgs) -> Result<Option<i32>> {
+    let d = detect::detect();
+    let inside = std::env::var_os(labvm::INSIDE_ENV).is_some();
+    match (d.mode, inside) {
+        (KvmMode::Hardware, true) => {
+            eprintln!("lab: kvm mode: hardware, inside the lab VM ({})", d.reason);
+            Ok(None)
+        }
+        (KvmMode::Hardware, false) => {
+            eprintln!(
+                "lab: kvm mode: hardware, running guests directly ({})",
+                d.reason
+            );
+            Ok(None)
+        }
+        (KvmMode::Lab, true) => bail!("inside the lab VM and still no usable KVM: {}", d.reason),
+        (KvmMode::Lab, false) => {
+            eprintln!(
+                "lab: kvm mode: lab, running guests inside the lab VM ({})",
+                d.reason
+            );
+            let exe = std::env::current_exe().context("locating the lab binary")?;
+            let mut argv = vec![exe.to_string_lossy().into_owned()];
+            argv.extend(std::env::args().skip(1));
+            let out = labvm::run_in_lab(&argv, &forwarded_env(), &lab_options(lab))?;
+            eprintln!(
+                "lab: lab VM finished in {:.1} s (ready after {:.1} s)",
+                out.wall.as_secs_f64(),
+                out.ready_uptime_s.unwrap_or(f64::NAN)
+            );
+            Ok(Some(out.rc.unwrap_or(1)))
+        }
+    }
+}
+
+fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
+    let image = paths::guest_image()?;
+    let data = scratch.disk("data0.img", o.disk_mib)?;
+    let spec = GuestSpec {
+        backend: o.backend,
+        image,
+        rootfs: o.rootfs,
+        vcpus: o.vcpus,
+        mem_mib: o.mem_mib,
+        data_disks: vec![DataDisk {
+            path: data,
+            read_only: false,
+        }],
+        task: format!("{task} fio.runtime={}", o.fio_runtime),
+        timeout: Duration::from_secs(o.timeout),
+        interactive: task.split_whitespace().any(|w| w == "shell"),
+    };
+    guest::check_spec(&spec)?;
+    Ok(spec)
+}
+
+fn print_problems(run: &GuestRun) {
+    for p in &run.problems {
+        eprintln!("lab: FAILED: {p}");
+    }
+    if !run.ok() {
+        let tail: Vec<&str> = run.transcript.lines().rev().take(20).collect();
+        eprintln!("lab: last console lines:");
+        for l in tail.into_iter().rev() {
+            eprintln!("  | {l}");
+        }
+    }
+}
+
+fn write_json(path: &Option<std::path::PathBuf>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(value)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn cmd_guest(a: GuestArgs) -> Result<i32> {
+    let scratch = Scratch::new("guest")?;
+    let spec = spec_for(&a.opts, &a.task, &scratch)?;
+    eprintln!(
+        "lab: booting the guest with {} ({} vCPU, {} MiB, {:?} root): {}",
+        spec.backend.name(),
+        spec.vcpus,
+        spec.mem_mib,
+        spec.rootfs,
+        a.task
+    );
+    let run = guest::boot(&spec)?;
+    if a.show_console {
+        print!("{}", run.transcript);
+    }
+    if let Some(ok) = run.console.selftest {
+        println!(
+            "selftest: {} {}",
+            if ok { "PASS" } else { "FAIL" },
+            run.console.selftest_detail
+        );
+    }
+    if !run.fio.is_empty() {
+        print!("{}", fio::render_table(&run.fio));
+    }
+    println!(
+        "boot to init: {:.0} ms wall, guest uptime at init {:.2} s; total {:.1} s",
+        run.wall_to_init_ms.unwrap_or(f64::NAN),
+        run.console.init_uptime_s.unwrap_or(f64::NAN),
+        run.wall_total_ms / 1e3
+    );
+    write_json(&a.json, &run)?;
+    print_problems(&run);
+    Ok(if run.ok() { 0 } else { 1 })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[derive(serde::Serialize)]
+struct BenchReport {
+    backend: Backend,
+    rootfs: RootFs,
+    vcpus: u32,
+    mem_mib: u32,
+    boot_wall_to_init_ms: Vec<f64>,
+    boot_uptime_at_init_s: Vec<f64>,
+    median_wall_to_init_ms: f64,
+    median_uptime_at_init_s: f64,
+    fio_runtime_s: u32,
+    fio: Vec<fio::FioRow>,
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<i32> {
+    let scratch = Scratch::new("bench")?;
+    let name = a.opts.backend.name();
+    let (mut walls, mut uptimes) = (Vec::new(), Vec::new());
+    for i in 1..=a.boots {
+        let spec = spec_for(&a.opts, "boot", &scratch)?;
+        let run = guest::boot(&spec)?;
+        if !run.ok() {
+            print_problems(&run);
+            bail!("{name}: boot {i} failed");
+        }
+        let wall = run.wall_to_init_ms.unwrap_or(f64::NAN);
+        let up = run.console.init_uptime_s.unwrap_or(f64::NAN);
+        eprintln!(
+            "lab: {name} boot {i}/{}: init after {wall:.0} ms wall, guest uptime {up:.2} s",
+            a.boots
+        );
+        walls.push(wall);
+        uptimes.push(up);
+    }
+    let spec = spec_for(&a.opts, &format!("fio={}", a.jobs), &scratch)?;
+    eprintln!(
+        "lab: {name}: running fio jobs {} ({} s each)",
+        a.jobs, a.opts.fio_runtime
+    );
+    let run = guest::boot(&spec)?;
+    let report = BenchReport {
+        backend: a.opts.backend,
+        rootfs: a.opts.rootfs,
+        vcpus: a.opts.vcpus,
+        mem_mib: a.opts.mem_mib,
+        median_wall_to_init_ms: median(walls.clone()),
+        median_uptime_at_init_s: median(uptimes.clone()),
+        boot_wall_to_init_ms: walls,
+        boot_uptime_at_init_s: uptimes,
+        fio_runtime_s: a.opts.fio_runtime,
+        fio: run.fio.clone(),
+    };
+    println!();
+    println!(
+        "backend {name}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs",
+        a.opts.vcpus, a.opts.mem_mib, a.opts.rootfs, a.opts.disk_mib
+    );
+    println!(
+        "boot to init, median of {}: {:.0} ms wall (VMM start to init), guest uptime {:.2} s",
+        a.boots, report.median_wall_to_init_ms, report.median_uptime_at_init_s
+    );
+    print!("{}", fio::render_table(&report.fio));
+    write_json(&a.json, &report)?;
+    print_problems(&run);
+    Ok(if run.ok() { 0 } else { 1 })
+}
