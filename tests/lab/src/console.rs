@@ -23,6 +23,8 @@ pub struct FioBlock {
 pub struct GuestConsole {
     /// The guest's own uptime when its init started (seconds).
     pub init_uptime_s: Option<f64>,
+    /// vCPUs online when the guest's init started.
+    pub init_cpus: Option<u32>,
     /// `Some(true)` for `selftest PASS`, `Some(false)` for `selftest FAIL`.
     pub selftest: Option<bool>,
     /// The rest of the selftest line (what failed, or the disk and its size).
@@ -71,7 +73,10 @@ pub fn parse(console: &str) -> GuestConsole {
         let rest = line[pos + GUEST_MARKER.len()..].trim();
         let (verb, words) = rest.split_once(' ').unwrap_or((rest, ""));
         match verb {
-            "init" => out.init_uptime_s = field(words, "uptime").and_then(|v| v.parse().ok()),
+            "init" => {
+                out.init_uptime_s = field(words, "uptime").and_then(|v| v.parse().ok());
+                out.init_cpus = field(words, "cpus").and_then(|v| v.parse().ok());
+            }
             "selftest" => {
                 let (result, detail) = words.split_once(' ').unwrap_or((words, ""));
                 out.selftest = Some(result == "PASS");
@@ -119,6 +124,7 @@ mod tests {
             @@GUEST@@ exit rc=0 uptime=9.1\r\n";
         let c = parse(console);
         assert_eq!(c.init_uptime_s, Some(1.37));
+        assert_eq!(c.init_cpus, Some(2));
         assert_eq!(c.selftest, Some(true));
         assert_eq!(c.selftest_detail, "disk=/dev/vdb bytes=1073741824");
         assert_eq!(c.fio.len(), 1);

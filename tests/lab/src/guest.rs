@@ -52,11 +52,16 @@ pub struct GuestSpec {
     pub vcpus: u32,
     pub mem_mib: u32,
     pub data_disks: Vec<DataDisk>,
+    /// A scratch file the harness attaches as the last disk; the guest writes its report
+    /// there (fio's JSON included) before it resets. Recreated empty on every boot.
+    pub results_disk: Option<PathBuf>,
     /// The guest init's task words (`selftest`, `fio=JOB,..`, `boot`, `shell`, options).
     pub task: String,
     pub timeout: Duration,
     /// Connect the guest's console to our stdin/stdout (for `shell`).
     pub interactive: bool,
+    /// Print the guest's console lines as they come (stderr, prefixed `guest| `).
+    pub echo: bool,
 }
 
 /// How the VMM process ended.
@@ -93,13 +98,34 @@ impl GuestRun {
     }
 }
 
+/// Size of the results disk: room for every job's fio JSON many times over.
+pub const RESULTS_DISK_BYTES: u64 = 4 << 20;
+
+/// The guest's name for the n-th virtio disk (0: /dev/vda).
+fn virtio_disk_name(n: usize) -> String {
+    let letter = (b'a' + (n % 26) as u8) as char;
+    format!("/dev/vd{letter}")
+}
+
 /// The kernel command line for a spec.
 pub fn kernel_cmdline(spec: &GuestSpec) -> String {
     let root = match spec.rootfs {
         RootFs::Ext4 => "root=/dev/vda ro rootfstype=ext4 init=/init",
         RootFs::Initramfs => "rdinit=/init",
     };
-    format!("console=ttyS0 reboot=k panic=-1 quiet {root} {}", spec.task)
+    let mut line = format!("console=ttyS0 reboot=k panic=-1 quiet {root} {}", spec.task);
+    if spec.results_disk.is_some() {
+        let before = usize::from(spec.rootfs == RootFs::Ext4) + spec.data_disks.len();
+        line.push_str(&format!(" results={}", virtio_disk_name(before)));
+    }
+    line
+}
+
+/// The guest's report from the results disk: the text before the first NUL byte.
+fn read_results(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(0);
+    (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
 fn qemu_command(spec: &GuestSpec) -> Command {
@@ -133,6 +159,9 @@ fn qemu_command(spec: &GuestSpec) -> Command {
     for d in &spec.data_disks {
         drives.push((d.path.to_string_lossy().into_owned(), d.read_only));
     }
+    if let Some(results) = &spec.results_disk {
+        drives.push((results.to_string_lossy().into_owned(), false));
+    }
     for (i, (path, ro)) in drives.iter().enumerate() {
         // Buffered I/O: the lab's disk images live on tmpfs, which has no O_DIRECT.
         let mut drive = format!(
@@ -146,6 +175,13 @@ fn qemu_command(spec: &GuestSpec) -> Command {
             .args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
     }
     cmd
+}
+
+/// Console lines worth showing live even when not echoing everything: the guest's own
+/// markers (progress) and kernel messages (panics, oopses) but not fio's JSON.
+fn is_progress_line(line: &str) -> bool {
+    (line.contains(console::GUEST_MARKER) && !line.contains("fio-stderr"))
+        || line.trim_start().starts_with("[ ")
 }
 
 fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<(Instant, String)>) {
@@ -169,6 +205,11 @@ fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<(Instant, 
 
 /// Boots the guest, waits for it to reset (or the time limit) and checks what it reported.
 pub fn boot(spec: &GuestSpec) -> Result<GuestRun> {
+    if let Some(results) = &spec.results_disk {
+        let f = std::fs::File::create(results)
+            .with_context(|| format!("creating {}", results.display()))?;
+        f.set_len(RESULTS_DISK_BYTES)?;
+    }
     let mut cmd = match spec.backend {
         Backend::Qemu => qemu_command(spec),
     };
@@ -210,6 +251,8 @@ pub fn boot(spec: &GuestSpec) -> Result<GuestRun> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
+                } else if spec.echo || is_progress_line(&line) {
+                    eprintln!("guest| {line}");
                 }
                 transcript.push_str(&line);
                 transcript.push('\n');
@@ -224,12 +267,14 @@ pub fn boot(spec: &GuestSpec) -> Result<GuestRun> {
     } else {
         status.code().map_or(VmmExit::Signal, VmmExit::Status)
     };
+    let report = spec.results_disk.as_deref().and_then(read_results);
     Ok(judge(
         spec,
         start.elapsed(),
         wall_to_init,
         vmm_exit,
         transcript,
+        report,
     ))
 }
 
@@ -239,9 +284,19 @@ fn judge(
     wall_to_init: Option<Duration>,
     vmm_exit: VmmExit,
     transcript: String,
+    report: Option<String>,
 ) -> GuestRun {
-    let console = console::parse(&transcript);
     let mut problems = Vec::new();
+    // The results disk carries the whole report; the console only the marker lines.
+    let console = match &report {
+        Some(text) => console::parse(text),
+        None => {
+            if spec.results_disk.is_some() && vmm_exit == VmmExit::Status(0) {
+                problems.push("the guest wrote no report to its results disk".to_string());
+            }
+            console::parse(&transcript)
+        }
+    };
     let mut rows = Vec::new();
     match vmm_exit {
         VmmExit::Status(0) => {}
@@ -323,12 +378,66 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     if spec.vcpus == 0 || spec.mem_mib < 128 {
         bail!("a guest needs at least 1 vCPU and 128 MiB");
     }
-    if spec.rootfs == RootFs::Ext4 || !spec.data_disks.is_empty() {
-        for d in &spec.data_disks {
-            if !d.path.exists() {
-                bail!("data disk {} does not exist", d.path.display());
-            }
+    for d in &spec.data_disks {
+        if !d.path.exists() {
+            bail!("data disk {} does not exist", d.path.display());
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rootfs: RootFs, data: usize, results: bool) -> GuestSpec {
+        let p = PathBuf::from("/x");
+        GuestSpec {
+            backend: Backend::Qemu,
+            image: GuestImage {
+                bzimage: p.clone(),
+                vmlinux: p.clone(),
+                rootfs_ext4: p.clone(),
+                initramfs: p.clone(),
+            },
+            rootfs,
+            vcpus: 1,
+            mem_mib: 256,
+            data_disks: vec![
+                DataDisk {
+                    path: p.clone(),
+                    read_only: false
+                };
+                data
+            ],
+            results_disk: results.then(|| p.clone()),
+            task: "selftest".into(),
+            timeout: Duration::from_secs(1),
+            interactive: false,
+            echo: false,
+        }
+    }
+
+    #[test]
+    fn results_disk_is_named_after_root_and_data_disks() {
+        assert!(kernel_cmdline(&spec(RootFs::Ext4, 1, true)).ends_with("selftest results=/dev/vdc"));
+        assert!(kernel_cmdline(&spec(RootFs::Ext4, 2, true)).ends_with("results=/dev/vdd"));
+        assert!(kernel_cmdline(&spec(RootFs::Initramfs, 1, true)).ends_with("results=/dev/vdb"));
+        assert!(!kernel_cmdline(&spec(RootFs::Ext4, 1, false)).contains("results="));
+    }
+
+    #[test]
+    fn report_ends_at_the_first_nul() {
+        let dir = Scratch::new("results-test").unwrap();
+        let path = dir.path().join("r.img");
+        let mut bytes = b"@@GUEST@@ exit rc=0\n".to_vec();
+        bytes.extend_from_slice(&[0, b'x', 0, 0]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            read_results(&path).as_deref(),
+            Some("@@GUEST@@ exit rc=0\n")
+        );
+        std::fs::write(&path, [0u8; 16]).unwrap();
+        assert_eq!(read_results(&path), None, "an empty disk holds no report");
+    }
 }

@@ -127,9 +127,16 @@ pub fn run_in_lab(
     let console_log = dir.join("console.log");
     let mut log = std::fs::File::create(&console_log).context("creating console.log")?;
 
-    let append = format!("console=ttyS0 panic=-1 quiet lab.run={}", dir.display());
+    // no5lvl: -cpu max offers LA57 under TCG, and nested SVM under emulated 5-level paging
+    // wedged or crashed the lab VM in about one guest boot in five (docs/lab.md).
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet no5lvl lab.run={}",
+        dir.display()
+    );
+    // VMM_LAB_ACCEL: QEMU's -accel value for the lab VM (e.g. "tcg,thread=single").
+    let accel = std::env::var("VMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".to_string());
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", "max"])
+    cmd.args(["-accel", &accel, "-M", "pc", "-cpu", "max"])
         .args([
             "-smp",
             &opts.cpus.to_string(),

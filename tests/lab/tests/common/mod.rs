@@ -1,0 +1,93 @@
+//! Helpers shared by the harness's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A test that cannot get what it needs says SKIPPED with the reason. Under CI=true that is
+/// a failure: everything a test needs can be installed on the CI machine.
+/// Returns normally only when the test should stop (skipped outside CI).
+pub fn skip(reason: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("SKIPPED (a failure under CI=true): {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Runs one of the project's (cached) build scripts; Err with its output on failure.
+pub fn build(script: &str) -> Result<String, String> {
+    let out = Command::new("bash")
+        .arg(repo().join(script))
+        .output()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{script} failed:\n{text}"))
+    }
+}
+
+/// Builds the guest and lab images, or says why the test cannot run. None: skip.
+pub fn images_or_skip() -> Option<()> {
+    for tool in ["qemu-system-x86_64", "fio", "mkfs.ext4"] {
+        if !on_path(tool) {
+            skip(&format!(
+                "{tool} is not installed (scripts/setup.sh installs it)"
+            ));
+            return None;
+        }
+    }
+    if !Path::new("/usr/src/linux-source-6.1.tar.xz").exists() {
+        skip("linux-source-6.1 is not installed (scripts/setup.sh installs it)");
+        return None;
+    }
+    for script in ["guest-kernel/build.sh", "tests/lab/build-lab.sh"] {
+        if let Err(e) = build(script) {
+            panic!("{e}");
+        }
+    }
+    Some(())
+}
+
+/// Runs the `lab` binary with `args` from the repository root.
+pub fn lab(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running the lab binary");
+    eprintln!(
+        "lab {args:?} -> {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A path on the host's disk for a test's output file: not under /tmp, which the lab VM
+/// covers with its own tmpfs.
+pub fn out_file(name: &str) -> PathBuf {
+    let dir = repo().join("build/test-out");
+    std::fs::create_dir_all(&dir).expect("creating build/test-out");
+    let path = std::fs::canonicalize(&dir)
+        .expect("build/test-out")
+        .join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}

@@ -1,0 +1,174 @@
+//! Real guests under real KVM: inside the lab VM on this machine kind, directly on a host
+//! with hardware KVM. Each test boots the lab once.
+
+mod common;
+
+use serde_json::Value;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn on_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn detect_names_this_hosts_mode() {
+    let out = common::lab(&["detect"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    if on_pvm_host() {
+        assert!(text.starts_with("lab ("), "{text}");
+        assert!(text.contains("kvm_pvm"), "{text}");
+    } else {
+        assert!(
+            text.starts_with("hardware (") || text.starts_with("lab ("),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn lab_exec_passes_output_status_and_real_kvm() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let script = "echo lab-says-hello; test -c /dev/kvm && echo dev-kvm-ok; \
+                  stat -f -c fs=%T /tmp; grep -qw svm /proc/cpuinfo && echo svm-ok; \
+                  test -f Cargo.toml && echo host-fs-ok; exit 7";
+    let out = common::lab(&["exec", "--", "bash", "-c", script]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's status must come back"
+    );
+    let text = stdout(&out);
+    for want in [
+        "lab-says-hello",
+        "dev-kvm-ok",
+        "fs=tmpfs",
+        "svm-ok",
+        "host-fs-ok",
+    ] {
+        assert!(text.contains(want), "missing {want} in:\n{text}");
+    }
+}
+
+#[test]
+fn lab_time_limit_stops_a_hung_command() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let out = common::lab(&["exec", "--lab-timeout", "25", "--", "sleep", "600"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+}
+
+#[test]
+fn qemu_guest_boots_passes_selftest_and_fio_verify() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("qemu-selftest-verify.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = common::lab(&[
+        "guest",
+        "--backend",
+        "qemu",
+        "--vcpus",
+        "1",
+        "--task",
+        "selftest fio=verify-crc32c,randread-4k-qd1",
+        "--fio-runtime",
+        "2",
+        "--json",
+        &json_arg,
+    ]);
+    let err = stderr(&out);
+    if on_pvm_host() {
+        assert!(err.contains("kvm mode: lab"), "{err}");
+        assert!(
+            err.contains("kvm mode: hardware, inside the lab VM"),
+            "{err}"
+        );
+    }
+    assert!(out.status.success(), "guest run failed:\n{err}");
+    assert!(stdout(&out).contains("selftest: PASS"));
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the guest run's JSON report"))
+            .expect("valid JSON report");
+    assert_eq!(report["backend"], "qemu");
+    assert_eq!(report["vmm_exit"]["status"], 0, "{report}");
+    let console = &report["console"];
+    assert_eq!(console["selftest"], true);
+    assert_eq!(console["exit_rc"], 0);
+    assert_eq!(console["init_cpus"], 1);
+    assert!(console["init_uptime_s"].as_f64().unwrap() > 0.0);
+    assert!(report["wall_to_init_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0, "{report}");
+
+    let rows = report["fio"].as_array().unwrap();
+    let has = |job: &str, dir: &str| {
+        rows.iter()
+            .any(|r| r["job"] == job && r["dir"] == dir && r["iops"].as_f64().unwrap_or(0.0) > 0.0)
+    };
+    assert!(
+        has("verify-crc32c", "write"),
+        "verify wrote nothing: {rows:?}"
+    );
+    assert!(
+        has("verify-crc32c", "read"),
+        "verify read nothing back: {rows:?}"
+    );
+    assert!(has("randread-4k-qd1", "read"), "{rows:?}");
+}
+
+#[test]
+fn guest_failures_are_reported_not_hidden() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("qemu-bad-job.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = common::lab(&["guest", "--task", "fio=no-such-job", "--json", &json_arg]);
+    assert!(
+        !out.status.success(),
+        "an unknown fio job must fail the run"
+    );
+    assert!(
+        stderr(&out).contains("unknown job no-such-job"),
+        "{}",
+        stderr(&out)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["console"]["exit_rc"], 1,
+        "the guest still reached its reset"
+    );
+}
+
+#[test]
+fn qemu_guest_with_two_vcpus_sees_both() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("qemu-2vcpu.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    // Boot only: I/O load on 2 nested vCPUs can crash the lab VM's kernel (docs/lab.md).
+    let out = common::lab(&[
+        "guest", "--vcpus", "2", "--task", "boot", "--json", &json_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["console"]["init_cpus"], 2,
+        "the guest must see both vCPUs"
+    );
+    assert_eq!(report["console"]["exit_rc"], 0);
+}
