@@ -1,9 +1,17 @@
 //! `vmm`: boots a Linux guest on KVM from a TOML config.
 
+mod boot;
 mod config;
+mod cpu;
+mod layout;
+mod memory;
+mod mptable;
+mod vcpu;
+mod vm;
 
 use clap::Parser;
 use config::{HostLimits, VmConfig};
+use std::io::Write;
 use std::process::ExitCode;
 
 /// A KVM virtual machine monitor whose virtio block and net I/O passes through interceptors.
@@ -18,12 +26,19 @@ struct Cli {
 /// Exit status for a config the VMM refuses.
 const EXIT_CONFIG: u8 = 2;
 
+fn host_max_vcpus() -> u32 {
+    // The MP table's APIC IDs are 8-bit; KVM may allow fewer.
+    let kvm_max = kvm_ioctls::Kvm::new()
+        .map(|k| k.get_max_vcpus())
+        .unwrap_or(1);
+    (kvm_max as u32).min(254)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let file = cli.config.display().to_string();
     let limits = HostLimits {
-        // Until the VM code asks KVM (KVM_CAP_MAX_VCPUS), the MP table's limit.
-        max_vcpus: 254,
+        max_vcpus: host_max_vcpus(),
         available_mib: config::host_available_mib(),
     };
     let cfg = match VmConfig::load(&cli.config).and_then(|c| c.validate(&file, limits).map(|_| c)) {
@@ -33,20 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let disks: Vec<String> = cfg
-        .block
-        .iter()
-        .map(|b| format!("{} ({})", b.id, if b.read_only { "ro" } else { "rw" }))
-        .collect();
-    // Booting guests is being built (issue 3); refuse clearly rather than pretend.
-    eprintln!(
-        "vmm: {file}: config is valid ({} vCPU, {} MiB, kernel {} with {:?}, disks: {}), \
-         but booting guests is not implemented yet",
-        cfg.machine.vcpus,
-        cfg.machine.memory_mib,
-        cfg.kernel.path.display(),
-        cfg.kernel.cmdline,
-        disks.join(", ")
-    );
-    ExitCode::FAILURE
+    let outcome = vm::run(&cfg);
+    let _ = std::io::stdout().flush();
+    match outcome {
+        Ok(vm::Outcome::Reset) => ExitCode::SUCCESS,
+        Ok(vm::Outcome::Error) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -18,14 +18,74 @@ use std::time::{Duration, Instant};
 pub enum Backend {
     /// QEMU with `-enable-kvm`, the peer our VMM is compared against.
     Qemu,
+    /// Our `vmm` (built next to this harness binary).
+    Vmm,
 }
 
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Qemu => "qemu",
+            Backend::Vmm => "vmm",
         }
     }
+}
+
+/// TOML string literal.
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The guest.toml our `vmm` gets for a spec: the same disks, in the same order, as QEMU's.
+pub fn vmm_config(spec: &GuestSpec) -> String {
+    let mut t = format!(
+        "[machine]\nvcpus = {}\nmemory_mib = {}\n\n[kernel]\npath = {}\ncmdline = {}\n",
+        spec.vcpus,
+        spec.mem_mib,
+        toml_str(&spec.image.bzimage.to_string_lossy()),
+        toml_str(&kernel_cmdline(spec))
+    );
+    let mut disks: Vec<(String, &Path, bool)> = Vec::new();
+    match spec.rootfs {
+        RootFs::Ext4 => disks.push(("rootfs".into(), &spec.image.rootfs_ext4, true)),
+        RootFs::Initramfs => {
+            t.push_str(&format!(
+                "initrd = {}\n",
+                toml_str(&spec.image.initramfs.to_string_lossy())
+            ));
+        }
+    }
+    for (i, d) in spec.data_disks.iter().enumerate() {
+        disks.push((format!("data{i}"), &d.path, d.read_only));
+    }
+    if let Some(r) = &spec.results_disk {
+        disks.push(("results".into(), r, false));
+    }
+    for (id, path, ro) in disks {
+        t.push_str(&format!(
+            "\n[[block]]\nid = {}\npath = {}\nread_only = {ro}\n",
+            toml_str(&id),
+            toml_str(&path.to_string_lossy())
+        ));
+    }
+    t
+}
+
+fn vmm_command(spec: &GuestSpec) -> Result<Command> {
+    let exe = std::env::current_exe().context("locating the harness binary")?;
+    let vmm = exe.with_file_name("vmm");
+    if !vmm.exists() {
+        bail!(
+            "{} not found: build the workspace (cargo build --workspace)",
+            vmm.display()
+        );
+    }
+    let config = std::env::temp_dir().join(format!("vmm-lab-{}.toml", std::process::id()));
+    std::fs::write(&config, vmm_config(spec))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--config").arg(config);
+    Ok(cmd)
 }
 
 /// How the guest gets its root filesystem.
@@ -212,6 +272,7 @@ pub fn boot(spec: &GuestSpec) -> Result<GuestRun> {
     }
     let mut cmd = match spec.backend {
         Backend::Qemu => qemu_command(spec),
+        Backend::Vmm => vmm_command(spec)?,
     };
     cmd.stdin(if spec.interactive {
         Stdio::inherit()

@@ -129,10 +129,14 @@ pub fn run_in_lab(
 
     // no5lvl: -cpu max offers LA57 under TCG, and nested SVM under emulated 5-level paging
     // wedged or crashed the lab VM in about one guest boot in five (docs/lab.md).
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 panic=-1 quiet no5lvl lab.run={}",
         dir.display()
     );
+    // VMM_LAB_KVM: parameters for the lab's kvm_amd/kvm_intel, comma-separated (npt=0,..).
+    if let Ok(params) = std::env::var("VMM_LAB_KVM") {
+        append.push_str(&format!(" lab.kvm={params}"));
+    }
     // VMM_LAB_ACCEL: QEMU's -accel value for the lab VM (e.g. "tcg,thread=single").
     let accel = std::env::var("VMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".to_string());
     let mut cmd = Command::new("qemu-system-x86_64");

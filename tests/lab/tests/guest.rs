@@ -9,8 +9,14 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// stdout and stderr together: inside the lab, the inner run's stderr reaches us through
+/// the lab's console, on stdout.
+fn output(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn on_pvm_host() -> bool {
@@ -66,7 +72,7 @@ fn lab_time_limit_stops_a_hung_command() {
     }
     let out = common::lab(&["exec", "--lab-timeout", "25", "--", "sleep", "600"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    assert!(output(&out).contains("timed out"), "{}", output(&out));
 }
 
 #[test]
@@ -89,7 +95,7 @@ fn qemu_guest_boots_passes_selftest_and_fio_verify() {
         "--json",
         &json_arg,
     ]);
-    let err = stderr(&out);
+    let err = output(&out);
     if on_pvm_host() {
         assert!(err.contains("kvm mode: lab"), "{err}");
         assert!(
@@ -142,9 +148,9 @@ fn guest_failures_are_reported_not_hidden() {
         "an unknown fio job must fail the run"
     );
     assert!(
-        stderr(&out).contains("unknown job no-such-job"),
+        output(&out).contains("unknown job no-such-job"),
         "{}",
-        stderr(&out)
+        output(&out)
     );
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
@@ -164,7 +170,7 @@ fn qemu_guest_with_two_vcpus_sees_both() {
     let out = common::lab(&[
         "guest", "--vcpus", "2", "--task", "boot", "--json", &json_arg,
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", output(&out));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         report["console"]["init_cpus"], 2,

@@ -1,0 +1,71 @@
+//! virtio devices over the virtio-mmio transport.
+
+pub mod block;
+mod mmio;
+
+pub use mmio::{MmioTransport, MMIO_SIZE};
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// InterruptStatus bit: the device used buffers in a queue.
+pub const INTERRUPT_USED_RING: u32 = 1;
+
+/// The device's interrupt line: a status word the guest reads and acknowledges, and the
+/// irqfd that raises the GSI.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Interrupt {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    pub fn signal_used_queue(&self) {
+        self.status.fetch_or(INTERRUPT_USED_RING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::error!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Activation failed; the transport marks the device as needing a reset.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio device activation failed: {0}")]
+pub struct ActivateError(pub String);
+
+/// A virtio device model behind a transport.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (2: block).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Reads the device-specific config space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver is ready: start serving the queues, kicked through `kicks`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+        interrupt: std::sync::Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+}
