@@ -173,7 +173,11 @@ pub fn kernel_cmdline(spec: &GuestSpec) -> String {
         RootFs::Ext4 => "root=/dev/vda ro rootfstype=ext4 init=/init",
         RootFs::Initramfs => "rdinit=/init",
     };
-    let mut line = format!("console=ttyS0 reboot=k panic=-1 quiet {root} {}", spec.task);
+    // i8042.*: the guest has no keyboard; skip the controller probe (as Firecracker does).
+    let mut line = format!(
+        "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd {root} {}",
+        spec.task
+    );
     if spec.results_disk.is_some() {
         let before = usize::from(spec.rootfs == RootFs::Ext4) + spec.data_disks.len();
         line.push_str(&format!(" results={}", virtio_disk_name(before)));

@@ -1,0 +1,179 @@
+//! Our `vmm` with the real guest under real KVM (inside the lab on this machine kind), and
+//! its refusal of bad configs.
+
+mod common;
+
+use serde_json::Value;
+use std::process::Command;
+
+fn output(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn vmm_bin() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_lab")).with_file_name("vmm")
+}
+
+fn report(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("the run's JSON report"))
+        .expect("valid JSON")
+}
+
+#[test]
+fn vmm_guest_boots_passes_selftest_and_fio_verify() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("vmm-selftest-verify.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = common::lab(&[
+        "guest",
+        "--backend",
+        "vmm",
+        "--task",
+        "selftest fio=verify-crc32c,randread-4k-qd1",
+        "--fio-runtime",
+        "2",
+        "--json",
+        &json_arg,
+    ]);
+    assert!(out.status.success(), "{}", output(&out));
+    let r = report(&json);
+    assert_eq!(r["backend"], "vmm");
+    assert_eq!(
+        r["vmm_exit"]["status"], 0,
+        "the guest's reset must end vmm with 0: {r}"
+    );
+    assert_eq!(r["console"]["selftest"], true);
+    assert_eq!(r["console"]["exit_rc"], 0);
+    assert_eq!(r["problems"].as_array().unwrap().len(), 0, "{r}");
+    let rows = r["fio"].as_array().unwrap();
+    for (job, dir) in [
+        ("verify-crc32c", "write"),
+        ("verify-crc32c", "read"),
+        ("randread-4k-qd1", "read"),
+    ] {
+        assert!(
+            rows.iter().any(|x| x["job"] == job
+                && x["dir"] == dir
+                && x["iops"].as_f64().unwrap_or(0.0) > 0.0),
+            "{job} {dir} missing: {rows:?}"
+        );
+    }
+}
+
+#[test]
+fn vmm_guest_with_two_vcpus_sees_both() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("vmm-2vcpu.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = common::lab(&[
+        "guest",
+        "--backend",
+        "vmm",
+        "--vcpus",
+        "2",
+        "--task",
+        "boot",
+        "--json",
+        &json_arg,
+    ]);
+    assert!(out.status.success(), "{}", output(&out));
+    let r = report(&json);
+    assert_eq!(
+        r["console"]["init_cpus"], 2,
+        "MP table must announce both vCPUs: {r}"
+    );
+    assert_eq!(r["console"]["exit_rc"], 0);
+}
+
+/// Writes a config with `body` and runs vmm on it.
+fn run_vmm_config(name: &str, body: &str) -> std::process::Output {
+    let dir = common::repo().join("build/test-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    Command::new(vmm_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("running vmm")
+}
+
+#[test]
+fn bad_configs_exit_2_naming_file_and_field() {
+    let dir = common::repo().join("build/test-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("cfg-disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let kernel = dir.join("cfg-kernel");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let good = format!(
+        "[machine]\nvcpus = 1\nmemory_mib = 128\n[kernel]\npath = {:?}\ncmdline = \"console=ttyS0\"\n\
+         [[block]]\nid = \"data\"\npath = {:?}\n",
+        kernel, disk
+    );
+    for (name, from, to, field) in [
+        ("zero-vcpus.toml", "vcpus = 1", "vcpus = 0", "machine.vcpus"),
+        (
+            "many-vcpus.toml",
+            "vcpus = 1",
+            "vcpus = 100000",
+            "machine.vcpus",
+        ),
+        (
+            "tiny-mem.toml",
+            "memory_mib = 128",
+            "memory_mib = 1",
+            "machine.memory_mib",
+        ),
+        (
+            "huge-mem.toml",
+            "memory_mib = 128",
+            "memory_mib = 99999999",
+            "machine.memory_mib",
+        ),
+        (
+            "no-kernel.toml",
+            "cfg-kernel",
+            "no-such-kernel",
+            "kernel.path",
+        ),
+        (
+            "no-disk.toml",
+            "cfg-disk.img",
+            "no-such-disk.img",
+            "block[0].path",
+        ),
+        (
+            "unknown.toml",
+            "vcpus = 1",
+            "vcpus = 1\nturbo = true",
+            "turbo",
+        ),
+    ] {
+        let body = good.replace(from, to);
+        assert_ne!(body, good, "{name}");
+        let out = run_vmm_config(name, &body);
+        let text = output(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {text}");
+        assert!(
+            text.contains(name) && text.contains(field),
+            "{name}: {text}"
+        );
+        assert_eq!(text.trim().lines().count(), 1, "{name}: one line: {text}");
+    }
+    let dup = format!("{good}[[block]]\nid = \"data\"\npath = {disk:?}\n");
+    let out = run_vmm_config("dup.toml", &dup);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(output(&out).contains("block[1].id"), "{}", output(&out));
+    // A config that passes validation but whose kernel is not a kernel fails cleanly (1).
+    let out = run_vmm_config("not-a-kernel.toml", &good);
+    assert_ne!(out.status.code(), Some(0), "{}", output(&out));
+}
