@@ -106,6 +106,10 @@ struct BenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Run QEMU and our vmm side by side in this session and print vmm/QEMU ratios
+    /// (ignores --backend).
+    #[arg(long)]
+    compare: bool,
     #[command(flatten)]
     opts: GuestOpts,
 }
@@ -313,11 +317,62 @@ struct BenchReport {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<i32> {
+    let backends = if a.compare {
+        vec![Backend::Qemu, Backend::Vmm]
+    } else {
+        vec![a.opts.backend]
+    };
+    let mut reports = Vec::new();
+    let mut code = 0;
+    for b in backends {
+        let mut opts = a.opts.clone();
+        opts.backend = b;
+        let (report, ok) = bench_one(&a, &opts)?;
+        if !ok {
+            code = 1;
+        }
+        reports.push(report);
+    }
+    if let [q, v] = reports.as_slice() {
+        print_ratios(q, v);
+    }
+    write_json(&a.json, &reports)?;
+    Ok(code)
+}
+
+fn print_ratios(q: &BenchReport, v: &BenchReport) {
+    println!();
+    println!("vmm / QEMU, same lab session (above 1.00: vmm is faster for IOPS, slower for boot)");
+    println!(
+        "boot to init (wall, median): vmm {:.0} ms, QEMU {:.0} ms, ratio {:.2}",
+        v.median_wall_to_init_ms,
+        q.median_wall_to_init_ms,
+        v.median_wall_to_init_ms / q.median_wall_to_init_ms
+    );
+    println!(
+        "{:<20} {:<5} {:>10} {:>10} {:>7}",
+        "job", "dir", "vmm IOPS", "QEMU IOPS", "ratio"
+    );
+    for r in &v.fio {
+        if let Some(p) = q.fio.iter().find(|p| p.job == r.job && p.dir == r.dir) {
+            println!(
+                "{:<20} {:<5} {:>10.0} {:>10.0} {:>7.2}",
+                r.job,
+                r.dir,
+                r.iops,
+                p.iops,
+                r.iops / p.iops
+            );
+        }
+    }
+}
+
+fn bench_one(a: &BenchArgs, opts: &GuestOpts) -> Result<(BenchReport, bool)> {
     let scratch = Scratch::new("bench")?;
-    let name = a.opts.backend.name();
+    let name = opts.backend.name();
     let (mut walls, mut uptimes) = (Vec::new(), Vec::new());
     for i in 1..=a.boots {
-        let spec = spec_for(&a.opts, "boot", &scratch)?;
+        let spec = spec_for(opts, "boot", &scratch)?;
         let run = guest::boot(&spec)?;
         if !run.ok() {
             print_problems(&run);
@@ -347,20 +402,19 @@ fn cmd_bench(a: BenchArgs) -> Result<i32> {
         median_uptime_at_init_s: median(uptimes.clone()),
         boot_wall_to_init_ms: walls,
         boot_uptime_at_init_s: uptimes,
-        fio_runtime_s: a.opts.fio_runtime,
+        fio_runtime_s: opts.fio_runtime,
         fio: run.fio.clone(),
     };
     println!();
     println!(
         "backend {name}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs",
-        a.opts.vcpus, a.opts.mem_mib, a.opts.rootfs, a.opts.disk_mib
+        opts.vcpus, opts.mem_mib, opts.rootfs, opts.disk_mib
     );
     println!(
         "boot to init, median of {}: {:.0} ms wall (VMM start to init), guest uptime {:.2} s",
         a.boots, report.median_wall_to_init_ms, report.median_uptime_at_init_s
     );
     print!("{}", fio::render_table(&report.fio));
-    write_json(&a.json, &report)?;
     print_problems(&run);
-    Ok(if run.ok() { 0 } else { 1 })
+    Ok((report, run.ok()))
 }

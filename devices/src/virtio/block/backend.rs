@@ -89,3 +89,67 @@ impl RawFile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn disk(tag: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("blk-backend-{tag}-{}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn request(kind: BlockRequestKind, sector: u64, addr: u64, len: u32) -> BlockRequest {
+        BlockRequest {
+            kind,
+            sector,
+            segments: vec![(GuestAddress(addr), len)],
+            data_len: u64::from(len),
+            status_addr: GuestAddress(0),
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_land_at_the_right_offset() {
+        let path = disk("rw", &[0u8; 8192]);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut be = RawFile::new(file, false, "d").unwrap();
+        assert_eq!(be.capacity_sectors(), 16);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        mem.write_slice(&[0xab; 512], GuestAddress(0x1000)).unwrap();
+        let w = request(BlockRequestKind::Write, 3, 0x1000, 512);
+        assert_eq!(be.execute(&mem, &w), (RequestStatus::Ok, 0));
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[3 * 512..4 * 512].iter().all(|&b| b == 0xab));
+        assert!(
+            on_disk[..3 * 512].iter().all(|&b| b == 0),
+            "nothing before the target sector"
+        );
+        let r = request(BlockRequestKind::Read, 3, 0x2000, 512);
+        assert_eq!(be.execute(&mem, &r), (RequestStatus::Ok, 512));
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert_eq!(back, [0xab; 512]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn read_only_disk_answers_writes_with_ioerr_and_keeps_its_data() {
+        let path = disk("ro", &[7u8; 4096]);
+        let file = std::fs::File::open(&path).unwrap();
+        let mut be = RawFile::new(file, true, "ro").unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let w = request(BlockRequestKind::Write, 0, 0x1000, 512);
+        assert_eq!(be.execute(&mem, &w).0, RequestStatus::IoError);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 4096]);
+        let flush = request(BlockRequestKind::Flush, 0, 0, 0);
+        assert_eq!(be.execute(&mem, &flush).0, RequestStatus::Ok);
+        let _ = std::fs::remove_file(path);
+    }
+}
