@@ -6,3 +6,5 @@ bash "$REPO_ROOT/guest-kernel/build.sh"
 bash "$REPO_ROOT/tests/lab/build-lab.sh"
 step "cargo build --workspace --release"
 cargo build --quiet --workspace --release --manifest-path "$REPO_ROOT/Cargo.toml"
+# The data disk configs/guest.toml names.
+[ -e "$BUILD_DIR/data.img" ] || truncate -s 1G "$BUILD_DIR/data.img"

@@ -34,6 +34,8 @@ pub struct GuestConsole {
     pub errors: Vec<String>,
     /// The init's final status (the guest reached its reset).
     pub exit_rc: Option<i32>,
+    /// Every marker line, without the marker (for checks of tasks like `hostcheck`).
+    pub markers: Vec<String>,
 }
 
 /// Value of `key=value` in a marker line's words.
@@ -71,6 +73,7 @@ pub fn parse(console: &str) -> GuestConsole {
             continue;
         };
         let rest = line[pos + GUEST_MARKER.len()..].trim();
+        out.markers.push(rest.to_string());
         let (verb, words) = rest.split_once(' ').unwrap_or((rest, ""));
         match verb {
             "init" => {

@@ -69,6 +69,10 @@ struct GuestOpts {
     /// Size of the (fresh, sparse) data disk in MiB.
     #[arg(long, default_value_t = 1024)]
     disk_mib: u64,
+    /// Use this image file as a data disk instead of a fresh one (repeatable, in order;
+    /// append `:ro` for a read-only disk).
+    #[arg(long = "data-disk")]
+    data_disks: Vec<String>,
     /// Seconds each timed fio job runs (after 1 s of ramp).
     #[arg(long, default_value_t = 5)]
     fio_runtime: u32,
@@ -213,7 +217,26 @@ fn maybe_reexec_in_lab(lab: &LabArgs) -> Result<Option<i32>> {
 
 fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
     let image = paths::guest_image()?;
-    let data = scratch.disk("data0.img", o.disk_mib)?;
+    let data_disks = if o.data_disks.is_empty() {
+        vec![DataDisk {
+            path: scratch.disk("data0.img", o.disk_mib)?,
+            read_only: false,
+        }]
+    } else {
+        o.data_disks
+            .iter()
+            .map(|d| match d.strip_suffix(":ro") {
+                Some(p) => DataDisk {
+                    path: p.into(),
+                    read_only: true,
+                },
+                None => DataDisk {
+                    path: d.into(),
+                    read_only: false,
+                },
+            })
+            .collect()
+    };
     let results = scratch.path().join("results.img");
     let spec = GuestSpec {
         backend: o.backend,
@@ -221,10 +244,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
         rootfs: o.rootfs,
         vcpus: o.vcpus,
         mem_mib: o.mem_mib,
-        data_disks: vec![DataDisk {
-            path: data,
-            read_only: false,
-        }],
+        data_disks,
         results_disk: Some(results),
         task: format!("{task} fio.runtime={}", o.fio_runtime),
         timeout: Duration::from_secs(o.timeout),

@@ -177,3 +177,85 @@ fn bad_configs_exit_2_naming_file_and_field() {
     let out = run_vmm_config("not-a-kernel.toml", &good);
     assert_ne!(out.status.code(), Some(0), "{}", output(&out));
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let tmp = common::out_file("sha-input.bin");
+    std::fs::write(&tmp, bytes).unwrap();
+    let out = Command::new("sha256sum")
+        .arg(&tmp)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn pattern(text: &str, len: usize) -> Vec<u8> {
+    text.bytes().cycle().take(len).collect()
+}
+
+#[test]
+fn vmm_data_lands_at_the_right_offsets_and_read_only_disk_refuses_writes() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    const BLOCK: usize = 4096;
+    // Two data disks: a read-write one with a host pattern at block 2000, a read-only one.
+    let rw = common::out_file("hostcheck-rw.img");
+    let mut img = vec![0u8; 3000 * BLOCK];
+    let host_pattern = pattern("host-wrote-this\n", BLOCK);
+    img[2000 * BLOCK..2001 * BLOCK].copy_from_slice(&host_pattern);
+    std::fs::write(&rw, &img).unwrap();
+    let ro = common::out_file("hostcheck-ro.img");
+    std::fs::write(&ro, vec![0x5au8; 64 * BLOCK]).unwrap();
+
+    let json = common::out_file("vmm-hostcheck.json");
+    let (rw_arg, ro_arg, json_arg) = (
+        rw.to_string_lossy().into_owned(),
+        format!("{}:ro", ro.display()),
+        json.to_string_lossy().into_owned(),
+    );
+    let out = common::lab(&[
+        "guest",
+        "--backend",
+        "vmm",
+        "--task",
+        "hostcheck rocheck=/dev/vdc",
+        "--data-disk",
+        &rw_arg,
+        "--data-disk",
+        &ro_arg,
+        "--json",
+        &json_arg,
+    ]);
+    assert!(out.status.success(), "{}", output(&out));
+    let r = report(&json);
+    let markers: Vec<String> = r["console"]["markers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+
+    // The guest read exactly what the host wrote at block 2000.
+    let want = format!("hostcheck read-sha256={}", sha256_hex(&host_pattern));
+    assert!(markers.contains(&want), "{want} not in {markers:?}");
+    // The guest's write is in the host file at block 1000, and nowhere else changed.
+    let after = std::fs::read(&rw).unwrap();
+    assert_eq!(
+        after[1000 * BLOCK..1001 * BLOCK],
+        pattern("guest-wrote-this\n", BLOCK)[..]
+    );
+    assert!(
+        after[..1000 * BLOCK].iter().all(|&b| b == 0),
+        "bytes before block 1000 changed"
+    );
+    assert_eq!(after[2000 * BLOCK..2001 * BLOCK], host_pattern[..]);
+    // The read-only disk refused the write and kept its bytes, seen from guest and host.
+    let ro_sum = sha256_hex(&[0x5au8; BLOCK]);
+    let want = format!("rocheck write-refused=yes sha256={ro_sum} ro=1");
+    assert!(markers.contains(&want), "{want} not in {markers:?}");
+    assert!(std::fs::read(&ro).unwrap().iter().all(|&b| b == 0x5a));
+}
