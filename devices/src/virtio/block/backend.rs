@@ -5,7 +5,8 @@ use super::request::{BlockRequest, SECTOR_SIZE};
 use compat::{BlockRequestKind, RequestStatus};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use std::os::fd::AsRawFd;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 pub struct RawFile {
     file: File,
@@ -45,6 +46,72 @@ impl RawFile {
         }
     }
 
+    /// One preadv/pwritev for the whole request, straight between the file and the guest's
+    /// buffers (re-issued for the rest after a short transfer).
+    fn vectored(
+        &self,
+        mem: &GuestMemoryMmap,
+        req: &BlockRequest,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let mut iovs = Vec::with_capacity(req.segments.len());
+        for &(addr, len) in &req.segments {
+            let slice = mem
+                .get_slice(addr, len as usize)
+                .map_err(std::io::Error::other)?;
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len as usize,
+            });
+        }
+        let mut offset = (req.sector * SECTOR_SIZE) as libc::off_t;
+        let mut first = 0;
+        while first < iovs.len() {
+            let batch = &iovs[first..];
+            let count = batch.len().min(1024) as libc::c_int;
+            let fd = self.file.as_raw_fd();
+            // SAFETY: every iovec points into guest memory checked by get_slice above, which
+            // stays mapped for the VM's life; the kernel reads or writes within those bounds.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(fd, batch.as_ptr(), count, offset)
+                } else {
+                    libc::preadv(fd, batch.as_ptr(), count, offset)
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "short transfer",
+                ));
+            }
+            offset += n as libc::off_t;
+            // Skip the iovecs done, and trim a partly done one.
+            let mut left = n as usize;
+            while left > 0 && first < iovs.len() {
+                let len = iovs[first].iov_len;
+                if left >= len {
+                    left -= len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same checked guest buffer.
+                    iovs[first].iov_base =
+                        unsafe { iovs[first].iov_base.cast::<u8>().add(left).cast() };
+                    iovs[first].iov_len -= left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> Result<u32, RequestStatus> {
         let io = |e: std::io::Error| {
             tracing::warn!("block backend: {e}");
@@ -52,26 +119,14 @@ impl RawFile {
         };
         match req.kind {
             BlockRequestKind::Read => {
-                self.file
-                    .seek(SeekFrom::Start(req.sector * SECTOR_SIZE))
-                    .map_err(io)?;
-                for &(addr, len) in &req.segments {
-                    mem.read_exact_volatile_from(addr, &mut self.file, len as usize)
-                        .map_err(|e| io(std::io::Error::other(e)))?;
-                }
+                self.vectored(mem, req, false).map_err(io)?;
                 Ok(req.data_len as u32)
             }
             BlockRequestKind::Write => {
                 if self.read_only {
                     return Err(RequestStatus::IoError);
                 }
-                self.file
-                    .seek(SeekFrom::Start(req.sector * SECTOR_SIZE))
-                    .map_err(io)?;
-                for &(addr, len) in &req.segments {
-                    mem.write_all_volatile_to(addr, &mut self.file, len as usize)
-                        .map_err(|e| io(std::io::Error::other(e)))?;
-                }
+                self.vectored(mem, req, true).map_err(io)?;
                 Ok(0)
             }
             BlockRequestKind::Flush => {
@@ -136,6 +191,52 @@ mod tests {
         let mut back = [0u8; 512];
         mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
         assert_eq!(back, [0xab; 512]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn scattered_guest_buffers_make_one_contiguous_disk_range() {
+        let path = disk("vec", &[0u8; 8192]);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut be = RawFile::new(file, false, "d").unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let segs = [
+            (0x1000u64, 512u32, 1u8),
+            (0x5000, 1024, 2),
+            (0x3000, 512, 3),
+        ];
+        for (addr, len, v) in segs {
+            mem.write_slice(&vec![v; len as usize], GuestAddress(addr))
+                .unwrap();
+        }
+        let w = BlockRequest {
+            kind: BlockRequestKind::Write,
+            sector: 2,
+            segments: segs.iter().map(|&(a, l, _)| (GuestAddress(a), l)).collect(),
+            data_len: 2048,
+            status_addr: GuestAddress(0),
+        };
+        assert_eq!(be.execute(&mem, &w).0, RequestStatus::Ok);
+        let d = std::fs::read(&path).unwrap();
+        assert!(d[1024..1536].iter().all(|&b| b == 1));
+        assert!(d[1536..2560].iter().all(|&b| b == 2));
+        assert!(d[2560..3072].iter().all(|&b| b == 3));
+        assert!(d[3072..].iter().all(|&b| b == 0));
+        // And back, scattered differently.
+        let r = BlockRequest {
+            kind: BlockRequestKind::Read,
+            segments: vec![(GuestAddress(0x8000), 1536), (GuestAddress(0x9000), 512)],
+            ..w
+        };
+        assert_eq!(be.execute(&mem, &r), (RequestStatus::Ok, 2048));
+        let mut a = vec![0u8; 1536];
+        mem.read_slice(&mut a, GuestAddress(0x8000)).unwrap();
+        assert_eq!(&a[..512], &[1u8; 512][..]);
+        assert_eq!(&a[512..], &[2u8; 1024][..]);
         let _ = std::fs::remove_file(path);
     }
 
