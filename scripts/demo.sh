@@ -6,5 +6,5 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bash "$REPO_ROOT/scripts/setup.sh"
 bash "$REPO_ROOT/scripts/build.sh"
-step "running the guest's fio jobs (lab boot about 10 s, then about 1.5 min of fio)"
-exec "$REPO_ROOT/target/release/lab" bench --backend qemu "$@"
+step "boot and fio under vmm and QEMU, side by side (about 3.5 min in the lab)"
+exec "$REPO_ROOT/target/release/lab" bench --compare "$@"

@@ -42,7 +42,14 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
         "[machine]\nvcpus = {}\nmemory_mib = {}\n\n[kernel]\npath = {}\ncmdline = {}\n",
         spec.vcpus,
         spec.mem_mib,
-        toml_str(&spec.image.bzimage.to_string_lossy()),
+        toml_str(
+            &if spec.elf_kernel {
+                &spec.image.vmlinux
+            } else {
+                &spec.image.bzimage
+            }
+            .to_string_lossy()
+        ),
         toml_str(&kernel_cmdline(spec))
     );
     let mut disks: Vec<(String, &Path, bool)> = Vec::new();
@@ -122,6 +129,8 @@ pub struct GuestSpec {
     pub interactive: bool,
     /// Print the guest's console lines as they come (stderr, prefixed `guest| `).
     pub echo: bool,
+    /// Boot the ELF vmlinux instead of the bzImage (vmm backend only).
+    pub elf_kernel: bool,
 }
 
 /// How the VMM process ended.
@@ -440,6 +449,9 @@ impl Drop for Scratch {
 
 /// Refuses to start when the spec cannot work, before spending a boot on it.
 pub fn check_spec(spec: &GuestSpec) -> Result<()> {
+    if spec.elf_kernel && spec.backend != Backend::Vmm {
+        bail!("--elf-kernel is for the vmm backend (QEMU boots the bzImage)");
+    }
     if spec.vcpus == 0 || spec.mem_mib < 128 {
         bail!("a guest needs at least 1 vCPU and 128 MiB");
     }
@@ -480,6 +492,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             interactive: false,
             echo: false,
+            elf_kernel: false,
         }
     }
 

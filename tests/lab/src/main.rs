@@ -79,6 +79,9 @@ struct GuestOpts {
     /// Print the guest's console as it comes (stderr, prefixed `guest| `).
     #[arg(long)]
     show_console: bool,
+    /// Boot the ELF vmlinux instead of the bzImage (vmm backend).
+    #[arg(long)]
+    elf_kernel: bool,
     /// Guest time limit in seconds, per boot.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -250,6 +253,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
         timeout: Duration::from_secs(o.timeout),
         interactive: task.split_whitespace().any(|w| w == "shell"),
         echo: o.show_console,
+        elf_kernel: o.elf_kernel,
     };
     guest::check_spec(&spec)?;
     Ok(spec)

@@ -67,6 +67,29 @@ fn vmm_guest_boots_passes_selftest_and_fio_verify() {
 }
 
 #[test]
+fn vmm_boots_the_elf_vmlinux_too() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    let json = common::out_file("vmm-elf.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = common::lab(&[
+        "guest",
+        "--backend",
+        "vmm",
+        "--elf-kernel",
+        "--task",
+        "selftest",
+        "--json",
+        &json_arg,
+    ]);
+    assert!(out.status.success(), "{}", output(&out));
+    let r = report(&json);
+    assert_eq!(r["console"]["selftest"], true, "{r}");
+    assert_eq!(r["console"]["exit_rc"], 0);
+}
+
+#[test]
 fn vmm_guest_with_two_vcpus_sees_both() {
     if common::images_or_skip().is_none() {
         return;
