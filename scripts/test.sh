@@ -12,5 +12,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
+step "cargo build --workspace (the harness runs the vmm binary)"
+cargo build --quiet --workspace
 step "cargo nextest run --workspace (guest tests boot the lab VM: a few minutes)"
 cargo nextest run --workspace --no-fail-fast "$@"

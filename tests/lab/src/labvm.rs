@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 /// Prefix of the lab init's lines for the harness.
 pub const LAB_MARKER: &str = "@@LAB@@";
+/// The lab's tmpfs for disk images (TMPDIR of commands inside the lab). A dedicated path,
+/// so a checkout under the host's /tmp stays visible.
+pub const LAB_TMPFS: &str = "/tmp/.vmm-lab-tmpfs";
 /// Set in the environment of commands running inside the lab.
 pub const INSIDE_ENV: &str = "VMM_LAB_INSIDE";
 
@@ -59,7 +62,7 @@ pub fn shell_quote(word: &str) -> String {
 }
 
 fn run_dir() -> Result<PathBuf> {
-    // Under build/ (host disk): the lab mounts its own tmpfs over /tmp, hiding the host's.
+    // Under build/ (host disk), where the host sees what the lab wrote.
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -75,7 +78,7 @@ fn write_script(dir: &Path, argv: &[String], env: &[(String, String)]) -> Result
     let cwd = std::env::current_dir().context("current directory")?;
     let mut s = String::from("#!/bin/bash\n");
     s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
-    s.push_str("export HOME=/root TMPDIR=/tmp\n");
+    s.push_str(&format!("export HOME=/root TMPDIR={LAB_TMPFS}\n"));
     s.push_str(&format!("export {INSIDE_ENV}=1\n"));
     for (k, v) in env {
         s.push_str(&format!("export {k}={}\n", shell_quote(v)));

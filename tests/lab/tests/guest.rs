@@ -45,7 +45,7 @@ fn lab_exec_passes_output_status_and_real_kvm() {
         return;
     }
     let script = "echo lab-says-hello; test -c /dev/kvm && echo dev-kvm-ok; \
-                  stat -f -c fs=%T /tmp; grep -qw svm /proc/cpuinfo && echo svm-ok; \
+                  stat -f -c fs=%T \"$TMPDIR\"; grep -qw svm /proc/cpuinfo && echo svm-ok; \
                   test -f Cargo.toml && echo host-fs-ok; exit 7";
     let out = common::lab(&["exec", "--", "bash", "-c", script]);
     assert_eq!(
