@@ -3,10 +3,11 @@
 
 use crate::console::{self, GuestConsole};
 use crate::fio::{self, FioRow};
+use crate::lines::forward_lines;
 use crate::paths::GuestImage;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -255,25 +256,6 @@ fn qemu_command(spec: &GuestSpec) -> Command {
 fn is_progress_line(line: &str) -> bool {
     (line.contains(console::GUEST_MARKER) && !line.contains("fio-stderr"))
         || line.trim_start().starts_with("[ ")
-}
-
-fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<(Instant, String)>) {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(reader);
-        let mut buf = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut buf) {
-            if n == 0 {
-                break;
-            }
-            let line = String::from_utf8_lossy(&buf)
-                .trim_end_matches(['\n', '\r'])
-                .to_string();
-            buf.clear();
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 /// Boots the guest, waits for it to reset (or the time limit) and checks what it reported.

@@ -3,9 +3,10 @@
 //! and a tmpfs on /tmp. The command runs chrooted into the host's filesystem, so the host's
 //! binaries (our `vmm`, QEMU, this harness) run in there unchanged.
 
+use crate::lines::forward_lines;
 use crate::paths;
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -87,27 +88,6 @@ fn write_script(dir: &Path, argv: &[String], env: &[(String, String)]) -> Result
     let words: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
     s.push_str(&format!("exec {}\n", words.join(" ")));
     std::fs::write(dir.join("cmd.sh"), s).context("writing cmd.sh")
-}
-
-/// Forwards the output of `reader` line by line into `tx`.
-fn forward_lines(reader: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).to_string();
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -209,7 +189,7 @@ pub fn run_in_lab(
             break;
         }
         let line = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
-            Ok(line) => line,
+            Ok((_, line)) => line,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };

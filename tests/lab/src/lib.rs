@@ -11,4 +11,5 @@ pub mod detect;
 pub mod fio;
 pub mod guest;
 pub mod labvm;
+pub mod lines;
 pub mod paths;

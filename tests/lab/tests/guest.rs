@@ -3,20 +3,10 @@
 
 mod common;
 
-use serde_json::Value;
+use common::{output, report};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// stdout and stderr together: inside the lab, the inner run's stderr reaches us through
-/// the lab's console, on stdout.
-fn output(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn on_pvm_host() -> bool {
@@ -106,9 +96,7 @@ fn qemu_guest_boots_passes_selftest_and_fio_verify() {
     assert!(out.status.success(), "guest run failed:\n{err}");
     assert!(stdout(&out).contains("selftest: PASS"));
 
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the guest run's JSON report"))
-            .expect("valid JSON report");
+    let report = report(&json);
     assert_eq!(report["backend"], "qemu");
     assert_eq!(report["vmm_exit"]["status"], 0, "{report}");
     let console = &report["console"];
@@ -152,7 +140,7 @@ fn guest_failures_are_reported_not_hidden() {
         "{}",
         output(&out)
     );
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report(&json);
     assert_eq!(
         report["console"]["exit_rc"], 1,
         "the guest still reached its reset"
@@ -171,7 +159,7 @@ fn qemu_guest_with_two_vcpus_sees_both() {
         "guest", "--vcpus", "2", "--task", "boot", "--json", &json_arg,
     ]);
     assert!(out.status.success(), "{}", output(&out));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report(&json);
     assert_eq!(
         report["console"]["init_cpus"], 2,
         "the guest must see both vCPUs"

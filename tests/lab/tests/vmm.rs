@@ -3,24 +3,11 @@
 
 mod common;
 
-use serde_json::Value;
+use common::{output, report};
 use std::process::Command;
-
-fn output(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn vmm_bin() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_BIN_EXE_lab")).with_file_name("vmm")
-}
-
-fn report(path: &std::path::Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("the run's JSON report"))
-        .expect("valid JSON")
 }
 
 #[test]

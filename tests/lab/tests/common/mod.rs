@@ -91,3 +91,19 @@ pub fn out_file(name: &str) -> PathBuf {
     let _ = std::fs::remove_file(&path);
     path
 }
+
+/// stdout and stderr together: inside the lab, an inner run's stderr reaches us through the
+/// lab's console, on stdout.
+pub fn output(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A guest run's JSON report (`lab guest --json`).
+pub fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("the run's JSON report");
+    serde_json::from_str(&text).expect("valid JSON report")
+}
