@@ -3,28 +3,40 @@
 
 use devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Values written to the VMM's exit eventfd.
-pub const EXIT_RESET: u64 = 1;
-pub const EXIT_ERROR: u64 = 2;
+/// How a vCPU's run loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest reset or shut down: its normal exit.
+    Reset,
+    /// KVM failed or the guest did something we cannot run.
+    Error,
+}
 
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    /// Wakes the main thread. Only a wakeup: eventfd adds up concurrent writes (a reset
+    /// command and the triple fault after it), so the value carries no meaning.
     pub exit: EventFd,
+    /// Set before waking the main thread when this vCPU failed.
+    pub failed: Arc<AtomicBool>,
 }
 
 impl Vcpu {
     pub fn run(mut self) {
-        let code = self.run_loop();
-        let _ = self.exit.write(code);
+        if self.run_loop() == VcpuEnd::Error {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        let _ = self.exit.write(1);
     }
 
-    fn run_loop(&mut self) -> u64 {
+    fn run_loop(&mut self) -> VcpuEnd {
         loop {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -45,30 +57,30 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Hlt) => {}
                 // A triple fault resets a PC; the guest's reset is its exit.
-                Ok(VcpuExit::Shutdown) => return EXIT_RESET,
+                Ok(VcpuExit::Shutdown) => return VcpuEnd::Reset,
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     tracing::info!("vcpu{}: system event {kind}", self.id);
-                    return EXIT_RESET;
+                    return VcpuEnd::Reset;
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     eprintln!(
                         "vmm: vcpu{}: KVM entry failed (reason {reason:#x}, cpu {cpu})",
                         self.id
                     );
-                    return EXIT_ERROR;
+                    return VcpuEnd::Error;
                 }
                 Ok(VcpuExit::InternalError) => {
                     eprintln!("vmm: vcpu{}: KVM internal error", self.id);
-                    return EXIT_ERROR;
+                    return VcpuEnd::Error;
                 }
                 Ok(other) => {
                     eprintln!("vmm: vcpu{}: unexpected exit {other:?}", self.id);
-                    return EXIT_ERROR;
+                    return VcpuEnd::Error;
                 }
                 Err(e) if e.errno() == libc_eintr() || e.errno() == libc_eagain() => {}
                 Err(e) => {
                     eprintln!("vmm: vcpu{}: KVM_RUN failed: {e}", self.id);
-                    return EXIT_ERROR;
+                    return VcpuEnd::Error;
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use crate::config::VmConfig;
 use crate::layout::*;
-use crate::vcpu::{Vcpu, EXIT_RESET};
+use crate::vcpu::Vcpu;
 use crate::{boot, cpu, memory, mptable};
 use anyhow::{bail, Context, Result};
 use devices::bus::Bus;
@@ -12,6 +12,7 @@ use devices::virtio::{Interrupt, MmioTransport, MMIO_SIZE};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -151,6 +152,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     let count = cfg.machine.vcpus as u8;
     mptable::write(&mem, count)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let failed = Arc::new(AtomicBool::new(false));
     let mut vcpus = Vec::new();
     for id in 0..count {
         let fd = vm.create_vcpu(u64::from(id)).context("KVM_CREATE_VCPU")?;
@@ -167,6 +169,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             pio: pio.clone(),
             mmio: mmio.clone(),
             exit: exit.try_clone()?,
+            failed: failed.clone(),
         });
     }
     for v in vcpus {
@@ -176,11 +179,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
             .spawn(move || v.run())
             .with_context(|| format!("starting vcpu{id}"))?;
     }
-    // The first vCPU or device to finish decides; the process exit stops the others.
-    let code = exit.read().context("waiting for the guest")?;
-    Ok(if code == EXIT_RESET {
-        Outcome::Reset
-    } else {
+    // The first vCPU or device to finish wakes us; the process exit stops the others.
+    exit.read().context("waiting for the guest")?;
+    Ok(if failed.load(Ordering::SeqCst) {
         Outcome::Error
+    } else {
+        Outcome::Reset
     })
 }
