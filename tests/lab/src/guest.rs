@@ -204,22 +204,8 @@ fn read_results(path: &Path) -> Option<String> {
 
 fn qemu_command(spec: &GuestSpec) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-M", "pc", "-cpu", "host"])
-        .args([
-            "-smp",
-            &spec.vcpus.to_string(),
-            "-m",
-            &spec.mem_mib.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-no-reboot")
+    cmd.args(["-enable-kvm", "-cpu", "host"])
+        .args(crate::qemu_base_args(spec.vcpus, spec.mem_mib))
         .arg("-kernel")
         .arg(&spec.image.bzimage)
         .args(["-append", &kernel_cmdline(spec)]);

@@ -126,22 +126,8 @@ pub fn run_in_lab(
     // VMM_LAB_ACCEL: QEMU's -accel value for the lab VM (e.g. "tcg,thread=single").
     let accel = std::env::var("VMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".to_string());
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", &accel, "-M", "pc", "-cpu", "max"])
-        .args([
-            "-smp",
-            &opts.cpus.to_string(),
-            "-m",
-            &opts.mem_mib.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-no-reboot")
+    cmd.args(["-accel", &accel, "-cpu", "max"])
+        .args(crate::qemu_base_args(opts.cpus, opts.mem_mib))
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")

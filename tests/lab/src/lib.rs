@@ -13,3 +13,27 @@ pub mod guest;
 pub mod labvm;
 pub mod lines;
 pub mod paths;
+
+/// QEMU's arguments common to the lab VM and the guest: machine, size, serial on stdio,
+/// nothing else, and a reset ends QEMU.
+pub fn qemu_base_args(cpus: u32, mem_mib: u32) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "-smp".into(),
+        cpus.to_string(),
+        "-m".into(),
+        mem_mib.to_string(),
+    ]);
+    a.extend(["-serial".into(), "stdio".into(), "-no-reboot".into()]);
+    a
+}

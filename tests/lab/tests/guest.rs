@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{output, report};
+use common::output;
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -67,13 +67,7 @@ fn lab_time_limit_stops_a_hung_command() {
 
 #[test]
 fn qemu_guest_boots_passes_selftest_and_fio_verify() {
-    if common::images_or_skip().is_none() {
-        return;
-    }
-    let json = common::out_file("qemu-selftest-verify.json");
-    let json_arg = json.to_string_lossy().into_owned();
-    let out = common::lab(&[
-        "guest",
+    let args = [
         "--backend",
         "qemu",
         "--vcpus",
@@ -82,9 +76,10 @@ fn qemu_guest_boots_passes_selftest_and_fio_verify() {
         "selftest fio=verify-crc32c,randread-4k-qd1",
         "--fio-runtime",
         "2",
-        "--json",
-        &json_arg,
-    ]);
+    ];
+    let Some((out, report)) = common::guest_run("qemu-selftest-verify", &args) else {
+        return;
+    };
     let err = output(&out);
     if on_pvm_host() {
         assert!(err.contains("kvm mode: lab"), "{err}");
@@ -96,7 +91,6 @@ fn qemu_guest_boots_passes_selftest_and_fio_verify() {
     assert!(out.status.success(), "guest run failed:\n{err}");
     assert!(stdout(&out).contains("selftest: PASS"));
 
-    let report = report(&json);
     assert_eq!(report["backend"], "qemu");
     assert_eq!(report["vmm_exit"]["status"], 0, "{report}");
     let console = &report["console"];
@@ -125,12 +119,9 @@ fn qemu_guest_boots_passes_selftest_and_fio_verify() {
 
 #[test]
 fn guest_failures_are_reported_not_hidden() {
-    if common::images_or_skip().is_none() {
+    let Some((out, r)) = common::guest_run("qemu-bad-job", &["--task", "fio=no-such-job"]) else {
         return;
-    }
-    let json = common::out_file("qemu-bad-job.json");
-    let json_arg = json.to_string_lossy().into_owned();
-    let out = common::lab(&["guest", "--task", "fio=no-such-job", "--json", &json_arg]);
+    };
     assert!(
         !out.status.success(),
         "an unknown fio job must fail the run"
@@ -140,29 +131,23 @@ fn guest_failures_are_reported_not_hidden() {
         "{}",
         output(&out)
     );
-    let report = report(&json);
     assert_eq!(
-        report["console"]["exit_rc"], 1,
+        r["console"]["exit_rc"], 1,
         "the guest still reached its reset"
     );
 }
 
 #[test]
 fn qemu_guest_with_two_vcpus_sees_both() {
-    if common::images_or_skip().is_none() {
-        return;
-    }
-    let json = common::out_file("qemu-2vcpu.json");
-    let json_arg = json.to_string_lossy().into_owned();
     // Boot only: I/O load on 2 nested vCPUs can crash the lab VM's kernel (docs/lab.md).
-    let out = common::lab(&[
-        "guest", "--vcpus", "2", "--task", "boot", "--json", &json_arg,
-    ]);
+    let args = ["--vcpus", "2", "--task", "boot"];
+    let Some((out, r)) = common::guest_run("qemu-2vcpu", &args) else {
+        return;
+    };
     assert!(out.status.success(), "{}", output(&out));
-    let report = report(&json);
     assert_eq!(
-        report["console"]["init_cpus"], 2,
+        r["console"]["init_cpus"], 2,
         "the guest must see both vCPUs"
     );
-    assert_eq!(report["console"]["exit_rc"], 0);
+    assert_eq!(r["console"]["exit_rc"], 0);
 }

@@ -12,24 +12,18 @@ fn vmm_bin() -> std::path::PathBuf {
 
 #[test]
 fn vmm_guest_boots_passes_selftest_and_fio_verify() {
-    if common::images_or_skip().is_none() {
-        return;
-    }
-    let json = common::out_file("vmm-selftest-verify.json");
-    let json_arg = json.to_string_lossy().into_owned();
-    let out = common::lab(&[
-        "guest",
+    let args = [
         "--backend",
         "vmm",
         "--task",
         "selftest fio=verify-crc32c,randread-4k-qd1",
         "--fio-runtime",
         "2",
-        "--json",
-        &json_arg,
-    ]);
+    ];
+    let Some((out, r)) = common::guest_run("vmm-selftest-verify", &args) else {
+        return;
+    };
     assert!(out.status.success(), "{}", output(&out));
-    let r = report(&json);
     assert_eq!(r["backend"], "vmm");
     assert_eq!(
         r["vmm_exit"]["status"], 0,
@@ -55,47 +49,22 @@ fn vmm_guest_boots_passes_selftest_and_fio_verify() {
 
 #[test]
 fn vmm_boots_the_elf_vmlinux_too() {
-    if common::images_or_skip().is_none() {
+    let args = ["--backend", "vmm", "--elf-kernel", "--task", "selftest"];
+    let Some((out, r)) = common::guest_run("vmm-elf", &args) else {
         return;
-    }
-    let json = common::out_file("vmm-elf.json");
-    let json_arg = json.to_string_lossy().into_owned();
-    let out = common::lab(&[
-        "guest",
-        "--backend",
-        "vmm",
-        "--elf-kernel",
-        "--task",
-        "selftest",
-        "--json",
-        &json_arg,
-    ]);
+    };
     assert!(out.status.success(), "{}", output(&out));
-    let r = report(&json);
     assert_eq!(r["console"]["selftest"], true, "{r}");
     assert_eq!(r["console"]["exit_rc"], 0);
 }
 
 #[test]
 fn vmm_guest_with_two_vcpus_sees_both() {
-    if common::images_or_skip().is_none() {
+    let args = ["--backend", "vmm", "--vcpus", "2", "--task", "boot"];
+    let Some((out, r)) = common::guest_run("vmm-2vcpu", &args) else {
         return;
-    }
-    let json = common::out_file("vmm-2vcpu.json");
-    let json_arg = json.to_string_lossy().into_owned();
-    let out = common::lab(&[
-        "guest",
-        "--backend",
-        "vmm",
-        "--vcpus",
-        "2",
-        "--task",
-        "boot",
-        "--json",
-        &json_arg,
-    ]);
+    };
     assert!(out.status.success(), "{}", output(&out));
-    let r = report(&json);
     assert_eq!(
         r["console"]["init_cpus"], 2,
         "MP table must announce both vCPUs: {r}"

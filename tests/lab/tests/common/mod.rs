@@ -107,3 +107,21 @@ pub fn report(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("the run's JSON report");
     serde_json::from_str(&text).expect("valid JSON report")
 }
+
+/// Boots a guest with `lab guest ARGS --json FILE` (FILE named after `name`) and returns the
+/// run's output and JSON report, or None when the test must skip.
+pub fn guest_run(name: &str, args: &[&str]) -> Option<(Output, serde_json::Value)> {
+    images_or_skip()?;
+    let json = out_file(&format!("{name}.json"));
+    let json_arg = json.to_string_lossy().into_owned();
+    let mut all: Vec<&str> = vec!["guest"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", &json_arg]);
+    let out = lab(&all);
+    let report = if json.exists() {
+        report(&json)
+    } else {
+        serde_json::Value::Null
+    };
+    Some((out, report))
+}
