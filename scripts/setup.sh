@@ -12,10 +12,8 @@ PACKAGES=(
     cpio xz-utils kmod file      # initramfs, module resolution
     busybox-static fio e2fsprogs # guest userland and root image
 )
-names=()
-for p in "${PACKAGES[@]}"; do names+=("$p"); done
 missing=()
-for p in "${names[@]}"; do
+for p in "${PACKAGES[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ] || ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
@@ -27,7 +25,7 @@ if [ "${#missing[@]}" -gt 0 ] || ! apt-cache show linux-image-amd64 >/dev/null 2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
     fi
 else
-    step "setup: all ${#names[@]} packages present"
+    step "setup: all ${#PACKAGES[@]} packages present"
 fi
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
 if ! cargo nextest --version >/dev/null 2>&1; then
