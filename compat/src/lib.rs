@@ -34,10 +34,11 @@ pub enum PreDecision {
     Complete(RequestStatus),
 }
 
-/// The driver-ready form of a block request that the hook points see.
+/// The driver-ready form of a block request that the hook points see. Borrowed from the
+/// device: building it costs no allocation on the I/O path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockRequestInfo {
-    pub device_id: String,
+pub struct BlockRequestInfo<'a> {
+    pub device_id: &'a str,
     pub kind: BlockRequestKind,
     /// Byte offset on the disk.
     pub offset: u64,
@@ -58,7 +59,7 @@ impl Shim {
     }
 
     /// Pre-processing point: the request is ready for the driver.
-    pub fn pre_process(&mut self, _req: &BlockRequestInfo) -> PreDecision {
+    pub fn pre_process(&mut self, _req: &BlockRequestInfo<'_>) -> PreDecision {
         self.requests += 1;
         PreDecision::Continue
     }
@@ -67,7 +68,7 @@ impl Shim {
     /// status goes to the guest.
     pub fn post_process(
         &mut self,
-        _req: &BlockRequestInfo,
+        _req: &BlockRequestInfo<'_>,
         status: RequestStatus,
     ) -> RequestStatus {
         self.completed_by_backend += 1;
@@ -93,7 +94,7 @@ mod tests {
     fn without_interceptors_requests_pass_through_and_are_counted() {
         let mut shim = Shim::new();
         let req = BlockRequestInfo {
-            device_id: "data".into(),
+            device_id: "data",
             kind: BlockRequestKind::Write,
             offset: 4096,
             len: 512,

@@ -196,7 +196,7 @@ impl Worker {
             }
         };
         let info = BlockRequestInfo {
-            device_id: self.id.clone(),
+            device_id: &self.id,
             kind: req.kind,
             offset: req.sector * request::SECTOR_SIZE,
             len: req.data_len,
