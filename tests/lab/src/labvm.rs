@@ -55,6 +55,26 @@ pub struct LabOutcome {
     pub ready_uptime_s: Option<f64>,
     pub wall: Duration,
     pub timed_out: bool,
+    /// The lab VM's own kernel locked up or panicked (its console said so). Our code runs in
+    /// the lab's userspace and cannot cause that: it is a fault of the emulated stack.
+    pub lab_fault: Option<String>,
+}
+
+/// Runs per command when the lab VM's kernel faults (docs/lab.md, "Known limits").
+pub const LAB_ATTEMPTS: usize = 3;
+
+/// True for a lab-kernel console line saying it locked up or panicked. Guest consoles reach
+/// the lab console prefixed (`guest| `), so only the lab kernel's own lines match.
+pub fn is_lab_kernel_fault(line: &str) -> bool {
+    line.starts_with('[')
+        && [
+            "watchdog: BUG: soft lockup",
+            "rcu: INFO: rcu_preempt self-detected stall",
+            "rcu: INFO: rcu_preempt detected stalls",
+            "Kernel panic - not syncing",
+        ]
+        .iter()
+        .any(|m| line.contains(m))
 }
 
 /// Quotes a word for bash.
@@ -95,12 +115,30 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Runs `argv` inside the lab VM and waits for it (or for the time limit).
+/// Runs `argv` inside the lab VM and waits for it (or for the time limit). When the lab
+/// VM's own kernel faults, the run is repeated (up to LAB_ATTEMPTS), loudly; a command that
+/// fails is never repeated.
 pub fn run_in_lab(
     argv: &[String],
     env: &[(String, String)],
     opts: &LabOptions,
 ) -> Result<LabOutcome> {
+    for attempt in 1..=LAB_ATTEMPTS {
+        let out = run_once(argv, env, opts)?;
+        let Some(fault) = &out.lab_fault else {
+            return Ok(out);
+        };
+        eprintln!(
+            "lab: RETRY: the lab VM's own kernel faulted ({fault}) on attempt {attempt} of \
+             {LAB_ATTEMPTS}; a fault of the emulated SVM stack (docs/lab.md), not of the \
+             command. Console: {}",
+            out.console_log.display()
+        );
+    }
+    bail!("lab: the lab VM's kernel faulted on all {LAB_ATTEMPTS} attempts")
+}
+
+fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Result<LabOutcome> {
     if argv.is_empty() {
         bail!("no command to run in the lab");
     }
@@ -163,6 +201,7 @@ pub fn run_in_lab(
         ready_uptime_s: None,
         wall: Duration::ZERO,
         timed_out: false,
+        lab_fault: None,
     };
     let mut inside = false;
     let mut lab_error = None;
@@ -180,6 +219,11 @@ pub fn run_in_lab(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let _ = writeln!(log, "{line}");
+        if is_lab_kernel_fault(&line) {
+            outcome.lab_fault = Some(line.clone());
+            let _ = child.kill();
+            break;
+        }
         match line.find(LAB_MARKER) {
             Some(pos) if inside && line[pos..].starts_with("@@LAB@@ end") => {
                 let before = &line[..pos];
@@ -218,7 +262,7 @@ pub fn run_in_lab(
     }
     let _ = child.wait();
     outcome.wall = start.elapsed();
-    if outcome.rc.is_none() {
+    if outcome.rc.is_none() && outcome.lab_fault.is_none() {
         let console = std::fs::read_to_string(&console_log).unwrap_or_default();
         let tail: Vec<&str> = console.lines().rev().take(25).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -246,6 +290,24 @@ mod tests {
     fn quoting_survives_quotes_and_spaces() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn lab_kernel_faults_are_recognized_but_not_guest_lines() {
+        for l in [
+            "[  768.944345] watchdog: BUG: soft lockup - CPU#0 stuck for 693s! [qemu-system-x86:134]",
+            "[  805.233102] rcu: INFO: rcu_preempt self-detected stall on CPU",
+            "[   84.816588] Kernel panic - not syncing: Fatal exception in interrupt",
+        ] {
+            assert!(is_lab_kernel_fault(l), "{l}");
+        }
+        for l in [
+            "guest| [   12.1] watchdog: BUG: soft lockup - CPU#0 stuck for 23s!",
+            "[    6.3] kvm [124]: vcpu0, guest rIP: 0xffffffff81002ad6 Unhandled WRMSR",
+            "Kernel panic - not syncing: printed by a command",
+        ] {
+            assert!(!is_lab_kernel_fault(l), "{l}");
+        }
     }
 
     #[test]
