@@ -77,7 +77,7 @@ impl Vcpu {
                     eprintln!("vmm: vcpu{}: unexpected exit {other:?}", self.id);
                     return VcpuEnd::Error;
                 }
-                Err(e) if e.errno() == libc_eintr() || e.errno() == libc_eagain() => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     eprintln!("vmm: vcpu{}: KVM_RUN failed: {e}", self.id);
                     return VcpuEnd::Error;
@@ -85,12 +85,4 @@ impl Vcpu {
             }
         }
     }
-}
-
-const fn libc_eintr() -> i32 {
-    4
-}
-
-const fn libc_eagain() -> i32 {
-    11
 }

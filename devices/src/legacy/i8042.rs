@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn reset_command_signals_and_probe_commands_answer() {
-        let evt = EventFd::new(libc_nonblock()).unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = I8042::new(evt.try_clone().unwrap());
         let mut b = [0u8];
         dev.write(CMD_OFFSET, &[CMD_SELF_TEST]);
@@ -100,9 +100,5 @@ mod tests {
         assert!(evt.read().is_err(), "no reset yet");
         dev.write(CMD_OFFSET, &[CMD_RESET_CPU]);
         assert_eq!(evt.read().unwrap(), 1);
-    }
-
-    fn libc_nonblock() -> i32 {
-        0o4000 // EFD_NONBLOCK
     }
 }

@@ -38,8 +38,8 @@ pub struct GuestConsole {
     pub markers: Vec<String>,
 }
 
-/// Value of `key=value` in a marker line's words.
-fn field<'a>(words: &'a str, key: &str) -> Option<&'a str> {
+/// Value of `key=value` among a marker line's words.
+pub fn field<'a>(words: &'a str, key: &str) -> Option<&'a str> {
     words
         .split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))

@@ -3,6 +3,7 @@
 //! and a tmpfs on /tmp. The command runs chrooted into the host's filesystem, so the host's
 //! binaries (our `vmm`, QEMU, this harness) run in there unchanged.
 
+use crate::console::field;
 use crate::lines::forward_lines;
 use crate::paths;
 use anyhow::{bail, Context, Result};
@@ -108,11 +109,6 @@ fn write_script(dir: &Path, argv: &[String], env: &[(String, String)]) -> Result
     let words: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
     s.push_str(&format!("exec {}\n", words.join(" ")));
     std::fs::write(dir.join("cmd.sh"), s).context("writing cmd.sh")
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Runs `argv` inside the lab VM and waits for it (or for the time limit). When the lab

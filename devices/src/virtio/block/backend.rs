@@ -156,6 +156,16 @@ mod tests {
         p
     }
 
+    /// A read-write backend on `path`.
+    fn open_rw(path: &std::path::Path) -> RawFile {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        RawFile::new(file, false, "d").unwrap()
+    }
+
     fn request(kind: BlockRequestKind, sector: u64, addr: u64, len: u32) -> BlockRequest {
         BlockRequest {
             kind,
@@ -169,12 +179,7 @@ mod tests {
     #[test]
     fn reads_and_writes_land_at_the_right_offset() {
         let path = disk("rw", &[0u8; 8192]);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut be = RawFile::new(file, false, "d").unwrap();
+        let mut be = open_rw(&path);
         assert_eq!(be.capacity_sectors(), 16);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         mem.write_slice(&[0xab; 512], GuestAddress(0x1000)).unwrap();
@@ -197,12 +202,7 @@ mod tests {
     #[test]
     fn scattered_guest_buffers_make_one_contiguous_disk_range() {
         let path = disk("vec", &[0u8; 8192]);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut be = RawFile::new(file, false, "d").unwrap();
+        let mut be = open_rw(&path);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let segs = [
             (0x1000u64, 512u32, 1u8),

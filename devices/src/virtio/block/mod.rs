@@ -129,29 +129,29 @@ fn status_byte(s: RequestStatus) -> u8 {
 
 impl Worker {
     fn run(&mut self, kick: EventFd) {
+        // A second handle to the same (shared) regions, taken once: chains borrow it while
+        // `handle` borrows self mutably.
+        let mem = self.mem.clone();
         loop {
             if kick.read().is_err() {
                 tracing::error!("blk-{}: queue eventfd failed; device stops", self.id);
                 return;
             }
             if !self.failed {
-                self.process_queue();
+                self.process_queue(&mem);
             }
         }
     }
 
     /// Serves every available request, then signals the guest once if anything was used.
-    pub fn process_queue(&mut self) {
-        // A handle to the same memory (regions are shared), so chains can borrow it while
-        // `handle` borrows self.
-        let mem = self.mem.clone();
+    pub fn process_queue(&mut self, mem: &GuestMemoryMmap) {
         let mut used_any = false;
         loop {
             if self.queue.disable_notification(&self.mem).is_err() {
                 self.fail("cannot access the used ring");
                 return;
             }
-            while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let written = self.handle(chain);
                 if self.queue.add_used(&self.mem, head, written).is_err() {
