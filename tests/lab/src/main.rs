@@ -151,13 +151,14 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(out.rc.unwrap_or(1))
         }
         Cmd::Guest(a) => {
-            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab)? {
+            let shell = a.task.split_whitespace().any(|w| w == "shell");
+            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab, shell)? {
                 return Ok(code);
             }
             cmd_guest(a)
         }
         Cmd::Bench(a) => {
-            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab)? {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab, false)? {
                 return Ok(code);
             }
             cmd_bench(a)
@@ -183,7 +184,8 @@ fn forwarded_env() -> Vec<(String, String)> {
 
 /// On a host without usable hardware KVM, runs this same command inside the lab VM and
 /// returns its exit status; on a host with hardware KVM (the lab VM included), returns None.
-fn maybe_reexec_in_lab(lab: &LabArgs) -> Result<Option<i32>> {
+/// `interactive` connects our stdin through the lab's console to the guest (`shell`).
+fn maybe_reexec_in_lab(lab: &LabArgs, interactive: bool) -> Result<Option<i32>> {
     let d = detect::detect();
     let inside = std::env::var_os(labvm::INSIDE_ENV).is_some();
     match (d.mode, inside) {
@@ -207,7 +209,11 @@ fn maybe_reexec_in_lab(lab: &LabArgs) -> Result<Option<i32>> {
             let exe = std::env::current_exe().context("locating the lab binary")?;
             let mut argv = vec![exe.to_string_lossy().into_owned()];
             argv.extend(std::env::args().skip(1));
-            let out = labvm::run_in_lab(&argv, &forwarded_env(), &lab_options(lab))?;
+            let opts = LabOptions {
+                interactive,
+                ..lab_options(lab)
+            };
+            let out = labvm::run_in_lab(&argv, &forwarded_env(), &opts)?;
             eprintln!(
                 "lab: lab VM finished in {:.1} s (ready after {:.1} s)",
                 out.wall.as_secs_f64(),
