@@ -1,12 +1,23 @@
 //! The compatibility shim between device models and backend drivers.
 //!
-//! Every block request passes two hook points here: [`Shim::pre_process`], after the device
-//! has built a driver-ready request and before the backend sees it, and
-//! [`Shim::post_process`], where the backend's completion is forwarded back toward the guest.
-//! Interceptor chains attach at these points (the plugin loader lands with the shim issue);
-//! with no interceptor the points pass the request through untouched and copy nothing.
+//! A device hands each driver-ready request to its [`BlockStack`]: the device's chain of
+//! interceptor instances over its [`BlockDriver`]. The stack runs the pre-processing hooks
+//! top to bottom, the driver, then the post-processing hooks bottom to top
+//! (`stack.rs`). Interceptors are plugins loaded by path (`loader.rs`) into instances
+//! (`instance.rs`) that each get a handle to the layers below them (`lower.rs`).
+//! With no enabled interceptor a request goes straight to the driver and nothing is copied.
 
-pub use interceptor_abi::{DeviceKind, ABI_VERSION};
+mod driver;
+mod instance;
+mod loader;
+mod lower;
+mod stack;
+
+pub use driver::{BlockDriver, IoRequest};
+pub use instance::{Instance, InstanceCounters, InstanceSpec};
+pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
+pub use loader::{LoadError, Plugin, PluginRegistry};
+pub use stack::{BlockStack, StackCounters, MAX_CHAIN};
 
 /// What a block request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +28,24 @@ pub enum BlockRequestKind {
     GetId,
 }
 
+impl BlockRequestKind {
+    /// The ABI's `VMM_REQ_*` value.
+    pub fn to_abi(self) -> u32 {
+        use interceptor_abi as abi;
+        match self {
+            BlockRequestKind::Read => abi::REQ_READ,
+            BlockRequestKind::Write => abi::REQ_WRITE,
+            BlockRequestKind::Flush => abi::REQ_FLUSH,
+            BlockRequestKind::GetId => abi::REQ_GET_ID,
+        }
+    }
+
+    /// Does the request fill its buffers (so a bounce buffer is copied back)?
+    pub fn fills_buffers(self) -> bool {
+        matches!(self, BlockRequestKind::Read | BlockRequestKind::GetId)
+    }
+}
+
 /// Final status of a request, as the guest will see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestStatus {
@@ -25,89 +54,25 @@ pub enum RequestStatus {
     Unsupported,
 }
 
-/// What a pre-processing hook decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PreDecision {
-    /// Pass the request on to the layers below.
-    Continue,
-    /// Satisfied here (e.g. a cache hit): skip the layers below.
-    Complete(RequestStatus),
-}
-
-/// The driver-ready form of a block request that the hook points see. Borrowed from the
-/// device: building it costs no allocation on the I/O path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockRequestInfo<'a> {
-    pub device_id: &'a str,
-    pub kind: BlockRequestKind,
-    /// Byte offset on the disk.
-    pub offset: u64,
-    /// Bytes to move.
-    pub len: u64,
-}
-
-/// One device's shim: its hook points and counters.
-#[derive(Debug, Default)]
-pub struct Shim {
-    requests: u64,
-    completed_by_backend: u64,
-}
-
-impl Shim {
-    pub fn new() -> Shim {
-        Shim::default()
+impl RequestStatus {
+    pub fn to_abi(self) -> u32 {
+        match self {
+            RequestStatus::Ok => interceptor_abi::STATUS_OK,
+            RequestStatus::IoError => interceptor_abi::STATUS_IOERR,
+            RequestStatus::Unsupported => interceptor_abi::STATUS_UNSUPP,
+        }
     }
 
-    /// Pre-processing point: the request is ready for the driver.
-    pub fn pre_process(&mut self, _req: &BlockRequestInfo<'_>) -> PreDecision {
-        self.requests += 1;
-        PreDecision::Continue
-    }
-
-    /// Post-processing point: the driver completed the request with `status`; the returned
-    /// status goes to the guest.
-    pub fn post_process(
-        &mut self,
-        _req: &BlockRequestInfo<'_>,
-        status: RequestStatus,
-    ) -> RequestStatus {
-        self.completed_by_backend += 1;
-        status
-    }
-
-    /// Requests that reached the pre-processing point.
-    pub fn requests(&self) -> u64 {
-        self.requests
-    }
-
-    /// Requests whose completion passed the post-processing point.
-    pub fn completions(&self) -> u64 {
-        self.completed_by_backend
+    /// From a value a plugin returned: anything unknown is an I/O error.
+    pub fn from_abi(v: u32) -> Option<RequestStatus> {
+        match v {
+            interceptor_abi::STATUS_OK => Some(RequestStatus::Ok),
+            interceptor_abi::STATUS_IOERR => Some(RequestStatus::IoError),
+            interceptor_abi::STATUS_UNSUPP => Some(RequestStatus::Unsupported),
+            _ => None,
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_interceptors_requests_pass_through_and_are_counted() {
-        let mut shim = Shim::new();
-        let req = BlockRequestInfo {
-            device_id: "data",
-            kind: BlockRequestKind::Write,
-            offset: 4096,
-            len: 512,
-        };
-        assert_eq!(shim.pre_process(&req), PreDecision::Continue);
-        assert_eq!(
-            shim.post_process(&req, RequestStatus::IoError),
-            RequestStatus::IoError
-        );
-        assert_eq!(
-            shim.post_process(&req, RequestStatus::Ok),
-            RequestStatus::Ok
-        );
-        assert_eq!((shim.requests(), shim.completions()), (1, 2));
-    }
-}
+mod tests;

@@ -1,12 +1,17 @@
 //! The stable C ABI between the compatibility shim and interceptor plugins.
 //!
-//! A plugin is a shared object that exports one C symbol returning a versioned table of
-//! function pointers (see `docs/architecture.md`). This crate will hold the `#[repr(C)]`
-//! types of that table, the matching C header and the safe Rust SDK. For now it fixes the
-//! ABI version number that the loader and plugins will agree on.
+//! These `#[repr(C)]` types mirror `interceptors/include/vmm_interceptor.h` field for field;
+//! a test compiles the header with the system C compiler and compares sizes, offsets and
+//! constants. Rust plugins normally use the safe `interceptor-sdk` crate on top of this one.
+
+use std::ffi::{c_char, c_void};
 
 /// Version of the plugin ABI. A loader refuses a plugin whose table carries another version.
 pub const ABI_VERSION: u32 = 1;
+/// The symbol every plugin exports (a `fn() -> *const InterceptorTable`).
+pub const ENTRY_SYMBOL: &str = "vmm_interceptor_entry";
+/// Offsets and lengths are multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
 
 /// The device kinds a request can come from; plugins declare which ones they support.
 #[repr(u32)]
@@ -18,15 +23,130 @@ pub enum DeviceKind {
     Net = 2,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl DeviceKind {
+    /// This kind's bit in [`InterceptorTable::supported_devices`].
+    pub const fn mask(self) -> u32 {
+        1 << self as u32
+    }
 
-    #[test]
-    fn device_kinds_have_stable_values() {
-        // These values cross the C boundary: changing them breaks every plugin.
-        assert_eq!(DeviceKind::Block as u32, 1);
-        assert_eq!(DeviceKind::Net as u32, 2);
-        assert_eq!(ABI_VERSION, 1);
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Block => "block",
+            DeviceKind::Net => "net",
+        }
     }
 }
+
+pub const REQ_READ: u32 = 1;
+pub const REQ_WRITE: u32 = 2;
+pub const REQ_FLUSH: u32 = 3;
+pub const REQ_DISCARD: u32 = 4;
+pub const REQ_GET_ID: u32 = 5;
+
+/// The segments are a private bounce buffer the hook may modify.
+pub const REQ_F_DATA_PRIVATE: u32 = 1;
+/// The instance is disabled (only seen by `F_KEEP_WHEN_DISABLED` plugins).
+pub const REQ_F_DISABLED: u32 = 2;
+
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_IOERR: u32 = 1;
+pub const STATUS_UNSUPP: u32 = 2;
+
+pub const CONTINUE: u32 = 0;
+pub const COMPLETE: u32 = 1;
+pub const FAIL: u32 = 2;
+
+/// The plugin transforms data: its requests carry private bounce buffers.
+pub const F_MODIFIES_DATA: u32 = 1;
+/// Data on disk depends on the plugin: it stays in the path while disabled.
+pub const F_KEEP_WHEN_DISABLED: u32 = 2;
+
+pub const LOG_ERROR: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+pub const LOG_INFO: u32 = 3;
+pub const LOG_DEBUG: u32 = 4;
+
+/// One data buffer; laid out like `struct iovec`, so it can go straight to `preadv`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub base: *mut u8,
+    pub len: usize,
+}
+
+/// `struct vmm_request`: a request as interceptors see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub kind: u32,
+    pub flags: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub segments: *const Segment,
+    pub nsegments: u32,
+    pub device_kind: u32,
+    pub device_id: *const c_char,
+}
+
+/// `struct vmm_lower`: the layers below an instance.
+#[repr(C)]
+pub struct Lower {
+    pub ctx: *mut c_void,
+    pub read: unsafe extern "C" fn(ctx: *mut c_void, offset: u64, buf: *mut u8, len: u64) -> u32,
+    pub write: unsafe extern "C" fn(ctx: *mut c_void, offset: u64, buf: *const u8, len: u64) -> u32,
+    pub flush: unsafe extern "C" fn(ctx: *mut c_void) -> u32,
+    pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, message: *const c_char),
+    pub capacity: u64,
+}
+
+/// `struct vmm_create_args`.
+#[repr(C)]
+pub struct CreateArgs {
+    pub instance_id: *const c_char,
+    pub config_json: *const c_char,
+    pub device_kind: u32,
+    pub reserved: u32,
+    pub device_id: *const c_char,
+    pub lower: *const Lower,
+}
+
+pub type CreateFn =
+    unsafe extern "C" fn(args: *const CreateArgs, err: *mut c_char, err_len: usize) -> *mut c_void;
+pub type PreFn =
+    unsafe extern "C" fn(instance: *mut c_void, req: *const Request, slot: *mut *mut c_void) -> u32;
+pub type PostFn = unsafe extern "C" fn(
+    instance: *mut c_void,
+    req: *const Request,
+    slot: *mut c_void,
+    status: u32,
+) -> u32;
+pub type StatsFn =
+    unsafe extern "C" fn(instance: *mut c_void, buf: *mut c_char, len: usize) -> usize;
+pub type DestroyFn = unsafe extern "C" fn(instance: *mut c_void);
+pub type CapacityFn = unsafe extern "C" fn(instance: *mut c_void) -> u64;
+/// The type of the exported entry symbol.
+pub type EntryFn = unsafe extern "C" fn() -> *const InterceptorTable;
+
+/// `struct vmm_interceptor_table`: what the entry symbol returns.
+#[repr(C)]
+pub struct InterceptorTable {
+    pub abi_version: u32,
+    pub flags: u32,
+    pub supported_devices: u32,
+    pub reserved: u32,
+    pub name: *const c_char,
+    pub create: Option<CreateFn>,
+    pub pre: Option<PreFn>,
+    pub post: Option<PostFn>,
+    pub stats: Option<StatsFn>,
+    pub destroy: Option<DestroyFn>,
+    pub capacity: Option<CapacityFn>,
+}
+
+// SAFETY: a table is immutable static data (function pointers and a pointer to a static
+// name); sharing it between threads is what the ABI promises.
+unsafe impl Sync for InterceptorTable {}
+unsafe impl Send for InterceptorTable {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! One configured interceptor instance: a plugin's state for one device, its enable flag,
+//! its place over "the layers below", and the shim's counters for it.
+
+use crate::loader::{LoadError, Plugin};
+use crate::lower::LowerCtx;
+use crate::stack::BlockStack;
+use crate::DeviceKind;
+use interceptor_abi as abi;
+use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What the config says about one instance.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub plugin: Arc<Plugin>,
+    /// The instance's config as a JSON object.
+    pub config_json: String,
+    pub enabled: bool,
+}
+
+/// The shim's own counters for an instance (only counted while it is in the path).
+#[derive(Debug, Default)]
+pub struct InstanceCounters {
+    /// Requests whose pre hook ran.
+    pub requests: AtomicU64,
+    /// Data bytes of those requests.
+    pub bytes: AtomicU64,
+    /// Requests this instance failed (pre returned fail, post returned an error, or a bad
+    /// return value).
+    pub errors: AtomicU64,
+    /// Requests this instance satisfied without the layers below.
+    pub completed: AtomicU64,
+}
+
+pub struct Instance {
+    id: String,
+    device_id: CString,
+    handle: *mut c_void,
+    pre: abi::PreFn,
+    post: abi::PostFn,
+    flags: u32,
+    enabled: AtomicBool,
+    capacity: u64,
+    pub(crate) counters: InstanceCounters,
+    // Dropped after `handle` is destroyed (see Drop): the plugin may call the lower handle
+    // until destroy returns, and its code must stay loaded until then.
+    _lower: Box<LowerCtx>,
+    plugin: Arc<Plugin>,
+}
+
+// SAFETY: the ABI requires a plugin's hooks to be callable from the device thread and its
+// stats from any thread; `handle` is only passed back to the plugin that made it.
+unsafe impl Send for Instance {}
+unsafe impl Sync for Instance {}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("id", &self.id)
+            .field("plugin", &self.plugin.name())
+            .field("enabled", &self.enabled())
+            .finish()
+    }
+}
+
+fn c_string(s: &str) -> CString {
+    CString::new(s.replace('\0', " ")).unwrap_or_default()
+}
+
+impl Instance {
+    /// Creates the instance over `below` (the device's stack under it).
+    pub(crate) fn create(
+        spec: &InstanceSpec,
+        device_kind: DeviceKind,
+        device_id: &str,
+        below: Arc<BlockStack>,
+    ) -> Result<Instance, LoadError> {
+        let plugin = spec.plugin.clone();
+        let table = plugin.table();
+        let name = plugin.name().to_string();
+        if table.supported_devices & device_kind.mask() == 0 {
+            return Err(LoadError::UnsupportedDevice {
+                plugin: name,
+                kind: device_kind.name(),
+            });
+        }
+        let (Some(create), Some(pre), Some(post)) = (table.create, table.pre, table.post) else {
+            return Err(LoadError::BadInstance {
+                plugin: name,
+                message: "table lacks create, pre or post".into(),
+            });
+        };
+        let below_capacity = below.capacity();
+        let lower = LowerCtx::new(&spec.id, below);
+        let instance_id = c_string(&spec.id);
+        let config = c_string(&spec.config_json);
+        let device = c_string(device_id);
+        let args = abi::CreateArgs {
+            instance_id: instance_id.as_ptr(),
+            config_json: config.as_ptr(),
+            device_kind: device_kind as u32,
+            reserved: 0,
+            device_id: device.as_ptr(),
+            lower: lower.raw(),
+        };
+        let mut err = vec![0u8; 1024];
+        // SAFETY: args and the strings it points to live across the call; err is writable
+        // for its length.
+        let handle = unsafe { create(&args, err.as_mut_ptr().cast(), err.len()) };
+        if handle.is_null() {
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            let message = String::from_utf8_lossy(&err[..end]).replace('\n', " ");
+            return Err(LoadError::CreateFailed {
+                plugin: name,
+                message: if message.is_empty() {
+                    "create() returned NULL without a reason".into()
+                } else {
+                    message
+                },
+            });
+        }
+        let mut instance = Instance {
+            id: spec.id.clone(),
+            device_id: device,
+            handle,
+            pre,
+            post,
+            flags: table.flags,
+            enabled: AtomicBool::new(spec.enabled),
+            capacity: below_capacity,
+            counters: InstanceCounters::default(),
+            _lower: lower,
+            plugin,
+        };
+        // From here on, dropping `instance` destroys the plugin's state.
+        instance.capacity = instance.exposed_capacity(below_capacity)?;
+        Ok(instance)
+    }
+
+    fn exposed_capacity(&self, below: u64) -> Result<u64, LoadError> {
+        let Some(capacity) = self.plugin.table().capacity else {
+            return Ok(below);
+        };
+        // SAFETY: handle came from this plugin's create.
+        let exposed = unsafe { capacity(self.handle) };
+        if exposed == u64::MAX {
+            return Ok(below);
+        }
+        let bad = |message: String| {
+            Err(LoadError::BadInstance {
+                plugin: self.plugin.name().to_string(),
+                message,
+            })
+        };
+        if exposed == below {
+            Ok(below)
+        } else if exposed == 0 || exposed > below || exposed % crate::SECTOR_SIZE != 0 {
+            bad(format!(
+                "capacity {exposed} must be a non-zero multiple of 512 up to the {below} bytes below"
+            ))
+        } else if self.flags & abi::F_KEEP_WHEN_DISABLED == 0 {
+            bad("only a plugin that stays in the path when disabled may change the capacity".into())
+        } else {
+            Ok(exposed)
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Enables or disables the instance for requests that start after this call.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+    }
+
+    /// The plugin transforms data (its requests get bounce buffers).
+    pub fn modifies_data(&self) -> bool {
+        self.flags & abi::F_MODIFIES_DATA != 0
+    }
+
+    /// The plugin stays in the path while disabled.
+    pub fn keeps_when_disabled(&self) -> bool {
+        self.flags & abi::F_KEEP_WHEN_DISABLED != 0
+    }
+
+    /// Bytes this instance exposes to the layers above.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn counters(&self) -> &InstanceCounters {
+        &self.counters
+    }
+
+    pub(crate) fn device_id_ptr(&self) -> *const std::ffi::c_char {
+        self.device_id.as_ptr()
+    }
+
+    /// Calls the pre hook.
+    ///
+    /// # Safety
+    /// `req`'s segments must be valid for the call, as the ABI describes.
+    pub(crate) unsafe fn call_pre(&self, req: &abi::Request, slot: &mut *mut c_void) -> u32 {
+        (self.pre)(self.handle, req, slot)
+    }
+
+    /// Calls the post hook. Safety as for `call_pre`.
+    pub(crate) unsafe fn call_post(
+        &self,
+        req: &abi::Request,
+        slot: *mut c_void,
+        status: u32,
+    ) -> u32 {
+        (self.post)(self.handle, req, slot, status)
+    }
+
+    /// The plugin's statistics (a JSON object), or why they are unavailable.
+    pub fn plugin_stats(&self) -> Result<serde_json::Value, String> {
+        let Some(stats) = self.plugin.table().stats else {
+            return Ok(serde_json::json!({}));
+        };
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            // SAFETY: buf is writable for its length; handle is this plugin's.
+            let n = unsafe { stats(self.handle, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < buf.len() {
+                let value: serde_json::Value = serde_json::from_slice(&buf[..n])
+                    .map_err(|e| format!("stats are not JSON: {e}"))?;
+                return if value.is_object() {
+                    Ok(value)
+                } else {
+                    Err("stats are not a JSON object".into())
+                };
+            }
+            if n >= 1 << 20 {
+                break;
+            }
+            buf = vec![0u8; n + 1];
+        }
+        Err("stats are larger than 1 MiB".into())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(destroy) = self.plugin.table().destroy {
+            // SAFETY: handle came from create and is destroyed exactly once, here.
+            unsafe { destroy(self.handle) };
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The header and these types must agree: compile a probe against the header with the
+//! system C compiler, print every size, offset and constant, and compare with Rust's view.
+
+use super::*;
+use std::collections::BTreeMap;
+use std::mem::{offset_of, size_of};
+use std::path::PathBuf;
+use std::process::Command;
+
+const PROBE: &str = r#"
+#include <stdio.h>
+#include "vmm_interceptor.h"
+#define S(t) printf("sizeof %s %zu\n", #t, sizeof(struct t));
+#define O(t, f) printf("offset %s.%s %zu\n", #t, #f, offsetof(struct t, f));
+#define C(c) printf("const %s %llu\n", #c, (unsigned long long)(c));
+int main(void) {
+    S(vmm_segment) O(vmm_segment, base) O(vmm_segment, len)
+    S(vmm_request) O(vmm_request, kind) O(vmm_request, flags) O(vmm_request, offset)
+    O(vmm_request, len) O(vmm_request, segments) O(vmm_request, nsegments)
+    O(vmm_request, device_kind) O(vmm_request, device_id)
+    S(vmm_lower) O(vmm_lower, ctx) O(vmm_lower, read) O(vmm_lower, write) O(vmm_lower, flush)
+    O(vmm_lower, log) O(vmm_lower, capacity)
+    S(vmm_create_args) O(vmm_create_args, instance_id) O(vmm_create_args, config_json)
+    O(vmm_create_args, device_kind) O(vmm_create_args, device_id) O(vmm_create_args, lower)
+    S(vmm_interceptor_table) O(vmm_interceptor_table, abi_version)
+    O(vmm_interceptor_table, flags) O(vmm_interceptor_table, supported_devices)
+    O(vmm_interceptor_table, name) O(vmm_interceptor_table, create)
+    O(vmm_interceptor_table, pre) O(vmm_interceptor_table, post)
+    O(vmm_interceptor_table, stats) O(vmm_interceptor_table, destroy)
+    O(vmm_interceptor_table, capacity)
+    C(VMM_INTERCEPTOR_ABI_VERSION) C(VMM_SECTOR_SIZE) C(VMM_DEVICE_BLOCK) C(VMM_DEVICE_NET)
+    C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
+    C(VMM_REQ_F_DATA_PRIVATE) C(VMM_REQ_F_DISABLED)
+    C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP)
+    C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL)
+    C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
+    C(VMM_LOG_ERROR) C(VMM_LOG_WARN) C(VMM_LOG_INFO) C(VMM_LOG_DEBUG)
+    printf("entry %s\n", VMM_INTERCEPTOR_ENTRY_SYMBOL);
+    return 0;
+}
+"#;
+
+fn rust_view() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: usize| m.insert(k.to_string(), v.to_string());
+    put("sizeof vmm_segment", size_of::<Segment>());
+    put("offset vmm_segment.base", offset_of!(Segment, base));
+    put("offset vmm_segment.len", offset_of!(Segment, len));
+    put("sizeof vmm_request", size_of::<Request>());
+    put("offset vmm_request.kind", offset_of!(Request, kind));
+    put("offset vmm_request.flags", offset_of!(Request, flags));
+    put("offset vmm_request.offset", offset_of!(Request, offset));
+    put("offset vmm_request.len", offset_of!(Request, len));
+    put("offset vmm_request.segments", offset_of!(Request, segments));
+    put(
+        "offset vmm_request.nsegments",
+        offset_of!(Request, nsegments),
+    );
+    put(
+        "offset vmm_request.device_kind",
+        offset_of!(Request, device_kind),
+    );
+    put(
+        "offset vmm_request.device_id",
+        offset_of!(Request, device_id),
+    );
+    put("sizeof vmm_lower", size_of::<Lower>());
+    put("offset vmm_lower.ctx", offset_of!(Lower, ctx));
+    put("offset vmm_lower.read", offset_of!(Lower, read));
+    put("offset vmm_lower.write", offset_of!(Lower, write));
+    put("offset vmm_lower.flush", offset_of!(Lower, flush));
+    put("offset vmm_lower.log", offset_of!(Lower, log));
+    put("offset vmm_lower.capacity", offset_of!(Lower, capacity));
+    put("sizeof vmm_create_args", size_of::<CreateArgs>());
+    put(
+        "offset vmm_create_args.instance_id",
+        offset_of!(CreateArgs, instance_id),
+    );
+    put(
+        "offset vmm_create_args.config_json",
+        offset_of!(CreateArgs, config_json),
+    );
+    put(
+        "offset vmm_create_args.device_kind",
+        offset_of!(CreateArgs, device_kind),
+    );
+    put(
+        "offset vmm_create_args.device_id",
+        offset_of!(CreateArgs, device_id),
+    );
+    put(
+        "offset vmm_create_args.lower",
+        offset_of!(CreateArgs, lower),
+    );
+    put(
+        "sizeof vmm_interceptor_table",
+        size_of::<InterceptorTable>(),
+    );
+    let t = |f: &str, v: usize| (format!("offset vmm_interceptor_table.{f}"), v);
+    for (k, v) in [
+        t("abi_version", offset_of!(InterceptorTable, abi_version)),
+        t("flags", offset_of!(InterceptorTable, flags)),
+        t(
+            "supported_devices",
+            offset_of!(InterceptorTable, supported_devices),
+        ),
+        t("name", offset_of!(InterceptorTable, name)),
+        t("create", offset_of!(InterceptorTable, create)),
+        t("pre", offset_of!(InterceptorTable, pre)),
+        t("post", offset_of!(InterceptorTable, post)),
+        t("stats", offset_of!(InterceptorTable, stats)),
+        t("destroy", offset_of!(InterceptorTable, destroy)),
+        t("capacity", offset_of!(InterceptorTable, capacity)),
+    ] {
+        put(&k, v);
+    }
+    let consts: [(&str, u64); 23] = [
+        ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
+        ("VMM_SECTOR_SIZE", SECTOR_SIZE),
+        ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
+        ("VMM_DEVICE_NET", DeviceKind::Net as u64),
+        ("VMM_REQ_READ", REQ_READ.into()),
+        ("VMM_REQ_WRITE", REQ_WRITE.into()),
+        ("VMM_REQ_FLUSH", REQ_FLUSH.into()),
+        ("VMM_REQ_DISCARD", REQ_DISCARD.into()),
+        ("VMM_REQ_GET_ID", REQ_GET_ID.into()),
+        ("VMM_REQ_F_DATA_PRIVATE", REQ_F_DATA_PRIVATE.into()),
+        ("VMM_REQ_F_DISABLED", REQ_F_DISABLED.into()),
+        ("VMM_STATUS_OK", STATUS_OK.into()),
+        ("VMM_STATUS_IOERR", STATUS_IOERR.into()),
+        ("VMM_STATUS_UNSUPP", STATUS_UNSUPP.into()),
+        ("VMM_CONTINUE", CONTINUE.into()),
+        ("VMM_COMPLETE", COMPLETE.into()),
+        ("VMM_FAIL", FAIL.into()),
+        ("VMM_INTERCEPTOR_F_MODIFIES_DATA", F_MODIFIES_DATA.into()),
+        (
+            "VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED",
+            F_KEEP_WHEN_DISABLED.into(),
+        ),
+        ("VMM_LOG_ERROR", LOG_ERROR.into()),
+        ("VMM_LOG_WARN", LOG_WARN.into()),
+        ("VMM_LOG_INFO", LOG_INFO.into()),
+        ("VMM_LOG_DEBUG", LOG_DEBUG.into()),
+    ];
+    for (name, v) in consts {
+        m.insert(format!("const {name}"), v.to_string());
+    }
+    m.insert("entry".into(), ENTRY_SYMBOL.into());
+    m
+}
+
+fn c_view() -> BTreeMap<String, String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let include = dir.join("../include");
+    let out = std::env::temp_dir().join(format!("abi-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let src = out.join("probe.c");
+    std::fs::write(&src, PROBE).unwrap();
+    let exe = out.join("probe");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(&include)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc}: {e}"));
+    assert!(status.success(), "the header does not compile cleanly");
+    let stdout = Command::new(&exe).output().unwrap().stdout;
+    let _ = std::fs::remove_dir_all(&out);
+    String::from_utf8(stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn c_header_and_rust_types_agree() {
+    let c = c_view();
+    let rust = rust_view();
+    assert_eq!(c.len(), rust.len(), "probe and Rust list different items");
+    for (k, v) in &rust {
+        assert_eq!(
+            c.get(k),
+            Some(v),
+            "{k}: C says {:?}, Rust says {v}",
+            c.get(k)
+        );
+    }
+}
+
+#[test]
+fn device_kinds_have_stable_values() {
+    // These values cross the C boundary: changing them breaks every plugin.
+    assert_eq!(DeviceKind::Block as u32, 1);
+    assert_eq!(DeviceKind::Net as u32, 2);
+    assert_eq!(DeviceKind::Block.mask(), 2);
+    assert_eq!(ABI_VERSION, 1);
+}

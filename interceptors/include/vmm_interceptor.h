@@ -1,0 +1,149 @@
+/*
+ * vmm_interceptor.h: the interceptor plugin ABI, all a plugin author needs.
+ *
+ * A plugin is a shared object exporting one symbol, VMM_INTERCEPTOR_ENTRY_SYMBOL, that
+ * returns a pointer to a static struct vmm_interceptor_table. The VMM calls the table's
+ * functions at its two hook points:
+ *
+ *   pre   where a device has built a driver-ready request, before the layers below
+ *         (the next interceptors, then the backend driver) see it; called top to bottom;
+ *   post  where the completion is forwarded back toward the guest; called bottom to top.
+ *
+ * Every interceptor whose pre hook ran gets its post hook for that request, exactly once.
+ * Hooks of one instance are called from the device's I/O thread; stats() may be called
+ * from any thread at the same time. The guide is docs/plugins.md.
+ *
+ * Rules:
+ *   - Read request segments are the request's destination: a hook may write them (a cache
+ *     hit fills them and returns VMM_COMPLETE). Write segments are read-only unless the
+ *     request carries VMM_REQ_F_DATA_PRIVATE, which the VMM sets when the plugin declares
+ *     VMM_INTERCEPTOR_F_MODIFIES_DATA: its segments are then a private bounce buffer, never
+ *     guest memory, which the hook may transform in place (both directions).
+ *   - Offsets and lengths are bytes, multiples of VMM_SECTOR_SIZE.
+ *   - Calls through struct vmm_lower are valid from create() until destroy() returns, on
+ *     the thread the VMM called the plugin on.
+ */
+#ifndef VMM_INTERCEPTOR_H
+#define VMM_INTERCEPTOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define VMM_INTERCEPTOR_ABI_VERSION 1u
+#define VMM_INTERCEPTOR_ENTRY_SYMBOL "vmm_interceptor_entry"
+#define VMM_SECTOR_SIZE 512u
+
+/* Device kinds; supported_devices in the table is a mask of (1u << kind). */
+#define VMM_DEVICE_BLOCK 1u
+#define VMM_DEVICE_NET 2u
+
+/* Request kinds. */
+#define VMM_REQ_READ 1u
+#define VMM_REQ_WRITE 2u
+#define VMM_REQ_FLUSH 3u
+#define VMM_REQ_DISCARD 4u
+#define VMM_REQ_GET_ID 5u
+
+/* Request flags. */
+#define VMM_REQ_F_DATA_PRIVATE 1u /* segments are a bounce buffer the hook may modify */
+#define VMM_REQ_F_DISABLED 2u     /* this instance is disabled (see F_KEEP_WHEN_DISABLED) */
+
+/* Statuses (what the guest sees). */
+#define VMM_STATUS_OK 0u
+#define VMM_STATUS_IOERR 1u
+#define VMM_STATUS_UNSUPP 2u
+
+/* What a pre hook decided. */
+#define VMM_CONTINUE 0u /* pass the request to the layers below */
+#define VMM_COMPLETE 1u /* satisfied here with status OK: skip the layers below */
+#define VMM_FAIL 2u     /* fail the request: the guest gets an I/O error */
+
+/* Table flags. */
+/* The plugin transforms data: its requests carry private bounce buffers. */
+#define VMM_INTERCEPTOR_F_MODIFIES_DATA 1u
+/* Data on disk depends on the plugin (encryption, remapping): it stays in the path while
+ * disabled, sees VMM_REQ_F_DISABLED, and must keep reading back what it wrote. A plugin
+ * without this flag is skipped entirely while disabled. */
+#define VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED 2u
+
+/* Log levels for vmm_lower.log. */
+#define VMM_LOG_ERROR 1u
+#define VMM_LOG_WARN 2u
+#define VMM_LOG_INFO 3u
+#define VMM_LOG_DEBUG 4u
+
+/* One data buffer; laid out like struct iovec. */
+struct vmm_segment {
+    uint8_t *base;
+    size_t len;
+};
+
+/* A request as interceptors see it. Owned by the VMM; valid during the call only. */
+struct vmm_request {
+    uint32_t kind;        /* VMM_REQ_* */
+    uint32_t flags;       /* VMM_REQ_F_* */
+    uint64_t offset;      /* byte offset on the device */
+    uint64_t len;         /* data bytes, the sum of the segments' lengths */
+    const struct vmm_segment *segments;
+    uint32_t nsegments;
+    uint32_t device_kind; /* VMM_DEVICE_* */
+    const char *device_id; /* NUL-terminated, as in the VMM's config */
+};
+
+/* "The layers below": the interceptors under this instance in its device's chain, then the
+ * backend driver. For a plugin's own I/O (metadata, remapped blocks). Each call returns a
+ * VMM_STATUS_*; offset and len must be multiples of VMM_SECTOR_SIZE within capacity. */
+struct vmm_lower {
+    void *ctx;
+    uint32_t (*read)(void *ctx, uint64_t offset, uint8_t *buf, uint64_t len);
+    uint32_t (*write)(void *ctx, uint64_t offset, const uint8_t *buf, uint64_t len);
+    uint32_t (*flush)(void *ctx);
+    void (*log)(void *ctx, uint32_t level, const char *message);
+    uint64_t capacity; /* bytes */
+};
+
+struct vmm_create_args {
+    const char *instance_id;  /* the [[interceptor]] id */
+    const char *config_json;  /* the instance's config table as a JSON object */
+    uint32_t device_kind;     /* VMM_DEVICE_* */
+    uint32_t reserved;
+    const char *device_id;
+    const struct vmm_lower *lower; /* valid until destroy() returns */
+};
+
+struct vmm_interceptor_table {
+    uint32_t abi_version;       /* VMM_INTERCEPTOR_ABI_VERSION; checked before anything else */
+    uint32_t flags;             /* VMM_INTERCEPTOR_F_* */
+    uint32_t supported_devices; /* mask of 1u << VMM_DEVICE_* */
+    uint32_t reserved;
+    const char *name;           /* NUL-terminated */
+    /* Returns the instance, or NULL after writing a NUL-terminated reason into err. */
+    void *(*create)(const struct vmm_create_args *args, char *err, size_t err_len);
+    /* Returns VMM_CONTINUE, VMM_COMPLETE or VMM_FAIL. *slot starts NULL; what the hook
+     * stores there comes back to its post hook for this request. */
+    uint32_t (*pre)(void *instance, const struct vmm_request *req, void **slot);
+    /* status: the status from below (or VMM_STATUS_OK after a VMM_COMPLETE here).
+     * Returns the status to pass up. */
+    uint32_t (*post)(void *instance, const struct vmm_request *req, void *slot, uint32_t status);
+    /* Writes JSON (an object) into buf, NUL-terminated if it fits; returns its length
+     * without the NUL, like snprintf. May be NULL. */
+    size_t (*stats)(void *instance, char *buf, size_t len);
+    void (*destroy)(void *instance);
+    /* Bytes the instance exposes to the layers above: at most lower->capacity, a multiple of
+     * VMM_SECTOR_SIZE, or UINT64_MAX for the capacity below (as is a NULL capacity). Only
+     * F_KEEP_WHEN_DISABLED plugins may expose another size. Called once, after create(). */
+    uint64_t (*capacity)(void *instance);
+};
+
+/* The one symbol a plugin exports. */
+const struct vmm_interceptor_table *vmm_interceptor_entry(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VMM_INTERCEPTOR_H */

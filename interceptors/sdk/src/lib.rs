@@ -1,0 +1,200 @@
+//! Write an interceptor plugin in safe Rust.
+//!
+//! Implement [`Interceptor`] for your type and export it with [`export_interceptor!`]; build
+//! the crate as a `cdylib` and name the `.so` in the VMM's `guest.toml`. The SDK turns the
+//! C ABI of `vmm_interceptor.h` into safe calls and stops every panic at the boundary: a
+//! panicking `pre` or `post` fails that request with an I/O error and the VMM goes on.
+//!
+//! A complete plugin that counts writes and refuses any write to the first sector:
+//!
+//! ```
+//! use interceptor_sdk::{export_interceptor, CreateContext, Decision, Interceptor, Request,
+//!     RequestKind, Slot};
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! struct GuardMbr {
+//!     writes: AtomicU64,
+//! }
+//!
+//! impl Interceptor for GuardMbr {
+//!     const NAME: &'static std::ffi::CStr = c"guard-mbr";
+//!
+//!     fn create(_ctx: CreateContext<'_>) -> Result<Self, String> {
+//!         Ok(GuardMbr { writes: AtomicU64::new(0) })
+//!     }
+//!
+//!     fn pre(&self, req: &mut Request<'_>, _slot: &mut Slot) -> Decision {
+//!         if req.kind() != RequestKind::Write {
+//!             return Decision::Continue;
+//!         }
+//!         self.writes.fetch_add(1, Ordering::Relaxed);
+//!         if req.offset() == 0 { Decision::Fail } else { Decision::Continue }
+//!     }
+//!
+//!     fn stats(&self) -> serde_json::Value {
+//!         serde_json::json!({ "writes": self.writes.load(Ordering::Relaxed) })
+//!     }
+//! }
+//!
+//! export_interceptor!(GuardMbr);
+//! # fn main() {
+//! #     let table = unsafe { &*vmm_interceptor_entry() };
+//! #     assert_eq!(table.abi_version, interceptor_sdk::abi::ABI_VERSION);
+//! # }
+//! ```
+//!
+//! `Cargo.toml` of such a plugin:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib"]
+//!
+//! [dependencies]
+//! interceptor-sdk = { path = ".../interceptors/sdk" }
+//! serde_json = "1"
+//! ```
+
+mod ffi;
+mod lower;
+mod request;
+
+pub use interceptor_abi as abi;
+pub use interceptor_abi::DeviceKind;
+pub use lower::{IoError, LogLevel, Lower};
+pub use request::{DataError, Request, RequestKind};
+
+#[doc(hidden)]
+pub use ffi::table;
+
+use std::any::Any;
+use std::ffi::CStr;
+
+/// State a `pre` hook keeps for its own `post` hook of the same request.
+pub type Slot = Option<Box<dyn Any + Send>>;
+
+/// What a `pre` hook decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Pass the request on to the layers below.
+    Continue,
+    /// Satisfied here with status OK (for a read: the data is in place); skip the layers
+    /// below. This interceptor's `post` hook still runs.
+    Complete,
+    /// Fail the request: the guest sees an I/O error.
+    Fail,
+}
+
+/// A request's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    IoError,
+    Unsupported,
+}
+
+impl Status {
+    /// The ABI value.
+    pub fn to_raw(self) -> u32 {
+        match self {
+            Status::Ok => abi::STATUS_OK,
+            Status::IoError => abi::STATUS_IOERR,
+            Status::Unsupported => abi::STATUS_UNSUPP,
+        }
+    }
+
+    /// From an ABI value; unknown values are errors.
+    pub fn from_raw(v: u32) -> Status {
+        match v {
+            abi::STATUS_OK => Status::Ok,
+            abi::STATUS_UNSUPP => Status::Unsupported,
+            _ => Status::IoError,
+        }
+    }
+}
+
+/// What `create` gets: the instance's identity and config and the layers below it.
+pub struct CreateContext<'a> {
+    pub instance_id: &'a str,
+    /// The `config` table of the instance's `[[interceptor]]` entry (an empty object if none).
+    pub config: serde_json::Value,
+    pub device_kind: Option<DeviceKind>,
+    pub device_id: &'a str,
+    /// The layers below this instance; keep it for the plugin's own I/O.
+    pub lower: Lower,
+}
+
+impl CreateContext<'_> {
+    /// The config deserialized into `T`, or a message naming what is wrong.
+    ///
+    /// ```
+    /// # use interceptor_sdk::CreateContext;
+    /// #[derive(serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct Config { key: u8 }
+    /// fn key(ctx: &CreateContext<'_>) -> Result<u8, String> {
+    ///     Ok(ctx.config_as::<Config>()?.key)
+    /// }
+    /// ```
+    pub fn config_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_value(self.config.clone()).map_err(|e| format!("config: {e}"))
+    }
+}
+
+/// An interceptor. One value per configured instance; hooks may run on the device's I/O
+/// thread while `stats` runs on another, hence `Sync`.
+pub trait Interceptor: Sized + Send + Sync + 'static {
+    /// The plugin's name.
+    const NAME: &'static CStr;
+    /// `abi::F_MODIFIES_DATA` and/or `abi::F_KEEP_WHEN_DISABLED`.
+    const FLAGS: u32 = 0;
+    /// Mask of the device kinds the plugin serves.
+    const DEVICES: u32 = DeviceKind::Block.mask();
+
+    /// Makes an instance; an `Err` refuses the configuration with that message.
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String>;
+
+    /// The pre-processing hook (top to bottom).
+    fn pre(&self, _req: &mut Request<'_>, _slot: &mut Slot) -> Decision {
+        Decision::Continue
+    }
+
+    /// The post-processing hook (bottom to top), with the status from below; returns the
+    /// status to pass up.
+    fn post(&self, _req: &mut Request<'_>, _slot: Slot, status: Status) -> Status {
+        status
+    }
+
+    /// Statistics, as a JSON object.
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+
+    /// Bytes exposed to the layers above; `None` for the capacity below. Only plugins with
+    /// `F_KEEP_WHEN_DISABLED` may expose another size.
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Exports `$t` as the plugin of this `cdylib`: defines the `vmm_interceptor_entry` symbol.
+#[macro_export]
+macro_rules! export_interceptor {
+    ($t:ty) => {
+        /// The plugin's entry point (see `vmm_interceptor.h`).
+        #[no_mangle]
+        pub extern "C" fn vmm_interceptor_entry() -> *const $crate::abi::InterceptorTable {
+            static TABLE: $crate::abi::InterceptorTable = $crate::table::<$t>();
+            &TABLE
+        }
+    };
+}
+
+/// A `'static` table for `$t` without exporting a symbol: for linking an interceptor into
+/// a program directly (tests, benchmarks).
+#[macro_export]
+macro_rules! static_table {
+    ($t:ty) => {{
+        static TABLE: $crate::abi::InterceptorTable = $crate::table::<$t>();
+        &TABLE
+    }};
+}

@@ -1,0 +1,97 @@
+//! "The layers below": a plugin's own I/O to the interceptors under it and the driver.
+
+use crate::abi;
+use std::ffi::CString;
+
+/// The layers below failed a plugin's own I/O (or its arguments were out of range).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoError;
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("I/O error in the layers below")
+    }
+}
+
+impl std::error::Error for IoError {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// The layers below one instance. Offsets and lengths must be multiples of
+/// [`abi::SECTOR_SIZE`] within [`Lower::capacity`].
+pub struct Lower {
+    raw: *const abi::Lower,
+}
+
+// SAFETY: the shim keeps the `vmm_lower` table alive until the instance is destroyed, and
+// its functions may be called from any thread (they take only shared references inside).
+unsafe impl Send for Lower {}
+unsafe impl Sync for Lower {}
+
+fn status(v: u32) -> Result<(), IoError> {
+    if v == abi::STATUS_OK {
+        Ok(())
+    } else {
+        Err(IoError)
+    }
+}
+
+impl Lower {
+    pub(crate) unsafe fn from_raw(raw: *const abi::Lower) -> Result<Lower, String> {
+        if raw.is_null() {
+            return Err("no handle to the layers below".into());
+        }
+        Ok(Lower { raw })
+    }
+
+    fn table(&self) -> &abi::Lower {
+        // SAFETY: checked non-null at creation; valid until destroy (see the type's docs).
+        unsafe { &*self.raw }
+    }
+
+    /// Bytes the layers below hold.
+    pub fn capacity(&self) -> u64 {
+        self.table().capacity
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let t = self.table();
+        // SAFETY: the buffer is valid for its length; the shim checks the range.
+        status(unsafe { (t.read)(t.ctx, offset, buf.as_mut_ptr(), buf.len() as u64) })
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
+        let t = self.table();
+        // SAFETY: as for read; the shim never writes into `buf`.
+        status(unsafe { (t.write)(t.ctx, offset, buf.as_ptr(), buf.len() as u64) })
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), IoError> {
+        let t = self.table();
+        // SAFETY: ctx belongs to this table.
+        status(unsafe { (t.flush)(t.ctx) })
+    }
+
+    /// Logs through the VMM's log, tagged with this instance.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        let t = self.table();
+        let level = match level {
+            LogLevel::Error => abi::LOG_ERROR,
+            LogLevel::Warn => abi::LOG_WARN,
+            LogLevel::Info => abi::LOG_INFO,
+            LogLevel::Debug => abi::LOG_DEBUG,
+        };
+        let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: a valid NUL-terminated string for the call's duration.
+        unsafe { (t.log)(t.ctx, level, text.as_ptr()) }
+    }
+}
