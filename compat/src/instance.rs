@@ -156,7 +156,7 @@ impl Instance {
         };
         if exposed == below {
             Ok(below)
-        } else if exposed == 0 || exposed > below || exposed % crate::SECTOR_SIZE != 0 {
+        } else if exposed == 0 || exposed > below || !exposed.is_multiple_of(crate::SECTOR_SIZE) {
             bad(format!(
                 "capacity {exposed} must be a non-zero multiple of 512 up to the {below} bytes below"
             ))

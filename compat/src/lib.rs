@@ -17,7 +17,7 @@ pub use driver::{BlockDriver, IoRequest};
 pub use instance::{Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
 pub use loader::{LoadError, Plugin, PluginRegistry};
-pub use stack::{BlockStack, StackCounters, MAX_CHAIN};
+pub use stack::{BlockStack, BuildError, StackCounters, MAX_CHAIN};
 
 /// What a block request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -39,7 +39,7 @@ impl LowerCtx {
 
     /// One of the plugin's own requests: checked, then run through the stack below.
     fn submit(&self, kind: BlockRequestKind, offset: u64, buf: *mut u8, len: u64) -> u32 {
-        let aligned = offset % SECTOR_SIZE == 0 && len % SECTOR_SIZE == 0;
+        let aligned = offset.is_multiple_of(SECTOR_SIZE) && len.is_multiple_of(SECTOR_SIZE);
         let in_range = offset
             .checked_add(len)
             .is_some_and(|end| end <= self.below.capacity());

@@ -28,6 +28,14 @@ pub struct StackCounters {
     pub completed_without_driver: AtomicU64,
 }
 
+/// Why a stack could not be built, and which instance (by id) refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BuildError {
+    pub instance: Option<String>,
+    pub error: LoadError,
+}
+
 /// Interceptor instances (top to bottom) over a driver.
 pub struct BlockStack {
     device_id: String,
@@ -55,11 +63,14 @@ impl BlockStack {
         device_id: &str,
         driver: Arc<dyn BlockDriver>,
         chain: &[InstanceSpec],
-    ) -> Result<Arc<BlockStack>, LoadError> {
+    ) -> Result<Arc<BlockStack>, BuildError> {
         if chain.len() > MAX_CHAIN {
-            return Err(LoadError::ChainTooLong {
-                device: device_id.into(),
-                max: MAX_CHAIN,
+            return Err(BuildError {
+                instance: None,
+                error: LoadError::ChainTooLong {
+                    device: device_id.into(),
+                    max: MAX_CHAIN,
+                },
             });
         }
         let mut stack = Arc::new(BlockStack {
@@ -70,12 +81,14 @@ impl BlockStack {
             counters: StackCounters::default(),
         });
         for spec in chain.iter().rev() {
-            let instance = Arc::new(Instance::create(
-                spec,
-                DeviceKind::Block,
-                device_id,
-                stack.clone(),
-            )?);
+            let instance = Arc::new(
+                Instance::create(spec, DeviceKind::Block, device_id, stack.clone()).map_err(
+                    |error| BuildError {
+                        instance: Some(spec.id.clone()),
+                        error,
+                    },
+                )?,
+            );
             let mut layers = vec![instance.clone()];
             layers.extend(stack.layers.iter().cloned());
             stack = Arc::new(BlockStack {

@@ -18,6 +18,8 @@ pub struct VmConfig {
     pub kernel: KernelConfig,
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    #[serde(default)]
+    pub interceptor: Vec<InterceptorConfig>,
     pub api: Option<ApiConfig>,
 }
 
@@ -64,6 +66,29 @@ pub struct BlockConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Interceptor instance ids, top (nearest the guest) to bottom (nearest the disk).
+    #[serde(default)]
+    pub interceptors: Vec<String>,
+}
+
+/// One interceptor instance: a plugin loaded by path, with its own config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptorConfig {
+    pub id: String,
+    /// The plugin's shared object.
+    pub path: PathBuf,
+    /// When set, the file's BLAKE3 (hex) must match before it is loaded.
+    pub blake3: Option<String>,
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// Handed to the plugin's create() as a JSON object.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_enabled() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +157,9 @@ impl VmConfig {
         for b in &mut self.block {
             fix(&mut b.path);
         }
+        for i in &mut self.interceptor {
+            fix(&mut i.path);
+        }
         if let Some(api) = self.api.as_mut() {
             fix(&mut api.socket);
         }
@@ -182,12 +210,7 @@ impl VmConfig {
         let mut ids = HashSet::new();
         for (i, b) in self.block.iter().enumerate() {
             let field = |name: &str| format!("block[{i}].{name}");
-            if b.id.is_empty()
-                || !b
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
-            {
+            if !valid_id(&b.id) {
                 return Err(invalid(
                     &field("id"),
                     format!("{:?}: use letters, digits, '-' and '_'", b.id),
@@ -198,8 +221,66 @@ impl VmConfig {
             }
             require_file(&b.path).map_err(|e| invalid(&field("path"), e))?;
         }
+        self.validate_interceptors(file)
+    }
+
+    /// Instance ids are unique; each chain names known instances; an instance serves one
+    /// disk (it sits over that disk's layers below); pins are BLAKE3 hex.
+    fn validate_interceptors(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field,
+            message,
+        };
+        let mut ids = HashSet::new();
+        for (i, ic) in self.interceptor.iter().enumerate() {
+            if !valid_id(&ic.id) {
+                return Err(invalid(
+                    format!("interceptor[{i}].id"),
+                    format!("{:?}: use letters, digits, '-' and '_'", ic.id),
+                ));
+            }
+            if !ids.insert(ic.id.as_str()) {
+                return Err(invalid(
+                    format!("interceptor[{i}].id"),
+                    format!("{:?} is used twice", ic.id),
+                ));
+            }
+            if let Some(pin) = &ic.blake3 {
+                if pin.len() != 64 || !pin.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        format!("interceptor[{i}].blake3"),
+                        "must be 64 hex digits".into(),
+                    ));
+                }
+            }
+        }
+        let mut used: std::collections::HashMap<&str, &str> = Default::default();
+        for (i, b) in self.block.iter().enumerate() {
+            for (j, id) in b.interceptors.iter().enumerate() {
+                let field = format!("block[{i}].interceptors[{j}]");
+                if !ids.contains(id.as_str()) {
+                    return Err(invalid(field, format!("no [[interceptor]] has id {id:?}")));
+                }
+                if let Some(other) = used.insert(id, &b.id) {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{id:?} already serves block {other:?}; an instance serves one disk (add another [[interceptor]] with the same path)"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
 }
 
 fn require_file(path: &Path) -> Result<(), String> {

@@ -6,6 +6,7 @@ mod cpu;
 mod layout;
 mod memory;
 mod mptable;
+mod storage;
 mod vcpu;
 mod vm;
 
@@ -36,6 +37,13 @@ fn host_max_vcpus() -> u32 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let file = cli.config.display().to_string();
     let limits = HostLimits {
         max_vcpus: host_max_vcpus(),
@@ -48,7 +56,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outcome = vm::run(&cfg);
+    let registry = compat::PluginRegistry::new();
+    let disks = match storage::open_disks(&cfg, &file, &registry) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let outcome = vm::run(&cfg, &disks);
+    for line in storage::report(&disks) {
+        eprintln!("vmm: {line}");
+    }
     let _ = std::io::stdout().flush();
     match outcome {
         Ok(vm::Outcome::Reset) => ExitCode::SUCCESS,

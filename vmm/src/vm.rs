@@ -2,12 +2,13 @@
 
 use crate::config::VmConfig;
 use crate::layout::*;
+use crate::storage::Disk;
 use crate::vcpu::Vcpu;
 use crate::{boot, cpu, memory, mptable};
 use anyhow::{bail, Context, Result};
 use devices::bus::Bus;
 use devices::legacy::{SerialConsole, I8042, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
-use devices::virtio::block::{Block, RawFile};
+use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, MmioTransport, MMIO_SIZE};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
@@ -32,13 +33,13 @@ fn eventfd() -> Result<EventFd> {
 
 /// Adds the virtio-blk devices; returns the kernel command-line words announcing them.
 fn add_block_devices(
-    cfg: &VmConfig,
+    disks: &[Disk],
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
 ) -> Result<Vec<String>> {
     let mut announce = Vec::new();
-    for (i, b) in cfg.block.iter().enumerate() {
+    for (i, b) in disks.iter().enumerate() {
         let gsi = VIRTIO_IRQ_BASE + i as u32;
         if gsi > MAX_IRQ {
             bail!(
@@ -47,13 +48,6 @@ fn add_block_devices(
             );
         }
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!b.read_only)
-            .open(&b.path)
-            .with_context(|| format!("block {}: opening {}", b.id, b.path.display()))?;
-        let backend = RawFile::new(file, b.read_only, &b.id)
-            .with_context(|| format!("block {}: sizing {}", b.id, b.path.display()))?;
         let irq = eventfd()?;
         vm.register_irqfd(&irq, gsi).context("KVM_IRQFD")?;
         let kick = eventfd()?;
@@ -63,7 +57,7 @@ fn add_block_devices(
             NoDatamatch,
         )
         .context("KVM_IOEVENTFD")?;
-        let device = Box::new(Block::new(&b.id, backend));
+        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only));
         let transport = MmioTransport::new(
             device,
             mem.clone(),
@@ -105,7 +99,7 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
         });
 }
 
-pub fn run(cfg: &VmConfig) -> Result<Outcome> {
+pub fn run(cfg: &VmConfig, disks: &[Disk]) -> Result<Outcome> {
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.set_tss_address(TSS_ADDR as usize)
@@ -136,7 +130,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome> {
     spawn_stdin(serial);
 
     let mut mmio = Bus::new();
-    let announce = add_block_devices(cfg, &vm, &mem, &mut mmio)?;
+    let announce = add_block_devices(disks, &vm, &mem, &mut mmio)?;
     let mut cmdline = cfg.kernel.cmdline.clone();
     for word in announce {
         cmdline.push(' ');

@@ -1,6 +1,7 @@
-//! virtio-blk: a disk backed by a host file. Requests are served on the device's own
-//! thread, woken by the queue's ioeventfd; each passes the compat shim's pre-processing
-//! point before the backend and its post-processing point before the guest sees it.
+//! virtio-blk: a disk over the compat shim's stack (interceptors, then a backend driver).
+//! Requests are served on the device's own thread, woken by the queue's ioeventfd; each
+//! passes the stack's pre-processing point before the driver and its post-processing point
+//! before the guest sees the status.
 
 mod backend;
 pub mod request;
@@ -9,7 +10,7 @@ pub use backend::RawFile;
 pub use request::{BlockRequest, Refused, RequestError};
 
 use super::{ActivateError, Interrupt, VirtioDevice};
-use compat::{BlockRequestInfo, PreDecision, RequestStatus, Shim};
+use compat::{BlockRequestKind, BlockStack, RequestStatus, Segment};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -17,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -27,19 +28,20 @@ const SEG_MAX: u32 = 128;
 
 pub struct Block {
     id: String,
-    backend: Option<RawFile>,
+    stack: Option<Arc<BlockStack>>,
     capacity_sectors: u64,
     read_only: bool,
     queue_sizes: [u16; 1],
 }
 
 impl Block {
-    pub fn new(id: &str, backend: RawFile) -> Block {
+    /// A disk serving `stack` (whose top decides the capacity the guest sees).
+    pub fn new(id: &str, stack: Arc<BlockStack>, read_only: bool) -> Block {
         Block {
             id: id.to_string(),
-            capacity_sectors: backend.capacity_sectors(),
-            read_only: backend.read_only(),
-            backend: Some(backend),
+            capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
+            read_only,
+            stack: Some(stack),
             queue_sizes: [QUEUE_SIZE],
         }
     }
@@ -84,8 +86,8 @@ impl VirtioDevice for Block {
         mut kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let backend = self
-            .backend
+        let stack = self
+            .stack
             .take()
             .ok_or_else(|| ActivateError("already activated".into()))?;
         let (Some(queue), Some(kick)) = (queues.pop(), kicks.pop()) else {
@@ -95,8 +97,8 @@ impl VirtioDevice for Block {
             id: self.id.clone(),
             mem,
             queue,
-            backend,
-            shim: Shim::new(),
+            stack,
+            capacity_sectors: self.capacity_sectors,
             interrupt,
             failed: false,
         };
@@ -112,8 +114,8 @@ struct Worker {
     id: String,
     mem: GuestMemoryMmap,
     queue: Queue,
-    backend: RawFile,
-    shim: Shim,
+    stack: Arc<BlockStack>,
+    capacity_sectors: u64,
     interrupt: Arc<Interrupt>,
     /// Set when the guest broke the queue itself; the device then stops serving.
     failed: bool,
@@ -181,7 +183,7 @@ impl Worker {
 
     /// Serves one chain; returns the bytes written into guest buffers (status included).
     fn handle(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let req = match BlockRequest::parse(chain, &self.mem, self.backend.capacity_sectors()) {
+        let req = match BlockRequest::parse(chain, &self.mem, self.capacity_sectors) {
             Ok(r) => r,
             Err(Refused { error, status_addr }) => {
                 tracing::warn!("blk-{}: refused request: {error}", self.id);
@@ -195,18 +197,11 @@ impl Worker {
                 };
             }
         };
-        let info = BlockRequestInfo {
-            device_id: &self.id,
-            kind: req.kind,
-            offset: req.sector * request::SECTOR_SIZE,
-            len: req.data_len,
-        };
-        let (status, written) = match self.shim.pre_process(&info) {
-            PreDecision::Continue => {
-                let (status, written) = self.backend.execute(&self.mem, &req);
-                (self.shim.post_process(&info, status), written)
-            }
-            PreDecision::Complete(status) => (status, 0),
+        let status = self.submit(&req);
+        let written = match (status, req.kind) {
+            (RequestStatus::Ok, BlockRequestKind::Read) => req.data_len as u32,
+            (RequestStatus::Ok, BlockRequestKind::GetId) => request::ID_BYTES,
+            _ => 0,
         };
         if self
             .mem
@@ -216,5 +211,33 @@ impl Worker {
             return 0;
         }
         written + 1
+    }
+
+    /// Hands a validated request to the stack, with guest buffers as host segments.
+    fn submit(&self, req: &BlockRequest) -> RequestStatus {
+        let mut segments = Vec::with_capacity(req.segments.len());
+        for &(addr, len) in &req.segments {
+            // GET_ID fills exactly the serial; the rest of its buffer is left alone.
+            let len = match req.kind {
+                BlockRequestKind::GetId => request::ID_BYTES,
+                _ => len,
+            } as usize;
+            let Ok(slice) = self.mem.get_slice(addr, len) else {
+                return RequestStatus::IoError;
+            };
+            segments.push(Segment {
+                base: slice.ptr_guard_mut().as_ptr(),
+                len,
+            });
+            if req.kind == BlockRequestKind::GetId {
+                break;
+            }
+        }
+        // SAFETY: every segment was checked to lie in guest memory, which stays mapped for
+        // the VM's life; the request was checked against the capacity by `parse`.
+        unsafe {
+            self.stack
+                .submit(req.kind, req.sector * request::SECTOR_SIZE, &segments)
+        }
     }
 }
