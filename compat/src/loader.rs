@@ -5,7 +5,7 @@
 use interceptor_abi::{self as abi, InterceptorTable};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -166,8 +166,7 @@ impl PluginRegistry {
             message: e.to_string(),
         };
         let canonical = path.canonicalize().map_err(unreadable)?;
-        // Hash the open file, then load that same file through its descriptor: what was
-        // checked is what runs, even if the path is replaced in between.
+        // Hash the open file; `open` checks that the path still names it once loaded.
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(&file).map_err(unreadable)?;
         let found = hasher.finalize().to_hex().to_string();
@@ -193,20 +192,32 @@ impl PluginRegistry {
     }
 }
 
+/// (device, inode) of a file, to see that a path still names it.
+fn identity(m: std::io::Result<std::fs::Metadata>) -> Option<(u64, u64)> {
+    m.ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn open(
     shown: &str,
     canonical: &Path,
     file: &std::fs::File,
     blake3: String,
 ) -> Result<Plugin, LoadError> {
-    let via_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
     // SAFETY: loading a library runs its initializers; that is what loading a plugin the
-    // operator named means. Its hash was checked above when pinned.
+    // operator named means. (Not loaded through /proc/self/fd: the dynamic loader matches
+    // libraries by name, and descriptor numbers are reused.)
     let library =
-        unsafe { libloading::Library::new(&via_fd) }.map_err(|e| LoadError::NotSharedObject {
+        unsafe { libloading::Library::new(canonical) }.map_err(|e| LoadError::NotSharedObject {
             path: shown.into(),
-            message: e.to_string().replace(&via_fd, "file"),
+            message: e.to_string().replace(&*canonical.to_string_lossy(), "file"),
         })?;
+    // The hash (when pinned) was checked on `file`: the path must still name that file.
+    if identity(file.metadata()) != identity(std::fs::metadata(canonical)) {
+        return Err(LoadError::Unreadable {
+            path: shown.into(),
+            message: "the file was replaced while it was being loaded".into(),
+        });
+    }
     // SAFETY: the symbol's type is fixed by the ABI.
     let entry =
         unsafe { library.get::<abi::EntryFn>(abi::ENTRY_SYMBOL.as_bytes()) }.map_err(|_| {

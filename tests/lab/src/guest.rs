@@ -75,6 +75,14 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
             toml_str(&id),
             toml_str(&path.to_string_lossy())
         ));
+        if let (Some(chain), "data0") = (&spec.interceptors, id.as_str()) {
+            let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
+            t.push_str(&format!("interceptors = [{}]\n", ids.join(", ")));
+        }
+    }
+    if let Some(chain) = &spec.interceptors {
+        t.push('\n');
+        t.push_str(&chain.toml);
     }
     t
 }
@@ -132,6 +140,35 @@ pub struct GuestSpec {
     pub echo: bool,
     /// Boot the ELF vmlinux instead of the bzImage (vmm backend only).
     pub elf_kernel: bool,
+    /// Interceptors stacked on the first data disk (vmm backend only).
+    pub interceptors: Option<InterceptorChain>,
+}
+
+/// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
+#[derive(Clone, Debug)]
+pub struct InterceptorChain {
+    pub toml: String,
+    pub ids: Vec<String>,
+}
+
+impl InterceptorChain {
+    /// Reads a TOML file of `[[interceptor]]` entries; the chain is their file order.
+    pub fn from_file(path: &Path) -> Result<InterceptorChain> {
+        let toml =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&toml).with_context(|| format!("parsing {}", path.display()))?;
+        let ids = table
+            .get("interceptor")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.get("id")?.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(InterceptorChain { toml, ids })
+    }
 }
 
 /// How the VMM process ended.
@@ -242,6 +279,7 @@ fn qemu_command(spec: &GuestSpec) -> Command {
 fn is_progress_line(line: &str) -> bool {
     (line.contains(console::GUEST_MARKER) && !line.contains("fio-stderr"))
         || line.trim_start().starts_with("[ ")
+        || line.starts_with("vmm: ")
 }
 
 /// Boots the guest, waits for it to reset (or the time limit) and checks what it reported.
@@ -420,6 +458,9 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     if spec.elf_kernel && spec.backend != Backend::Vmm {
         bail!("--elf-kernel is for the vmm backend (QEMU boots the bzImage)");
     }
+    if spec.interceptors.is_some() && spec.backend != Backend::Vmm {
+        bail!("--interceptors is for the vmm backend");
+    }
     if spec.vcpus == 0 || spec.mem_mib < 128 {
         bail!("a guest needs at least 1 vCPU and 128 MiB");
     }
@@ -461,6 +502,7 @@ mod tests {
             interactive: false,
             echo: false,
             elf_kernel: false,
+            interceptors: None,
         }
     }
 

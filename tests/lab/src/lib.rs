@@ -13,6 +13,7 @@ pub mod guest;
 pub mod labvm;
 pub mod lines;
 pub mod paths;
+pub mod plugins;
 
 /// QEMU's arguments common to the lab VM and the guest: machine, size, serial on stdio,
 /// nothing else, and a reset ends QEMU.

@@ -82,6 +82,10 @@ struct GuestOpts {
     /// Boot the ELF vmlinux instead of the bzImage (vmm backend).
     #[arg(long)]
     elf_kernel: bool,
+    /// A TOML file of `[[interceptor]]` entries to stack, in file order, on the first data
+    /// disk (vmm backend).
+    #[arg(long)]
+    interceptors: Option<std::path::PathBuf>,
     /// Guest time limit in seconds, per boot.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -260,6 +264,11 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
         interactive: task.split_whitespace().any(|w| w == "shell"),
         echo: o.show_console,
         elf_kernel: o.elf_kernel,
+        interceptors: o
+            .interceptors
+            .as_deref()
+            .map(guest::InterceptorChain::from_file)
+            .transpose()?,
     };
     guest::check_spec(&spec)?;
     Ok(spec)

@@ -3,12 +3,8 @@
 
 mod common;
 
-use common::{output, report};
+use common::{output, report, run_vmm_config, vmm_bin};
 use std::process::Command;
-
-fn vmm_bin() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_BIN_EXE_lab")).with_file_name("vmm")
-}
 
 #[test]
 fn vmm_guest_boots_passes_selftest_and_fio_verify() {
@@ -70,19 +66,6 @@ fn vmm_guest_with_two_vcpus_sees_both() {
         "MP table must announce both vCPUs: {r}"
     );
     assert_eq!(r["console"]["exit_rc"], 0);
-}
-
-/// Writes a config with `body` and runs vmm on it.
-fn run_vmm_config(name: &str, body: &str) -> std::process::Output {
-    let dir = common::repo().join("build/test-out");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    Command::new(vmm_bin())
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("running vmm")
 }
 
 #[test]

@@ -125,3 +125,18 @@ pub fn guest_run(name: &str, args: &[&str]) -> Option<(Output, serde_json::Value
     };
     Some((out, report))
 }
+
+pub fn vmm_bin() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_lab")).with_file_name("vmm")
+}
+
+/// Writes a config with `body` and runs vmm on it.
+pub fn run_vmm_config(name: &str, body: &str) -> Output {
+    let path = out_file(name);
+    std::fs::write(&path, body).unwrap();
+    Command::new(vmm_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("running vmm")
+}

@@ -1,0 +1,82 @@
+//! Builds the example and test interceptor plugins for the tests: the Rust ones with cargo
+//! (into their own target directory, so this works while an outer cargo holds the main
+//! one's lock), the C one with the system C compiler from the header alone.
+
+use crate::paths::repo_root;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+#[derive(Clone, Debug)]
+pub struct Plugins {
+    pub counter: PathBuf,
+    pub remap: PathBuf,
+    pub faulty: PathBuf,
+    pub xor: PathBuf,
+}
+
+/// Where test builds of plugins go.
+pub fn plugin_dir() -> PathBuf {
+    repo_root().join("target/plugins")
+}
+
+/// Compiles a C plugin source with `cc -shared` against `interceptors/include`.
+pub fn build_c(source: &std::path::Path, out_name: &str) -> Result<PathBuf> {
+    let out = plugin_dir().join(out_name);
+    std::fs::create_dir_all(plugin_dir())?;
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I",
+        ])
+        .arg(repo_root().join("interceptors/include"))
+        .arg(source)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running the C compiler {cc}"))?;
+    if !status.success() {
+        bail!("{cc} failed on {}", source.display());
+    }
+    Ok(out)
+}
+
+fn build() -> Result<Plugins> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target = plugin_dir().join("cargo");
+    let status = Command::new(&cargo)
+        .current_dir(repo_root())
+        .args(["build", "--quiet"])
+        .args([
+            "-p",
+            "interceptor-counter",
+            "-p",
+            "interceptor-remap",
+            "-p",
+            "interceptor-faulty",
+        ])
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("building the Rust plugins failed");
+    }
+    let lib = |name: &str| target.join("debug").join(format!("lib{name}.so"));
+    Ok(Plugins {
+        counter: lib("interceptor_counter"),
+        remap: lib("interceptor_remap"),
+        faulty: lib("interceptor_faulty"),
+        xor: build_c(&repo_root().join("interceptors/xor/xor.c"), "libxor.so")?,
+    })
+}
+
+/// The plugins, built once per process.
+pub fn plugins() -> Result<Plugins> {
+    static BUILT: OnceLock<Result<Plugins, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}

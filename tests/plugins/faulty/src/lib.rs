@@ -1,0 +1,72 @@
+//! A deliberately misbehaving plugin, for tests of the boundary: requests that touch the
+//! configured byte range panic (`mode = "panic"`) or fail (`mode = "fail"`) in the pre
+//! hook, or panic in the post hook (`mode = "panic-post"`). Everything else passes.
+
+use interceptor_sdk::{
+    export_interceptor, CreateContext, Decision, Interceptor, Request, Slot, Status,
+};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    mode: String,
+    /// Byte range [from, to) whose requests misbehave.
+    from: u64,
+    to: u64,
+}
+
+struct Faulty {
+    cfg: Config,
+    hits: AtomicU64,
+}
+
+impl Faulty {
+    fn hit(&self, req: &Request<'_>) -> bool {
+        let end = req.offset() + req.len();
+        req.len() > 0 && req.offset() < self.cfg.to && end > self.cfg.from
+    }
+}
+
+impl Interceptor for Faulty {
+    const NAME: &'static std::ffi::CStr = c"faulty";
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        let cfg: Config = ctx.config_as()?;
+        if !["panic", "fail", "panic-post"].contains(&cfg.mode.as_str()) {
+            return Err(format!(
+                "mode {:?}: use panic, fail or panic-post",
+                cfg.mode
+            ));
+        }
+        Ok(Faulty {
+            cfg,
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
+        if !self.hit(req) {
+            return Decision::Continue;
+        }
+        self.hits.fetch_add(1, Relaxed);
+        match self.cfg.mode.as_str() {
+            "panic" => panic!("faulty: request at {} panics on purpose", req.offset()),
+            "fail" => Decision::Fail,
+            _ => Decision::Continue,
+        }
+    }
+
+    fn post(&self, req: &mut Request<'_>, _: Slot, status: Status) -> Status {
+        if self.cfg.mode == "panic-post" && self.hit(req) {
+            panic!("faulty: completion at {} panics on purpose", req.offset());
+        }
+        status
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({ "hits": self.hits.load(Relaxed) })
+    }
+}
+
+export_interceptor!(Faulty);
