@@ -24,7 +24,7 @@ struct Faulty {
 impl Faulty {
     fn hit(&self, req: &Request<'_>) -> bool {
         let end = req.offset() + req.len();
-        req.len() > 0 && req.offset() < self.cfg.to && end > self.cfg.from
+        !req.is_empty() && req.offset() < self.cfg.to && end > self.cfg.from
     }
 }
 
