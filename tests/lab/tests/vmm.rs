@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{output, report, run_vmm_config, vmm_bin};
+use common::{output, report, run_vmm_config};
 use std::process::Command;
 
 #[test]
