@@ -8,3 +8,9 @@ step "cargo build --workspace --release"
 cargo build --quiet --workspace --release --manifest-path "$REPO_ROOT/Cargo.toml"
 # The data disk configs/guest.toml names.
 [ -e "$BUILD_DIR/data.img" ] || truncate -s 1G "$BUILD_DIR/data.img"
+# A blank disk for configs/guest-interceptors.toml (the remap plugin formats it).
+[ -e "$BUILD_DIR/remap.img" ] || truncate -s 1G "$BUILD_DIR/remap.img"
+# The example C plugin, from the header alone (docs/plugins.md).
+step "cc interceptors/xor/xor.c -> target/release/libinterceptor_xor.so"
+cc -shared -fPIC -O2 -Wall -Wextra -Werror -I "$REPO_ROOT/interceptors/include" \
+    "$REPO_ROOT/interceptors/xor/xor.c" -o "$REPO_ROOT/target/release/libinterceptor_xor.so"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Quick start, command 1: install, build, then run the main job: the default guest boots
 # under real KVM (inside the lab VM on hosts without hardware KVM) and runs the fio jobs;
-# prints boot time and the fio table. Extra arguments go to `lab bench` (see --help).
+# the third run stacks the example plugins (configs/interceptors/demo.toml) on the data disk;
+# prints boot times, the fio tables and ratios. Extra arguments go to `lab bench` (--help).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bash "$REPO_ROOT/scripts/setup.sh"
 bash "$REPO_ROOT/scripts/build.sh"
-step "boot and fio under vmm and QEMU, side by side (about 3.5 min in the lab)"
-exec "$REPO_ROOT/target/release/lab" bench --compare "$@"
+step "boot and fio under QEMU, vmm, and vmm with interceptors (count over xor), side by side"
+exec "$REPO_ROOT/target/release/lab" bench --compare \
+    --interceptors "$REPO_ROOT/configs/interceptors/demo.toml" "$@"

@@ -154,19 +154,30 @@ pub struct InterceptorChain {
 impl InterceptorChain {
     /// Reads a TOML file of `[[interceptor]]` entries; the chain is their file order.
     pub fn from_file(path: &Path) -> Result<InterceptorChain> {
-        let toml =
+        let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let table: toml::Table =
-            toml::from_str(&toml).with_context(|| format!("parsing {}", path.display()))?;
-        let ids = table
-            .get("interceptor")
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e.get("id")?.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // Plugin paths are relative to the file, which the generated guest.toml is not next to.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut ids = Vec::new();
+        for entry in table
+            .get_mut("interceptor")
+            .and_then(|v| v.as_array_mut())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = entry.get("id").and_then(|v| v.as_str()) {
+                ids.push(id.to_string());
+            }
+            if let Some(toml::Value::String(p)) = entry.get_mut("path") {
+                if Path::new(p.as_str()).is_relative() {
+                    *p = base.join(&*p).to_string_lossy().into_owned();
+                }
+            }
+        }
+        let toml =
+            toml::to_string(&table).with_context(|| format!("re-writing {}", path.display()))?;
         Ok(InterceptorChain { toml, ids })
     }
 }

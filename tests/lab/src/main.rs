@@ -118,7 +118,8 @@ struct BenchArgs {
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Run QEMU and our vmm side by side in this session and print vmm/QEMU ratios
-    /// (ignores --backend).
+    /// (ignores --backend); with --interceptors, also vmm with them, and its ratios to vmm
+    /// without.
     #[arg(long)]
     compare: bool,
     #[command(flatten)]
@@ -343,7 +344,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[derive(serde::Serialize)]
 struct BenchReport {
+    /// What ran: `qemu`, `vmm`, or `vmm+interceptors`.
+    label: String,
     backend: Backend,
+    /// The `--interceptors` file stacked on the data disk, if any.
+    interceptors: Option<std::path::PathBuf>,
     rootfs: RootFs,
     vcpus: u32,
     mem_mib: u32,
@@ -355,47 +360,77 @@ struct BenchReport {
     fio: Vec<fio::FioRow>,
 }
 
-fn cmd_bench(a: BenchArgs) -> Result<i32> {
-    let backends = if a.compare {
-        vec![Backend::Qemu, Backend::Vmm]
-    } else {
-        vec![a.opts.backend]
+/// The configurations a bench runs, in order, each with its label.
+fn bench_variants(a: &BenchArgs) -> Vec<(String, GuestOpts)> {
+    let with = |backend: Backend, chain: bool| {
+        let mut o = a.opts.clone();
+        o.backend = backend;
+        if !chain {
+            o.interceptors = None;
+        }
+        o
     };
+    if !a.compare {
+        let label = match (&a.opts.interceptors, a.opts.backend) {
+            (Some(_), b) => format!("{}+interceptors", b.name()),
+            (None, b) => b.name().to_string(),
+        };
+        return vec![(label, a.opts.clone())];
+    }
+    let mut v = vec![
+        ("qemu".to_string(), with(Backend::Qemu, false)),
+        ("vmm".to_string(), with(Backend::Vmm, false)),
+    ];
+    if a.opts.interceptors.is_some() {
+        v.push(("vmm+interceptors".to_string(), with(Backend::Vmm, true)));
+    }
+    v
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<i32> {
     let mut reports = Vec::new();
     let mut code = 0;
-    for b in backends {
-        let mut opts = a.opts.clone();
-        opts.backend = b;
-        let (report, ok) = bench_one(&a, &opts)?;
+    for (label, opts) in bench_variants(&a) {
+        let (report, ok) = bench_one(&a, &label, &opts)?;
         if !ok {
             code = 1;
         }
         reports.push(report);
     }
-    if let [q, v] = reports.as_slice() {
-        print_ratios(q, v);
+    if let [q, v, rest @ ..] = reports.as_slice() {
+        print_ratios("vmm / QEMU", q, v);
+        if let [i] = rest {
+            print_ratios("vmm with interceptors / vmm without", v, i);
+        }
     }
     write_json(&a.json, &reports)?;
     Ok(code)
 }
 
-fn print_ratios(q: &BenchReport, v: &BenchReport) {
+/// `new` against `base`, same lab session: boot time and IOPS ratios.
+fn print_ratios(title: &str, base: &BenchReport, new: &BenchReport) {
     println!();
-    println!("vmm / QEMU, same lab session (above 1.00: vmm is faster for IOPS, slower for boot)");
+    println!("{title}, same lab session (above 1.00: faster for IOPS, slower for boot)");
     println!(
-        "boot to init (wall, median): vmm {:.0} ms, QEMU {:.0} ms, ratio {:.2}",
-        v.median_wall_to_init_ms,
-        q.median_wall_to_init_ms,
-        v.median_wall_to_init_ms / q.median_wall_to_init_ms
+        "boot to init (wall, median): {} {:.0} ms, {} {:.0} ms, ratio {:.2}",
+        new.label,
+        new.median_wall_to_init_ms,
+        base.label,
+        base.median_wall_to_init_ms,
+        new.median_wall_to_init_ms / base.median_wall_to_init_ms
     );
     println!(
-        "{:<20} {:<5} {:>10} {:>10} {:>7}",
-        "job", "dir", "vmm IOPS", "QEMU IOPS", "ratio"
+        "{:<20} {:<5} {:>18} {:>18} {:>7}",
+        "job",
+        "dir",
+        format!("{} IOPS", new.label),
+        format!("{} IOPS", base.label),
+        "ratio"
     );
-    for r in &v.fio {
-        if let Some(p) = q.fio.iter().find(|p| p.job == r.job && p.dir == r.dir) {
+    for r in &new.fio {
+        if let Some(p) = base.fio.iter().find(|p| p.job == r.job && p.dir == r.dir) {
             println!(
-                "{:<20} {:<5} {:>10.0} {:>10.0} {:>7.2}",
+                "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2}",
                 r.job,
                 r.dir,
                 r.iops,
@@ -406,37 +441,42 @@ fn print_ratios(q: &BenchReport, v: &BenchReport) {
     }
 }
 
-fn bench_one(a: &BenchArgs, opts: &GuestOpts) -> Result<(BenchReport, bool)> {
+/// Boots and fio for one configuration; everything about the guest comes from `opts`.
+fn bench_one(a: &BenchArgs, label: &str, opts: &GuestOpts) -> Result<(BenchReport, bool)> {
     let scratch = Scratch::new("bench")?;
-    let name = opts.backend.name();
     let (mut walls, mut uptimes) = (Vec::new(), Vec::new());
     for i in 1..=a.boots {
         let spec = spec_for(opts, "boot", &scratch)?;
         let run = guest::boot(&spec)?;
         if !run.ok() {
             print_problems(&run);
-            bail!("{name}: boot {i} failed");
+            bail!("{label}: boot {i} failed");
         }
         let wall = run.wall_to_init_ms.unwrap_or(f64::NAN);
         let up = run.console.init_uptime_s.unwrap_or(f64::NAN);
         eprintln!(
-            "lab: {name} boot {i}/{}: init after {wall:.0} ms wall, guest uptime {up:.2} s",
+            "lab: {label} boot {i}/{}: init after {wall:.0} ms wall, guest uptime {up:.2} s",
             a.boots
         );
         walls.push(wall);
         uptimes.push(up);
     }
-    let spec = spec_for(&a.opts, &format!("fio={}", a.jobs), &scratch)?;
+    let spec = spec_for(opts, &format!("fio={}", a.jobs), &scratch)?;
     eprintln!(
-        "lab: {name}: running fio jobs {} ({} s each)",
-        a.jobs, a.opts.fio_runtime
+        "lab: {label}: running fio jobs {} ({} s each)",
+        a.jobs, opts.fio_runtime
     );
     let run = guest::boot(&spec)?;
+    if run.backend != opts.backend {
+        bail!("{label}: fio ran under {} instead", run.backend.name());
+    }
     let report = BenchReport {
-        backend: a.opts.backend,
-        rootfs: a.opts.rootfs,
-        vcpus: a.opts.vcpus,
-        mem_mib: a.opts.mem_mib,
+        label: label.to_string(),
+        backend: opts.backend,
+        interceptors: opts.interceptors.clone(),
+        rootfs: opts.rootfs,
+        vcpus: opts.vcpus,
+        mem_mib: opts.mem_mib,
         median_wall_to_init_ms: median(walls.clone()),
         median_uptime_at_init_s: median(uptimes.clone()),
         boot_wall_to_init_ms: walls,
@@ -446,14 +486,28 @@ fn bench_one(a: &BenchArgs, opts: &GuestOpts) -> Result<(BenchReport, bool)> {
     };
     println!();
     println!(
-        "backend {name}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs",
-        opts.vcpus, opts.mem_mib, opts.rootfs, opts.disk_mib
+        "{label}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs{}",
+        opts.vcpus,
+        opts.mem_mib,
+        opts.rootfs,
+        opts.disk_mib,
+        opts.interceptors
+            .as_ref()
+            .map(|p| format!(", interceptors from {}", p.display()))
+            .unwrap_or_default()
     );
     println!(
         "boot to init, median of {}: {:.0} ms wall (VMM start to init), guest uptime {:.2} s",
         a.boots, report.median_wall_to_init_ms, report.median_uptime_at_init_s
     );
     print!("{}", fio::render_table(&report.fio));
+    for line in run
+        .transcript
+        .lines()
+        .filter(|l| l.contains("vmm: interceptor "))
+    {
+        println!("{}", line.trim_start_matches("guest| "));
+    }
     print_problems(&run);
     Ok((report, run.ok()))
 }
