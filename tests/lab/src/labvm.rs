@@ -30,6 +30,9 @@ pub struct LabOptions {
     pub interactive: bool,
     /// Print the command's output as it comes (otherwise only collect it).
     pub echo: bool,
+    /// Silence (no line, no heartbeat) after which the lab counts as wedged and the run is
+    /// repeated (`VMM_LAB_SILENCE_S` overrides the default of 60 s).
+    pub silence_limit: Duration,
 }
 
 impl Default for LabOptions {
@@ -40,6 +43,12 @@ impl Default for LabOptions {
             cpus: 2,
             interactive: false,
             echo: true,
+            silence_limit: Duration::from_secs(
+                std::env::var("VMM_LAB_SILENCE_S")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60),
+            ),
         }
     }
 }
@@ -56,13 +65,19 @@ pub struct LabOutcome {
     pub ready_uptime_s: Option<f64>,
     pub wall: Duration,
     pub timed_out: bool,
-    /// The lab VM's own kernel locked up or panicked (its console said so). Our code runs in
-    /// the lab's userspace and cannot cause that: it is a fault of the emulated stack.
+    /// The lab VM's own kernel locked up or panicked (its console said so, or it fell silent,
+    /// heartbeat included). Our code runs in the lab's userspace and cannot cause that: it
+    /// is a fault of the emulated stack.
     pub lab_fault: Option<String>,
 }
 
 /// Runs per command when the lab VM's kernel faults (docs/lab.md, "Known limits").
 pub const LAB_ATTEMPTS: usize = 3;
+
+/// The lab's init prints this every 5 s while a command runs.
+pub const LAB_HEARTBEAT: &str = "@@LAB@@ alive";
+/// Where lab-init leaves the heartbeat's PID (inside the lab), so a test can freeze it.
+pub const LAB_HEARTBEAT_PID: &str = "/tmp/.vmm-lab-tmpfs/lab-heartbeat.pid";
 
 /// True for a lab-kernel console line saying it locked up or panicked. Guest consoles reach
 /// the lab console prefixed (`guest| `), so only the lab kernel's own lines match.
@@ -201,6 +216,7 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
     };
     let mut inside = false;
     let mut lab_error = None;
+    let mut last_line = Instant::now();
     let stdout = std::io::stdout();
     loop {
         let left = opts.timeout.saturating_sub(start.elapsed());
@@ -210,10 +226,28 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
             break;
         }
         let line = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
-            Ok((_, line)) => line,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Ok((at, line)) => {
+                last_line = at;
+                line
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Nothing printed, not even the heartbeat: the lab kernel is stuck, and waiting
+                // for the time limit would only waste it.
+                if outcome.ready_uptime_s.is_some() && last_line.elapsed() > opts.silence_limit {
+                    outcome.lab_fault = Some(format!(
+                        "no output for {} s, not even its heartbeat: its kernel is wedged",
+                        opts.silence_limit.as_secs()
+                    ));
+                    let _ = child.kill();
+                    break;
+                }
+                continue;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        if line.contains(LAB_HEARTBEAT) {
+            continue;
+        }
         let _ = writeln!(log, "{line}");
         if is_lab_kernel_fault(&line) {
             outcome.lab_fault = Some(line.clone());

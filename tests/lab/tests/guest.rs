@@ -66,6 +66,30 @@ fn lab_time_limit_stops_a_hung_command() {
 }
 
 #[test]
+fn a_lab_vm_that_falls_silent_is_retried_not_waited_for() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    // Freeze the lab's heartbeat (as a wedged lab kernel would): the harness must notice the
+    // silence and repeat the run, three times, long before the 10-minute time limit.
+    let freeze = format!(
+        "kill -STOP $(cat {}); sleep 600",
+        vmm_lab::labvm::LAB_HEARTBEAT_PID
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(["exec", "--lab-timeout", "600", "--", "sh", "-c", &freeze])
+        .env("VMM_LAB_SILENCE_S", "15")
+        .current_dir(common::repo())
+        .output()
+        .expect("running the lab binary");
+    let text = output(&out);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches("not even its heartbeat").count(), 3, "{text}");
+    assert!(text.contains("faulted on all 3 attempts"), "{text}");
+    assert!(!text.contains("timed out"), "{text}");
+}
+
+#[test]
 fn qemu_guest_boots_passes_selftest_and_fio_verify() {
     let args = [
         "--backend",
