@@ -122,6 +122,15 @@ struct BenchArgs {
     /// without.
     #[arg(long)]
     compare: bool,
+    /// With --compare: another interceptor file to run as its own vmm variant, named after
+    /// the file (repeatable).
+    #[arg(long = "also-interceptors")]
+    also_interceptors: Vec<std::path::PathBuf>,
+    /// Run the variants this many times, in alternating order (forward, then reversed), so
+    /// that an effect of running first or last in the lab session does not pass for a
+    /// difference between them; figures are means over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     #[command(flatten)]
     opts: GuestOpts,
 }
@@ -346,6 +355,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct BenchReport {
     /// What ran: `qemu`, `vmm`, or `vmm+interceptors`.
     label: String,
+    /// Which round of `--rounds` this run was, from 1.
+    round: usize,
     backend: Backend,
     /// The `--interceptors` file stacked on the data disk, if any.
     interceptors: Option<std::path::PathBuf>,
@@ -361,88 +372,171 @@ struct BenchReport {
 }
 
 /// The configurations a bench runs, in order, each with its label.
-fn bench_variants(a: &BenchArgs) -> Vec<(String, GuestOpts)> {
-    let with = |backend: Backend, chain: bool| {
+fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
+    let with = |backend: Backend, chain: Option<&std::path::Path>| {
         let mut o = a.opts.clone();
         o.backend = backend;
-        if !chain {
-            o.interceptors = None;
-        }
+        o.interceptors = chain.map(std::path::Path::to_path_buf);
         o
     };
     if !a.compare {
+        if !a.also_interceptors.is_empty() {
+            bail!("--also-interceptors needs --compare");
+        }
         let label = match (&a.opts.interceptors, a.opts.backend) {
             (Some(_), b) => format!("{}+interceptors", b.name()),
             (None, b) => b.name().to_string(),
         };
-        return vec![(label, a.opts.clone())];
+        return Ok(vec![(label, a.opts.clone())]);
     }
     let mut v = vec![
-        ("qemu".to_string(), with(Backend::Qemu, false)),
-        ("vmm".to_string(), with(Backend::Vmm, false)),
+        ("qemu".to_string(), with(Backend::Qemu, None)),
+        ("vmm".to_string(), with(Backend::Vmm, None)),
     ];
-    if a.opts.interceptors.is_some() {
-        v.push(("vmm+interceptors".to_string(), with(Backend::Vmm, true)));
+    if let Some(chain) = &a.opts.interceptors {
+        v.push((
+            "vmm+interceptors".to_string(),
+            with(Backend::Vmm, Some(chain)),
+        ));
     }
-    v
+    for chain in &a.also_interceptors {
+        let stem = chain.file_stem().unwrap_or_default().to_string_lossy();
+        v.push((format!("vmm+{stem}"), with(Backend::Vmm, Some(chain))));
+    }
+    Ok(v)
+}
+
+/// The order of the variants in round `round` (from 0): forward, then reversed, and so on.
+fn round_order(n: usize, round: usize) -> Vec<usize> {
+    if round.is_multiple_of(2) {
+        (0..n).collect()
+    } else {
+        (0..n).rev().collect()
+    }
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<i32> {
-    let mut reports = Vec::new();
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let variants = bench_variants(&a)?;
+    // runs[variant][round]
+    let mut runs: Vec<Vec<BenchReport>> = variants.iter().map(|_| Vec::new()).collect();
     let mut code = 0;
-    for (label, opts) in bench_variants(&a) {
-        let (report, ok) = bench_one(&a, &label, &opts)?;
-        if !ok {
-            code = 1;
+    for round in 0..a.rounds {
+        for i in round_order(variants.len(), round) {
+            let (label, opts) = &variants[i];
+            if a.rounds > 1 {
+                println!();
+                println!("== round {}/{}: {label}", round + 1, a.rounds);
+            }
+            let (report, ok) = bench_one(&a, label, opts, round + 1)?;
+            if !ok {
+                code = 1;
+            }
+            runs[i].push(report);
         }
-        reports.push(report);
     }
-    if let [q, v, rest @ ..] = reports.as_slice() {
+    if let [q, v, rest @ ..] = runs.as_slice() {
         print_ratios("vmm / QEMU", q, v);
-        if let [i] = rest {
-            print_ratios("vmm with interceptors / vmm without", v, i);
+        for i in rest {
+            print_ratios(&format!("{} / vmm", i[0].label), v, i);
         }
     }
-    write_json(&a.json, &reports)?;
+    write_json(&a.json, &runs.into_iter().flatten().collect::<Vec<_>>())?;
     Ok(code)
 }
 
-/// `new` against `base`, same lab session: boot time and IOPS ratios.
-fn print_ratios(title: &str, base: &BenchReport, new: &BenchReport) {
+/// Mean IOPS of one job direction over the rounds of one variant.
+fn mean_iops(reports: &[BenchReport], job: &str, dir: &str) -> Option<f64> {
+    let v: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.fio.iter().find(|p| p.job == job && p.dir == dir))
+        .map(|p| p.iops)
+        .collect();
+    (v.len() == reports.len() && !v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// `new` against `base`, same lab session: boot time and IOPS ratios, with the lowest and
+/// highest ratio of a single round when there were several.
+fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport]) {
+    let (Some(b0), Some(n0)) = (base.first(), new.first()) else {
+        return;
+    };
+    let boots = |r: &[BenchReport]| {
+        median(
+            r.iter()
+                .flat_map(|r| r.boot_wall_to_init_ms.iter().copied())
+                .collect(),
+        )
+    };
+    let (bb, nb) = (boots(base), boots(new));
     println!();
-    println!("{title}, same lab session (above 1.00: faster for IOPS, slower for boot)");
     println!(
-        "boot to init (wall, median): {} {:.0} ms, {} {:.0} ms, ratio {:.2}",
-        new.label,
-        new.median_wall_to_init_ms,
-        base.label,
-        base.median_wall_to_init_ms,
-        new.median_wall_to_init_ms / base.median_wall_to_init_ms
+        "{title}, same lab session, {} round(s) (above 1.00: faster for IOPS, slower for boot)",
+        base.len()
     );
     println!(
-        "{:<20} {:<5} {:>18} {:>18} {:>7}",
+        "boot to init (wall, median): {} {nb:.0} ms, {} {bb:.0} ms, ratio {:.2}",
+        n0.label,
+        b0.label,
+        nb / bb
+    );
+    println!(
+        "{:<20} {:<5} {:>18} {:>18} {:>7} {:>12}",
         "job",
         "dir",
-        format!("{} IOPS", new.label),
-        format!("{} IOPS", base.label),
-        "ratio"
+        format!("{} IOPS", n0.label),
+        format!("{} IOPS", b0.label),
+        "ratio",
+        "round range"
     );
-    for r in &new.fio {
-        if let Some(p) = base.fio.iter().find(|p| p.job == r.job && p.dir == r.dir) {
-            println!(
-                "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2}",
-                r.job,
-                r.dir,
-                r.iops,
-                p.iops,
-                r.iops / p.iops
-            );
-        }
+    for r in &n0.fio {
+        let (Some(n), Some(b)) = (
+            mean_iops(new, &r.job, &r.dir),
+            mean_iops(base, &r.job, &r.dir),
+        ) else {
+            continue;
+        };
+        let per_round: Vec<f64> = new
+            .iter()
+            .zip(base)
+            .filter_map(|(x, y)| {
+                let f = |rep: &BenchReport| {
+                    rep.fio
+                        .iter()
+                        .find(|p| p.job == r.job && p.dir == r.dir)
+                        .map(|p| p.iops)
+                };
+                Some(f(x)? / f(y)?)
+            })
+            .collect();
+        let range = if per_round.len() > 1 {
+            let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{lo:.2}..{hi:.2}")
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2} {:>12}",
+            r.job,
+            r.dir,
+            n,
+            b,
+            n / b,
+            range
+        );
     }
 }
 
 /// Boots and fio for one configuration; everything about the guest comes from `opts`.
-fn bench_one(a: &BenchArgs, label: &str, opts: &GuestOpts) -> Result<(BenchReport, bool)> {
+fn bench_one(
+    a: &BenchArgs,
+    label: &str,
+    opts: &GuestOpts,
+    round: usize,
+) -> Result<(BenchReport, bool)> {
     let scratch = Scratch::new("bench")?;
     let (mut walls, mut uptimes) = (Vec::new(), Vec::new());
     for i in 1..=a.boots {
@@ -472,6 +566,7 @@ fn bench_one(a: &BenchArgs, label: &str, opts: &GuestOpts) -> Result<(BenchRepor
     }
     let report = BenchReport {
         label: label.to_string(),
+        round,
         backend: opts.backend,
         interceptors: opts.interceptors.clone(),
         rootfs: opts.rootfs,
@@ -510,4 +605,46 @@ fn bench_one(a: &BenchArgs, label: &str, opts: &GuestOpts) -> Result<(BenchRepor
     }
     print_problems(&run);
     Ok((report, run.ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(argv: &[&str]) -> BenchArgs {
+        let cli = Cli::try_parse_from(["lab", "bench"].iter().chain(argv)).unwrap();
+        match cli.cmd {
+            Cmd::Bench(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn rounds_alternate_the_order_of_the_variants() {
+        assert_eq!(round_order(3, 0), [0, 1, 2]);
+        assert_eq!(round_order(3, 1), [2, 1, 0]);
+        assert_eq!(round_order(3, 2), [0, 1, 2]);
+    }
+
+    #[test]
+    fn compare_runs_qemu_vmm_and_each_interceptor_file_on_vmm() {
+        let a = bench_args(&[
+            "--compare",
+            "--interceptors",
+            "x/demo.toml",
+            "--also-interceptors",
+            "y/count.toml",
+        ]);
+        let v = bench_variants(&a).unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["qemu", "vmm", "vmm+interceptors", "vmm+count"]);
+        assert_eq!(v[0].1.backend, Backend::Qemu);
+        assert!(v[..2].iter().all(|(_, o)| o.interceptors.is_none()));
+        assert!(v[2..].iter().all(|(_, o)| o.backend == Backend::Vmm));
+        assert_eq!(
+            v[3].1.interceptors.as_deref(),
+            Some("y/count.toml".as_ref())
+        );
+        assert!(bench_variants(&bench_args(&["--also-interceptors", "y.toml"])).is_err());
+    }
 }
