@@ -159,7 +159,10 @@ impl InterceptorChain {
         let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         // Plugin paths are relative to the file, which the generated guest.toml is not next to.
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, because the VMM does not run in our working directory.
+        let file =
+            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        let base = file.parent().unwrap_or(Path::new("/"));
         let mut ids = Vec::new();
         for entry in table
             .get_mut("interceptor")
@@ -527,6 +530,21 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interceptor_paths_become_absolute_whatever_the_working_directory() {
+        // Tests run in the package directory; the file names its plugin relative to itself.
+        let chain = InterceptorChain::from_file(Path::new("../../configs/interceptors/count.toml"))
+            .unwrap();
+        assert_eq!(chain.ids, ["count"]);
+        let table: toml::Table = toml::from_str(&chain.toml).unwrap();
+        let path = table["interceptor"][0]["path"].as_str().unwrap();
+        assert!(Path::new(path).is_absolute(), "{path}");
+        assert!(
+            path.ends_with("configs/interceptors/../../target/release/libinterceptor_counter.so"),
+            "{path}"
+        );
+    }
 
     fn spec(rootfs: RootFs, data: usize, results: bool) -> GuestSpec {
         let p = PathBuf::from("/x");
