@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 pub struct Plugins {
     pub counter: PathBuf,
     pub remap: PathBuf,
+    pub encrypt: PathBuf,
     pub faulty: PathBuf,
     pub xor: PathBuf,
 }
@@ -54,6 +55,8 @@ fn build() -> Result<Plugins> {
             "-p",
             "interceptor-remap",
             "-p",
+            "interceptor-encrypt",
+            "-p",
             "interceptor-faulty",
         ])
         .arg("--target-dir")
@@ -67,6 +70,7 @@ fn build() -> Result<Plugins> {
     Ok(Plugins {
         counter: lib("interceptor_counter"),
         remap: lib("interceptor_remap"),
+        encrypt: lib("interceptor_encrypt"),
         faulty: lib("interceptor_faulty"),
         xor: build_c(&repo_root().join("interceptors/xor/xor.c"), "libxor.so")?,
     })

@@ -1,0 +1,262 @@
+//! The crash-consistency harness. A workload drives an interceptor stack over a
+//! [`RecordingDisk`], which logs every write and flush that reaches the disk. A crash at
+//! log position `k` is the image as of the last flush before `k`, plus any subset of the
+//! writes between that flush and `k` (applied in order; dropping an earlier write while
+//! keeping a later one is a disk that reordered them). The harness reopens a fresh stack on
+//! that image and checks every guest block: it must read back the contents it had at the
+//! last completed guest flush, or contents some later write gave it. Never an error, never
+//! anything else.
+
+use compat::{BlockDriver, BlockRequestKind, BlockStack, IoRequest, RequestStatus, Segment};
+use std::sync::{Arc, Mutex};
+
+/// One operation that reached the disk.
+#[derive(Clone, Debug)]
+pub enum DiskOp {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+}
+
+/// A disk in memory that records every write and flush, in order.
+pub struct RecordingDisk {
+    inner: Mutex<Recording>,
+}
+
+struct Recording {
+    image: Vec<u8>,
+    log: Vec<DiskOp>,
+}
+
+impl RecordingDisk {
+    pub fn new(image: Vec<u8>) -> Arc<RecordingDisk> {
+        Arc::new(RecordingDisk {
+            inner: Mutex::new(Recording {
+                image,
+                log: Vec::new(),
+            }),
+        })
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> Vec<DiskOp> {
+        self.inner.lock().map(|r| r.log.clone()).unwrap_or_default()
+    }
+
+    /// Operations logged so far.
+    pub fn position(&self) -> usize {
+        self.inner.lock().map(|r| r.log.len()).unwrap_or(0)
+    }
+}
+
+impl BlockDriver for RecordingDisk {
+    fn capacity(&self) -> u64 {
+        self.inner.lock().map(|r| r.image.len() as u64).unwrap_or(0)
+    }
+
+    unsafe fn execute(&self, req: &IoRequest<'_>) -> RequestStatus {
+        let Ok(mut r) = self.inner.lock() else {
+            return RequestStatus::IoError;
+        };
+        let mut at = req.offset as usize;
+        match req.kind {
+            BlockRequestKind::Read => {
+                for s in req.segments {
+                    std::ptr::copy_nonoverlapping(r.image[at..].as_ptr(), s.base, s.len);
+                    at += s.len;
+                }
+            }
+            BlockRequestKind::Write => {
+                let mut data = Vec::with_capacity(req.len as usize);
+                for s in req.segments {
+                    data.extend_from_slice(std::slice::from_raw_parts(s.base, s.len));
+                }
+                r.image[at..at + data.len()].copy_from_slice(&data);
+                r.log.push(DiskOp::Write {
+                    offset: req.offset,
+                    data,
+                });
+            }
+            BlockRequestKind::Flush => r.log.push(DiskOp::Flush),
+            BlockRequestKind::GetId => return RequestStatus::Unsupported,
+        }
+        RequestStatus::Ok
+    }
+}
+
+/// The image a crash at log position `at` leaves: everything up to the last flush before
+/// `at`, then the writes after it that `keep` says survived.
+pub fn crash_image(
+    base: &[u8],
+    log: &[DiskOp],
+    at: usize,
+    mut keep: impl FnMut() -> bool,
+) -> Vec<u8> {
+    let mut image = base.to_vec();
+    let last_flush = log[..at]
+        .iter()
+        .rposition(|op| matches!(op, DiskOp::Flush))
+        .map_or(0, |i| i + 1);
+    for (i, op) in log[..at].iter().enumerate() {
+        if let DiskOp::Write { offset, data } = op {
+            if i < last_flush || keep() {
+                image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+        }
+    }
+    image
+}
+
+/// A small deterministic random number generator (splitmix64), so that every run with one
+/// seed is the same run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Submits one request with one buffer.
+pub fn submit(
+    stack: &BlockStack,
+    kind: BlockRequestKind,
+    offset: u64,
+    buf: &mut [u8],
+) -> RequestStatus {
+    let seg = [Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    // SAFETY: `buf` is live for the call and the stack checks the range.
+    unsafe { stack.submit(kind, offset, &seg) }
+}
+
+/// What the guest may find in each block after a crash: the contents at the last completed
+/// flush, and every contents written since.
+#[derive(Clone)]
+pub struct Expectation {
+    pub block_bytes: usize,
+    pub allowed: Vec<Vec<Vec<u8>>>,
+}
+
+/// The guest's view of its disk through a workload, to know what a crash may leave.
+pub struct Model {
+    block_bytes: usize,
+    /// Current contents of each block.
+    current: Vec<Vec<u8>>,
+    /// Contents at the last completed flush.
+    flushed: Vec<Vec<u8>>,
+    /// Contents written to each block since the last completed flush.
+    since: Vec<Vec<Vec<u8>>>,
+    /// (disk log position when the guest operation started, expectation if a crash happened
+    /// from then until the next operation ends).
+    checkpoints: Vec<(usize, Expectation)>,
+}
+
+impl Model {
+    pub fn new(blocks: usize, block_bytes: usize) -> Model {
+        let zero = vec![0u8; block_bytes];
+        Model {
+            block_bytes,
+            current: vec![zero.clone(); blocks],
+            flushed: vec![zero; blocks],
+            since: vec![Vec::new(); blocks],
+            checkpoints: Vec::new(),
+        }
+    }
+
+    pub fn current(&self, block: usize) -> &[u8] {
+        &self.current[block]
+    }
+
+    fn expectation(&self) -> Expectation {
+        Expectation {
+            block_bytes: self.block_bytes,
+            allowed: self
+                .flushed
+                .iter()
+                .zip(&self.since)
+                .map(|(f, s)| {
+                    std::iter::once(f.clone())
+                        .chain(s.iter().cloned())
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Call before submitting a write of `data` at byte `offset`, with the disk's position.
+    pub fn before_write(&mut self, position: usize, offset: u64, data: &[u8]) {
+        let b = self.block_bytes;
+        let mut pos = offset as usize;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let block = pos / b;
+            let within = pos % b;
+            let n = (b - within).min(rest.len());
+            self.current[block][within..within + n].copy_from_slice(&rest[..n]);
+            let new = self.current[block].clone();
+            self.since[block].push(new);
+            rest = &rest[n..];
+            pos += n;
+        }
+        // From now until this write ends, a crash may leave it or not.
+        self.checkpoints.push((position, self.expectation()));
+    }
+
+    /// Call before a flush.
+    pub fn before_flush(&mut self, position: usize) {
+        self.checkpoints.push((position, self.expectation()));
+    }
+
+    /// Call after a flush completed.
+    pub fn after_flush(&mut self, position: usize) {
+        self.flushed = self.current.clone();
+        for s in &mut self.since {
+            s.clear();
+        }
+        self.checkpoints.push((position, self.expectation()));
+    }
+
+    /// What a crash at disk log position `at` may leave.
+    pub fn expectation_at(&self, at: usize) -> Expectation {
+        self.checkpoints
+            .iter()
+            .rev()
+            .find(|(p, _)| *p <= at)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_else(|| Model::new(self.current.len(), self.block_bytes).expectation())
+    }
+}
+
+/// Reads every block of `stack` and checks it against `e`; the first violation, in words.
+pub fn check(stack: &BlockStack, e: &Expectation) -> Result<(), String> {
+    for (block, allowed) in e.allowed.iter().enumerate() {
+        let mut buf = vec![0u8; e.block_bytes];
+        let status = submit(
+            stack,
+            BlockRequestKind::Read,
+            (block * e.block_bytes) as u64,
+            &mut buf,
+        );
+        if status != RequestStatus::Ok {
+            return Err(format!("block {block}: read failed with {status:?}"));
+        }
+        if !allowed.contains(&buf) {
+            return Err(format!(
+                "block {block}: neither its flushed contents nor any written since ({} allowed)",
+                allowed.len()
+            ));
+        }
+    }
+    Ok(())
+}
