@@ -148,29 +148,30 @@ pub struct Expectation {
     pub allowed: Vec<Vec<Vec<u8>>>,
 }
 
+/// What the guest did, with the disk's log position when it started.
+#[derive(Clone)]
+enum Event {
+    Write { offset: u64, data: Vec<u8> },
+    FlushDone,
+}
+
 /// The guest's view of its disk through a workload, to know what a crash may leave.
 pub struct Model {
+    blocks: usize,
     block_bytes: usize,
     /// Current contents of each block.
     current: Vec<Vec<u8>>,
-    /// Contents at the last completed flush.
-    flushed: Vec<Vec<u8>>,
-    /// Contents written to each block since the last completed flush.
-    since: Vec<Vec<Vec<u8>>>,
-    /// (disk log position when the guest operation started, expectation if a crash happened
-    /// from then until the next operation ends).
-    checkpoints: Vec<(usize, Expectation)>,
+    /// (disk log position, event), in order.
+    events: Vec<(usize, Event)>,
 }
 
 impl Model {
     pub fn new(blocks: usize, block_bytes: usize) -> Model {
-        let zero = vec![0u8; block_bytes];
         Model {
+            blocks,
             block_bytes,
-            current: vec![zero.clone(); blocks],
-            flushed: vec![zero; blocks],
-            since: vec![Vec::new(); blocks],
-            checkpoints: Vec::new(),
+            current: vec![vec![0u8; block_bytes]; blocks],
+            events: Vec::new(),
         }
     }
 
@@ -178,63 +179,71 @@ impl Model {
         &self.current[block]
     }
 
-    fn expectation(&self) -> Expectation {
-        Expectation {
-            block_bytes: self.block_bytes,
-            allowed: self
-                .flushed
-                .iter()
-                .zip(&self.since)
-                .map(|(f, s)| {
-                    std::iter::once(f.clone())
-                        .chain(s.iter().cloned())
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    /// Call before submitting a write of `data` at byte `offset`, with the disk's position.
-    pub fn before_write(&mut self, position: usize, offset: u64, data: &[u8]) {
-        let b = self.block_bytes;
+    /// Applies a write to `current`; returns the blocks it touched.
+    fn apply(current: &mut [Vec<u8>], b: usize, offset: u64, data: &[u8]) -> Vec<usize> {
+        let mut touched = Vec::new();
         let mut pos = offset as usize;
         let mut rest = data;
         while !rest.is_empty() {
             let block = pos / b;
             let within = pos % b;
             let n = (b - within).min(rest.len());
-            self.current[block][within..within + n].copy_from_slice(&rest[..n]);
-            let new = self.current[block].clone();
-            self.since[block].push(new);
+            current[block][within..within + n].copy_from_slice(&rest[..n]);
+            touched.push(block);
             rest = &rest[n..];
             pos += n;
         }
-        // From now until this write ends, a crash may leave it or not.
-        self.checkpoints.push((position, self.expectation()));
+        touched
     }
 
-    /// Call before a flush.
-    pub fn before_flush(&mut self, position: usize) {
-        self.checkpoints.push((position, self.expectation()));
+    /// Call before submitting a write of `data` at byte `offset`, with the disk's position:
+    /// from then on, a crash may leave it or not.
+    pub fn before_write(&mut self, position: usize, offset: u64, data: &[u8]) {
+        Self::apply(&mut self.current, self.block_bytes, offset, data);
+        self.events.push((
+            position,
+            Event::Write {
+                offset,
+                data: data.to_vec(),
+            },
+        ));
     }
 
-    /// Call after a flush completed.
+    /// Call before a flush (nothing changes until it completes).
+    pub fn before_flush(&mut self, _position: usize) {}
+
+    /// Call after a flush completed, with the disk's position.
     pub fn after_flush(&mut self, position: usize) {
-        self.flushed = self.current.clone();
-        for s in &mut self.since {
-            s.clear();
-        }
-        self.checkpoints.push((position, self.expectation()));
+        self.events.push((position, Event::FlushDone));
     }
 
-    /// What a crash at disk log position `at` may leave.
+    /// What a crash at disk log position `at` may leave: each block's contents at the last
+    /// flush completed by then, and every contents written to it since.
     pub fn expectation_at(&self, at: usize) -> Expectation {
-        self.checkpoints
-            .iter()
-            .rev()
-            .find(|(p, _)| *p <= at)
-            .map(|(_, e)| e.clone())
-            .unwrap_or_else(|| Model::new(self.current.len(), self.block_bytes).expectation())
+        let b = self.block_bytes;
+        let mut current = vec![vec![0u8; b]; self.blocks];
+        let mut allowed: Vec<Vec<Vec<u8>>> = current.iter().map(|c| vec![c.clone()]).collect();
+        for (p, ev) in &self.events {
+            if *p > at {
+                break;
+            }
+            match ev {
+                Event::Write { offset, data } => {
+                    for block in Self::apply(&mut current, b, *offset, data) {
+                        allowed[block].push(current[block].clone());
+                    }
+                }
+                Event::FlushDone => {
+                    for (a, c) in allowed.iter_mut().zip(&current) {
+                        *a = vec![c.clone()];
+                    }
+                }
+            }
+        }
+        Expectation {
+            block_bytes: b,
+            allowed,
+        }
     }
 }
 

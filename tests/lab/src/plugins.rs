@@ -13,6 +13,7 @@ pub struct Plugins {
     pub counter: PathBuf,
     pub remap: PathBuf,
     pub encrypt: PathBuf,
+    pub cache: PathBuf,
     pub faulty: PathBuf,
     pub xor: PathBuf,
 }
@@ -57,6 +58,8 @@ fn build() -> Result<Plugins> {
             "-p",
             "interceptor-encrypt",
             "-p",
+            "interceptor-cache",
+            "-p",
             "interceptor-faulty",
         ])
         .arg("--target-dir")
@@ -71,6 +74,7 @@ fn build() -> Result<Plugins> {
         counter: lib("interceptor_counter"),
         remap: lib("interceptor_remap"),
         encrypt: lib("interceptor_encrypt"),
+        cache: lib("interceptor_cache"),
         faulty: lib("interceptor_faulty"),
         xor: build_c(&repo_root().join("interceptors/xor/xor.c"), "libxor.so")?,
     })

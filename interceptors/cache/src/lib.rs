@@ -1,0 +1,353 @@
+//! The cache interceptor: an LRU of 4 KiB blocks (the `lru` crate) in front of the layers
+//! below. A read whose blocks are all cached is answered at the pre point, without the
+//! layers below (a hit); a miss goes down and fills the cache at the post point. Writes
+//! update the cached blocks they cover whole and invalidate the ones they cover in part.
+//!
+//! Write-through by default. With `write_back = true`, writes of whole blocks stay in the
+//! cache (dirty) and are completed at once; dirty blocks go down when evicted, before every
+//! flush passes, when the instance is disabled, and at shutdown. Disabled, the instance writes
+//! back what is dirty, drops the cache and passes everything through.
+//!
+//! Config: `size_mib` (default 64), `write_back` (default false).
+
+use interceptor_sdk::{
+    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
+    RequestKind, Slot, Status,
+};
+use lru::LruCache;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+
+const BLOCK: u64 = 4096;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_size")]
+    size_mib: u64,
+    #[serde(default)]
+    write_back: bool,
+}
+
+fn default_size() -> u64 {
+    64
+}
+
+struct Cached {
+    data: Box<[u8]>,
+    dirty: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    write_backs: AtomicU64,
+    absorbed_writes: AtomicU64,
+    errors: AtomicU64,
+}
+
+pub struct Cache {
+    lower: Lower,
+    write_back: bool,
+    blocks: usize,
+    lru: Mutex<LruCache<u64, Cached>>,
+    stats: Stats,
+}
+
+/// Marks a request the pre hook answered itself (a hit, or a write absorbed by write-back):
+/// its post hook has nothing to do.
+struct Answered;
+
+type Res<T> = Result<T, String>;
+
+/// The blocks a byte range touches, each with the range's part of it:
+/// (block, offset within the block, offset within the request, length).
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, u64, usize)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let within = pos % BLOCK;
+        let n = (BLOCK - within).min(end - pos);
+        let piece = (pos / BLOCK, within as usize, pos - offset, n as usize);
+        pos += n;
+        Some(piece)
+    })
+}
+
+impl Cache {
+    fn lock(&self) -> Res<MutexGuard<'_, LruCache<u64, Cached>>> {
+        self.lru
+            .lock()
+            .map_err(|_| "cache lock poisoned".to_string())
+    }
+
+    fn write_back(&self, block: u64, data: &[u8]) -> Res<()> {
+        self.stats.write_backs.fetch_add(1, Relaxed);
+        self.lower
+            .write(block * BLOCK, data)
+            .map_err(|e| format!("writing back block {block}: {e}"))
+    }
+
+    /// Evicts until there is room for one more block; a dirty block goes down first and
+    /// stays cached if that fails.
+    fn make_room(&self, lru: &mut LruCache<u64, Cached>) -> Res<()> {
+        while lru.len() >= self.blocks {
+            if let Some((&block, c)) = lru.peek_lru() {
+                if c.dirty {
+                    self.write_back(block, &c.data)?;
+                }
+            }
+            lru.pop_lru();
+            self.stats.evictions.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        lru: &mut LruCache<u64, Cached>,
+        block: u64,
+        data: Box<[u8]>,
+        dirty: bool,
+    ) -> Res<()> {
+        if let Some(c) = lru.get_mut(&block) {
+            c.data = data;
+            c.dirty |= dirty;
+            return Ok(());
+        }
+        self.make_room(lru)?;
+        lru.put(block, Cached { data, dirty });
+        Ok(())
+    }
+
+    /// Writes back every dirty block, in disk order; they stay cached, clean.
+    fn write_back_all(&self, lru: &mut LruCache<u64, Cached>) -> Res<()> {
+        let mut dirty: Vec<u64> = lru
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(&b, _)| b)
+            .collect();
+        dirty.sort_unstable();
+        for block in dirty {
+            if let Some(c) = lru.peek_mut(&block) {
+                self.write_back(block, &c.data)?;
+                c.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Disabled: nothing may stay only here.
+    fn drain(&self) -> Res<()> {
+        let mut lru = self.lock()?;
+        if !lru.is_empty() {
+            self.write_back_all(&mut lru)?;
+            lru.clear();
+        }
+        Ok(())
+    }
+
+    fn pre_read(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
+        let mut lru = self.lock()?;
+        let all_cached = pieces(req.offset(), req.len()).all(|(b, ..)| lru.contains(&b));
+        if !all_cached {
+            self.stats.misses.fetch_add(1, Relaxed);
+            return Ok(Decision::Continue);
+        }
+        for (block, within, at, n) in pieces(req.offset(), req.len()) {
+            let c = lru.get(&block).ok_or("cached block vanished")?;
+            req.write_data(at, &c.data[within..within + n])
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        self.stats.hits.fetch_add(1, Relaxed);
+        *slot = Some(Box::new(Answered));
+        Ok(Decision::Complete)
+    }
+
+    fn post_read(&self, req: &mut Request<'_>) -> Res<()> {
+        let mut lru = self.lock()?;
+        for (block, within, at, n) in pieces(req.offset(), req.len()) {
+            if let Some(c) = lru.get(&block) {
+                // What is cached is newest (it may be dirty): it wins over what came up.
+                req.write_data(at, &c.data[within..within + n])
+                    .map_err(|e| format!("{e:?}"))?;
+            } else if n as u64 == BLOCK {
+                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
+                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
+                self.insert(&mut lru, block, data, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pre_write(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
+        let mut lru = self.lock()?;
+        let whole = req.offset() % BLOCK == 0 && req.len() % BLOCK == 0;
+        if self.write_back && whole {
+            for (block, _, at, _) in pieces(req.offset(), req.len()) {
+                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
+                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
+                self.insert(&mut lru, block, data, true)?;
+            }
+            self.stats.absorbed_writes.fetch_add(1, Relaxed);
+            *slot = Some(Box::new(Answered));
+            return Ok(Decision::Complete);
+        }
+        // Going down: blocks it covers in part must reach the disk first if dirty.
+        for (block, _, _, n) in pieces(req.offset(), req.len()) {
+            if n as u64 != BLOCK {
+                if let Some(c) = lru.peek_mut(&block) {
+                    if c.dirty {
+                        self.write_back(block, &c.data)?;
+                        c.dirty = false;
+                    }
+                }
+            }
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn post_write(&self, req: &mut Request<'_>, ok: bool) -> Res<()> {
+        let mut lru = self.lock()?;
+        for (block, _, at, n) in pieces(req.offset(), req.len()) {
+            if ok && n as u64 == BLOCK {
+                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
+                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
+                if lru.contains(&block) {
+                    self.insert(&mut lru, block, data, false)?;
+                }
+            } else {
+                lru.pop(&block);
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&self, e: String) -> Decision {
+        self.stats.errors.fetch_add(1, Relaxed);
+        self.lower.log(LogLevel::Warn, &e);
+        Decision::Fail
+    }
+}
+
+impl Interceptor for Cache {
+    const NAME: &'static std::ffi::CStr = c"cache";
+    // Dirty blocks may live only here: it must see requests while disabled to write them back.
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        let cfg: Config = ctx.config_as()?;
+        let blocks = usize::try_from(cfg.size_mib.saturating_mul(1 << 20) / BLOCK)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or("config: size_mib must be at least 1")?;
+        Ok(Cache {
+            lower: ctx.lower,
+            write_back: cfg.write_back,
+            blocks: blocks.get(),
+            lru: Mutex::new(LruCache::new(blocks)),
+            stats: Stats::default(),
+        })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, slot: &mut Slot) -> Decision {
+        if req.disabled() {
+            return match self.drain() {
+                Ok(()) => Decision::Continue,
+                Err(e) => self.failed(e),
+            };
+        }
+        let decided = match req.kind() {
+            RequestKind::Read => self.pre_read(req, slot),
+            RequestKind::Write => self.pre_write(req, slot),
+            RequestKind::Flush => self
+                .lock()
+                .and_then(|mut lru| self.write_back_all(&mut lru))
+                .map(|()| Decision::Continue),
+            _ => Ok(Decision::Continue),
+        };
+        decided.unwrap_or_else(|e| self.failed(e))
+    }
+
+    fn post(&self, req: &mut Request<'_>, slot: Slot, status: Status) -> Status {
+        if req.disabled() || slot.is_some_and(|s| s.is::<Answered>()) {
+            return status;
+        }
+        let ok = status == Status::Ok;
+        let done = match req.kind() {
+            RequestKind::Read if ok => self.post_read(req),
+            RequestKind::Write => self.post_write(req, ok),
+            _ => Ok(()),
+        };
+        match done {
+            Ok(()) => status,
+            Err(e) => {
+                self.failed(e);
+                Status::IoError
+            }
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let (cached, dirty) = self
+            .lru
+            .lock()
+            .map(|l| {
+                (
+                    l.len() as u64,
+                    l.iter().filter(|(_, c)| c.dirty).count() as u64,
+                )
+            })
+            .unwrap_or((0, 0));
+        let (hits, misses) = (s.hits.load(Relaxed), s.misses.load(Relaxed));
+        serde_json::json!({
+            "write_back": self.write_back,
+            "capacity_bytes": self.blocks as u64 * BLOCK,
+            "hits": hits,
+            "misses": misses,
+            "hit_ratio": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+            "bytes_cached": cached * BLOCK,
+            "dirty_bytes": dirty * BLOCK,
+            "evictions": s.evictions.load(Relaxed),
+            "write_backs": s.write_backs.load(Relaxed),
+            "absorbed_writes": s.absorbed_writes.load(Relaxed),
+            "errors": s.errors.load(Relaxed),
+        })
+    }
+}
+
+impl Drop for Cache {
+    /// Shutdown: dirty blocks go down and are flushed.
+    fn drop(&mut self) {
+        if let Ok(mut lru) = self.lru.lock() {
+            let had_dirty = lru.iter().any(|(_, c)| c.dirty);
+            if let Err(e) = self.write_back_all(&mut lru) {
+                self.lower.log(LogLevel::Error, &format!("shutdown: {e}"));
+            } else if had_dirty && self.lower.flush().is_err() {
+                self.lower.log(LogLevel::Error, "shutdown: flush failed");
+            }
+        }
+    }
+}
+
+export_interceptor!(Cache);
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn pieces_cover_the_range_block_by_block() {
+        let p: Vec<_> = pieces(4096 - 512, 5120).collect();
+        assert_eq!(p, [(0, 3584, 0, 512), (1, 0, 512, 4096), (2, 0, 4608, 512)]);
+        assert_eq!(pieces(8192, 4096).collect::<Vec<_>>(), [(2, 0, 0, 4096)]);
+        assert_eq!(pieces(0, 0).count(), 0);
+    }
+}
