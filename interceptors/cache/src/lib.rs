@@ -188,7 +188,7 @@ impl Cache {
 
     fn pre_write(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
         let mut lru = self.lock()?;
-        let whole = req.offset() % BLOCK == 0 && req.len() % BLOCK == 0;
+        let whole = req.offset().is_multiple_of(BLOCK) && req.len().is_multiple_of(BLOCK);
         if self.write_back && whole {
             for (block, _, at, _) in pieces(req.offset(), req.len()) {
                 let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
