@@ -124,6 +124,13 @@ impl BlockStack {
         &self.counters
     }
 
+    /// Flushes the whole stack: every layer sees a flush (a write-back cache writes back,
+    /// then the driver syncs), as the VMM does at shutdown.
+    pub fn flush(&self) -> RequestStatus {
+        // SAFETY: a flush carries no segments.
+        unsafe { self.submit(BlockRequestKind::Flush, 0, &[]) }
+    }
+
     /// Runs one request through the chain and the driver; returns the guest's status.
     ///
     /// # Safety

@@ -22,22 +22,15 @@ fn xor(data: &[u8]) -> Vec<u8> {
     data.iter().map(|b| b ^ KEY).collect()
 }
 
-/// Boots the guest with `chain` (TOML `[[interceptor]]` entries) on a fresh 256 MiB data
-/// disk prepared by `prepare`, runs fio verify (the first 16 MiB) and then the host check
-/// at `HOST_BASE`; returns the run's
-/// markers and output, and the disk's bytes afterwards.
-fn run_with(
+/// Boots the guest with `chain` (TOML `[[interceptor]]` entries) on the data disk `disk`
+/// with `task`; checks that the run passed; returns its markers and output.
+fn boot_with(
     name: &str,
     chain: &str,
-    prepare: impl FnOnce(&Path),
-) -> Option<(Vec<String>, String, Vec<u8>)> {
+    task: &str,
+    disk: &Path,
+) -> Option<(Vec<String>, String, serde_json::Value)> {
     common::images_or_skip()?;
-    let disk = out_file(&format!("{name}.img"));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    prepare(&disk);
     let toml = out_file(&format!("{name}.toml"));
     std::fs::write(&toml, chain).unwrap();
     let (disk_arg, toml_arg) = (
@@ -48,7 +41,7 @@ fn run_with(
         "--backend",
         "vmm",
         "--task",
-        "fio=verify-crc32c hostcheck hostcheck.base=8192",
+        task,
         "--data-disk",
         &disk_arg,
         "--interceptors",
@@ -59,6 +52,27 @@ fn run_with(
     assert!(out.status.success(), "{text}");
     assert_eq!(r["problems"].as_array().map(Vec::len), Some(0), "{r}");
     assert_eq!(r["console"]["exit_rc"], 0, "{r}");
+    let markers = r["console"]["markers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap_or("").to_string())
+        .collect();
+    Some((markers, text, r))
+}
+
+/// A fresh sparse 256 MiB data disk.
+fn fresh_disk(name: &str) -> std::path::PathBuf {
+    let disk = out_file(&format!("{name}.img"));
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    disk
+}
+
+/// fio verify must have run both ways.
+fn assert_verified(r: &serde_json::Value) {
     let rows = r["fio"].as_array().unwrap();
     for dir in ["write", "read"] {
         assert!(
@@ -68,13 +82,36 @@ fn run_with(
             "verify {dir} missing: {rows:?}"
         );
     }
-    let markers = r["console"]["markers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap_or("").to_string())
-        .collect();
+}
+
+/// Boots the guest with `chain` on a fresh 256 MiB data disk prepared by `prepare`, runs
+/// fio verify (the first 16 MiB) and then the host check at `HOST_BASE`; returns the run's
+/// markers and output, and the disk's bytes afterwards.
+fn run_with(
+    name: &str,
+    chain: &str,
+    prepare: impl FnOnce(&Path),
+) -> Option<(Vec<String>, String, Vec<u8>)> {
+    let disk = fresh_disk(name);
+    prepare(&disk);
+    let (markers, text, r) = boot_with(
+        name,
+        chain,
+        "fio=verify-crc32c hostcheck hostcheck.base=8192",
+        &disk,
+    )?;
+    assert_verified(&r);
     Some((markers, text, std::fs::read(&disk).unwrap()))
+}
+
+/// The plugin's stats object from the vmm's exit report line for an instance.
+fn plugin_stats(text: &str, id: &str) -> serde_json::Value {
+    let prefix = format!("vmm: interceptor {id} on data0: ");
+    text.lines()
+        .find_map(|l| l.split_once(&prefix).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split_once("stats=").map(|(_, j)| j))
+        .and_then(|j| serde_json::from_str(j.trim()).ok())
+        .unwrap_or_else(|| panic!("no stats for {id} in {text}"))
 }
 
 /// The vmm's exit report line for an instance: its request count.
@@ -195,4 +232,123 @@ fn sha256(bytes: &[u8]) -> String {
         .next()
         .unwrap_or("")
         .to_string()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn key_file(name: &str) -> std::path::PathBuf {
+    let key = out_file(name);
+    std::fs::write(&key, "7e".repeat(32)).unwrap();
+    key
+}
+
+#[test]
+fn fio_verify_passes_through_encrypt_the_disk_never_holds_the_guests_bytes_and_a_flipped_bit_is_an_io_error(
+) {
+    let p = plugins().expect("building the plugins");
+    let key = key_file("guest-enc.key");
+    let chain = interceptor(
+        "enc",
+        &p.encrypt,
+        &format!("config = {{ key_file = {key:?} }}"),
+    );
+    let disk = fresh_disk("guest-enc");
+    let Some((_, text, r)) = boot_with(
+        "guest-enc",
+        &chain,
+        "fio=verify-crc32c hostcheck hostcheck.base=8192",
+        &disk,
+    ) else {
+        return;
+    };
+    assert_verified(&r);
+    let stats = plugin_stats(&text, "enc");
+    assert!(
+        stats["blocks_encrypted"].as_u64().unwrap() >= 4096,
+        "{stats}"
+    );
+    assert_eq!(stats["auth_failures"], 0, "{stats}");
+    let mut raw = std::fs::read(&disk).unwrap();
+    assert!(
+        !contains(&raw, b"guest-wrote-this\nguest-wrote-this"),
+        "the guest's pattern reached the disk in the clear"
+    );
+    // Flip one bit of the block the host check wrote (its first write: slot 0).
+    let block = HOST_BASE + 1000;
+    let data_start = u64::from_le_bytes(raw[32..40].try_into().unwrap()) as usize;
+    raw[(data_start + block) * BLOCK + 777] ^= 0x04;
+    std::fs::write(&disk, &raw).unwrap();
+    let task = format!("readcheck={},{},{}", block - 1, block, block + 1);
+    let Some((markers, text, _)) = boot_with("guest-enc-flip", &chain, &task, &disk) else {
+        return;
+    };
+    for (b, want) in [(block - 1, "ok"), (block, "eio"), (block + 1, "ok")] {
+        let line = format!("readcheck block={b} {want}");
+        assert!(
+            markers.iter().any(|m| m.starts_with(&line)),
+            "{line} not in {markers:?}"
+        );
+    }
+    assert!(
+        plugin_stats(&text, "enc")["auth_failures"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[test]
+fn fio_verify_passes_through_a_write_back_cache_which_hits_on_rereads_and_over_encrypt() {
+    let p = plugins().expect("building the plugins");
+    let cache = interceptor(
+        "cache",
+        &p.cache,
+        "config = { size_mib = 32, write_back = true }",
+    );
+    // The cache alone: a small re-read region makes hits; dirty blocks reach the disk at
+    // shutdown at the latest.
+    let disk = fresh_disk("guest-cache");
+    let Some((_, text, r)) = boot_with(
+        "guest-cache",
+        &cache,
+        "fio=verify-crc32c,randread-4k-qd1 fio.size=4M hostcheck hostcheck.base=8192",
+        &disk,
+    ) else {
+        return;
+    };
+    assert_verified(&r);
+    let stats = plugin_stats(&text, "cache");
+    assert!(stats["hits"].as_u64().unwrap() > 100, "{stats}");
+    assert!(stats["hit_ratio"].as_f64().unwrap() > 0.5, "{stats}");
+    let raw = std::fs::read(&disk).unwrap();
+    let at = (HOST_BASE + 1000) * BLOCK;
+    assert_eq!(
+        raw[at..at + BLOCK],
+        pattern("guest-wrote-this\n", BLOCK)[..]
+    );
+    // The cache over encryption.
+    let key = key_file("guest-cache-enc.key");
+    let chain = cache
+        + &interceptor(
+            "enc",
+            &p.encrypt,
+            &format!("config = {{ key_file = {key:?} }}"),
+        );
+    let disk = fresh_disk("guest-cache-enc");
+    let Some((_, text, r)) = boot_with(
+        "guest-cache-enc",
+        &chain,
+        "fio=verify-crc32c hostcheck hostcheck.base=8192",
+        &disk,
+    ) else {
+        return;
+    };
+    assert_verified(&r);
+    assert_eq!(plugin_stats(&text, "enc")["auth_failures"], 0);
+    assert!(!contains(
+        &std::fs::read(&disk).unwrap(),
+        b"guest-wrote-this\nguest-wrote-this"
+    ));
 }
