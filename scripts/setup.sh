@@ -11,6 +11,7 @@ PACKAGES=(
     bc flex bison libelf-dev libssl-dev make gcc libc6-dev   # kernel build
     cpio xz-utils kmod file      # initramfs, module resolution
     busybox-static fio e2fsprogs # guest userland and root image
+    openssl                      # the peer of the encryption benchmark (openssl speed)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

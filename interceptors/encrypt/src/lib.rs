@@ -10,15 +10,16 @@
 
 mod key;
 mod layout;
-mod seal;
+pub mod seal;
+
+pub use layout::Mode;
 
 use interceptor_sdk::{
     abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
     RequestKind, Slot,
 };
 use layout::{
-    Entry, Fallback, Geometry, Header, Mode, Version, BLOCK, ENTRIES_PER_SECTOR, ENTRY_BYTES,
-    SECTOR,
+    Entry, Fallback, Geometry, Header, Version, BLOCK, ENTRIES_PER_SECTOR, ENTRY_BYTES, SECTOR,
 };
 use seal::Sealer;
 use std::collections::BTreeSet;

@@ -173,11 +173,21 @@ impl InterceptorChain {
             if let Some(id) = entry.get("id").and_then(|v| v.as_str()) {
                 ids.push(id.to_string());
             }
-            if let Some(toml::Value::String(p)) = entry.get_mut("path") {
-                if Path::new(p.as_str()).is_relative() {
-                    *p = base.join(&*p).to_string_lossy().into_owned();
+            // The plugin's path, and a key file an instance's config names.
+            let absolute = |v: Option<&mut toml::Value>| {
+                if let Some(toml::Value::String(p)) = v {
+                    if Path::new(p.as_str()).is_relative() {
+                        *p = base.join(&*p).to_string_lossy().into_owned();
+                    }
                 }
-            }
+            };
+            absolute(entry.get_mut("path"));
+            absolute(
+                entry
+                    .get_mut("config")
+                    .and_then(|c| c.as_table_mut())
+                    .and_then(|c| c.get_mut("key_file")),
+            );
         }
         let toml =
             toml::to_string(&table).with_context(|| format!("re-writing {}", path.display()))?;
@@ -543,6 +553,18 @@ mod tests {
         assert!(
             path.ends_with("configs/interceptors/../../target/release/libinterceptor_counter.so"),
             "{path}"
+        );
+        // A key file named in an instance's config too.
+        let chain =
+            InterceptorChain::from_file(Path::new("../../configs/interceptors/encrypt.toml"))
+                .unwrap();
+        let table: toml::Table = toml::from_str(&chain.toml).unwrap();
+        let key = table["interceptor"][0]["config"]["key_file"]
+            .as_str()
+            .unwrap();
+        assert!(
+            key.starts_with('/') && key.ends_with("configs/interceptors/demo.key"),
+            "{key}"
         );
     }
 
