@@ -112,6 +112,7 @@ impl BlockDriver for RawFile {
             tracing::warn!("block backend: {e}");
             RequestStatus::IoError
         };
+        let t0 = std::time::Instant::now();
         let done = match req.kind {
             BlockRequestKind::Read => self.vectored(req.offset, req.segments, false),
             BlockRequestKind::Write if self.read_only => return RequestStatus::IoError,
@@ -128,6 +129,16 @@ impl BlockDriver for RawFile {
                 Ok(())
             }
         };
+        // A diagnostic (RUST_LOG=devices=debug): where the host's own I/O path stalls.
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if ms > 20.0 {
+            tracing::debug!(
+                "slow {:?}: offset {} len {} took {ms:.1} ms",
+                req.kind,
+                req.offset,
+                req.len
+            );
+        }
         done.map_or_else(io, |()| RequestStatus::Ok)
     }
 }
