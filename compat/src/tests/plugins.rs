@@ -1,0 +1,207 @@
+//! Interceptors written for the shim's tests.
+
+use super::log;
+use super::TOGGLERS;
+use crate::*;
+use interceptor_sdk::{
+    abi, CreateContext, Decision, Interceptor, Lower, Request, RequestKind, Slot, Status,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(serde::Deserialize)]
+struct RecorderConfig {
+    log: String,
+    name: String,
+    #[serde(default)]
+    pre: String,
+    #[serde(default)]
+    post: String,
+    #[serde(default)]
+    toggle: bool,
+}
+
+/// Logs its hooks; `pre`/`post` in its config pick what it returns.
+pub(super) struct Recorder {
+    cfg: RecorderConfig,
+    seen: AtomicU64,
+}
+
+impl Interceptor for Recorder {
+    const NAME: &'static std::ffi::CStr = c"recorder";
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        let cfg: RecorderConfig = ctx.config_as()?;
+        if cfg.pre == "refuse" {
+            return Err("recorder: refused on purpose".into());
+        }
+        if cfg.pre == "panic-create" {
+            panic!("boom in create");
+        }
+        Ok(Recorder {
+            cfg,
+            seen: AtomicU64::new(0),
+        })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, slot: &mut Slot) -> Decision {
+        let c = &self.cfg;
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        log(
+            &c.log,
+            format!(
+                "pre {} {}@{}{}",
+                c.name,
+                kind(req),
+                req.offset(),
+                if req.disabled() { " disabled" } else { "" }
+            ),
+        );
+        *slot = Some(Box::new(c.name.clone()));
+        if c.toggle {
+            if let Some(f) = TOGGLERS
+                .lock()
+                .unwrap()
+                .as_ref()
+                .and_then(|m| m.get(&c.log))
+            {
+                f();
+            }
+        }
+        match c.pre.as_str() {
+            "complete" => {
+                let n = req.len() as usize;
+                req.write_data(0, &vec![0x5a; n]).unwrap();
+                Decision::Complete
+            }
+            "fail" => Decision::Fail,
+            "panic" => panic!("boom in pre"),
+            _ => Decision::Continue,
+        }
+    }
+
+    fn post(&self, req: &mut Request<'_>, slot: Slot, status: Status) -> Status {
+        let c = &self.cfg;
+        let mine = slot.and_then(|s| s.downcast::<String>().ok()).map(|s| *s);
+        assert_eq!(
+            mine.as_deref(),
+            Some(c.name.as_str()),
+            "slot comes back to its owner"
+        );
+        log(
+            &c.log,
+            format!("post {} {}@{} {status:?}", c.name, kind(req), req.offset()),
+        );
+        match c.post.as_str() {
+            "fail" => Status::IoError,
+            "panic" => panic!("boom in post"),
+            _ => status,
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.cfg.name, "seen": self.seen.load(Ordering::SeqCst) })
+    }
+}
+
+fn kind(req: &Request<'_>) -> &'static str {
+    match req.kind() {
+        RequestKind::Read => "R",
+        RequestKind::Write => "W",
+        RequestKind::Flush => "F",
+        _ => "?",
+    }
+}
+
+/// XORs data with 0xff: transforms, so it gets bounce buffers.
+pub(super) struct Xor;
+
+impl Interceptor for Xor {
+    const NAME: &'static std::ffi::CStr = c"xor";
+    const FLAGS: u32 = abi::F_MODIFIES_DATA;
+
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(Xor)
+    }
+
+    fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
+        if req.kind() == RequestKind::Write {
+            req.transform(|_, d| d.iter_mut().for_each(|b| *b ^= 0xff))
+                .unwrap();
+        }
+        Decision::Continue
+    }
+
+    fn post(&self, req: &mut Request<'_>, _: Slot, status: Status) -> Status {
+        if req.kind() == RequestKind::Read && status == Status::Ok {
+            req.transform(|_, d| d.iter_mut().for_each(|b| *b ^= 0xff))
+                .unwrap();
+        }
+        status
+    }
+}
+
+/// Keeps its own first 4 KiB below and shifts everything else up by it: a layout change
+/// done with its own I/O to the layers below.
+pub(super) struct Shift {
+    lower: Lower,
+}
+
+impl Interceptor for Shift {
+    const NAME: &'static std::ffi::CStr = c"shift";
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        ctx.lower
+            .write(0, b"SHIFT-HEADER".repeat(50).get(..512).unwrap())
+            .map_err(|e| e.to_string())?;
+        Ok(Shift { lower: ctx.lower })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
+        let mut buf = vec![0u8; req.len() as usize];
+        let at = req.offset() + 4096;
+        let ok = match req.kind() {
+            RequestKind::Read => {
+                self.lower.read(at, &mut buf).is_ok() && req.write_data(0, &buf).is_ok()
+            }
+            RequestKind::Write => {
+                req.read_data(0, &mut buf).is_ok() && self.lower.write(at, &buf).is_ok()
+            }
+            RequestKind::Flush => self.lower.flush().is_ok(),
+            _ => return Decision::Continue,
+        };
+        if ok {
+            Decision::Complete
+        } else {
+            Decision::Fail
+        }
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        Some(self.lower.capacity() - 4096)
+    }
+}
+
+/// Claims to serve net devices only.
+pub(super) struct NetOnly;
+
+impl Interceptor for NetOnly {
+    const NAME: &'static std::ffi::CStr = c"net-only";
+    const DEVICES: u32 = DeviceKind::Net.mask();
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(NetOnly)
+    }
+}
+
+/// Shrinks the disk without declaring that it stays in the path.
+pub(super) struct BadShrink;
+
+impl Interceptor for BadShrink {
+    const NAME: &'static std::ffi::CStr = c"bad-shrink";
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(BadShrink)
+    }
+    fn capacity(&self) -> Option<u64> {
+        Some(512)
+    }
+}

@@ -1,0 +1,43 @@
+//! What the stack refuses to build, and why.
+
+use super::plugins::*;
+use super::*;
+use interceptor_sdk::static_table;
+
+#[test]
+fn refusals_name_the_reason() {
+    let disk = MemDisk::new(1 << 20);
+    let err = |chain: &[InstanceSpec]| {
+        BlockStack::build("vda", disk.clone(), chain)
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err(&[recorder("r", "x", "refuse", "")]),
+        "plugin `recorder` refused its config: recorder: refused on purpose"
+    );
+    assert!(
+        err(&[recorder("r", "x", "panic-create", "")]).contains("create panicked: boom in create")
+    );
+    assert!(err(&[spec(
+        "x",
+        static_table!(Recorder),
+        serde_json::json!({"name": 3})
+    )])
+    .contains("refused its config: config:"));
+    assert_eq!(
+        err(&[spec("n", static_table!(NetOnly), serde_json::json!({}))]),
+        "plugin `net-only` does not support block devices"
+    );
+    assert!(
+        err(&[spec("s", static_table!(BadShrink), serde_json::json!({}))])
+            .contains("only a plugin that stays in the path")
+    );
+    let long: Vec<_> = (0..=MAX_CHAIN)
+        .map(|i| recorder("r", &format!("l{i}"), "", ""))
+        .collect();
+    assert_eq!(
+        err(&long),
+        "chain of device `vda` is longer than 16 interceptors"
+    );
+}
