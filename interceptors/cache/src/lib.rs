@@ -11,8 +11,8 @@
 //! Config: `size_mib` (default 64), `write_back` (default false).
 
 use interceptor_sdk::{
-    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
-    RequestKind, Slot, Status,
+    abi, block_pieces, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower,
+    Request, RequestKind, Slot, Status,
 };
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -62,23 +62,6 @@ pub struct Cache {
 struct Answered;
 
 type Res<T> = Result<T, String>;
-
-/// The blocks a byte range touches, each with the range's part of it:
-/// (block, offset within the block, offset within the request, length).
-fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, u64, usize)> {
-    let end = offset + len;
-    let mut pos = offset;
-    std::iter::from_fn(move || {
-        if pos >= end {
-            return None;
-        }
-        let within = pos % BLOCK;
-        let n = (BLOCK - within).min(end - pos);
-        let piece = (pos / BLOCK, within as usize, pos - offset, n as usize);
-        pos += n;
-        Some(piece)
-    })
-}
 
 impl Cache {
     fn lock(&self) -> Res<MutexGuard<'_, LruCache<u64, Cached>>> {
@@ -155,14 +138,15 @@ impl Cache {
 
     fn pre_read(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
         let mut lru = self.lock()?;
-        let all_cached = pieces(req.offset(), req.len()).all(|(b, ..)| lru.contains(&b));
+        let all_cached =
+            block_pieces(req.offset(), req.len(), BLOCK).all(|p| lru.contains(&p.block));
         if !all_cached {
             self.stats.misses.fetch_add(1, Relaxed);
             return Ok(Decision::Continue);
         }
-        for (block, within, at, n) in pieces(req.offset(), req.len()) {
-            let c = lru.get(&block).ok_or("cached block vanished")?;
-            req.write_data(at, &c.data[within..within + n])
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            let c = lru.get(&p.block).ok_or("cached block vanished")?;
+            req.write_data(p.at, &c.data[p.range()])
                 .map_err(|e| format!("{e:?}"))?;
         }
         self.stats.hits.fetch_add(1, Relaxed);
@@ -172,15 +156,14 @@ impl Cache {
 
     fn post_read(&self, req: &mut Request<'_>) -> Res<()> {
         let mut lru = self.lock()?;
-        for (block, within, at, n) in pieces(req.offset(), req.len()) {
-            if let Some(c) = lru.get(&block) {
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            if let Some(c) = lru.get(&p.block) {
                 // What is cached is newest (it may be dirty): it wins over what came up.
-                req.write_data(at, &c.data[within..within + n])
+                req.write_data(p.at, &c.data[p.range()])
                     .map_err(|e| format!("{e:?}"))?;
-            } else if n as u64 == BLOCK {
-                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
-                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
-                self.insert(&mut lru, block, data, false)?;
+            } else if p.is_whole(BLOCK) {
+                let data = Self::copy_block(req, p.at)?;
+                self.insert(&mut lru, p.block, data, false)?;
             }
         }
         Ok(())
@@ -190,21 +173,20 @@ impl Cache {
         let mut lru = self.lock()?;
         let whole = req.offset().is_multiple_of(BLOCK) && req.len().is_multiple_of(BLOCK);
         if self.write_back && whole {
-            for (block, _, at, _) in pieces(req.offset(), req.len()) {
-                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
-                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
-                self.insert(&mut lru, block, data, true)?;
+            for p in block_pieces(req.offset(), req.len(), BLOCK) {
+                let data = Self::copy_block(req, p.at)?;
+                self.insert(&mut lru, p.block, data, true)?;
             }
             self.stats.absorbed_writes.fetch_add(1, Relaxed);
             *slot = Some(Box::new(Answered));
             return Ok(Decision::Complete);
         }
         // Going down: blocks it covers in part must reach the disk first if dirty.
-        for (block, _, _, n) in pieces(req.offset(), req.len()) {
-            if n as u64 != BLOCK {
-                if let Some(c) = lru.peek_mut(&block) {
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            if !p.is_whole(BLOCK) {
+                if let Some(c) = lru.peek_mut(&p.block) {
                     if c.dirty {
-                        self.write_back(block, &c.data)?;
+                        self.write_back(p.block, &c.data)?;
                         c.dirty = false;
                     }
                 }
@@ -215,18 +197,23 @@ impl Cache {
 
     fn post_write(&self, req: &mut Request<'_>, ok: bool) -> Res<()> {
         let mut lru = self.lock()?;
-        for (block, _, at, n) in pieces(req.offset(), req.len()) {
-            if ok && n as u64 == BLOCK {
-                let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
-                req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
-                if lru.contains(&block) {
-                    self.insert(&mut lru, block, data, false)?;
-                }
-            } else {
-                lru.pop(&block);
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            if !(ok && p.is_whole(BLOCK)) {
+                lru.pop(&p.block);
+            } else if let Some(c) = lru.get_mut(&p.block) {
+                // Only blocks already cached are updated: writes do not fill the cache.
+                req.read_data(p.at, &mut c.data)
+                    .map_err(|e| format!("{e:?}"))?;
             }
         }
         Ok(())
+    }
+
+    /// A copy of the block-sized piece of the request's data at `at`.
+    fn copy_block(req: &Request<'_>, at: u64) -> Res<Box<[u8]>> {
+        let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
+        req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
+        Ok(data)
     }
 
     fn failed(&self, e: String) -> Decision {
@@ -338,16 +325,3 @@ impl Drop for Cache {
 }
 
 export_interceptor!(Cache);
-
-#[cfg(test)]
-mod tests {
-    use super::pieces;
-
-    #[test]
-    fn pieces_cover_the_range_block_by_block() {
-        let p: Vec<_> = pieces(4096 - 512, 5120).collect();
-        assert_eq!(p, [(0, 3584, 0, 512), (1, 0, 512, 4096), (2, 0, 4608, 512)]);
-        assert_eq!(pieces(8192, 4096).collect::<Vec<_>>(), [(2, 0, 0, 4096)]);
-        assert_eq!(pieces(0, 0).count(), 0);
-    }
-}

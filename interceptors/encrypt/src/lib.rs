@@ -15,8 +15,8 @@ pub mod seal;
 pub use layout::Mode;
 
 use interceptor_sdk::{
-    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
-    RequestKind, Slot,
+    abi, block_pieces, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower,
+    Request, RequestKind, Slot,
 };
 use layout::{
     Entry, Fallback, Geometry, Header, Version, BLOCK, ENTRIES_PER_SECTOR, ENTRY_BYTES, SECTOR,
@@ -322,16 +322,10 @@ impl Encrypt {
 
     fn read(&self, req: &mut Request<'_>) -> Res<()> {
         let st = self.state.lock().map_err(|_| "state lock poisoned")?;
-        let (start, end) = (req.offset(), req.offset() + req.len());
-        let mut pos = start;
-        while pos < end {
-            let block = pos / BLOCK;
-            let within = pos % BLOCK;
-            let n = (BLOCK - within).min(end - pos);
-            let data = self.read_block(&st, block)?;
-            req.write_data(pos - start, &data[within as usize..(within + n) as usize])
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            let data = self.read_block(&st, p.block)?;
+            req.write_data(p.at, &data[p.range()])
                 .map_err(|e| format!("{e:?}"))?;
-            pos += n;
         }
         Ok(())
     }
@@ -339,25 +333,16 @@ impl Encrypt {
     fn write(&self, req: &mut Request<'_>) -> Res<()> {
         let clear = req.disabled();
         let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
-        let (start, end) = (req.offset(), req.offset() + req.len());
-        let mut pos = start;
-        while pos < end {
-            let block = pos / BLOCK;
-            let within = pos % BLOCK;
-            let n = (BLOCK - within).min(end - pos);
-            let mut data = if n == BLOCK {
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            let mut data = if p.is_whole(BLOCK) {
                 vec![0u8; BLOCK as usize]
             } else {
                 self.stats.read_modify_writes.fetch_add(1, Relaxed);
-                self.read_block(&st, block)?
+                self.read_block(&st, p.block)?
             };
-            req.read_data(
-                pos - start,
-                &mut data[within as usize..(within + n) as usize],
-            )
-            .map_err(|e| format!("{e:?}"))?;
-            self.write_block(&mut st, block, data, clear)?;
-            pos += n;
+            req.read_data(p.at, &mut data[p.range()])
+                .map_err(|e| format!("{e:?}"))?;
+            self.write_block(&mut st, p.block, data, clear)?;
         }
         Ok(())
     }

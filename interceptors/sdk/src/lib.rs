@@ -54,10 +54,12 @@
 //! serde_json = "1"
 //! ```
 
+mod blocks;
 mod ffi;
 mod lower;
 mod request;
 
+pub use blocks::{block_pieces, BlockPiece};
 pub use interceptor_abi as abi;
 pub use interceptor_abi::DeviceKind;
 pub use lower::{IoError, LogLevel, Lower};

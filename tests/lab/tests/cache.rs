@@ -4,8 +4,8 @@
 mod common;
 
 use common::out_file;
-use compat::{BlockRequestKind, BlockStack, InstanceSpec, PluginRegistry, RequestStatus, Segment};
-use devices::virtio::block::RawFile;
+use common::stack::{file_stack, io};
+use compat::{BlockRequestKind, BlockStack, RequestStatus};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,33 +16,12 @@ const BLOCK: usize = 4096;
 fn open(name: &str, config: serde_json::Value) -> (PathBuf, Arc<BlockStack>) {
     let path = out_file(name);
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let disk = Arc::new(RawFile::new(file, false, "c").unwrap());
-    let reg = PluginRegistry::new();
-    let spec = InstanceSpec {
-        id: "cache".into(),
-        plugin: reg.load(&plugins().unwrap().cache, None).unwrap(),
-        config_json: config.to_string(),
-        enabled: true,
-    };
-    (path, BlockStack::build("c", disk, &[spec]).unwrap())
-}
-
-fn io(stack: &BlockStack, kind: BlockRequestKind, offset: usize, buf: &mut [u8]) -> RequestStatus {
-    let seg = [Segment {
-        base: buf.as_mut_ptr(),
-        len: buf.len(),
-    }];
-    // SAFETY: buf outlives the call.
-    unsafe { stack.submit(kind, offset as u64, &seg) }
+    let stack = file_stack(&path, "cache", &plugins().unwrap().cache, config).unwrap();
+    (path, stack)
 }
 
 fn stats(stack: &BlockStack) -> serde_json::Value {
-    stack.instance("cache").unwrap().plugin_stats().unwrap()
+    common::stack::stats(stack, "cache")
 }
 
 fn on_disk(path: &PathBuf, block: usize) -> Vec<u8> {

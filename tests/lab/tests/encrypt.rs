@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::out_file;
-use compat::{BlockRequestKind, BlockStack, InstanceSpec, PluginRegistry, RequestStatus, Segment};
-use devices::virtio::block::RawFile;
+use common::stack::{file_stack, io};
+use common::{contains, out_file, pattern};
+use compat::{BlockRequestKind, BlockStack, RequestStatus};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vmm_lab::plugins::plugins;
@@ -26,29 +26,13 @@ fn blank_disk(name: &str, bytes: usize) -> PathBuf {
 }
 
 fn open(image: &Path, key: &Path) -> Result<Arc<BlockStack>, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .unwrap();
-    let disk = Arc::new(RawFile::new(file, false, "enc").unwrap());
-    let reg = PluginRegistry::new();
-    let spec = InstanceSpec {
-        id: "enc".into(),
-        plugin: reg.load(&plugins().unwrap().encrypt, None).unwrap(),
-        config_json: serde_json::json!({ "key_file": key }).to_string(),
-        enabled: true,
-    };
-    BlockStack::build("enc", disk, &[spec]).map_err(|e| e.to_string())
-}
-
-fn io(stack: &BlockStack, kind: BlockRequestKind, offset: usize, buf: &mut [u8]) -> RequestStatus {
-    let seg = [Segment {
-        base: buf.as_mut_ptr(),
-        len: buf.len(),
-    }];
-    // SAFETY: buf outlives the call.
-    unsafe { stack.submit(kind, offset as u64, &seg) }
+    let plugin = plugins().unwrap().encrypt;
+    file_stack(
+        image,
+        "enc",
+        &plugin,
+        serde_json::json!({ "key_file": key }),
+    )
 }
 
 fn write(stack: &BlockStack, offset: usize, data: &[u8]) {
@@ -67,16 +51,8 @@ fn read(stack: &BlockStack, offset: usize, len: usize) -> Result<Vec<u8>, Reques
     }
 }
 
-fn pattern(tag: &str, len: usize) -> Vec<u8> {
-    tag.as_bytes().iter().copied().cycle().take(len).collect()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 fn stats(stack: &BlockStack) -> serde_json::Value {
-    stack.instance("enc").unwrap().plugin_stats().unwrap()
+    common::stack::stats(stack, "enc")
 }
 
 /// (data start block, guest blocks) from the header.

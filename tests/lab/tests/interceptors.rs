@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{out_file, output};
+use common::{contains, out_file, output, pattern};
 use std::path::Path;
 use vmm_lab::plugins::plugins;
 
@@ -13,10 +13,6 @@ const SECTOR: usize = 512;
 const KEY: u8 = 0x5a;
 /// hostcheck.base: past the 16 MiB that fio verify writes.
 const HOST_BASE: usize = 8192;
-
-fn pattern(text: &str, len: usize) -> Vec<u8> {
-    text.bytes().cycle().take(len).collect()
-}
 
 fn xor(data: &[u8]) -> Vec<u8> {
     data.iter().map(|b| b ^ KEY).collect()
@@ -84,23 +80,31 @@ fn assert_verified(r: &serde_json::Value) {
     }
 }
 
-/// Boots the guest with `chain` on a fresh 256 MiB data disk prepared by `prepare`, runs
-/// fio verify (the first 16 MiB) and then the host check at `HOST_BASE`; returns the run's
-/// markers and output, and the disk's bytes afterwards.
+/// The task of the verify runs: fio verify (the first 16 MiB), then the host check.
+const VERIFY_TASK: &str = "fio=verify-crc32c hostcheck hostcheck.base=8192";
+
+/// Boots the guest with `chain` on a fresh 256 MiB data disk prepared by `prepare` and runs
+/// `VERIFY_TASK`, checking that fio verified both ways; returns the disk, the run's markers
+/// and its output.
+fn verify_with(
+    name: &str,
+    chain: &str,
+    prepare: impl FnOnce(&Path),
+) -> Option<(std::path::PathBuf, Vec<String>, String)> {
+    let disk = fresh_disk(name);
+    prepare(&disk);
+    let (markers, text, r) = boot_with(name, chain, VERIFY_TASK, &disk)?;
+    assert_verified(&r);
+    Some((disk, markers, text))
+}
+
+/// `verify_with`, returning the disk's bytes afterwards.
 fn run_with(
     name: &str,
     chain: &str,
     prepare: impl FnOnce(&Path),
 ) -> Option<(Vec<String>, String, Vec<u8>)> {
-    let disk = fresh_disk(name);
-    prepare(&disk);
-    let (markers, text, r) = boot_with(
-        name,
-        chain,
-        "fio=verify-crc32c hostcheck hostcheck.base=8192",
-        &disk,
-    )?;
-    assert_verified(&r);
+    let (disk, markers, text) = verify_with(name, chain, prepare)?;
     Some((markers, text, std::fs::read(&disk).unwrap()))
 }
 
@@ -234,10 +238,6 @@ fn sha256(bytes: &[u8]) -> String {
         .to_string()
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 fn key_file(name: &str) -> std::path::PathBuf {
     let key = out_file(name);
     std::fs::write(&key, "7e".repeat(32)).unwrap();
@@ -254,16 +254,9 @@ fn fio_verify_passes_through_encrypt_the_disk_never_holds_the_guests_bytes_and_a
         &p.encrypt,
         &format!("config = {{ key_file = {key:?} }}"),
     );
-    let disk = fresh_disk("guest-enc");
-    let Some((_, text, r)) = boot_with(
-        "guest-enc",
-        &chain,
-        "fio=verify-crc32c hostcheck hostcheck.base=8192",
-        &disk,
-    ) else {
+    let Some((disk, _, text)) = verify_with("guest-enc", &chain, |_| {}) else {
         return;
     };
-    assert_verified(&r);
     let stats = plugin_stats(&text, "enc");
     assert!(
         stats["blocks_encrypted"].as_u64().unwrap() >= 4096,
@@ -336,16 +329,9 @@ fn fio_verify_passes_through_a_write_back_cache_which_hits_on_rereads_and_over_e
             &p.encrypt,
             &format!("config = {{ key_file = {key:?} }}"),
         );
-    let disk = fresh_disk("guest-cache-enc");
-    let Some((_, text, r)) = boot_with(
-        "guest-cache-enc",
-        &chain,
-        "fio=verify-crc32c hostcheck hostcheck.base=8192",
-        &disk,
-    ) else {
+    let Some((disk, _, text)) = verify_with("guest-cache-enc", &chain, |_| {}) else {
         return;
     };
-    assert_verified(&r);
     assert_eq!(plugin_stats(&text, "enc")["auth_failures"], 0);
     assert!(!contains(
         &std::fs::read(&disk).unwrap(),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{output, report, run_vmm_config};
+use common::{output, pattern, report, run_vmm_config};
 use std::process::Command;
 
 #[test]
@@ -152,10 +152,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn pattern(text: &str, len: usize) -> Vec<u8> {
-    text.bytes().cycle().take(len).collect()
 }
 
 #[test]

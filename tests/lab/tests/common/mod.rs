@@ -1,6 +1,8 @@
 //! Helpers shared by the harness's integration tests.
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -139,4 +141,14 @@ pub fn run_vmm_config(name: &str, body: &str) -> Output {
         .arg(&path)
         .output()
         .expect("running vmm")
+}
+
+/// `len` bytes of `text` repeated.
+pub fn pattern(text: &str, len: usize) -> Vec<u8> {
+    text.bytes().cycle().take(len).collect()
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
