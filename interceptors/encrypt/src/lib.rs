@@ -15,8 +15,8 @@ pub mod seal;
 pub use layout::Mode;
 
 use interceptor_sdk::{
-    abi, block_pieces, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower,
-    Request, RequestKind, Slot,
+    abi, block_pieces, export_interceptor, BlockPiece, CreateContext, Decision, Interceptor,
+    LogLevel, Lower, Request, RequestKind, Slot,
 };
 use layout::{
     Entry, Fallback, Geometry, Header, Version, BLOCK, ENTRIES_PER_SECTOR, ENTRY_BYTES, SECTOR,
@@ -266,7 +266,8 @@ impl Encrypt {
             .map_err(io)
     }
 
-    /// Stores a whole block: data into the slot the durable version is not in, then the entry.
+    /// Stores a whole block's data in the slot the durable version is not in and updates its
+    /// entry in memory; the caller writes the entry's metadata sector.
     fn write_block(&self, st: &mut State, block: u64, mut data: Vec<u8>, clear: bool) -> Res<()> {
         let durable = self.durable(st, block)?;
         let slot = match durable {
@@ -289,7 +290,7 @@ impl Encrypt {
             &self.stats.blocks_encrypted
         };
         counter.fetch_add(1, Relaxed);
-        self.write_meta_sector(st, block)
+        Ok(())
     }
 
     /// Flushes below, then settles every block written since the last flush: its newest
@@ -333,18 +334,50 @@ impl Encrypt {
     fn write(&self, req: &mut Request<'_>) -> Res<()> {
         let clear = req.disabled();
         let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
+        // Each metadata sector is written once per request, after the data of its blocks
+        // (any order of the two is crash-safe: docs/encryption.md), also when a block fails.
+        let mut pending: Option<u64> = None;
+        let mut result = Ok(());
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let mut data = if p.is_whole(BLOCK) {
-                vec![0u8; BLOCK as usize]
-            } else {
-                self.stats.read_modify_writes.fetch_add(1, Relaxed);
-                self.read_block(&st, p.block)?
-            };
-            req.read_data(p.at, &mut data[p.range()])
-                .map_err(|e| format!("{e:?}"))?;
-            self.write_block(&mut st, p.block, data, clear)?;
+            let sector = p.block / ENTRIES_PER_SECTOR;
+            if let Some(done) = pending.filter(|&s| s != sector) {
+                result = self.write_meta_sector(&st, done * ENTRIES_PER_SECTOR);
+                pending = None;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result = self.write_piece(req, &mut st, p, clear);
+            if result.is_err() {
+                break;
+            }
+            pending = Some(sector);
         }
-        Ok(())
+        if let Some(last) = pending {
+            let meta = self.write_meta_sector(&st, last * ENTRIES_PER_SECTOR);
+            result = result.and(meta);
+        }
+        result
+    }
+
+    /// One block of a write: the block's new plaintext (read-modify-write for a part of
+    /// it), sealed and stored.
+    fn write_piece(
+        &self,
+        req: &Request<'_>,
+        st: &mut State,
+        p: BlockPiece,
+        clear: bool,
+    ) -> Res<()> {
+        let mut data = if p.is_whole(BLOCK) {
+            vec![0u8; BLOCK as usize]
+        } else {
+            self.stats.read_modify_writes.fetch_add(1, Relaxed);
+            self.read_block(st, p.block)?
+        };
+        req.read_data(p.at, &mut data[p.range()])
+            .map_err(|e| format!("{e:?}"))?;
+        self.write_block(st, p.block, data, clear)
     }
 }
 

@@ -209,9 +209,6 @@ impl Model {
         ));
     }
 
-    /// Call before a flush (nothing changes until it completes).
-    pub fn before_flush(&mut self, _position: usize) {}
-
     /// Call after a flush completed, with the disk's position.
     pub fn after_flush(&mut self, position: usize) {
         self.events.push((position, Event::FlushDone));

@@ -75,7 +75,6 @@ fn run(
                 assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
             }
             60..=74 => {
-                model.before_flush(disk.position());
                 let st = submit(&stack, BlockRequestKind::Flush, 0, &mut []);
                 assert_eq!(st, RequestStatus::Ok, "seed {seed}: flush {op}");
                 model.after_flush(disk.position());
