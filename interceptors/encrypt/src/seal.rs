@@ -3,8 +3,7 @@
 //! the slot are authenticated data, so a block moved elsewhere on disk fails to open.
 
 use crate::layout::{Mode, Version};
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 pub struct Sealer {
@@ -39,7 +38,7 @@ impl Sealer {
         let mut text = b"VMMCRYPT key check".to_vec();
         text.extend_from_slice(&blocks.to_le_bytes());
         let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&[0u8; 12]), &text, &mut [])
+            .encrypt_inout_detached(&Nonce::from([0u8; 12]), &text, (&mut [][..]).into())
             .map_err(|_| "cannot compute the key check".to_string())?;
         Ok(tag.into())
     }
@@ -70,13 +69,13 @@ impl Sealer {
         let tag = match mode {
             Mode::Encrypted => {
                 self.cipher
-                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), &a, data)
+                    .encrypt_inout_detached(&Nonce::from(nonce), &a, data.into())
             }
             Mode::Clear => {
                 let mut all = a.to_vec();
                 all.extend_from_slice(data);
                 self.cipher
-                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), &all, &mut [])
+                    .encrypt_inout_detached(&Nonce::from(nonce), &all, (&mut [][..]).into())
             }
         }
         .map_err(|_| "sealing failed".to_string())?;
@@ -91,18 +90,18 @@ impl Sealer {
     /// Opens `data` (a whole block as stored in `v.slot`) in place; false if it fails its tag.
     pub fn open(&self, block: u64, v: &Version, data: &mut [u8]) -> bool {
         let a = aad(block, v.mode, v.slot);
-        let nonce = Nonce::from_slice(&v.nonce);
-        let tag = Tag::from_slice(&v.tag);
+        let nonce = &Nonce::from(v.nonce);
+        let tag = &Tag::from(v.tag);
         match v.mode {
             Mode::Encrypted => self
                 .cipher
-                .decrypt_in_place_detached(nonce, &a, data, tag)
+                .decrypt_inout_detached(nonce, &a, data.into(), tag)
                 .is_ok(),
             Mode::Clear => {
                 let mut all = a.to_vec();
                 all.extend_from_slice(data);
                 self.cipher
-                    .decrypt_in_place_detached(nonce, &all, &mut [], tag)
+                    .decrypt_inout_detached(nonce, &all, (&mut [][..]).into(), tag)
                     .is_ok()
             }
         }
