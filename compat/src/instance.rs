@@ -1,6 +1,7 @@
 //! One configured interceptor instance: a plugin's state for one device, its enable flag,
 //! its place over "the layers below", and the shim's counters for it.
 
+use crate::latency::LatencyHistogram;
 use crate::loader::{LoadError, Plugin};
 use crate::lower::LowerCtx;
 use crate::stack::BlockStack;
@@ -27,11 +28,15 @@ pub struct InstanceCounters {
     pub requests: AtomicU64,
     /// Data bytes of those requests.
     pub bytes: AtomicU64,
+    /// Writes among them (an instance that owns its format has data on disk once non-zero).
+    pub writes: AtomicU64,
     /// Requests this instance failed (pre returned fail, post returned an error, or a bad
     /// return value).
     pub errors: AtomicU64,
     /// Requests this instance satisfied without the layers below.
     pub completed: AtomicU64,
+    /// Time from its pre hook to its post hook, the layers below included.
+    pub latency: LatencyHistogram,
 }
 
 pub struct Instance {
@@ -43,10 +48,12 @@ pub struct Instance {
     flags: u32,
     enabled: AtomicBool,
     capacity: u64,
+    /// Loaded at run time onto layers the operator declared fresh (see `F_OWNS_FORMAT`).
+    pub(crate) fresh: AtomicBool,
     pub(crate) counters: InstanceCounters,
     // Dropped after `handle` is destroyed (see Drop): the plugin may call the lower handle
     // until destroy returns, and its code must stay loaded until then.
-    _lower: Box<LowerCtx>,
+    lower: Box<LowerCtx>,
     plugin: Arc<Plugin>,
 }
 
@@ -130,8 +137,9 @@ impl Instance {
             flags: table.flags,
             enabled: AtomicBool::new(spec.enabled),
             capacity: below_capacity,
+            fresh: AtomicBool::new(false),
             counters: InstanceCounters::default(),
-            _lower: lower,
+            lower,
             plugin,
         };
         // From here on, dropping `instance` destroys the plugin's state.
@@ -192,6 +200,21 @@ impl Instance {
     /// The plugin stays in the path while disabled.
     pub fn keeps_when_disabled(&self) -> bool {
         self.flags & abi::F_KEEP_WHEN_DISABLED != 0
+    }
+
+    /// What the plugin writes reads back only through it.
+    pub fn owns_format(&self) -> bool {
+        self.flags & abi::F_OWNS_FORMAT != 0
+    }
+
+    /// Was it loaded at run time onto layers declared fresh?
+    pub fn loaded_fresh(&self) -> bool {
+        self.fresh.load(Ordering::Relaxed)
+    }
+
+    /// Points its own I/O at a rebuilt stack below it.
+    pub(crate) fn repoint(&self, below: Arc<BlockStack>) {
+        self.lower.repoint(below);
     }
 
     /// Bytes this instance exposes to the layers above.

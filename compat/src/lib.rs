@@ -9,6 +9,8 @@
 
 mod driver;
 mod instance;
+mod latency;
+mod live;
 mod loader;
 mod lower;
 mod stack;
@@ -16,6 +18,8 @@ mod stack;
 pub use driver::{BlockDriver, IoRequest};
 pub use instance::{Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
+pub use latency::LatencyHistogram;
+pub use live::{ChainError, LiveStack};
 pub use loader::{LoadError, Plugin, PluginRegistry};
 pub use stack::{BlockStack, BuildError, StackCounters, MAX_CHAIN};
 

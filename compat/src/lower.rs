@@ -6,11 +6,13 @@ use crate::{BlockRequestKind, Segment, SECTOR_SIZE};
 use interceptor_abi as abi;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub(crate) struct LowerCtx {
     instance_id: String,
-    below: Arc<BlockStack>,
+    /// Re-pointed when the chain below changes at run time (under the device's edit lock,
+    /// while no guest request is in flight).
+    below: RwLock<Arc<BlockStack>>,
     raw: abi::Lower,
 }
 
@@ -26,7 +28,7 @@ impl LowerCtx {
                 log: lower_log,
                 capacity: below.capacity(),
             },
-            below,
+            below: RwLock::new(below),
         });
         // The box never moves, so the table can point at its owner.
         ctx.raw.ctx = (&*ctx as *const LowerCtx).cast_mut().cast();
@@ -37,12 +39,28 @@ impl LowerCtx {
         &self.raw
     }
 
+    /// Points the plugin's own I/O at a rebuilt stack of the same layers' successors.
+    pub(crate) fn repoint(&self, below: Arc<BlockStack>) {
+        match self.below.write() {
+            Ok(mut b) => *b = below,
+            Err(poisoned) => *poisoned.into_inner() = below,
+        }
+    }
+
+    fn below(&self) -> Arc<BlockStack> {
+        match self.below.read() {
+            Ok(b) => b.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// One of the plugin's own requests: checked, then run through the stack below.
     fn submit(&self, kind: BlockRequestKind, offset: u64, buf: *mut u8, len: u64) -> u32 {
         let aligned = offset.is_multiple_of(SECTOR_SIZE) && len.is_multiple_of(SECTOR_SIZE);
+        let below = self.below();
         let in_range = offset
             .checked_add(len)
-            .is_some_and(|end| end <= self.below.capacity());
+            .is_some_and(|end| end <= below.capacity());
         let Ok(len_usize) = usize::try_from(len) else {
             return abi::STATUS_IOERR;
         };
@@ -61,7 +79,7 @@ impl LowerCtx {
         // SAFETY: the plugin passed a buffer valid for len bytes (the ABI's rule); range and
         // alignment are checked above. Write data is never modified (layers that transform
         // get a bounce copy).
-        let status = unsafe { self.below.submit(kind, offset, segs) };
+        let status = unsafe { below.submit(kind, offset, segs) };
         status.to_abi()
     }
 }

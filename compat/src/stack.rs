@@ -13,6 +13,7 @@ use interceptor_abi as abi;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Most interceptors in one device's chain.
 pub const MAX_CHAIN: usize = 16;
@@ -42,7 +43,8 @@ pub struct BlockStack {
     layers: Vec<Arc<Instance>>,
     driver: Arc<dyn BlockDriver>,
     capacity: u64,
-    counters: StackCounters,
+    /// Shared by every rebuild of the device's top stack (see `LiveStack`).
+    counters: Arc<StackCounters>,
 }
 
 impl std::fmt::Debug for BlockStack {
@@ -78,7 +80,7 @@ impl BlockStack {
             layers: Vec::new(),
             capacity: driver.capacity(),
             driver,
-            counters: StackCounters::default(),
+            counters: Arc::default(),
         });
         for spec in chain.iter().rev() {
             let instance = Arc::new(
@@ -96,10 +98,44 @@ impl BlockStack {
                 layers,
                 capacity: instance.capacity(),
                 driver: stack.driver.clone(),
-                counters: StackCounters::default(),
+                counters: Arc::default(),
             });
         }
         Ok(stack)
+    }
+
+    /// The stacks under each of `layers` (top to bottom) over `driver`: entry `k` holds
+    /// `layers[k..]`, the last one the driver alone. Entry 0 shares `counters`.
+    pub(crate) fn assemble(
+        device_id: &str,
+        driver: &Arc<dyn BlockDriver>,
+        layers: &[Arc<Instance>],
+        counters: &Arc<StackCounters>,
+    ) -> Vec<Arc<BlockStack>> {
+        let mut stacks = Vec::with_capacity(layers.len() + 1);
+        for k in (0..=layers.len()).rev() {
+            stacks.push(Arc::new(BlockStack {
+                device_id: device_id.into(),
+                layers: layers[k..].to_vec(),
+                capacity: layers.get(k).map_or(driver.capacity(), |l| l.capacity()),
+                driver: driver.clone(),
+                counters: if k == 0 {
+                    counters.clone()
+                } else {
+                    Arc::default()
+                },
+            }));
+        }
+        stacks.reverse();
+        stacks
+    }
+
+    pub(crate) fn driver(&self) -> &Arc<dyn BlockDriver> {
+        &self.driver
+    }
+
+    pub(crate) fn shared_counters(&self) -> &Arc<StackCounters> {
+        &self.counters
     }
 
     pub fn device_id(&self) -> &str {
@@ -235,6 +271,7 @@ impl BlockStack {
         };
 
         let mut slots = [std::ptr::null_mut::<c_void>(); MAX_CHAIN];
+        let mut started = [None::<Instant>; MAX_CHAIN];
         let mut last_pre = None;
         let mut early = None;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -244,6 +281,10 @@ impl BlockStack {
             let c = &layer.counters;
             c.requests.fetch_add(1, Relaxed);
             c.bytes.fetch_add(len, Relaxed);
+            if kind == BlockRequestKind::Write {
+                c.writes.fetch_add(1, Relaxed);
+            }
+            started[i] = Some(Instant::now());
             let decision = layer.call_pre(&request_for(i, layer), &mut slots[i]);
             last_pre = Some(i);
             match decision {
@@ -279,6 +320,10 @@ impl BlockStack {
             });
             if next != RequestStatus::Ok && status == RequestStatus::Ok {
                 layer.counters.errors.fetch_add(1, Relaxed);
+            }
+            if let Some(t) = started[i] {
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                layer.counters.latency.record(ns);
             }
             status = next;
         }

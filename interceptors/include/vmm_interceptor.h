@@ -69,6 +69,10 @@ extern "C" {
  * disabled, sees VMM_REQ_F_DISABLED, and must keep reading back what it wrote. A plugin
  * without this flag is skipped entirely while disabled. */
 #define VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED 2u
+/* What the plugin writes can only be read back through it (encryption, remapping, a
+ * transform that keeps no record): the VMM never removes such an instance from a running
+ * chain, and loads one at run time only onto layers the operator declares fresh. */
+#define VMM_INTERCEPTOR_F_OWNS_FORMAT 4u
 
 /* Log levels for vmm_lower.log. */
 #define VMM_LOG_ERROR 1u

@@ -117,7 +117,8 @@ static void xor_destroy(void *instance)
 
 static const struct vmm_interceptor_table table = {
     .abi_version = VMM_INTERCEPTOR_ABI_VERSION,
-    .flags = VMM_INTERCEPTOR_F_MODIFIES_DATA | VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED,
+    .flags = VMM_INTERCEPTOR_F_MODIFIES_DATA | VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED |
+             VMM_INTERCEPTOR_F_OWNS_FORMAT,
     .supported_devices = 1u << VMM_DEVICE_BLOCK,
     .name = "xor",
     .create = xor_create,

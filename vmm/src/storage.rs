@@ -3,7 +3,7 @@
 //! is a config error (exit 2) naming the file and the entry.
 
 use crate::config::{ConfigError, InterceptorConfig, VmConfig};
-use compat::{BlockStack, InstanceSpec, PluginRegistry};
+use compat::{BlockStack, InstanceSpec, LiveStack, PluginRegistry};
 use devices::virtio::block::RawFile;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub struct Disk {
     pub id: String,
     pub read_only: bool,
-    pub stack: Arc<BlockStack>,
+    pub stack: Arc<LiveStack>,
 }
 
 fn instance_spec(
@@ -81,7 +81,7 @@ pub fn open_disks(
         disks.push(Disk {
             id: b.id.clone(),
             read_only: b.read_only,
-            stack,
+            stack: Arc::new(LiveStack::new(stack)),
         });
     }
     Ok(disks)
@@ -91,7 +91,7 @@ pub fn open_disks(
 pub fn report(disks: &[Disk]) -> Vec<String> {
     let mut lines = Vec::new();
     for d in disks {
-        for layer in d.stack.layers() {
+        for layer in d.stack.snapshot().layers() {
             let c = layer.counters();
             let ld =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

@@ -6,6 +6,7 @@
 
 mod data;
 mod hooks;
+mod live;
 mod plugins;
 mod refusals;
 mod toggles;

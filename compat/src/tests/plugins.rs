@@ -205,3 +205,48 @@ impl Interceptor for BadShrink {
         Some(512)
     }
 }
+
+/// Xor that owns its format (like the C example): it may only be loaded at run time onto
+/// fresh layers and never removed once it has written.
+pub(super) struct OwnedXor;
+
+impl Interceptor for OwnedXor {
+    const NAME: &'static std::ffi::CStr = c"owned-xor";
+    const FLAGS: u32 = abi::F_MODIFIES_DATA | abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT;
+
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(OwnedXor)
+    }
+
+    fn pre(&self, req: &mut Request<'_>, s: &mut Slot) -> Decision {
+        Xor.pre(req, s)
+    }
+
+    fn post(&self, req: &mut Request<'_>, s: Slot, status: Status) -> Status {
+        Xor.post(req, s, status)
+    }
+}
+
+/// Fails any request whose post hook does not get the slot its pre hook set: a request
+/// split across a chain edit would show here.
+pub(super) struct Paired;
+
+impl Interceptor for Paired {
+    const NAME: &'static std::ffi::CStr = c"paired";
+
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(Paired)
+    }
+
+    fn pre(&self, _: &mut Request<'_>, slot: &mut Slot) -> Decision {
+        *slot = Some(Box::new(0x5eed_u32));
+        Decision::Continue
+    }
+
+    fn post(&self, _: &mut Request<'_>, slot: Slot, status: Status) -> Status {
+        match slot.and_then(|s| s.downcast::<u32>().ok()) {
+            Some(v) if *v == 0x5eed => status,
+            _ => Status::IoError,
+        }
+    }
+}

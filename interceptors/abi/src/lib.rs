@@ -60,6 +60,9 @@ pub const FAIL: u32 = 2;
 pub const F_MODIFIES_DATA: u32 = 1;
 /// Data on disk depends on the plugin: it stays in the path while disabled.
 pub const F_KEEP_WHEN_DISABLED: u32 = 2;
+/// What the plugin writes reads back only through it: never removed from a running chain,
+/// loaded at run time only onto layers declared fresh.
+pub const F_OWNS_FORMAT: u32 = 4;
 
 pub const LOG_ERROR: u32 = 1;
 pub const LOG_WARN: u32 = 2;

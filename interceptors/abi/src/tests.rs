@@ -34,6 +34,7 @@ int main(void) {
     C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP)
     C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL)
     C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
+    C(VMM_INTERCEPTOR_F_OWNS_FORMAT)
     C(VMM_LOG_ERROR) C(VMM_LOG_WARN) C(VMM_LOG_INFO) C(VMM_LOG_DEBUG)
     printf("entry %s\n", VMM_INTERCEPTOR_ENTRY_SYMBOL);
     return 0;
@@ -114,7 +115,7 @@ fn rust_view() -> BTreeMap<String, String> {
     ] {
         put(&k, v);
     }
-    let consts: [(&str, u64); 23] = [
+    let consts: [(&str, u64); 24] = [
         ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
         ("VMM_SECTOR_SIZE", SECTOR_SIZE),
         ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
@@ -137,6 +138,7 @@ fn rust_view() -> BTreeMap<String, String> {
             "VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED",
             F_KEEP_WHEN_DISABLED.into(),
         ),
+        ("VMM_INTERCEPTOR_F_OWNS_FORMAT", F_OWNS_FORMAT.into()),
         ("VMM_LOG_ERROR", LOG_ERROR.into()),
         ("VMM_LOG_WARN", LOG_WARN.into()),
         ("VMM_LOG_INFO", LOG_INFO.into()),

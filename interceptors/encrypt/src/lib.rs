@@ -385,7 +385,7 @@ impl Interceptor for Encrypt {
     const NAME: &'static std::ffi::CStr = c"encrypt";
     // Its layout is its own: it stays in the path while disabled (writing new blocks in the
     // clear) and does all its I/O itself, so it never needs the shim's bounce buffers.
-    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT;
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;

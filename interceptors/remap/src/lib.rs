@@ -141,7 +141,7 @@ impl Remap {
 
 impl Interceptor for Remap {
     const NAME: &'static std::ffi::CStr = c"remap";
-    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT;
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let lower = ctx.lower;

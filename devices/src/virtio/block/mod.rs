@@ -10,7 +10,7 @@ pub use backend::RawFile;
 pub use request::{BlockRequest, Refused, RequestError};
 
 use super::{ActivateError, Interrupt, VirtioDevice};
-use compat::{BlockRequestKind, BlockStack, RequestStatus, Segment};
+use compat::{BlockRequestKind, LiveStack, RequestStatus, Segment};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -28,7 +28,7 @@ const SEG_MAX: u32 = 128;
 
 pub struct Block {
     id: String,
-    stack: Option<Arc<BlockStack>>,
+    stack: Option<Arc<LiveStack>>,
     capacity_sectors: u64,
     read_only: bool,
     queue_sizes: [u16; 1],
@@ -36,7 +36,7 @@ pub struct Block {
 
 impl Block {
     /// A disk serving `stack` (whose top decides the capacity the guest sees).
-    pub fn new(id: &str, stack: Arc<BlockStack>, read_only: bool) -> Block {
+    pub fn new(id: &str, stack: Arc<LiveStack>, read_only: bool) -> Block {
         Block {
             id: id.to_string(),
             capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
@@ -114,7 +114,7 @@ struct Worker {
     id: String,
     mem: GuestMemoryMmap,
     queue: Queue,
-    stack: Arc<BlockStack>,
+    stack: Arc<LiveStack>,
     capacity_sectors: u64,
     interrupt: Arc<Interrupt>,
     /// Set when the guest broke the queue itself; the device then stops serving.

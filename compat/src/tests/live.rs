@@ -1,0 +1,217 @@
+//! Chains edited while requests run (`LiveStack`): loads and removals take effect for the
+//! next request, plugins' own I/O follows the new chain, and the data safety refusals.
+
+use super::plugins::{OwnedXor, Paired, Shift, Xor};
+use super::*;
+
+fn live(disk: &Arc<MemDisk>, chain: &[InstanceSpec]) -> LiveStack {
+    LiveStack::new(BlockStack::build("vdb", disk.clone(), chain).unwrap())
+}
+
+fn live_io(
+    stack: &LiveStack,
+    kind: BlockRequestKind,
+    offset: u64,
+    buf: &mut [u8],
+) -> RequestStatus {
+    let seg = [Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    // SAFETY: `buf` is valid for its length during the call.
+    unsafe { stack.submit(kind, offset, &seg) }
+}
+
+fn ids(stack: &LiveStack) -> Vec<String> {
+    stack
+        .snapshot()
+        .layers()
+        .iter()
+        .map(|l| l.id().to_string())
+        .collect()
+}
+
+#[test]
+fn a_loaded_instance_sees_the_next_request_and_a_removed_one_does_not() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(&disk, &[]);
+    live_io(&stack, BlockRequestKind::Write, 0, &mut [1u8; 512]);
+    stack
+        .insert(
+            &spec("x", static_table!(Xor), serde_json::json!({})),
+            0,
+            false,
+        )
+        .unwrap();
+    assert_eq!(ids(&stack), ["x"]);
+    live_io(&stack, BlockRequestKind::Write, 512, &mut [1u8; 512]);
+    assert_eq!(
+        disk.data.lock().unwrap()[512],
+        0xfe,
+        "the write after the load is transformed"
+    );
+    assert_eq!(disk.data.lock().unwrap()[0], 1, "the one before it is not");
+    let x = stack.snapshot().layers()[0].clone();
+    assert_eq!(x.counters().requests.load(Ordering::SeqCst), 1);
+    stack.remove("x").unwrap();
+    assert!(ids(&stack).is_empty());
+    live_io(&stack, BlockRequestKind::Write, 1024, &mut [1u8; 512]);
+    assert_eq!(
+        disk.data.lock().unwrap()[1024],
+        1,
+        "after removal the chain is empty again"
+    );
+    assert_eq!(x.counters().requests.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        stack.remove("x"),
+        Err(ChainError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn the_plugins_above_do_their_own_io_through_an_instance_loaded_below_them() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(
+        &disk,
+        &[spec("shift", static_table!(Shift), serde_json::json!({}))],
+    );
+    let capacity = stack.capacity();
+    stack
+        .insert(
+            &spec("x", static_table!(Xor), serde_json::json!({})),
+            1,
+            false,
+        )
+        .unwrap();
+    assert_eq!(ids(&stack), ["shift", "x"]);
+    assert_eq!(stack.capacity(), capacity);
+    let mut data = [7u8; 512];
+    assert_eq!(
+        live_io(&stack, BlockRequestKind::Write, 0, &mut data),
+        RequestStatus::Ok
+    );
+    assert_eq!(
+        disk.data.lock().unwrap()[4096],
+        7 ^ 0xff,
+        "shift's write went through x"
+    );
+    let mut back = [0u8; 512];
+    assert_eq!(
+        live_io(&stack, BlockRequestKind::Read, 0, &mut back),
+        RequestStatus::Ok
+    );
+    assert_eq!(back, data);
+}
+
+#[test]
+fn refusals_leave_the_chain_as_it_was() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(
+        &disk,
+        &[spec("p", static_table!(Paired), serde_json::json!({}))],
+    );
+    let conflict = |r: Result<Arc<Instance>, ChainError>| match r {
+        Err(ChainError::Conflict(m)) => m,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    let m = conflict(stack.insert(
+        &spec("s", static_table!(Shift), serde_json::json!({})),
+        0,
+        true,
+    ));
+    assert!(m.contains("cannot change size"), "{m}");
+    let m = conflict(stack.insert(
+        &spec("o", static_table!(OwnedXor), serde_json::json!({})),
+        0,
+        false,
+    ));
+    assert!(m.contains("owns the format"), "{m}");
+    let m = conflict(stack.insert(
+        &spec("p", static_table!(Paired), serde_json::json!({})),
+        0,
+        false,
+    ));
+    assert!(m.contains("already has"), "{m}");
+    assert!(matches!(
+        stack.insert(
+            &spec("q", static_table!(Paired), serde_json::json!({})),
+            5,
+            false
+        ),
+        Err(ChainError::Invalid(_))
+    ));
+    assert_eq!(ids(&stack), ["p"]);
+}
+
+#[test]
+fn an_instance_that_owns_its_format_stays_once_it_has_written() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(&disk, &[]);
+    let owned = || spec("o", static_table!(OwnedXor), serde_json::json!({}));
+    stack.insert(&owned(), 0, true).unwrap();
+    stack.remove("o").unwrap(); // nothing written yet: nothing to lose
+    stack.insert(&owned(), 0, true).unwrap();
+    live_io(&stack, BlockRequestKind::Write, 0, &mut [3u8; 512]);
+    match stack.remove("o") {
+        Err(ChainError::Conflict(m)) => assert!(m.contains("garbage"), "{m}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let mut back = [0u8; 512];
+    live_io(&stack, BlockRequestKind::Read, 0, &mut back);
+    assert_eq!(back, [3u8; 512]);
+    // Booted with it (not fresh): never removable.
+    let stack = live(&disk, &[owned()]);
+    assert!(matches!(stack.remove("o"), Err(ChainError::Conflict(_))));
+}
+
+#[test]
+fn no_request_is_torn_while_the_chain_changes_under_it() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = Arc::new(live(
+        &disk,
+        &[spec("base", static_table!(Paired), serde_json::json!({}))],
+    ));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io_thread = {
+        let (stack, stop) = (stack.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) || n < 1000 {
+                let at = (n % 2048) * 512;
+                let mut w = [(n % 251) as u8; 512];
+                assert_eq!(
+                    live_io(&stack, BlockRequestKind::Write, at, &mut w),
+                    RequestStatus::Ok
+                );
+                let mut r = [0u8; 512];
+                assert_eq!(
+                    live_io(&stack, BlockRequestKind::Read, at, &mut r),
+                    RequestStatus::Ok
+                );
+                assert_eq!(r, w, "request {n}");
+                n += 1;
+            }
+            n
+        })
+    };
+    for round in 0..300usize {
+        let id = format!("p{round}");
+        let at = round % (ids(&stack).len() + 1);
+        stack
+            .insert(
+                &spec(&id, static_table!(Paired), serde_json::json!({})),
+                at,
+                false,
+            )
+            .unwrap();
+        stack.remove(&id).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let requests = io_thread.join().unwrap();
+    assert!(requests >= 1000);
+    assert_eq!(ids(&stack), ["base"]);
+    let base = stack.snapshot().layers()[0].clone();
+    assert_eq!(base.counters().errors.load(Ordering::SeqCst), 0);
+    assert_eq!(stack.counters().errors.load(Ordering::SeqCst), 0);
+    assert_eq!(base.counters().latency.count(), 2 * requests);
+}
