@@ -182,22 +182,8 @@ impl LiveStack {
         let _edit = self.edit.lock().unwrap_or_else(|p| p.into_inner());
         let top = self.snapshot();
         let layers = top.layers();
-        let Some(k) = layers.iter().position(|l| l.id() == id) else {
-            return Err(ChainError::NotFound {
-                device: self.device_id.clone(),
-                id: id.into(),
-            });
-        };
+        let k = self.removable(layers, id)?;
         let instance = &layers[k];
-        let writes = instance.counters().writes.load(Relaxed);
-        if instance.owns_format() && !(instance.loaded_fresh() && writes == 0) {
-            return Err(ChainError::Conflict(format!(
-                "interceptor `{id}` (plugin `{}`) owns the format of what it wrote to device \
-                 `{}`: without it that data would read back as garbage. Disable it instead",
-                instance.plugin().name(),
-                self.device_id
-            )));
-        }
         if instance.keeps_when_disabled() {
             let was = instance.enabled();
             instance.set_enabled(false);
@@ -215,6 +201,32 @@ impl LiveStack {
         // The removed instance is destroyed when its last holder lets go: here, or when a
         // reader of an older snapshot (an API request) finishes.
         Ok(())
+    }
+
+    /// Would [`remove`](Self::remove) refuse `id` now?
+    pub fn check_removable(&self, id: &str) -> Result<(), ChainError> {
+        self.removable(self.snapshot().layers(), id).map(|_| ())
+    }
+
+    /// `id`'s position, if removing it loses nothing.
+    fn removable(&self, layers: &[Arc<Instance>], id: &str) -> Result<usize, ChainError> {
+        let Some(k) = layers.iter().position(|l| l.id() == id) else {
+            return Err(ChainError::NotFound {
+                device: self.device_id.clone(),
+                id: id.into(),
+            });
+        };
+        let instance = &layers[k];
+        let writes = instance.counters().writes.load(Relaxed);
+        if instance.owns_format() && !(instance.loaded_fresh() && writes == 0) {
+            return Err(ChainError::Conflict(format!(
+                "interceptor `{id}` (plugin `{}`) owns the format of what it wrote to device \
+                 `{}`: without it that data would read back as garbage. Disable it instead",
+                instance.plugin().name(),
+                self.device_id
+            )));
+        }
+        Ok(k)
     }
 
     /// Waits for the requests in flight, re-points every plugin's own I/O, publishes.

@@ -2,6 +2,7 @@
 
 mod boot;
 mod config;
+mod control;
 mod cpu;
 mod layout;
 mod memory;
@@ -22,6 +23,9 @@ struct Cli {
     /// Path of the guest's TOML config (see configs/).
     #[arg(long)]
     config: std::path::PathBuf,
+    /// Serve the REST control API on this Unix socket (overrides `[api] socket`).
+    #[arg(long)]
+    api_sock: Option<std::path::PathBuf>,
 }
 
 /// Exit status for a config the VMM refuses.
@@ -56,7 +60,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let registry = compat::PluginRegistry::new();
+    let registry = std::sync::Arc::new(compat::PluginRegistry::new());
     let disks = match storage::open_disks(&cfg, &file, &registry) {
         Ok(d) => d,
         Err(e) => {
@@ -64,7 +68,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outcome = vm::run(&cfg, &disks);
+    let exit = match vm::eventfd() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let api = match start_api(&cli, &cfg, &disks, &registry, &exit) {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let outcome = vm::run(&cfg, &disks, &exit);
     // Shutdown: whatever a plugin holds (a write-back cache's dirty blocks) reaches the disk.
     for d in &disks {
         if d.stack.flush() != compat::RequestStatus::Ok {
@@ -73,6 +91,9 @@ fn main() -> ExitCode {
     }
     for line in storage::report(&disks) {
         eprintln!("vmm: {line}");
+    }
+    if let Some(api) = api {
+        api.remove_socket();
     }
     let _ = std::io::stdout().flush();
     match outcome {
@@ -83,4 +104,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Serves the API if `--api-sock` or `[api] socket` names a socket.
+fn start_api(
+    cli: &Cli,
+    cfg: &VmConfig,
+    disks: &[storage::Disk],
+    registry: &std::sync::Arc<compat::PluginRegistry>,
+    exit: &vmm_sys_util::eventfd::EventFd,
+) -> Result<Option<vmm_api::Server>, String> {
+    let Some(path) = cli
+        .api_sock
+        .clone()
+        .or_else(|| cfg.api.as_ref().map(|a| a.socket.clone()))
+    else {
+        return Ok(None);
+    };
+    let exit = exit
+        .try_clone()
+        .map_err(|e| format!("api: cannot share the exit eventfd: {e}"))?;
+    let vm = control::VmHandle::new(cfg.machine.vcpus, cfg.machine.memory_mib, exit);
+    let api_disks = disks
+        .iter()
+        .map(|d| vmm_api::Disk {
+            id: d.id.clone(),
+            read_only: d.read_only,
+            stack: d.stack.clone(),
+        })
+        .collect();
+    let state = vmm_api::ApiState::new(std::sync::Arc::new(vm), api_disks, registry.clone());
+    let server = vmm_api::serve(&path, state).map_err(|e| e.to_string())?;
+    tracing::info!("api: serving on {}", server.path().display());
+    Ok(Some(server))
 }

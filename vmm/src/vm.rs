@@ -27,7 +27,7 @@ pub enum Outcome {
     Error,
 }
 
-fn eventfd() -> Result<EventFd> {
+pub fn eventfd() -> Result<EventFd> {
     EventFd::new(0).context("eventfd")
 }
 
@@ -99,7 +99,9 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
         });
 }
 
-pub fn run(cfg: &VmConfig, disks: &[Disk]) -> Result<Outcome> {
+/// Runs the guest until it resets, a vCPU fails, or something writes `exit` (the API's
+/// shutdown action).
+pub fn run(cfg: &VmConfig, disks: &[Disk], exit: &EventFd) -> Result<Outcome> {
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.set_tss_address(TSS_ADDR as usize)
@@ -112,7 +114,6 @@ pub fn run(cfg: &VmConfig, disks: &[Disk]) -> Result<Outcome> {
     .context("KVM_CREATE_PIT2")?;
     let mem = memory::create(&vm, cfg.machine.memory_mib << 20)?;
 
-    let exit = eventfd()?;
     let mut pio = Bus::new();
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)

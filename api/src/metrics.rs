@@ -1,0 +1,162 @@
+//! `GET /metrics`: the same counters in Prometheus' text format (version 0.0.4). Each
+//! family's HELP and TYPE lines come first, then its samples.
+
+use crate::ApiState;
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<String>,
+}
+
+fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+    Family {
+        name,
+        kind,
+        help,
+        samples: Vec::new(),
+    }
+}
+
+pub(crate) fn render(state: &ApiState) -> String {
+    let info = state.vm.info();
+    let mut uptime = family(
+        "vmm_uptime_seconds",
+        "gauge",
+        "Seconds since the guest started.",
+    );
+    uptime
+        .samples
+        .push(format!("{}", info.uptime.as_secs_f64()));
+    let mut vcpus = family("vmm_vcpus", "gauge", "vCPUs of the guest.");
+    vcpus.samples.push(format!("{}", info.vcpus));
+    let mut dev_requests = family(
+        "vmm_block_requests_total",
+        "counter",
+        "Requests a device sent into its chain.",
+    );
+    let mut dev_errors = family(
+        "vmm_block_errors_total",
+        "counter",
+        "Requests the guest saw fail.",
+    );
+    let mut dev_answered = family(
+        "vmm_block_completed_without_driver_total",
+        "counter",
+        "Requests an interceptor answered without the driver.",
+    );
+    let mut requests = family(
+        "vmm_interceptor_requests_total",
+        "counter",
+        "Requests through the instance.",
+    );
+    let mut bytes = family(
+        "vmm_interceptor_bytes_total",
+        "counter",
+        "Data bytes of those requests.",
+    );
+    let mut errors = family(
+        "vmm_interceptor_errors_total",
+        "counter",
+        "Requests the instance failed.",
+    );
+    let mut completed = family(
+        "vmm_interceptor_completed_total",
+        "counter",
+        "Requests the instance answered without the layers below.",
+    );
+    let mut enabled = family(
+        "vmm_interceptor_enabled",
+        "gauge",
+        "1 if the instance is enabled.",
+    );
+    let mut latency = family(
+        "vmm_interceptor_latency_seconds",
+        "summary",
+        "Time from the instance's pre hook to its post hook, the layers below included.",
+    );
+    for d in &state.disks {
+        let snapshot = d.stack.snapshot();
+        let c = snapshot.counters();
+        let dev = format!("{{device=\"{}\"}}", label(&d.id));
+        dev_requests
+            .samples
+            .push(format!("{dev} {}", c.requests.load(Relaxed)));
+        dev_errors
+            .samples
+            .push(format!("{dev} {}", c.errors.load(Relaxed)));
+        dev_answered.samples.push(format!(
+            "{dev} {}",
+            c.completed_without_driver.load(Relaxed)
+        ));
+        for l in snapshot.layers() {
+            let at = format!(
+                "device=\"{}\",interceptor=\"{}\"",
+                label(&d.id),
+                label(l.id())
+            );
+            let k = l.counters();
+            requests
+                .samples
+                .push(format!("{{{at}}} {}", k.requests.load(Relaxed)));
+            bytes
+                .samples
+                .push(format!("{{{at}}} {}", k.bytes.load(Relaxed)));
+            errors
+                .samples
+                .push(format!("{{{at}}} {}", k.errors.load(Relaxed)));
+            completed
+                .samples
+                .push(format!("{{{at}}} {}", k.completed.load(Relaxed)));
+            enabled
+                .samples
+                .push(format!("{{{at}}} {}", u8::from(l.enabled())));
+            for q in [0.5, 0.9, 0.99] {
+                if let Some(ns) = k.latency.quantile(q) {
+                    let secs = ns as f64 / 1e9;
+                    latency
+                        .samples
+                        .push(format!("{{{at},quantile=\"{q}\"}} {secs}"));
+                }
+            }
+            let count = k.latency.count();
+            latency.samples.push(format!("_count{{{at}}} {count}"));
+        }
+    }
+    let mut text = String::new();
+    for f in [
+        uptime,
+        vcpus,
+        dev_requests,
+        dev_errors,
+        dev_answered,
+        requests,
+        bytes,
+        errors,
+        completed,
+        enabled,
+        latency,
+    ] {
+        let _ = writeln!(
+            text,
+            "# HELP {} {}\n# TYPE {} {}",
+            f.name, f.help, f.name, f.kind
+        );
+        for s in &f.samples {
+            // A sample is the family's name, then labels (or a suffix such as `_count`).
+            let sep = if s.starts_with(['{', '_']) { "" } else { " " };
+            let _ = writeln!(text, "{}{sep}{s}", f.name);
+        }
+    }
+    text
+}

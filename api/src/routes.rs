@@ -1,0 +1,255 @@
+//! The resources. Each path has one handler that dispatches on the method itself, so a
+//! wrong method gets a 405 with `Allow` and a JSON fault like every other error.
+
+use crate::body;
+use crate::views::{self, json_body};
+use crate::{ApiError, ApiState};
+use axum::body::Body;
+use axum::extract::{rejection::PathRejection, Path, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use compat::InstanceSpec;
+use serde::Deserialize;
+use std::sync::Arc;
+
+type Shared = State<Arc<ApiState>>;
+type Answer = Result<Response, ApiError>;
+
+pub(crate) fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/vm", any(vm))
+        .route("/devices", any(devices))
+        .route("/interceptors", any(interceptors))
+        .route("/interceptors/{id}", any(interceptor))
+        .route("/actions", any(actions))
+        .route("/metrics", any(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn only(method: &Method, path: &'static str, allow: &'static str) -> Result<(), ApiError> {
+    if allow.split(", ").any(|m| m == method.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path,
+            allow,
+        })
+    }
+}
+
+fn ok_json(v: &serde_json::Value) -> Response {
+    json_body(v).into_response()
+}
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no resource at {}; see docs/api.yaml", uri.path()))
+}
+
+async fn vm(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/vm", "GET")?;
+    Ok(ok_json(&views::vm(&s)))
+}
+
+async fn devices(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/devices", "GET")?;
+    Ok(ok_json(&views::devices(&s)))
+}
+
+async fn interceptors(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/interceptors", "GET")?;
+    Ok(ok_json(&views::interceptors(&s)))
+}
+
+async fn metrics(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/metrics", "GET")?;
+    let text = crate::metrics::render(&s);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Action {
+    action_type: String,
+}
+
+async fn actions(State(s): Shared, method: Method, body: Body) -> Answer {
+    only(&method, "/actions", "PUT")?;
+    let action: Action = body::json(body).await?;
+    match action.action_type.as_str() {
+        "Shutdown" => {
+            s.vm.shutdown().map_err(ApiError::Conflict)?;
+            Ok(no_content())
+        }
+        other => Err(ApiError::BadRequest(format!(
+            "unknown action_type `{other}`; supported: Shutdown"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Toggle {
+    enabled: bool,
+}
+
+/// `PUT /interceptors/{id}`: a new instance in one device's chain.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Load {
+    /// Absolute path of the plugin's shared object.
+    path: std::path::PathBuf,
+    device: String,
+    /// 0 = top of the chain (next to the guest); the chain's length = bottom.
+    #[serde(default)]
+    position: usize,
+    #[serde(default)]
+    config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    blake3: Option<String>,
+    /// The layers below hold nothing the guest needs (required for a plugin that owns its
+    /// format).
+    #[serde(default)]
+    fresh: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Ids as the config allows them: 1 to 64 of `[A-Za-z0-9_.-]`.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "interceptor id `{}` must be 1 to 64 of A-Z a-z 0-9 _ . -",
+            id.escape_debug()
+        )))
+    }
+}
+
+async fn interceptor(
+    State(s): Shared,
+    method: Method,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Answer {
+    const PATH: &str = "/interceptors/{id}";
+    only(&method, PATH, "GET, PATCH, PUT, DELETE")?;
+    let Path(id) = id.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    check_id(&id)?;
+    let unknown = || ApiError::NotFound(format!("no interceptor `{id}`"));
+    match method {
+        Method::GET => views::interceptor(&s, &id)
+            .map(|v| ok_json(&v))
+            .ok_or_else(unknown),
+        Method::PATCH => {
+            let toggle: Toggle = body::json(body).await?;
+            let found = views::instances(&s, &id);
+            if found.is_empty() {
+                return Err(unknown());
+            }
+            for (_, _, instance) in found {
+                instance.set_enabled(toggle.enabled);
+            }
+            tracing::info!("api: interceptor {id} enabled={}", toggle.enabled);
+            Ok(no_content())
+        }
+        Method::PUT => {
+            let load: Load = body::json(body).await?;
+            edit(s, move |s| load_instance(s, id, load)).await
+        }
+        _ => edit(s, move |s| remove_instance(s, &id)).await,
+    }
+}
+
+/// Runs a chain edit on the blocking pool: it may wait for a plugin's create or for the
+/// requests in flight.
+async fn edit(
+    s: Arc<ApiState>,
+    f: impl FnOnce(&ApiState) -> Result<(), ApiError> + Send + 'static,
+) -> Answer {
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the edit did not finish: {e}")))??;
+    Ok(no_content())
+}
+
+fn load_instance(s: &ApiState, id: String, load: Load) -> Result<(), ApiError> {
+    let _edits = s.edits.lock().unwrap_or_else(|p| p.into_inner());
+    if !views::instances(s, &id).is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "interceptor `{id}` exists; DELETE it first or choose another id"
+        )));
+    }
+    let Some(disk) = s.disks.iter().find(|d| d.id == load.device) else {
+        let known: Vec<&str> = s.disks.iter().map(|d| d.id.as_str()).collect();
+        return Err(ApiError::BadRequest(format!(
+            "no device `{}`; devices: {}",
+            load.device,
+            known.join(", ")
+        )));
+    };
+    if !load.path.is_absolute() {
+        return Err(ApiError::BadRequest(format!(
+            "path `{}` must be absolute",
+            load.path.display()
+        )));
+    }
+    let plugin = s
+        .registry
+        .load(&load.path, load.blake3.as_deref())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let spec = InstanceSpec {
+        id: id.clone(),
+        plugin,
+        config_json: serde_json::Value::Object(load.config).to_string(),
+        enabled: load.enabled,
+    };
+    disk.stack.insert(&spec, load.position, load.fresh)?;
+    tracing::info!(
+        "api: interceptor {id} loaded from {} into {} at {}",
+        load.path.display(),
+        disk.id,
+        load.position
+    );
+    Ok(())
+}
+
+fn remove_instance(s: &ApiState, id: &str) -> Result<(), ApiError> {
+    let _edits = s.edits.lock().unwrap_or_else(|p| p.into_inner());
+    let found = views::instances(s, id);
+    if found.is_empty() {
+        return Err(ApiError::NotFound(format!("no interceptor `{id}`")));
+    }
+    // Refuse before touching any device, so a refusal changes nothing.
+    for (d, _, _) in &found {
+        d.stack.check_removable(id)?;
+    }
+    for (d, _, _) in &found {
+        d.stack.remove(id)?;
+    }
+    tracing::info!("api: interceptor {id} removed");
+    Ok(())
+}

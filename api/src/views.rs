@@ -1,0 +1,154 @@
+//! The JSON answers, built from the live chains. Shapes are specified in `docs/api.yaml`.
+
+use crate::{ApiState, Disk};
+use compat::Instance;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+pub(crate) fn json_body(
+    v: &impl Serialize,
+) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+    let bytes = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+}
+
+pub(crate) fn vm(state: &ApiState) -> Value {
+    let i = state.vm.info();
+    json!({
+        "state": i.state,
+        "vcpus": i.vcpus,
+        "memory_mib": i.memory_mib,
+        "uptime_secs": i.uptime.as_secs_f64(),
+    })
+}
+
+pub(crate) fn devices(state: &ApiState) -> Value {
+    let list: Vec<Value> = state
+        .disks
+        .iter()
+        .map(|d| {
+            let snapshot = d.stack.snapshot();
+            let chain: Vec<Value> = snapshot
+                .layers()
+                .iter()
+                .map(|l| json!({ "id": l.id(), "plugin": l.plugin().name(), "enabled": l.enabled() }))
+                .collect();
+            let c = snapshot.counters();
+            json!({
+                "id": d.id,
+                "kind": "block",
+                "read_only": d.read_only,
+                "capacity_bytes": d.stack.capacity(),
+                "requests": c.requests.load(Relaxed),
+                "errors": c.errors.load(Relaxed),
+                "completed_without_driver": c.completed_without_driver.load(Relaxed),
+                "chain": chain,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// Every instance named `id`, with its device and position (an id may serve several disks).
+pub(crate) fn instances<'a>(
+    state: &'a ApiState,
+    id: &str,
+) -> Vec<(&'a Disk, usize, Arc<Instance>)> {
+    let mut found = Vec::new();
+    for d in &state.disks {
+        let snapshot = d.stack.snapshot();
+        if let Some(pos) = snapshot.layers().iter().position(|l| l.id() == id) {
+            found.push((d, pos, snapshot.layers()[pos].clone()));
+        }
+    }
+    found
+}
+
+/// Instance ids in the order they first appear (disk order, top to bottom).
+pub(crate) fn ids(state: &ApiState) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for d in &state.disks {
+        for l in d.stack.snapshot().layers() {
+            if !ids.iter().any(|i| i == l.id()) {
+                ids.push(l.id().to_string());
+            }
+        }
+    }
+    ids
+}
+
+fn flags(i: &Instance) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if i.modifies_data() {
+        f.push("modifies_data");
+    }
+    if i.keeps_when_disabled() {
+        f.push("keep_when_disabled");
+    }
+    if i.owns_format() {
+        f.push("owns_format");
+    }
+    f
+}
+
+pub(crate) fn counters(i: &Instance) -> Value {
+    let c = i.counters();
+    let q = |p: f64| c.latency.quantile(p);
+    json!({
+        "requests": c.requests.load(Relaxed),
+        "bytes": c.bytes.load(Relaxed),
+        "writes": c.writes.load(Relaxed),
+        "errors": c.errors.load(Relaxed),
+        "completed_without_driver": c.completed.load(Relaxed),
+        "latency_ns": {
+            "count": c.latency.count(),
+            "p50": q(0.5),
+            "p90": q(0.9),
+            "p99": q(0.99),
+            "p999": q(0.999),
+        },
+    })
+}
+
+/// One interceptor, or `None` if no device has it.
+pub(crate) fn interceptor(state: &ApiState, id: &str) -> Option<Value> {
+    let found = instances(state, id);
+    let (_, _, first) = found.first()?;
+    let plugin = first.plugin();
+    let devices: Vec<Value> = found
+        .iter()
+        .map(|(d, pos, i)| {
+            json!({
+                "device": d.id,
+                "position": pos,
+                "enabled": i.enabled(),
+                "counters": counters(i),
+                "stats": i.plugin_stats().unwrap_or_else(|e| json!({ "error": e })),
+            })
+        })
+        .collect();
+    Some(json!({
+        "id": id,
+        "plugin": plugin.name(),
+        "path": plugin.path().display().to_string(),
+        "blake3": plugin.blake3(),
+        "abi_version": plugin.abi_version(),
+        "flags": flags(first),
+        "enabled": found.iter().all(|(_, _, i)| i.enabled()),
+        "devices": devices,
+    }))
+}
+
+pub(crate) fn interceptors(state: &ApiState) -> Value {
+    Value::Array(
+        ids(state)
+            .iter()
+            .filter_map(|id| interceptor(state, id))
+            .collect(),
+    )
+}

@@ -1,0 +1,544 @@
+//! The REST API on the host: the real server, socket and plugins (shared objects) over real
+//! files, with a VM stand-in for `GET /vm` and the shutdown action (the guest itself is in
+//! the lab tests, `interceptors.rs`). Every answer is checked against `docs/api.yaml`.
+
+mod common;
+
+use common::openapi::Spec;
+use common::out_file;
+use compat::{BlockRequestKind, BlockStack, InstanceSpec, LiveStack, PluginRegistry, Segment};
+use devices::virtio::block::RawFile;
+use serde_json::{json, Value};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vmm_api::client::{exchange, request, Answer};
+use vmm_api::{ApiState, Disk, VmControl, VmInfo};
+use vmm_lab::plugins::plugins;
+
+/// The VM's side of the API, without a VM: what the real one reports, and a record of the
+/// shutdown action.
+struct StandInVm {
+    stopping: AtomicBool,
+}
+
+impl VmControl for StandInVm {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            state: if self.stopping.load(Ordering::SeqCst) {
+                "ShuttingDown"
+            } else {
+                "Running"
+            },
+            vcpus: 2,
+            memory_mib: 256,
+            uptime: Duration::from_secs(7),
+        }
+    }
+
+    fn shutdown(&self) -> Result<(), String> {
+        self.stopping.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Api {
+    sock: PathBuf,
+    vm: Arc<StandInVm>,
+    disks: Vec<Arc<LiveStack>>,
+    spec: Spec,
+}
+
+fn image(name: &str) -> PathBuf {
+    let path = out_file(name);
+    std::fs::write(&path, vec![0u8; 8 << 20]).unwrap();
+    path
+}
+
+fn stack_over(path: &Path, id: &str, chain: &[InstanceSpec]) -> Arc<LiveStack> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let raw = Arc::new(RawFile::new(file, false, id).unwrap());
+    Arc::new(LiveStack::new(BlockStack::build(id, raw, chain).unwrap()))
+}
+
+/// vda: encrypt (from "boot"); vdb: cache over nothing; served on `name`.sock.
+fn start(name: &str) -> Api {
+    let p = plugins().expect("building the plugins");
+    let registry = Arc::new(PluginRegistry::new());
+    let key = out_file(&format!("{name}.key"));
+    std::fs::write(&key, "42".repeat(32)).unwrap();
+    let enc = InstanceSpec {
+        id: "enc".into(),
+        plugin: registry.load(&p.encrypt, None).unwrap(),
+        config_json: json!({ "key_file": key }).to_string(),
+        enabled: true,
+    };
+    let cache = InstanceSpec {
+        id: "cache".into(),
+        plugin: registry.load(&p.cache, None).unwrap(),
+        config_json: json!({ "size_mib": 1 }).to_string(),
+        enabled: true,
+    };
+    let vda = stack_over(&image(&format!("{name}-a.img")), "vda", &[enc]);
+    let vdb = stack_over(&image(&format!("{name}-b.img")), "vdb", &[cache]);
+    let vm = Arc::new(StandInVm {
+        stopping: AtomicBool::new(false),
+    });
+    let disks = vec![
+        Disk {
+            id: "vda".into(),
+            read_only: false,
+            stack: vda.clone(),
+        },
+        Disk {
+            id: "vdb".into(),
+            read_only: false,
+            stack: vdb.clone(),
+        },
+    ];
+    let sock = out_file(&format!("{name}.sock"));
+    vmm_api::serve(&sock, ApiState::new(vm.clone(), disks, registry)).unwrap();
+    Api {
+        sock,
+        vm,
+        disks: vec![vda, vdb],
+        spec: Spec::load(),
+    }
+}
+
+impl Api {
+    /// One request; the answer checked against the document for `doc_path`.
+    fn call(&self, method: &str, path: &str, doc_path: &str, body: Option<Value>) -> Answer {
+        let body = body.map(|b| b.to_string());
+        let a = request(&self.sock, method, path, body.as_deref()).unwrap();
+        self.spec.assert_answer(doc_path, method, a.status, &a.body);
+        a
+    }
+
+    fn interceptor(&self, id: &str) -> Answer {
+        self.call(
+            "GET",
+            &format!("/interceptors/{id}"),
+            "/interceptors/{id}",
+            None,
+        )
+    }
+}
+
+fn write(stack: &LiveStack, offset: u64) {
+    let mut buf = vec![0x77u8; 4096];
+    let seg = [Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    // SAFETY: the buffer lives across the call; the range is inside the disk.
+    let status = unsafe { stack.submit(BlockRequestKind::Write, offset, &seg) };
+    assert_eq!(status, compat::RequestStatus::Ok);
+}
+
+fn requests(a: &Answer, device: usize) -> u64 {
+    a.json()["devices"][device]["counters"]["requests"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn the_socket_is_private_and_a_stale_one_is_replaced_but_a_live_one_refused() {
+    let api = start("api-socket");
+    let mode = std::fs::metadata(&api.sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    assert!(std::fs::metadata(&api.sock)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    let state = || ApiState::new(api.vm.clone(), vec![], Arc::new(PluginRegistry::new()));
+    let err = vmm_api::serve(&api.sock, state())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("another process is serving"), "{err}");
+
+    let stale = out_file("api-stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap()); // nobody listens now
+    vmm_api::serve(&stale, state()).unwrap();
+    let a = request(&stale, "GET", "/vm", None).unwrap();
+    assert_eq!(a.status, 200);
+
+    let plain = out_file("api-plain.sock");
+    std::fs::write(&plain, "not a socket").unwrap();
+    let err = vmm_api::serve(&plain, state()).err().unwrap().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+}
+
+#[test]
+fn every_documented_operation_answers_as_documented_and_every_route_is_documented() {
+    let api = start("api-doc");
+    let vm = api.call("GET", "/vm", "/vm", None);
+    assert_eq!(vm.status, 200);
+    assert_eq!(vm.json()["vcpus"], 2);
+    let devices = api.call("GET", "/devices", "/devices", None).json();
+    assert_eq!(devices[0]["chain"][0]["id"], "enc");
+    assert_eq!(devices[1]["chain"][0]["id"], "cache");
+    assert_eq!(
+        devices[0]["capacity_bytes"].as_u64(),
+        Some(api.disks[0].capacity())
+    );
+    let all = api
+        .call("GET", "/interceptors", "/interceptors", None)
+        .json();
+    assert_eq!(all.as_array().map(Vec::len), Some(2));
+    let enc = api.interceptor("enc").json();
+    assert_eq!(enc["plugin"], "encrypt");
+    assert_eq!(enc["abi_version"], 1);
+    assert_eq!(enc["blake3"].as_str().map(str::len), Some(64));
+    assert!(
+        !api.interceptor("enc").body.contains("4242"),
+        "the key leaked"
+    );
+    let metrics = api.call("GET", "/metrics", "/metrics", None);
+    assert_eq!(metrics.status, 200);
+    assert!(metrics
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
+    for line in metrics.body.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+    assert!(metrics
+        .body
+        .contains("vmm_interceptor_enabled{device=\"vda\",interceptor=\"enc\"} 1"));
+
+    // Every documented operation exists (its answer is documented, never 404/405 for the
+    // path itself), and every other method on a documented path is 405.
+    let ops = api.spec.operations();
+    for path in [
+        "/vm",
+        "/devices",
+        "/interceptors",
+        "/interceptors/{id}",
+        "/actions",
+        "/metrics",
+    ] {
+        for method in ["GET", "PUT", "PATCH", "DELETE", "POST"] {
+            let documented = ops.iter().any(|(p, m)| p == path && m == method);
+            let concrete = path.replace("{id}", "nosuch");
+            let a = request(&api.sock, method, &concrete, Some("{}")).unwrap();
+            if documented {
+                assert_ne!(a.status, 405, "{method} {path} is documented but refused");
+                api.spec.assert_answer(path, method, a.status, &a.body);
+            } else {
+                assert_eq!(
+                    a.status, 405,
+                    "{method} {path} is served but not documented"
+                );
+                assert!(a.header("allow").is_some());
+                api.spec.assert_answer("/vm", "GET", 405, &a.body);
+            }
+        }
+    }
+    let missing = request(&api.sock, "GET", "/nothing/here", None).unwrap();
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["fault_message"].is_string());
+}
+
+#[test]
+fn toggles_take_effect_for_the_next_request() {
+    let api = start("api-toggle");
+    write(&api.disks[1], 0);
+    let before = requests(&api.interceptor("cache"), 0);
+    let a = api.call(
+        "PATCH",
+        "/interceptors/cache",
+        "/interceptors/{id}",
+        Some(json!({"enabled": false})),
+    );
+    assert_eq!(a.status, 204);
+    assert_eq!(api.interceptor("cache").json()["enabled"], false);
+    write(&api.disks[1], 4096);
+    // The cache stays in the path while disabled (it may hold dirty data), so it still
+    // counts; its stats show it bypassing.
+    let stats = api.interceptor("cache").json()["devices"][0]["stats"].clone();
+    assert_eq!(stats["bytes_cached"], 0, "{stats}");
+    api.call(
+        "PATCH",
+        "/interceptors/cache",
+        "/interceptors/{id}",
+        Some(json!({"enabled": true})),
+    );
+    write(&api.disks[1], 8192);
+    let after = api.interceptor("cache");
+    assert_eq!(after.json()["enabled"], true);
+    assert!(requests(&after, 0) >= before + 2);
+    let latency = &after.json()["devices"][0]["counters"]["latency_ns"];
+    assert!(
+        latency["p50"].as_u64().is_some_and(|ns| ns > 0),
+        "{latency}"
+    );
+}
+
+#[test]
+fn an_instance_loads_at_run_time_and_unloads_but_a_format_owner_is_kept() {
+    let api = start("api-load");
+    let p = plugins().unwrap();
+    let load = |id: &str, path: &Path, device: &str, extra: Value| {
+        let mut body = json!({ "path": path, "device": device, "position": 0 });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        api.call(
+            "PUT",
+            &format!("/interceptors/{id}"),
+            "/interceptors/{id}",
+            Some(body),
+        )
+    };
+    let a = load("count", &p.counter, "vdb", json!({}));
+    assert_eq!(a.status, 204, "{}", a.body);
+    let chain = api.call("GET", "/devices", "/devices", None).json()[1]["chain"].clone();
+    assert_eq!(chain[0]["id"], "count");
+    assert_eq!(chain[1]["id"], "cache");
+    write(&api.disks[1], 0);
+    write(&api.disks[1], 4096);
+    assert_eq!(requests(&api.interceptor("count"), 0), 2);
+
+    let again = load("count", &p.counter, "vdb", json!({}));
+    assert_eq!(again.status, 409, "{}", again.body);
+    let xor = load("xor", &p.xor, "vdb", json!({}));
+    assert_eq!(xor.status, 409, "{}", xor.body);
+    assert!(xor.body.contains("owns the format"), "{}", xor.body);
+    let bad = load("x2", Path::new("/nonexistent/lib.so"), "vdb", json!({}));
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let nodev = load("x3", &p.counter, "vdz", json!({}));
+    assert_eq!(nodev.status, 400, "{}", nodev.body);
+    let relative = load("x4", Path::new("lib.so"), "vdb", json!({}));
+    assert_eq!(relative.status, 400, "{}", relative.body);
+
+    let gone = api.call("DELETE", "/interceptors/count", "/interceptors/{id}", None);
+    assert_eq!(gone.status, 204, "{}", gone.body);
+    assert_eq!(api.interceptor("count").status, 404);
+    let kept = api.call("DELETE", "/interceptors/enc", "/interceptors/{id}", None);
+    assert_eq!(kept.status, 409, "{}", kept.body);
+    assert!(kept.body.contains("garbage"), "{}", kept.body);
+    assert_eq!(api.interceptor("enc").status, 200);
+    // The cache writes back before it goes.
+    let cache_gone = api.call("DELETE", "/interceptors/cache", "/interceptors/{id}", None);
+    assert_eq!(cache_gone.status, 204, "{}", cache_gone.body);
+}
+
+#[test]
+fn errors_are_json_faults_with_the_right_status() {
+    let api = start("api-errors");
+    let cases: [(&str, &str, &str, Option<&str>, u16); 9] = [
+        (
+            "PATCH",
+            "/interceptors/enc",
+            "/interceptors/{id}",
+            Some("{\"enabled\": tru"),
+            400,
+        ),
+        (
+            "PATCH",
+            "/interceptors/enc",
+            "/interceptors/{id}",
+            Some("{\"enabled\": true, \"x\": 1}"),
+            400,
+        ),
+        (
+            "PATCH",
+            "/interceptors/enc",
+            "/interceptors/{id}",
+            Some("{\"enabled\": \"yes\"}"),
+            400,
+        ),
+        (
+            "PATCH",
+            "/interceptors/enc",
+            "/interceptors/{id}",
+            None,
+            400,
+        ),
+        (
+            "PATCH",
+            "/interceptors/nosuch",
+            "/interceptors/{id}",
+            Some("{\"enabled\": true}"),
+            404,
+        ),
+        (
+            "GET",
+            "/interceptors/bad%20id",
+            "/interceptors/{id}",
+            None,
+            400,
+        ),
+        (
+            "PUT",
+            "/actions",
+            "/actions",
+            Some("{\"action_type\": \"Reboot\"}"),
+            400,
+        ),
+        ("PUT", "/actions", "/actions", Some("[]"), 400),
+        ("POST", "/vm", "/vm", None, 405),
+    ];
+    for (method, path, doc, body, status) in cases {
+        let a = request(&api.sock, method, path, body).unwrap();
+        assert_eq!(a.status, status, "{method} {path} {body:?}: {}", a.body);
+        // A 405 is documented on the operations the path does have.
+        let documented = if status == 405 { "GET" } else { method };
+        api.spec.assert_answer(doc, documented, status, &a.body);
+    }
+    let big = format!(
+        "{{\"enabled\": true, \"pad\": \"{}\"}}",
+        "x".repeat(100_000)
+    );
+    let a = request(&api.sock, "PATCH", "/interceptors/enc", Some(&big)).unwrap();
+    assert_eq!(a.status, 413, "{}", a.body);
+    api.spec
+        .assert_answer("/interceptors/{id}", "PATCH", 413, &a.body);
+    assert_eq!(
+        api.interceptor("enc").json()["enabled"],
+        true,
+        "nothing changed"
+    );
+}
+
+/// Random garbage: raw bytes, truncated requests, clients that vanish, random methods,
+/// paths and bodies. The server keeps serving and no state changes.
+#[test]
+fn a_thousand_malformed_requests_change_nothing() {
+    let api = start("api-garbage");
+    let state = |api: &Api| {
+        let mut d = api.call("GET", "/devices", "/devices", None).json();
+        for dev in d.as_array_mut().unwrap() {
+            for k in ["requests", "errors", "completed_without_driver"] {
+                dev[k] = Value::Null;
+            }
+        }
+        d
+    };
+    let before = state(&api);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // No DELETE: without a body it is a well-formed request, and this test sends garbage.
+    let methods = ["GET", "PUT", "PATCH", "POST", "BREW", "get", ""];
+    let paths = [
+        "/vm",
+        "/devices",
+        "/interceptors",
+        "/interceptors/enc",
+        "/interceptors/cache",
+        "/actions",
+        "/metrics",
+        "/interceptors/",
+        "//",
+        "/interceptors/enc/x",
+        "*",
+        "/%ff",
+    ];
+    let bodies = [
+        "",
+        "{",
+        "}",
+        "null",
+        "[]",
+        "{\"enabled\":1}",
+        "{\"enabled\":null}",
+        "{\"action_type\":\"Shutdown\",\"x\":1}",
+        "{\"action_type\":7}",
+        "\u{0}\u{1}",
+        "{\"path\":\"/x\",\"device\":\"vda\",\"position\":-1}",
+        "{\"path\":\"/x\",\"device\":\"vda\",\"position\":99999999999999999999}",
+    ];
+    let mut answered = 0;
+    for i in 0..1000 {
+        let kind = next() % 4;
+        let bytes: Vec<u8> = match kind {
+            // Raw random bytes.
+            0 => (0..next() % 300).map(|_| next() as u8).collect(),
+            // A plausible request with a wrong Content-Length or a cut.
+            1 | 2 => {
+                let body = bodies[(next() % bodies.len() as u64) as usize];
+                let len = if kind == 1 { body.len() } else { body.len() + (next() % 50) as usize };
+                let mut r = format!(
+                    "{} {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n{body}",
+                    methods[(next() % methods.len() as u64) as usize],
+                    paths[(next() % paths.len() as u64) as usize],
+                )
+                .into_bytes();
+                if kind == 2 {
+                    let cut = (next() as usize) % (r.len() + 1);
+                    r.truncate(cut);
+                }
+                r
+            }
+            // Broken framing.
+            _ => format!(
+                "GET /vm HTTP/1.1\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                next() % 10
+            )
+            .into_bytes(),
+        };
+        // A client that vanishes: connect, send, close without reading.
+        if i % 10 == 0 {
+            let mut s = std::os::unix::net::UnixStream::connect(&api.sock).unwrap();
+            let _ = std::io::Write::write_all(&mut s, &bytes);
+            continue;
+        }
+        // Kind 2 requests may wait for bytes that never come: shut our side down.
+        let mut s = std::os::unix::net::UnixStream::connect(&api.sock).unwrap();
+        let _ = std::io::Write::write_all(&mut s, &bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut out);
+        if out.starts_with(b"HTTP/1.1 ") {
+            answered += 1;
+            let code: u16 = String::from_utf8_lossy(&out[9..12]).parse().unwrap_or(0);
+            assert!(
+                code != 0 && code < 500,
+                "request {i} got {code}: {:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+    assert!(
+        answered > 300,
+        "only {answered} garbage requests got an answer"
+    );
+    assert_eq!(exchange(&api.sock, b"").map(|o| o.len()).unwrap_or(0), 0);
+    assert_eq!(api.call("GET", "/vm", "/vm", None).status, 200);
+    assert_eq!(state(&api), before, "garbage changed the chains");
+    assert!(
+        !api.vm.stopping.load(Ordering::SeqCst),
+        "garbage shut the VM down"
+    );
+}
+
+#[test]
+fn the_shutdown_action_reaches_the_vm() {
+    let api = start("api-shutdown");
+    let a = api.call(
+        "PUT",
+        "/actions",
+        "/actions",
+        Some(json!({"action_type": "Shutdown"})),
+    );
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert!(api.vm.stopping.load(Ordering::SeqCst));
+    assert_eq!(
+        api.call("GET", "/vm", "/vm", None).json()["state"],
+        "ShuttingDown"
+    );
+}
