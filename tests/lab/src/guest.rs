@@ -101,6 +101,9 @@ fn vmm_command(spec: &GuestSpec) -> Result<Command> {
         .with_context(|| format!("writing {}", config.display()))?;
     let mut cmd = Command::new(vmm);
     cmd.arg("--config").arg(config);
+    if spec.control.is_some() {
+        cmd.arg("--api-sock").arg(crate::control::socket_path());
+    }
     Ok(cmd)
 }
 
@@ -142,6 +145,8 @@ pub struct GuestSpec {
     pub elf_kernel: bool,
     /// Interceptors stacked on the first data disk (vmm backend only).
     pub interceptors: Option<InterceptorChain>,
+    /// Steps a client of the vmm's REST API runs while the guest runs (`control.rs`).
+    pub control: Option<String>,
 }
 
 /// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
@@ -219,6 +224,8 @@ pub struct GuestRun {
     pub console: GuestConsole,
     /// fio results, one row per job and direction.
     pub fio: Vec<FioRow>,
+    /// What the API client of `--control` saw, step by step.
+    pub control: Option<serde_json::Value>,
     /// Everything that went wrong, in words; empty when the run is a success.
     pub problems: Vec<String>,
     #[serde(skip)]
@@ -370,6 +377,9 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     if let Some(err) = child.stderr.take() {
         forward_lines(err, tx);
     }
+    let control = spec.control.clone().map(|steps| {
+        std::thread::spawn(move || crate::control::run(&steps, &crate::control::socket_path()))
+    });
     let mut transcript = String::new();
     let mut wall_to_init = None;
     let mut killed = None;
@@ -408,14 +418,24 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     let status = child.wait().context("waiting for the VMM")?;
     let vmm_exit = killed.unwrap_or_else(|| status.code().map_or(VmmExit::Signal, VmmExit::Status));
     let report = spec.results_disk.as_deref().and_then(read_results);
-    Ok(judge(
+    let mut run = judge(
         spec,
         start.elapsed(),
         wall_to_init,
         vmm_exit,
         transcript,
         report,
-    ))
+    );
+    if let Some(handle) = control {
+        match handle.join() {
+            Ok((seen, problems)) => {
+                run.control = Some(seen);
+                run.problems.extend(problems);
+            }
+            Err(_) => run.problems.push("the API client panicked".into()),
+        }
+    }
+    Ok(run)
 }
 
 fn judge(
@@ -482,6 +502,7 @@ fn judge(
         vmm_exit,
         console,
         fio: rows,
+        control: None,
         problems,
         transcript,
     }
@@ -522,6 +543,9 @@ impl Drop for Scratch {
 pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     if spec.elf_kernel && spec.backend != Backend::Vmm {
         bail!("--elf-kernel is for the vmm backend (QEMU boots the bzImage)");
+    }
+    if spec.control.is_some() && spec.backend != Backend::Vmm {
+        bail!("--control is for the vmm backend");
     }
     if spec.interceptors.is_some() && spec.backend != Backend::Vmm {
         bail!("--interceptors is for the vmm backend");
@@ -595,6 +619,7 @@ mod tests {
             echo: false,
             elf_kernel: false,
             interceptors: None,
+            control: None,
         }
     }
 

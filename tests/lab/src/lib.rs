@@ -7,6 +7,7 @@
 //! through markers on their serial console (`console`), including fio's JSON (`fio`).
 
 pub mod console;
+pub mod control;
 pub mod detect;
 pub mod fio;
 pub mod guest;

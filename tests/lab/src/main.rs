@@ -86,6 +86,10 @@ struct GuestOpts {
     /// disk (vmm backend).
     #[arg(long)]
     interceptors: Option<std::path::PathBuf>,
+    /// Steps for a client of the vmm's REST API to run beside the guest (vmm backend), e.g.
+    /// `garbage:1000; toggle:enc,cache:20` (see tests/lab/src/control.rs).
+    #[arg(long)]
+    control: Option<String>,
     /// Guest time limit in seconds, per boot.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -279,6 +283,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             .as_deref()
             .map(guest::InterceptorChain::from_file)
             .transpose()?,
+        control: o.control.clone(),
     };
     guest::check_spec(&spec)?;
     Ok(spec)

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use vmm_api::client::{exchange, request, Answer};
+use vmm_api::client::{request, Answer};
 use vmm_api::{ApiState, Disk, VmControl, VmInfo};
 use vmm_lab::plugins::plugins;
 
@@ -517,7 +517,6 @@ fn a_thousand_malformed_requests_change_nothing() {
         answered > 300,
         "only {answered} garbage requests got an answer"
     );
-    assert_eq!(exchange(&api.sock, b"").map(|o| o.len()).unwrap_or(0), 0);
     assert_eq!(api.call("GET", "/vm", "/vm", None).status, 200);
     assert_eq!(state(&api), before, "garbage changed the chains");
     assert!(
