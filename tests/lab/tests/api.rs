@@ -541,3 +541,83 @@ fn the_shutdown_action_reaches_the_vm() {
         "ShuttingDown"
     );
 }
+
+/// `vmmctl` against the live server: tables, edits, and its exit codes.
+#[test]
+fn vmmctl_shows_tables_edits_chains_and_reports_faults() {
+    let api = start("api-vmmctl");
+    let p = plugins().unwrap();
+    let ctl = vmm_lab::plugins::vmmctl().expect("building vmmctl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&ctl)
+            .arg("--sock")
+            .arg(&api.sock)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["vm"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("STATE") && out.contains("Running"), "{out}");
+
+    let counter = p.counter.to_str().unwrap();
+    let (code, _, err) = run(&["load", "count", "--path", counter, "--device", "vdb"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["disable", "cache"]);
+    assert_eq!(code, 0, "{err}");
+    write(&api.disks[1], 0);
+    let (_, out, _) = run(&["devices"]);
+    let vdb = out.lines().find(|l| l.starts_with("vdb")).unwrap_or("");
+    assert!(vdb.ends_with("count > cache (off)"), "{out}");
+    let (_, out, _) = run(&["list"]);
+    let row = |id: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        row("count")[..6],
+        ["count", "counter", "vdb", "0", "on", "1"],
+        "{out}"
+    );
+    assert_eq!(
+        row("cache")[..5],
+        ["cache", "cache", "vdb", "1", "off"],
+        "{out}"
+    );
+    assert_eq!(api.interceptor("cache").json()["enabled"], false);
+
+    let (code, _, err) = run(&["unload", "enc"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409") && err.contains("Disable it instead"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["show", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = run(&[
+        "load", "x", "--path", counter, "--device", "vdb", "--config", "{",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, _) = run(&["unload", "count"]);
+    assert_eq!(code, 0);
+    assert_eq!(api.interceptor("count").status, 404);
+
+    let elsewhere = std::process::Command::new(&ctl)
+        .args(["--sock", "/nonexistent/vmm.sock", "vm"])
+        .output()
+        .unwrap();
+    assert_eq!(elsewhere.status.code(), Some(2));
+    let (code, out, _) = run(&["shutdown"]);
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    assert!(api.vm.stopping.load(Ordering::SeqCst));
+}
