@@ -202,8 +202,9 @@ fn garbage(sock: &Path, n: u64) -> Result<Value, String> {
     Ok(json!({ "sent": n, "answered": answered, "unchanged": true, "state": vm["state"] }))
 }
 
-/// Sends `bytes`, closes our side, reads the answer (if any).
-fn exchange_closing(sock: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+/// Sends `bytes`, shuts the write side (a cut request must not wait for more) and reads the
+/// answer, if any, for up to 10 s.
+pub fn exchange_closing(sock: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut s = std::os::unix::net::UnixStream::connect(sock)?;
     let _ = std::io::Write::write_all(&mut s, bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmm_api::client::{request, Answer};
 use vmm_api::{ApiState, Disk, VmControl, VmInfo};
+use vmm_lab::control::{exchange_closing, malformed};
 use vmm_lab::plugins::plugins;
 
 /// The VM's side of the API, without a VM: what the real one reports, and a record of the
@@ -424,85 +425,16 @@ fn a_thousand_malformed_requests_change_nothing() {
         d
     };
     let before = state(&api);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    // No DELETE: without a body it is a well-formed request, and this test sends garbage.
-    let methods = ["GET", "PUT", "PATCH", "POST", "BREW", "get", ""];
-    let paths = [
-        "/vm",
-        "/devices",
-        "/interceptors",
-        "/interceptors/enc",
-        "/interceptors/cache",
-        "/actions",
-        "/metrics",
-        "/interceptors/",
-        "//",
-        "/interceptors/enc/x",
-        "*",
-        "/%ff",
-    ];
-    let bodies = [
-        "",
-        "{",
-        "}",
-        "null",
-        "[]",
-        "{\"enabled\":1}",
-        "{\"enabled\":null}",
-        "{\"action_type\":\"Shutdown\",\"x\":1}",
-        "{\"action_type\":7}",
-        "\u{0}\u{1}",
-        "{\"path\":\"/x\",\"device\":\"vda\",\"position\":-1}",
-        "{\"path\":\"/x\",\"device\":\"vda\",\"position\":99999999999999999999}",
-    ];
     let mut answered = 0;
     for i in 0..1000 {
-        let kind = next() % 4;
-        let bytes: Vec<u8> = match kind {
-            // Raw random bytes.
-            0 => (0..next() % 300).map(|_| next() as u8).collect(),
-            // A plausible request with a wrong Content-Length or a cut.
-            1 | 2 => {
-                let body = bodies[(next() % bodies.len() as u64) as usize];
-                let len = if kind == 1 { body.len() } else { body.len() + (next() % 50) as usize };
-                let mut r = format!(
-                    "{} {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n{body}",
-                    methods[(next() % methods.len() as u64) as usize],
-                    paths[(next() % paths.len() as u64) as usize],
-                )
-                .into_bytes();
-                if kind == 2 {
-                    let cut = (next() as usize) % (r.len() + 1);
-                    r.truncate(cut);
-                }
-                r
-            }
-            // Broken framing.
-            _ => format!(
-                "GET /vm HTTP/1.1\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                next() % 10
-            )
-            .into_bytes(),
-        };
+        let bytes = malformed(i);
         // A client that vanishes: connect, send, close without reading.
         if i % 10 == 0 {
             let mut s = std::os::unix::net::UnixStream::connect(&api.sock).unwrap();
             let _ = std::io::Write::write_all(&mut s, &bytes);
             continue;
         }
-        // Kind 2 requests may wait for bytes that never come: shut our side down.
-        let mut s = std::os::unix::net::UnixStream::connect(&api.sock).unwrap();
-        let _ = std::io::Write::write_all(&mut s, &bytes);
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut out = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut s, &mut out);
+        let out = exchange_closing(&api.sock, &bytes).unwrap();
         if out.starts_with(b"HTTP/1.1 ") {
             answered += 1;
             let code: u16 = String::from_utf8_lossy(&out[9..12]).parse().unwrap_or(0);
