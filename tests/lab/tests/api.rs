@@ -49,6 +49,8 @@ struct Api {
     sock: PathBuf,
     vm: Arc<StandInVm>,
     disks: Vec<Arc<LiveStack>>,
+    /// The disks' image files, in the same order.
+    images: Vec<PathBuf>,
     spec: Spec,
 }
 
@@ -68,7 +70,8 @@ fn stack_over(path: &Path, id: &str, chain: &[InstanceSpec]) -> Arc<LiveStack> {
     Arc::new(LiveStack::new(BlockStack::build(id, raw, chain).unwrap()))
 }
 
-/// vda: encrypt (from "boot"); vdb: cache over nothing; served on `name`.sock.
+/// vda: encrypt (from "boot"); vdb: a write-back cache over nothing (images `name`-a.img
+/// and `name`-b.img); served on `name`.sock.
 fn start(name: &str) -> Api {
     let p = plugins().expect("building the plugins");
     let registry = Arc::new(PluginRegistry::new());
@@ -83,11 +86,15 @@ fn start(name: &str) -> Api {
     let cache = InstanceSpec {
         id: "cache".into(),
         plugin: registry.load(&p.cache, None).unwrap(),
-        config_json: json!({ "size_mib": 1 }).to_string(),
+        config_json: json!({ "size_mib": 1, "write_back": true }).to_string(),
         enabled: true,
     };
-    let vda = stack_over(&image(&format!("{name}-a.img")), "vda", &[enc]);
-    let vdb = stack_over(&image(&format!("{name}-b.img")), "vdb", &[cache]);
+    let images = vec![
+        image(&format!("{name}-a.img")),
+        image(&format!("{name}-b.img")),
+    ];
+    let vda = stack_over(&images[0], "vda", &[enc]);
+    let vdb = stack_over(&images[1], "vdb", &[cache]);
     let vm = Arc::new(StandInVm {
         stopping: AtomicBool::new(false),
     });
@@ -109,6 +116,7 @@ fn start(name: &str) -> Api {
         sock,
         vm,
         disks: vec![vda, vdb],
+        images,
         spec: Spec::load(),
     }
 }
@@ -327,9 +335,16 @@ fn an_instance_loads_at_run_time_and_unloads_but_a_format_owner_is_kept() {
     assert_eq!(kept.status, 409, "{}", kept.body);
     assert!(kept.body.contains("garbage"), "{}", kept.body);
     assert_eq!(api.interceptor("enc").status, 200);
-    // The cache writes back before it goes.
+    // The write-back cache holds the writes above; it hands them down before it goes.
+    let on_disk = || std::fs::read(&api.images[1]).unwrap()[..8192].to_vec();
+    assert_eq!(on_disk(), vec![0u8; 8192], "write-back holds until a flush");
     let cache_gone = api.call("DELETE", "/interceptors/cache", "/interceptors/{id}", None);
     assert_eq!(cache_gone.status, 204, "{}", cache_gone.body);
+    assert_eq!(
+        on_disk(),
+        vec![0x77u8; 8192],
+        "removal wrote the dirty blocks back"
+    );
 }
 
 #[test]
