@@ -5,7 +5,7 @@
 use interceptor_abi::{self as abi, InterceptorTable};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -152,19 +152,31 @@ impl PluginRegistry {
     /// BLAKE3 must match before any of its code runs.
     pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<Arc<Plugin>, LoadError> {
         let shown = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => LoadError::NotFound {
-                path: shown.clone(),
-            },
-            _ => LoadError::Unreadable {
-                path: shown.clone(),
-                message: e.to_string(),
-            },
-        })?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer. Only a regular file is
+        // hashed (a device like /dev/zero would never end).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => LoadError::NotFound {
+                    path: shown.clone(),
+                },
+                _ => LoadError::Unreadable {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                },
+            })?;
         let unreadable = |e: std::io::Error| LoadError::Unreadable {
             path: shown.clone(),
             message: e.to_string(),
         };
+        if !file.metadata().map_err(unreadable)?.is_file() {
+            return Err(LoadError::Unreadable {
+                path: shown,
+                message: "not a regular file".into(),
+            });
+        }
         let canonical = path.canonicalize().map_err(unreadable)?;
         // Hash the open file; `open` checks that the path still names it once loaded.
         let mut hasher = blake3::Hasher::new();

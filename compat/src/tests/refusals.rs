@@ -41,3 +41,30 @@ fn refusals_name_the_reason() {
         "chain of device `vda` is longer than 16 interceptors"
     );
 }
+
+/// The loader reads only regular files: a FIFO would block its open, a device like
+/// /dev/zero its hash, forever (the REST API loads whatever path a client names).
+#[test]
+fn the_loader_refuses_what_is_not_a_regular_file_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("compat-loader-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("plugin.so");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let registry = PluginRegistry::new();
+    for path in [
+        fifo.as_path(),
+        std::path::Path::new("/dev/zero"),
+        dir.as_path(),
+    ] {
+        let err = registry.load(path, None).unwrap_err().to_string();
+        assert!(
+            err.contains("not a regular file"),
+            "{}: {err}",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
