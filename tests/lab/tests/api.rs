@@ -568,3 +568,46 @@ fn vmmctl_shows_tables_edits_chains_and_reports_faults() {
     assert_eq!((code, out.as_str()), (0, "ok\n"));
     assert!(api.vm.stopping.load(Ordering::SeqCst));
 }
+
+/// The `vmm` binary refuses a socket path another process serves on, or one that is not a
+/// socket, before it starts the VM: exit 2, one line naming the path.
+#[test]
+fn vmm_refuses_a_live_or_foreign_api_socket_with_one_line_and_exit_2() {
+    let kernel = out_file("api-sock-kernel");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let disk = out_file("api-sock-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = out_file("api-sock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[machine]\nmemory_mib = 128\n[kernel]\npath = {kernel:?}\n\
+             [[block]]\nid = \"data\"\npath = {disk:?}\n"
+        ),
+    )
+    .unwrap();
+    let live = out_file("api-sock-live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let foreign = out_file("api-sock-file");
+    std::fs::write(&foreign, b"keep me").unwrap();
+    for (sock, why) in [
+        (&live, "another process is serving on it"),
+        (&foreign, "is not a socket"),
+    ] {
+        let out = std::process::Command::new(common::vmm_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("--api-sock")
+            .arg(sock)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(why) && err.contains(&*sock.to_string_lossy()),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(&foreign).unwrap(), b"keep me");
+}
