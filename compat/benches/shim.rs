@@ -38,7 +38,7 @@ impl Interceptor for Noop {
     }
 }
 
-fn stack(n: usize, enabled: bool) -> LiveStack {
+fn block_stack(n: usize, enabled: bool) -> Arc<BlockStack> {
     let plugin = Plugin::from_static("noop", static_table!(Noop)).expect("noop table");
     let chain: Vec<InstanceSpec> = (0..n)
         .map(|i| InstanceSpec {
@@ -48,7 +48,7 @@ fn stack(n: usize, enabled: bool) -> LiveStack {
             enabled,
         })
         .collect();
-    LiveStack::new(BlockStack::build("bench", Arc::new(NullDriver), &chain).expect("stack"))
+    BlockStack::build("bench", Arc::new(NullDriver), &chain).expect("stack")
 }
 
 fn shim(c: &mut Criterion) {
@@ -71,13 +71,19 @@ fn shim(c: &mut Criterion) {
             unsafe { driver.execute(&req) }
         })
     });
+    // The same empty chain without the live stack's read lock: what the lock costs.
+    let bare = block_stack(0, false);
+    g.bench_function("stack_0_without_lock", |b| {
+        // SAFETY: the segment is a live buffer.
+        b.iter(|| unsafe { bare.submit(BlockRequestKind::Read, black_box(8192), &segments) })
+    });
     for (name, n, enabled) in [
         ("shim_0", 0, false),
         ("shim_1_disabled", 1, false),
         ("shim_8_disabled", 8, false),
         ("shim_1_enabled_noop", 1, true),
     ] {
-        let s = stack(n, enabled);
+        let s = LiveStack::new(block_stack(n, enabled));
         g.bench_function(name, |b| {
             // SAFETY: the segment is a live buffer.
             b.iter(|| unsafe { s.submit(BlockRequestKind::Read, black_box(8192), &segments) })

@@ -14,16 +14,18 @@
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmm_api::client::request;
 
 const DEVICE: &str = "data0";
 
 /// Runs `steps` against the API at `sock`; returns the report and the problems found.
-pub fn run(steps: &str, sock: &Path) -> (Value, Vec<String>) {
+/// `vmm_gone` is set once the VMM has exited: waiting for the guest's I/O then stops.
+pub fn run(steps: &str, sock: &Path, vmm_gone: &AtomicBool) -> (Value, Vec<String>) {
     let mut report = Vec::new();
     let mut problems = Vec::new();
-    if let Err(e) = wait_for_guest_io(sock) {
+    if let Err(e) = wait_for_guest_io(sock, vmm_gone) {
         problems.push(format!("control: {e}"));
         return (Value::Array(report), problems);
     }
@@ -70,7 +72,7 @@ fn device(sock: &Path) -> Result<Value, String> {
         .ok_or_else(|| format!("no device {DEVICE} in {all}"))
 }
 
-fn wait_for_guest_io(sock: &Path) -> Result<(), String> {
+fn wait_for_guest_io(sock: &Path, vmm_gone: &AtomicBool) -> Result<(), String> {
     let start = Instant::now();
     let limit = Duration::from_secs(240);
     loop {
@@ -78,6 +80,11 @@ fn wait_for_guest_io(sock: &Path) -> Result<(), String> {
             if d["requests"].as_u64().unwrap_or(0) >= 200 {
                 return Ok(());
             }
+        }
+        if vmm_gone.load(Ordering::SeqCst) {
+            return Err(format!(
+                "the vmm exited before the guest sent {DEVICE} 200 requests"
+            ));
         }
         if start.elapsed() > limit {
             return Err(format!(
@@ -102,15 +109,18 @@ fn chains(sock: &Path) -> Result<Value, String> {
     ))
 }
 
+/// A deterministic pseudo-random step (xorshift64): runs repeat exactly.
+fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
 /// One malformed request from `n` (deterministic): never a well-formed state change.
 pub fn malformed(n: u64) -> Vec<u8> {
     let mut seed = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = move || xorshift(&mut seed);
     let pick = |v: u64, len: usize| (v % len as u64) as usize;
     let methods = ["GET", "PUT", "PATCH", "POST", "BREW", "get", ""];
     let paths = [
@@ -235,10 +245,7 @@ fn toggle(sock: &Path, ids: &str, secs: u64) -> Result<Value, String> {
     while start.elapsed() < Duration::from_secs(secs) {
         let tick = Instant::now();
         for (k, id) in ids.iter().enumerate() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let on = seed & 1 == 1;
+            let on = xorshift(&mut seed) & 1 == 1;
             patch(sock, id, on)?;
             toggles += 1;
             flips += u64::from(on != state[k]);
@@ -250,7 +257,10 @@ fn toggle(sock: &Path, ids: &str, secs: u64) -> Result<Value, String> {
         patch(sock, id, true)?;
     }
     let after = device(sock)?;
-    let served = after["requests"].as_u64().unwrap_or(0) - before["requests"].as_u64().unwrap_or(0);
+    let served = after["requests"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(before["requests"].as_u64().unwrap_or(0));
     Ok(json!({
         "patches": toggles,
         "flips": flips,

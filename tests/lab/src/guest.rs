@@ -10,7 +10,8 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The VMM that runs the guest.
@@ -377,8 +378,13 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     if let Some(err) = child.stderr.take() {
         forward_lines(err, tx);
     }
+    // Set when the VMM has exited, so the API client stops waiting for a guest that is gone.
+    let vmm_gone = Arc::new(AtomicBool::new(false));
     let control = spec.control.clone().map(|steps| {
-        std::thread::spawn(move || crate::control::run(&steps, &crate::control::socket_path()))
+        let gone = vmm_gone.clone();
+        std::thread::spawn(move || {
+            crate::control::run(&steps, &crate::control::socket_path(), &gone)
+        })
     });
     let mut transcript = String::new();
     let mut wall_to_init = None;
@@ -415,7 +421,9 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let status = child.wait().context("waiting for the VMM")?;
+    let status = child.wait().context("waiting for the VMM");
+    vmm_gone.store(true, Ordering::SeqCst);
+    let status = status?;
     let vmm_exit = killed.unwrap_or_else(|| status.code().map_or(VmmExit::Signal, VmmExit::Status));
     let report = spec.results_disk.as_deref().and_then(read_results);
     let mut run = judge(

@@ -1,7 +1,6 @@
 //! Builds the example and test interceptor plugins for the tests: the Rust ones with cargo
 //! (into their own target directory, so this works while an outer cargo holds the main
-//! one's lock), the C one with the system C compiler from the header alone. Also builds the
-//! `vmmctl` client the same way, for the API tests.
+//! one's lock), the C one with the system C compiler from the header alone.
 
 use crate::paths::repo_root;
 use anyhow::{bail, Context, Result};
@@ -86,29 +85,6 @@ pub fn plugins() -> Result<Plugins> {
     static BUILT: OnceLock<Result<Plugins, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-/// The `vmmctl` binary, built once per process into the plugins' target directory.
-pub fn vmmctl() -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let target = plugin_dir().join("cargo");
-            let status = Command::new(&cargo)
-                .current_dir(repo_root())
-                .args(["build", "--quiet", "-p", "vmm", "--bin", "vmmctl"])
-                .arg("--target-dir")
-                .arg(&target)
-                .status()
-                .map_err(|e| format!("running {cargo}: {e}"))?;
-            if !status.success() {
-                return Err("building vmmctl failed".into());
-            }
-            Ok(target.join("debug/vmmctl"))
-        })
         .clone()
         .map_err(anyhow::Error::msg)
 }

@@ -494,7 +494,8 @@ fn the_shutdown_action_reaches_the_vm() {
 fn vmmctl_shows_tables_edits_chains_and_reports_faults() {
     let api = start("api-vmmctl");
     let p = plugins().unwrap();
-    let ctl = vmm_lab::plugins::vmmctl().expect("building vmmctl");
+    // Built with `vmm` by the workspace build the test command runs first.
+    let ctl = common::vmm_bin().with_file_name("vmmctl");
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&ctl)
             .arg("--sock")
