@@ -81,6 +81,33 @@ impl Lower {
         status(unsafe { (t.flush)(t.ctx) })
     }
 
+    /// The byte offset of the first non-zero byte in `from..to`, or `None` if all of it is
+    /// zero. Plugins that format the disk below them call it over everything their format
+    /// will use before writing a byte, so that they never format over data. `from` and `to`
+    /// must be multiples of [`abi::SECTOR_SIZE`]; it reads in 1 MiB pieces.
+    ///
+    /// ```no_run
+    /// # fn f(lower: &interceptor_sdk::Lower) -> Result<(), String> {
+    /// if let Some(at) = lower.first_nonzero(0, lower.capacity()).map_err(|e| e.to_string())? {
+    ///     return Err(format!("the disk is not blank (byte {at} is not zero)"));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn first_nonzero(&self, from: u64, to: u64) -> Result<Option<u64>, IoError> {
+        const PIECE: u64 = 1 << 20;
+        let mut buf = vec![0u8; PIECE as usize];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(PIECE) as usize;
+            self.read(at, &mut buf[..n])?;
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Ok(Some(at + i as u64));
+            }
+            at += n as u64;
+        }
+        Ok(None)
+    }
+
     /// Logs through the VMM's log, tagged with this instance.
     pub fn log(&self, level: LogLevel, message: &str) {
         let t = self.table();
