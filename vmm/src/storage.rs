@@ -6,6 +6,8 @@ use crate::config::{ConfigError, InterceptorConfig, VmConfig};
 use compat::{BlockStack, InstanceSpec, LiveStack, PluginRegistry};
 use devices::virtio::block::RawFile;
 use std::collections::HashMap;
+use std::fs::{File, TryLockError};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A disk ready for its device model.
@@ -31,6 +33,33 @@ fn instance_spec(
     })
 }
 
+/// Opens a disk image and locks it for the life of the returned file (the lock goes with
+/// the open file, which the backend keeps): exclusively when writable, shared when
+/// read-only, so any number of readers or one writer. A second opener (another process,
+/// or another `[[block]]` naming the same file by any path, since each open is its own
+/// lock holder) is refused with a message naming the file. The lock is advisory (`flock`):
+/// it excludes other `vmm`s, not a program that does not take it.
+pub fn open_image(path: &Path, read_only: bool) -> Result<File, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let locked = if read_only {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(format!(
+            "{} is in use by another process or by another [[block]] of this config (it is locked)",
+            path.display()
+        )),
+        Err(TryLockError::Error(e)) => Err(format!("{}: cannot lock it: {e}", path.display())),
+    }
+}
+
 /// Opens every disk of a validated config and builds its stack.
 pub fn open_disks(
     cfg: &VmConfig,
@@ -50,17 +79,12 @@ pub fn open_disks(
     }
     let mut disks = Vec::new();
     for (i, b) in cfg.block.iter().enumerate() {
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!b.read_only)
-            .open(&b.path)
-            .and_then(|f| RawFile::new(f, b.read_only, &b.id))
-            .map_err(|e| {
-                invalid(
-                    format!("block[{i}].path"),
-                    format!("{}: {e}", b.path.display()),
-                )
-            })?;
+        let opened = open_image(&b.path, b.read_only)
+            .and_then(|f| {
+                RawFile::new(f, b.read_only, &b.id)
+                    .map_err(|e| format!("{}: {e}", b.path.display()))
+            })
+            .map_err(|m| invalid(format!("block[{i}].path"), m))?;
         let mut chain = Vec::new();
         for id in &b.interceptors {
             // validate() guarantees every id names an [[interceptor]].
@@ -110,4 +134,95 @@ pub fn report(disks: &[Disk]) -> Vec<String> {
         }
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("vmm-storage-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn locked_out(e: &str) -> bool {
+        e.contains("is in use by another process or by another [[block]] of this config")
+    }
+
+    #[test]
+    fn one_writer_or_many_readers() {
+        let d = Dir::new("lock");
+        let img = d.0.join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let writer = open_image(&img, false).unwrap();
+        let e = open_image(&img, false).unwrap_err();
+        assert!(
+            locked_out(&e) && e.starts_with(&*img.to_string_lossy()),
+            "{e}"
+        );
+        assert!(locked_out(&open_image(&img, true).unwrap_err()));
+        drop(writer);
+        let r1 = open_image(&img, true).unwrap();
+        let _r2 = open_image(&img, true).unwrap();
+        assert!(locked_out(&open_image(&img, false).unwrap_err()));
+        drop((r1, _r2));
+        // Released with the file: it opens again.
+        open_image(&img, false).unwrap();
+    }
+
+    #[test]
+    fn the_same_image_named_twice_is_refused_by_any_spelling() {
+        let d = Dir::new("twice");
+        let img = d.0.join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(&img, d.0.join("link.img")).unwrap();
+        std::fs::hard_link(&img, d.0.join("hard.img")).unwrap();
+        for other in ["disk.img", "./disk.img", "link.img", "hard.img"] {
+            let text = format!(
+                "[kernel]\npath = \"k\"\n\
+                 [[block]]\nid = \"a\"\npath = \"disk.img\"\n\
+                 [[block]]\nid = \"b\"\npath = {other:?}\n"
+            );
+            let mut cfg = VmConfig::parse(&text, "guest.toml").unwrap();
+            for b in &mut cfg.block {
+                b.path = d.0.join(&b.path);
+            }
+            let e = open_disks(&cfg, "guest.toml", &PluginRegistry::new())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.starts_with("guest.toml: block[1].path: "), "{other}: {e}");
+            assert!(
+                locked_out(&e) && e.contains(other.trim_start_matches("./")),
+                "{e}"
+            );
+        }
+        // Both read-only: they share it.
+        let text = "[kernel]\npath = \"k\"\n\
+             [[block]]\nid = \"a\"\npath = \"disk.img\"\nread_only = true\n\
+             [[block]]\nid = \"b\"\npath = \"link.img\"\nread_only = true\n";
+        let mut cfg = VmConfig::parse(text, "guest.toml").unwrap();
+        for b in &mut cfg.block {
+            b.path = d.0.join(&b.path);
+        }
+        assert_eq!(
+            open_disks(&cfg, "guest.toml", &PluginRegistry::new())
+                .map(|d| d.len())
+                .ok(),
+            Some(2)
+        );
+    }
 }

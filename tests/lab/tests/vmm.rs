@@ -217,3 +217,94 @@ fn vmm_data_lands_at_the_right_offsets_and_read_only_disk_refuses_writes() {
     assert!(markers.contains(&want), "{want} not in {markers:?}");
     assert!(std::fs::read(&ro).unwrap().iter().all(|&b| b == 0x5a));
 }
+
+/// Every image is locked while a vmm has it open: a second opener (the same file named
+/// twice in one config, by any path, or another process holding it) is refused before the
+/// VM starts, with exit 2 and one line naming the file.
+#[test]
+fn an_image_in_use_is_refused_with_exit_2_and_one_line_naming_it() {
+    let disk = common::out_file("lock-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let link = common::out_file("lock-link.img");
+    std::os::unix::fs::symlink(&disk, &link).unwrap();
+    let kernel = common::out_file("lock-kernel");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let config = |blocks: &[(&std::path::Path, bool)]| {
+        let mut t = format!("[machine]\nmemory_mib = 128\n[kernel]\npath = {kernel:?}\n");
+        for (i, (path, ro)) in blocks.iter().enumerate() {
+            t.push_str(&format!(
+                "[[block]]\nid = \"d{i}\"\npath = {path:?}\nread_only = {ro}\n"
+            ));
+        }
+        t
+    };
+    let refused = |name: &str, body: &str, field: &str, file: &std::path::Path| {
+        let out = run_vmm_config(name, body);
+        let text = output(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {text}");
+        assert_eq!(text.trim().lines().count(), 1, "{name}: one line: {text}");
+        let want = format!(
+            "{field}: {} is in use by another process or by another [[block]] of this config (it is locked)",
+            file.display()
+        );
+        assert!(text.contains(&want), "{name}: {text}");
+    };
+    // (a) The same image twice in one config: by its name, through a symlink, read-only
+    // beside a writable one.
+    refused(
+        "lock-twice.toml",
+        &config(&[(&disk, false), (&disk, false)]),
+        "block[1].path",
+        &disk,
+    );
+    refused(
+        "lock-link.toml",
+        &config(&[(&disk, false), (&link, false)]),
+        "block[1].path",
+        &link,
+    );
+    refused(
+        "lock-ro-rw.toml",
+        &config(&[(&disk, true), (&disk, false)]),
+        "block[1].path",
+        &disk,
+    );
+    // (b) Another process holds it (here the test itself): a writer is refused, and so is
+    // a reader.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    held.lock().unwrap();
+    refused(
+        "lock-held.toml",
+        &config(&[(&disk, false)]),
+        "block[0].path",
+        &disk,
+    );
+    refused(
+        "lock-held-ro.toml",
+        &config(&[(&disk, true)]),
+        "block[0].path",
+        &disk,
+    );
+    // A reader elsewhere keeps writers out, not other readers: this vmm gets past its
+    // disks (and then fails on the kernel, which is not one).
+    held.unlock().unwrap();
+    held.lock_shared().unwrap();
+    refused(
+        "lock-shared-rw.toml",
+        &config(&[(&disk, false)]),
+        "block[0].path",
+        &disk,
+    );
+    let out = run_vmm_config("lock-shared-ro.toml", &config(&[(&disk, true)]));
+    let text = output(&out);
+    assert!(!text.contains("is in use"), "{text}");
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    drop(held);
+    // Once nobody holds it, the image opens.
+    let out = run_vmm_config("lock-free.toml", &config(&[(&disk, false)]));
+    assert!(!output(&out).contains("is in use"), "{}", output(&out));
+}
