@@ -1,59 +1,64 @@
-//! The encryption interceptor: AES-256-GCM per 4 KiB block, authenticated, crash-safe.
+//! The encryption interceptor: AES-256-GCM per 4 KiB block, authenticated, crash-safe,
+//! with rollback detection.
 //!
-//! Every guest block has a metadata entry (nonce, tag, mode, which of two data slots holds
-//! it) and two data slots. A write never overwrites the version the last completed flush
-//! made durable: it goes to the other slot, and its entry keeps the durable version as a
-//! fallback until the next completed flush settles it. So after a crash at any instant a
-//! block reads its old or its new contents, whatever subset of the unflushed writes reached
-//! the disk. The layout, the nonce scheme and what "disabled" means are in
-//! docs/encryption.md; the layout is also in `layout.rs`.
+//! Every guest block has an entry (its newest version: data slot, open id, nonce, tag; and,
+//! until the next commit, the version it falls back to) in a leaf of a MAC tree whose root
+//! is in the authenticated header; a block's data has two slots, and a write never
+//! overwrites the version the last commit made durable. So after a crash at any instant a
+//! block reads its old or its new contents, and a block, an entry or a whole node put back
+//! from an older image reads as an I/O error, never as its old contents. Each open draws a
+//! random open id and seals under a key derived from it, so nonces never repeat under a
+//! key. The layout, the threat model and what "disabled" means are in docs/encryption.md.
 
 mod key;
 mod layout;
+mod node;
 pub mod seal;
+mod tree;
 
-pub use layout::Mode;
+pub use node::Mode;
 
 use interceptor_sdk::{
     abi, block_pieces, export_interceptor, BlockPiece, CreateContext, Decision, Interceptor,
     LogLevel, Lower, Request, RequestKind, Slot,
 };
-use layout::{
-    Entry, Fallback, Geometry, Header, Version, BLOCK, ENTRIES_PER_SECTOR, ENTRY_BYTES, SECTOR,
-};
+use layout::{has_magic, Geometry, Header, HeaderKeys, BLOCK, HEADER_BYTES};
+use node::{Current, Entry, Fallback, Version, LEAF_ENTRIES};
 use seal::Sealer;
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use tree::Tree;
+
+/// Leaves changed since the last commit that make the plugin commit on its own: bounds the
+/// memory a guest that never flushes can pin (about 600 bytes a leaf).
+const MAX_DIRTY_LEAVES: usize = 16_384;
+/// Bytes a cached tree node takes in memory, at most (an inner node; a leaf takes less).
+const NODE_MEMORY: u64 = 2560;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// A file holding the key: 32 raw bytes or 64 hex digits.
     key_file: std::path::PathBuf,
+    /// Format a disk that is not blank (destroying what it holds). Never formats over an
+    /// encrypted layout, valid or damaged.
+    #[serde(default)]
+    format: bool,
+    /// Refuse to open a disk whose generation is older: detects a rolled-back image.
+    #[serde(default)]
+    min_generation: u64,
+    /// Memory for cached metadata, in MiB.
+    #[serde(default = "default_cache_mib")]
+    cache_mib: u64,
 }
 
-/// A block's metadata as loaded: an entry, or one that failed its MAC (reads fail).
-#[derive(Clone, Copy)]
-enum Meta {
-    Ok(Entry),
-    Corrupt,
-}
-
-/// What the last completed flush (or the open) made durable for a block, once known.
-#[derive(Clone, Copy)]
-enum Durable {
-    Unknown,
-    /// Nothing readable (its metadata or data fail their checks): no fallback to keep.
-    Unreadable,
-    Known(Fallback),
+fn default_cache_mib() -> u64 {
+    16
 }
 
 struct State {
-    meta: Vec<Meta>,
-    durable: Vec<Durable>,
-    /// Blocks written since the last completed flush.
-    dirty: BTreeSet<u64>,
+    tree: Tree,
+    sealer: Sealer,
 }
 
 #[derive(Default)]
@@ -71,9 +76,7 @@ struct Stats {
 pub struct Encrypt {
     lower: Lower,
     geo: Geometry,
-    sealer: Sealer,
-    mac_key: [u8; 32],
-    epoch: u64,
+    header_key: [u8; 32],
     state: Mutex<State>,
     stats: Stats,
 }
@@ -84,119 +87,175 @@ fn io(e: interceptor_sdk::IoError) -> String {
     e.to_string()
 }
 
+/// The header to open the disk with: the valid copy of the highest generation, and which
+/// copy it is; or why neither is valid.
+fn pick_header(
+    block0: &[u8],
+    geo: &Geometry,
+    keys: &HeaderKeys<'_>,
+    lower: &Lower,
+) -> Res<(Header, usize)> {
+    let copies = [
+        &block0[..HEADER_BYTES],
+        &block0[HEADER_BYTES..2 * HEADER_BYTES],
+    ];
+    let parsed: Vec<Res<Header>> = copies
+        .iter()
+        .map(|c| Header::decode(c, geo, keys))
+        .collect();
+    let best = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.as_ref().ok().map(|h| (i, h)))
+        .max_by_key(|(i, h)| (h.generation, std::cmp::Reverse(*i)));
+    if let Some((i, h)) = best {
+        if let Err(e) = &parsed[1 - i] {
+            lower.log(
+                LogLevel::Warn,
+                &format!(
+                    "header copy {}: {e}; opening with copy {}",
+                    ["A", "B"][1 - i],
+                    ["A", "B"][i]
+                ),
+            );
+        }
+        return Ok((h.clone(), i));
+    }
+    let why = |i: usize| parsed[i].as_ref().err().cloned().unwrap_or_default();
+    Err(match (has_magic(copies[0]), has_magic(copies[1])) {
+        (true, true) if why(0) != why(1) => {
+            format!("header copy A: {}; header copy B: {}", why(0), why(1))
+        }
+        (true, _) => why(0),
+        _ => why(1),
+    })
+}
+
 impl Encrypt {
-    fn open_disk(lower: Lower, key: &key::Key) -> Res<Encrypt> {
-        let total = lower.capacity() / BLOCK;
+    fn open_disk(lower: Lower, key: &key::Key, cfg: &Config) -> Res<Encrypt> {
+        let capacity = lower.capacity();
+        let total = capacity / BLOCK;
         let geo = Geometry::for_disk(total)
             .ok_or_else(|| format!("a disk of {total} blocks is too small to encrypt"))?;
-        let check = Sealer::key_check(&key.0, geo.n)?;
-        let mut head = vec![0u8; SECTOR as usize];
-        lower.read(0, &mut head).map_err(io)?;
-        let epoch = match Header::decode(&head)? {
-            None => {
-                // A blank disk: clear the metadata region, then write the header.
-                let zeros = vec![0u8; 1 << 20];
-                let (mut at, end) = (geo.meta_start * BLOCK, geo.data_start * BLOCK);
-                while at < end {
-                    let n = (end - at).min(zeros.len() as u64) as usize;
-                    lower.write(at, &zeros[..n]).map_err(io)?;
-                    at += n as u64;
-                }
-                0
-            }
-            Some(h) if h.geometry != geo => {
-                return Err(format!(
-                "the encrypted layout on this disk was made for {} blocks, the disk now gives {}",
-                h.geometry.n, geo.n
-            ))
-            }
-            Some(h) if h.key_check != check => {
-                return Err("wrong key: it does not match this disk's key check".into())
-            }
-            Some(h) => h.epoch,
+        let header_key = seal::header_key(&key.0);
+        let check = |id: &[u8; 16]| seal::key_check(&key.0, id);
+        let keys = HeaderKeys {
+            mac: &header_key,
+            check: &check,
         };
-        let epoch = epoch + 1;
-        let epoch32 = u32::try_from(epoch).map_err(|_| {
-            "this disk has used all its nonce epochs; re-encrypt it under a new key"
-        })?;
-        // The new epoch is durable before any write uses it: nonces never repeat, crash or not.
-        let header = Header {
-            geometry: geo,
-            epoch,
-            key_check: check,
+        let mut block0 = vec![0u8; BLOCK as usize];
+        lower.read(0, &mut block0).map_err(io)?;
+        let (header, copy) = if has_magic(&block0[..HEADER_BYTES])
+            || has_magic(&block0[HEADER_BYTES..2 * HEADER_BYTES])
+        {
+            pick_header(&block0, &geo, &keys, &lower)?
+        } else {
+            Self::format(&lower, &geo, &key.0, cfg.format)?
         };
-        lower.write(0, &header.encode()).map_err(io)?;
-        lower.flush().map_err(io)?;
-        let mac_key = blake3::derive_key("vmm encrypt interceptor 2026 metadata", &key.0);
-        let meta = Self::load_meta(&lower, &geo, &mac_key)?;
+        if header.generation < cfg.min_generation {
+            return Err(format!(
+                "the disk is at generation {}, older than min_generation = {}: the image was \
+                 rolled back (restored from an older copy), or min_generation is wrong",
+                header.generation, cfg.min_generation
+            ));
+        }
+        let meta_key = seal::meta_key(&key.0, &header.disk_id);
+        let sealer = Sealer::new(&key.0, header.disk_id, seal::random16()?);
+        let cache_nodes = (cfg.cache_mib.clamp(1, 1 << 16) << 20) / NODE_MEMORY;
+        let tree = Tree::new(geo.clone(), meta_key, header, copy, cache_nodes as usize);
         Ok(Encrypt {
             lower,
             geo,
-            sealer: Sealer::new(&key.0, epoch32),
-            mac_key,
-            epoch,
-            state: Mutex::new(State {
-                durable: vec![Durable::Unknown; meta.len()],
-                meta,
-                dirty: BTreeSet::new(),
-            }),
+            header_key,
+            state: Mutex::new(State { tree, sealer }),
             stats: Stats::default(),
         })
     }
 
-    fn load_meta(lower: &Lower, geo: &Geometry, mac_key: &[u8; 32]) -> Res<Vec<Meta>> {
-        let mut out = Vec::with_capacity(geo.n as usize);
-        let (mut at, end) = (geo.meta_start * BLOCK, geo.data_start * BLOCK);
-        while at < end && (out.len() as u64) < geo.n {
-            let mut buf = vec![0u8; (end - at).min(1 << 20) as usize];
-            lower.read(at, &mut buf).map_err(io)?;
-            for raw in buf.chunks_exact(ENTRY_BYTES) {
-                let block = out.len() as u64;
-                if block == geo.n {
-                    break;
-                }
-                out.push(match Entry::decode(block, raw, mac_key) {
-                    Ok(e) => Meta::Ok(e),
-                    Err(()) => Meta::Corrupt,
-                });
+    /// Formats a disk without a layout: only if all of it is zeros, or the config says
+    /// `format = true`. Writes both header copies (generation 0, an empty tree).
+    fn format(lower: &Lower, geo: &Geometry, key: &[u8; 32], force: bool) -> Res<(Header, usize)> {
+        if !force {
+            if let Some(at) = lower.first_nonzero(0, lower.capacity()).map_err(io)? {
+                return Err(format!(
+                    "the disk is not blank (byte {at} is not zero) and holds no encrypted \
+                     layout; to format it, destroying what it holds, set format = true in the \
+                     instance's config"
+                ));
             }
-            at += buf.len() as u64;
         }
-        Ok(out)
+        let disk_id = seal::random16()?;
+        let header = Header::for_geometry(geo, disk_id, seal::key_check(key, &disk_id));
+        let raw = header.encode(&seal::header_key(key));
+        let mut block0 = vec![0u8; BLOCK as usize];
+        block0[..HEADER_BYTES].copy_from_slice(&raw);
+        block0[HEADER_BYTES..2 * HEADER_BYTES].copy_from_slice(&raw);
+        lower.write(0, &block0).map_err(io)?;
+        lower.flush().map_err(io)?;
+        lower.log(LogLevel::Info, "formatted a new encrypted layout");
+        Ok((header, 0))
     }
 
     /// Reads and opens one stored version; `None` if it does not authenticate.
-    fn try_version(&self, block: u64, v: &Version) -> Res<Option<Vec<u8>>> {
+    fn try_version(&self, sealer: &mut Sealer, block: u64, v: &Version) -> Res<Option<Vec<u8>>> {
         let mut data = vec![0u8; BLOCK as usize];
         self.lower
             .read(self.geo.slot_offset(block, v.slot), &mut data)
             .map_err(io)?;
-        Ok(self.sealer.open(block, v, &mut data).then_some(data))
+        Ok(sealer.open(block, v, &mut data).then_some(data))
+    }
+
+    /// `block`'s entry. A leaf adopted from a crash's leftovers is resolved first: an entry
+    /// whose newest data never reached the disk goes back to its fallback, so that the
+    /// commit that takes the leaf in never commits a version that is not there.
+    fn entry(&self, st: &mut State, block: u64) -> Res<Entry> {
+        let State { tree, sealer } = st;
+        let (node, k) = tree.leaf(&self.lower, block)?;
+        if node.adopted {
+            node.adopted = false;
+            let first = block - k as u64;
+            if let Some(entries) = node.entries_mut() {
+                for (j, e) in entries.iter_mut().enumerate() {
+                    let (Current::Stored(cur), Some(prev)) = (e.cur, e.prev) else {
+                        continue;
+                    };
+                    let b = first + j as u64;
+                    if b < self.geo.n && self.try_version(sealer, b, &cur)?.is_none() {
+                        self.stats.fallbacks.fetch_add(1, Relaxed);
+                        let cur = match prev {
+                            Fallback::Zeros => Current::Never,
+                            Fallback::Version(v) => Current::Stored(v),
+                        };
+                        *e = Entry { cur, prev: None };
+                    }
+                }
+            }
+        }
+        Ok(node.entries()[k])
     }
 
     /// The plaintext of `block`, or `Err` (an I/O error for the guest).
-    fn read_block(&self, st: &State, block: u64) -> Res<Vec<u8>> {
-        let entry = match st.meta[block as usize] {
-            Meta::Ok(e) => e,
-            Meta::Corrupt => {
+    fn read_block(&self, st: &mut State, block: u64) -> Res<Vec<u8>> {
+        let entry = self.entry(st, block)?;
+        let cur = match entry.cur {
+            Current::Never => return Ok(vec![0u8; BLOCK as usize]),
+            Current::Unreadable => {
                 self.stats.auth_failures.fetch_add(1, Relaxed);
-                return Err(format!("block {block}: metadata fails its check"));
+                return Err(format!("block {block}: its metadata fails its check"));
             }
+            Current::Stored(v) => v,
         };
-        let Some(cur) = entry.cur else {
-            return Ok(vec![0u8; BLOCK as usize]);
-        };
-        if let Some(data) = self.try_version(block, &cur)? {
+        if let Some(data) = self.try_version(&mut st.sealer, block, &cur)? {
             return Ok(data);
         }
-        // The newest version did not fully reach the disk (a crash): the durable one.
+        // The newest version did not fully reach the disk (a crash): the committed one.
         match entry.prev {
             Some(Fallback::Zeros) => {
                 self.stats.fallbacks.fetch_add(1, Relaxed);
                 return Ok(vec![0u8; BLOCK as usize]);
             }
             Some(Fallback::Version(prev)) => {
-                if let Some(data) = self.try_version(block, &prev)? {
+                if let Some(data) = self.try_version(&mut st.sealer, block, &prev)? {
                     self.stats.fallbacks.fetch_add(1, Relaxed);
                     return Ok(data);
                 }
@@ -207,83 +266,34 @@ impl Encrypt {
         Err(format!("block {block}: data fails authentication"))
     }
 
-    /// What the last completed flush made durable for `block`, finding out on first use
-    /// (the open flushed, so what reads back now is durable). `None`: nothing readable.
-    fn durable(&self, st: &mut State, block: u64) -> Res<Option<Fallback>> {
-        let i = block as usize;
-        let found = match st.durable[i] {
-            Durable::Known(f) => return Ok(Some(f)),
-            Durable::Unreadable => return Ok(None),
-            Durable::Unknown => match st.meta[i] {
-                Meta::Corrupt => None,
-                Meta::Ok(Entry { cur: None, .. }) => Some(Fallback::Zeros),
-                Meta::Ok(Entry {
-                    cur: Some(cur),
-                    prev,
-                }) => {
-                    if self.try_version(block, &cur)?.is_some() {
-                        Some(Fallback::Version(cur))
-                    } else {
-                        match prev {
-                            Some(Fallback::Version(p))
-                                if self.try_version(block, &p)?.is_some() =>
-                            {
-                                Some(Fallback::Version(p))
-                            }
-                            Some(Fallback::Zeros) => Some(Fallback::Zeros),
-                            _ => None,
-                        }
-                    }
-                }
-            },
-        };
-        st.durable[i] = found.map_or(Durable::Unreadable, Durable::Known);
-        Ok(found)
-    }
-
-    fn write_meta_sector(&self, st: &State, block: u64) -> Res<()> {
-        let first = block / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
-        let mut sector = vec![0u8; SECTOR as usize];
-        for k in 0..ENTRIES_PER_SECTOR {
-            let b = first + k;
-            if b >= self.geo.n {
-                break;
-            }
-            let raw = match st.meta[b as usize] {
-                Meta::Ok(e) => e.encode(b, &self.mac_key),
-                // Left as found: still refused on read until the block is written again.
-                Meta::Corrupt => {
-                    let mut junk = [0u8; ENTRY_BYTES];
-                    junk[0] = 0xff;
-                    junk
-                }
-            };
-            let at = k as usize * ENTRY_BYTES;
-            sector[at..at + ENTRY_BYTES].copy_from_slice(&raw);
-        }
-        self.lower
-            .write(self.geo.meta_sector_offset(block), &sector)
-            .map_err(io)
-    }
-
-    /// Stores a whole block's data in the slot the durable version is not in and updates its
-    /// entry in memory; the caller writes the entry's metadata sector.
+    /// Stores a whole block's data in the slot its committed version is not in and updates
+    /// its entry in memory; the caller writes the leaf.
     fn write_block(&self, st: &mut State, block: u64, mut data: Vec<u8>, clear: bool) -> Res<()> {
-        let durable = self.durable(st, block)?;
+        let entry = self.entry(st, block)?;
+        // What the last commit made durable: kept as the fallback until the next one.
+        let durable = match (entry.prev, entry.cur) {
+            (Some(f), _) => Some(f),
+            (None, Current::Never) => Some(Fallback::Zeros),
+            (None, Current::Stored(v)) => Some(Fallback::Version(v)),
+            (None, Current::Unreadable) => None,
+        };
         let slot = match durable {
             Some(Fallback::Version(v)) => 1 - v.slot,
             _ => 0,
         };
         let mode = if clear { Mode::Clear } else { Mode::Encrypted };
-        let version = self.sealer.seal(block, mode, slot, &mut data)?;
+        let version = st.sealer.seal(block, mode, slot, &mut data)?;
         self.lower
             .write(self.geo.slot_offset(block, slot), &data)
             .map_err(io)?;
-        st.meta[block as usize] = Meta::Ok(Entry {
-            cur: Some(version),
-            prev: durable,
-        });
-        st.dirty.insert(block);
+        st.tree.set_entry(
+            &self.lower,
+            block,
+            Entry {
+                cur: Current::Stored(version),
+                prev: durable,
+            },
+        )?;
         let counter = if clear {
             &self.stats.blocks_clear
         } else {
@@ -293,38 +303,10 @@ impl Encrypt {
         Ok(())
     }
 
-    /// Flushes below, then settles every block written since the last flush: its newest
-    /// version is now durable and the fallback goes.
-    fn flush(&self, st: &mut State) -> Res<()> {
-        self.lower.flush().map_err(io)?;
-        let dirty = std::mem::take(&mut st.dirty);
-        let mut last_sector = None;
-        for &block in &dirty {
-            if let Meta::Ok(e) = &mut st.meta[block as usize] {
-                st.durable[block as usize] = e.cur.map_or(Durable::Unreadable, |v| {
-                    Durable::Known(Fallback::Version(v))
-                });
-                e.prev = None;
-            }
-        }
-        for &block in &dirty {
-            let sector = block / ENTRIES_PER_SECTOR;
-            if last_sector != Some(sector) {
-                last_sector = Some(sector);
-                // Best effort: an unsettled entry on disk is still correct, only less strict.
-                if let Err(e) = self.write_meta_sector(st, block) {
-                    self.lower
-                        .log(LogLevel::Warn, &format!("settling block {block}: {e}"));
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn read(&self, req: &mut Request<'_>) -> Res<()> {
-        let st = self.state.lock().map_err(|_| "state lock poisoned")?;
+        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let data = self.read_block(&st, p.block)?;
+            let data = self.read_block(&mut st, p.block)?;
             req.write_data(p.at, &data[p.range()])
                 .map_err(|e| format!("{e:?}"))?;
         }
@@ -334,15 +316,15 @@ impl Encrypt {
     fn write(&self, req: &mut Request<'_>) -> Res<()> {
         let clear = req.disabled();
         let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
-        // Each metadata sector is written once per request, after the data of its blocks
-        // (any order of the two is crash-safe: docs/encryption.md), also when a block fails.
+        // Each leaf is written once per request, after the data of its blocks (any order of
+        // the two is crash-safe: docs/encryption.md), also when a block fails.
         let mut pending: Option<u64> = None;
         let mut result = Ok(());
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let sector = p.block / ENTRIES_PER_SECTOR;
-            if let Some(done) = pending.filter(|&s| s != sector) {
-                result = self.write_meta_sector(&st, done * ENTRIES_PER_SECTOR);
+            let leaf = p.block / LEAF_ENTRIES as u64;
+            if let Some(done) = pending.filter(|&l| l != leaf) {
                 pending = None;
+                result = st.tree.store_leaf(&self.lower, done * LEAF_ENTRIES as u64);
                 if result.is_err() {
                     break;
                 }
@@ -351,11 +333,14 @@ impl Encrypt {
             if result.is_err() {
                 break;
             }
-            pending = Some(sector);
+            pending = Some(leaf);
         }
         if let Some(last) = pending {
-            let meta = self.write_meta_sector(&st, last * ENTRIES_PER_SECTOR);
-            result = result.and(meta);
+            let stored = st.tree.store_leaf(&self.lower, last * LEAF_ENTRIES as u64);
+            result = result.and(stored);
+        }
+        if result.is_ok() && st.tree.dirty_leaves() >= MAX_DIRTY_LEAVES {
+            result = st.tree.commit(&self.lower, &self.header_key);
         }
         result
     }
@@ -379,6 +364,11 @@ impl Encrypt {
             .map_err(|e| format!("{e:?}"))?;
         self.write_block(st, p.block, data, clear)
     }
+
+    fn flush(&self) -> Res<()> {
+        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
+        st.tree.commit(&self.lower, &self.header_key)
+    }
 }
 
 impl Interceptor for Encrypt {
@@ -390,7 +380,7 @@ impl Interceptor for Encrypt {
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
         let key = key::read_key_file(&cfg.key_file)?;
-        Encrypt::open_disk(ctx.lower, &key)
+        Encrypt::open_disk(ctx.lower, &key, &cfg)
     }
 
     fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
@@ -409,10 +399,7 @@ impl Interceptor for Encrypt {
             }
             RequestKind::Flush => {
                 self.stats.flushes.fetch_add(1, Relaxed);
-                match self.state.lock() {
-                    Ok(mut st) => self.flush(&mut st),
-                    Err(_) => Err("state lock poisoned".into()),
-                }
+                self.flush()
             }
             RequestKind::GetId => return Decision::Continue,
             _ => return Decision::Fail,
@@ -428,9 +415,24 @@ impl Interceptor for Encrypt {
 
     fn stats(&self) -> serde_json::Value {
         let s = &self.stats;
+        let tree = self.state.lock().map(|st| {
+            let t = &st.tree;
+            (
+                t.generation(),
+                t.cached_nodes(),
+                t.dirty_leaves(),
+                t.damaged,
+                t.adopted,
+            )
+        });
+        let (generation, cached, dirty, damaged, adopted) = tree.unwrap_or_default();
         serde_json::json!({
             "capacity_bytes": self.geo.n * BLOCK,
-            "epoch": self.epoch,
+            "generation": generation,
+            "cached_nodes": cached,
+            "dirty_leaves": dirty,
+            "damaged_nodes": damaged,
+            "adopted_leaves": adopted,
             "reads": s.reads.load(Relaxed),
             "writes": s.writes.load(Relaxed),
             "flushes": s.flushes.load(Relaxed),
@@ -448,14 +450,11 @@ impl Interceptor for Encrypt {
 }
 
 impl Drop for Encrypt {
-    /// Settles what is left at shutdown, so that every block is strict again.
+    /// Commits what is left at shutdown.
     fn drop(&mut self) {
-        if let Ok(mut st) = self.state.lock() {
-            if !st.dirty.is_empty() {
-                if let Err(e) = self.flush(&mut st) {
-                    self.lower.log(LogLevel::Warn, &format!("final flush: {e}"));
-                }
-            }
+        if let Err(e) = self.flush() {
+            self.lower
+                .log(LogLevel::Warn, &format!("final commit: {e}"));
         }
     }
 }
