@@ -316,6 +316,7 @@ impl Encrypt {
     fn write(&self, req: &mut Request<'_>) -> Res<()> {
         let clear = req.disabled();
         let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
+        st.tree.writable()?;
         // Each leaf is written once per request, after the data of its blocks (any order of
         // the two is crash-safe: docs/encryption.md), also when a block fails.
         let mut pending: Option<u64> = None;

@@ -258,6 +258,12 @@ impl Tree {
         Ok(())
     }
 
+    /// Whether a write may start: it must be able to commit.
+    pub fn writable(&self) -> Res<()> {
+        self.check()?;
+        self.next_generation().map(|_| ())
+    }
+
     fn next_generation(&self) -> Res<u64> {
         self.header
             .generation
