@@ -131,12 +131,14 @@ fn interceptor(id: &str, path: &Path, extra: &str) -> String {
     format!("[[interceptor]]\nid = {id:?}\npath = {path:?}\n{extra}\n")
 }
 
-/// Where logical sector `s` is in a remapped image (per the plugin's documented format).
+/// Where logical sector `s` is in a remapped image (per the plugin's documented format,
+/// version 2: a `u64` map entry per sector, 0 or slot + 1, from sector 1).
 fn remapped(raw: &[u8], s: usize) -> Option<usize> {
     assert_eq!(&raw[..8], b"VMMREMAP");
+    assert_eq!(u32::from_le_bytes(raw[8..12].try_into().unwrap()), 2);
     let data_start = u64::from_le_bytes(raw[24..32].try_into().unwrap()) as usize;
-    let e =
-        u32::from_le_bytes(raw[SECTOR + 4 * s..SECTOR + 4 * s + 4].try_into().unwrap()) as usize;
+    let at = SECTOR + 8 * s;
+    let e = u64::from_le_bytes(raw[at..at + 8].try_into().unwrap()) as usize;
     (e != 0).then(|| (data_start + e - 1) * SECTOR)
 }
 

@@ -199,7 +199,7 @@ fn remap_plugin_owns_its_layout_and_finds_it_again_after_reopening() {
     .unwrap();
     let n = stack.capacity() / 512;
     assert!(
-        n < total && 1 + n.div_ceil(128) + n <= total,
+        n < total && 1 + n.div_ceil(64) + n <= total,
         "capacity {n} leaves room for the map"
     );
     let mut a = vec![0xa1u8; 1024]; // logical sectors 100, 101
@@ -217,7 +217,7 @@ fn remap_plugin_owns_its_layout_and_finds_it_again_after_reopening() {
     assert_eq!(&raw[..8], b"VMMREMAP");
     let d = u64::from_le_bytes(raw[24..32].try_into().unwrap()) as usize;
     let entry =
-        |i: usize| u32::from_le_bytes(raw[512 + 4 * i..512 + 4 * i + 4].try_into().unwrap());
+        |i: usize| u64::from_le_bytes(raw[512 + 8 * i..512 + 8 * i + 8].try_into().unwrap());
     assert_eq!(
         (entry(100), entry(101), entry(7), entry(8)),
         (1, 2, 3, 0),
@@ -269,7 +269,7 @@ fn remap_plugin_owns_its_layout_and_finds_it_again_after_reopening() {
         &[spec(&reg, "r", &p.remap, serde_json::json!({}))],
     )
     .unwrap_err();
-    assert!(err.to_string().contains("not a remap layout"), "{err}");
+    assert!(err.to_string().contains("holds no remap layout"), "{err}");
 }
 
 /// A guest config for the refusal cases: everything valid but the interceptors.
