@@ -26,8 +26,9 @@
 //! before the header is written, destroying what the disk held.
 //!
 //! Disabled, the plugin stays in the path and keeps remapping: the layout is its own.
-//! Data goes to its slot before the map entry that points at it, so a crash leaves a sector
-//! old or new. Slots no map entry points at (a crash lost the entry) are reused.
+//! A first write of a sector puts its data in the slot and flushes before it writes the map
+//! entry that points there, so a crash leaves a sector old or new, never a slot's earlier
+//! contents. Slots no durable map entry points at (a crash lost the entry) are reused.
 
 use interceptor_sdk::{
     abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
@@ -422,7 +423,8 @@ impl Remap {
             map.mapped += 1;
             fresh.push((i, slot));
         }
-        // Data first, then the map entries that point at it.
+        // Data first, made durable when it lands in new slots, then the map entries that
+        // point at it: a crash never leaves an entry pointing at a slot's old contents.
         let data_written = (|| {
             for (at, n, slot) in runs(&map.entries, first, count)? {
                 let slot = slot.ok_or("unmapped sector after allocation")?;
@@ -430,6 +432,9 @@ impl Remap {
                 let offset = self.geo.slot_offset(slot).ok_or("slot offset overflows")?;
                 self.lower.write(offset, bytes).map_err(io)?;
                 self.runs.fetch_add(1, Relaxed);
+            }
+            if !fresh.is_empty() {
+                self.lower.flush().map_err(io)?;
             }
             Ok::<(), String>(())
         })();
