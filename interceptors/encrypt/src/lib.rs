@@ -206,8 +206,11 @@ impl Encrypt {
     }
 
     /// `block`'s entry. A leaf adopted from a crash's leftovers is resolved first: an entry
-    /// whose newest data never reached the disk goes back to its fallback, so that the
-    /// commit that takes the leaf in never commits a version that is not there.
+    /// whose newest data never reached the disk goes back to its fallback, one whose data
+    /// did keeps it, and either way that is now the block's baseline (no fallback): what
+    /// the guest reads after a crash never goes back to something older, even if it
+    /// crashes again before the next commit, and the commit that takes the leaf in never
+    /// commits a version that is not there.
     fn entry(&self, st: &mut State, block: u64) -> Res<Entry> {
         let State { tree, sealer } = st;
         let (node, k) = tree.leaf(&self.lower, block)?;
@@ -222,12 +225,12 @@ impl Encrypt {
                     let b = first + j as u64;
                     if b < self.geo.n && self.try_version(sealer, b, &cur)?.is_none() {
                         self.stats.fallbacks.fetch_add(1, Relaxed);
-                        let cur = match prev {
+                        e.cur = match prev {
                             Fallback::Zeros => Current::Never,
                             Fallback::Version(v) => Current::Stored(v),
                         };
-                        *e = Entry { cur, prev: None };
                     }
+                    e.prev = None;
                 }
             }
         }

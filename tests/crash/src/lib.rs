@@ -157,8 +157,9 @@ enum Event {
 
 /// The guest's view of its disk through a workload, to know what a crash may leave.
 pub struct Model {
-    blocks: usize,
     block_bytes: usize,
+    /// Contents when the workload started (and the last flush before it).
+    initial: Vec<Vec<u8>>,
     /// Current contents of each block.
     current: Vec<Vec<u8>>,
     /// (disk log position, event), in order.
@@ -167,10 +168,16 @@ pub struct Model {
 
 impl Model {
     pub fn new(blocks: usize, block_bytes: usize) -> Model {
+        Model::starting_from(vec![vec![0u8; block_bytes]; blocks])
+    }
+
+    /// A model of a disk that starts with `contents` (one `Vec` per block), all durable:
+    /// for a workload on a disk reopened after a crash.
+    pub fn starting_from(contents: Vec<Vec<u8>>) -> Model {
         Model {
-            blocks,
-            block_bytes,
-            current: vec![vec![0u8; block_bytes]; blocks],
+            block_bytes: contents.first().map_or(0, Vec::len),
+            current: contents.clone(),
+            initial: contents,
             events: Vec::new(),
         }
     }
@@ -218,7 +225,7 @@ impl Model {
     /// flush completed by then, and every contents written to it since.
     pub fn expectation_at(&self, at: usize) -> Expectation {
         let b = self.block_bytes;
-        let mut current = vec![vec![0u8; b]; self.blocks];
+        let mut current = self.initial.clone();
         let mut allowed: Vec<Vec<Vec<u8>>> = current.iter().map(|c| vec![c.clone()]).collect();
         for (p, ev) in &self.events {
             if *p > at {
@@ -245,7 +252,9 @@ impl Model {
 }
 
 /// Reads every block of `stack` and checks it against `e`; the first violation, in words.
-pub fn check(stack: &BlockStack, e: &Expectation) -> Result<(), String> {
+/// Returns what it read, block by block.
+pub fn check(stack: &BlockStack, e: &Expectation) -> Result<Vec<Vec<u8>>, String> {
+    let mut seen = Vec::with_capacity(e.allowed.len());
     for (block, allowed) in e.allowed.iter().enumerate() {
         let mut buf = vec![0u8; e.block_bytes];
         let status = submit(
@@ -263,6 +272,7 @@ pub fn check(stack: &BlockStack, e: &Expectation) -> Result<(), String> {
                 allowed.len()
             ));
         }
+        seen.push(buf);
     }
-    Ok(())
+    Ok(seen)
 }

@@ -38,7 +38,100 @@ fn build(
     BlockStack::build("crash", disk, &specs).map_err(|e| e.to_string())
 }
 
-/// Runs the workload with `seed`, then `points` crashes; returns the violations.
+/// The guest's side of a run: `ops` seeded writes (whole and partial blocks), flushes,
+/// reads checked against the model, and toggles, over the first `blocks` blocks.
+struct Workload<'a> {
+    chain: &'a Chain,
+    unit: usize,
+    blocks: usize,
+    seed: u64,
+}
+
+impl Workload<'_> {
+    fn drive(
+        &self,
+        stack: &BlockStack,
+        disk: &RecordingDisk,
+        model: &mut Model,
+        rng: &mut Rng,
+        ops: usize,
+    ) {
+        let (seed, blocks, unit) = (self.seed, self.blocks, self.unit);
+        for op in 0..ops {
+            match rng.below(100) {
+                0..=59 => {
+                    let (offset, len) = if rng.below(4) == 0 {
+                        // Partial: 512-byte aligned, 1 to 8 sectors, inside the workload's range.
+                        let sectors = blocks * BLOCK / 512;
+                        let len = 1 + rng.below(8) as usize;
+                        let first = rng.below((sectors - len) as u64) as usize;
+                        (first * 512, len * 512)
+                    } else {
+                        let n = 1 + rng.below(4) as usize;
+                        let first = rng.below((blocks - n) as u64 + 1) as usize;
+                        (first * BLOCK, n * BLOCK)
+                    };
+                    let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                    model.before_write(disk.position(), offset as u64, &data);
+                    let st = submit(stack, BlockRequestKind::Write, offset as u64, &mut data);
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
+                }
+                60..=74 => {
+                    let st = submit(stack, BlockRequestKind::Flush, 0, &mut []);
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: flush {op}");
+                    model.after_flush(disk.position());
+                }
+                75..=89 => {
+                    let block = rng.below(blocks as u64) as usize;
+                    let mut buf = vec![0u8; BLOCK];
+                    let st = submit(
+                        stack,
+                        BlockRequestKind::Read,
+                        (block * BLOCK) as u64,
+                        &mut buf,
+                    );
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: read {op}");
+                    let per = BLOCK / unit;
+                    let want: Vec<u8> = (block * per..(block + 1) * per)
+                        .flat_map(|u| model.current(u).to_vec())
+                        .collect();
+                    assert!(buf == want, "seed {seed}: read {op} of block {block}");
+                }
+                _ => {
+                    let toggles = &self.chain.toggles;
+                    if let Some(&id) = toggles.get(rng.below(toggles.len().max(1) as u64) as usize)
+                    {
+                        if let Some(i) = stack.instance(id) {
+                            i.set_enabled(!i.enabled());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A crash somewhere in `disk`'s log over `base`: the crash image and what it may hold.
+fn crash(
+    base: &[u8],
+    disk: &RecordingDisk,
+    model: &Model,
+    rng: &mut Rng,
+) -> (Vec<u8>, crash_harness::Expectation, String) {
+    let log = disk.log();
+    let at = rng.below(log.len() as u64 + 1) as usize;
+    let survive = rng.below(101);
+    let image = crash_image(base, &log, at, || rng.below(100) < survive);
+    let what = format!(
+        "at log position {at} of {}, {survive}% of unflushed writes kept",
+        log.len()
+    );
+    (image, model.expectation_at(at), what)
+}
+
+/// Runs the workload with `seed`, then `points` crashes; every third crashed image is
+/// reopened, worked on and crashed again (recovery itself must be crash-safe). Returns the
+/// violations.
 fn run(
     chain: &Chain,
     unit: usize,
@@ -53,77 +146,48 @@ fn run(
     let stack = build(&reg, chain, disk.clone()).expect("the first open");
     let blocks = (stack.capacity() as usize / BLOCK).min(max_blocks);
     assert!(blocks >= 16, "disk too small for the workload");
+    let work = Workload {
+        chain,
+        unit,
+        blocks,
+        seed,
+    };
     let mut model = Model::new(blocks * BLOCK / unit, unit);
     let mut rng = Rng(seed);
-    for op in 0..ops {
-        match rng.below(100) {
-            0..=59 => {
-                let (offset, len) = if rng.below(4) == 0 {
-                    // Partial: 512-byte aligned, 1 to 8 sectors, inside the workload's range.
-                    let sectors = blocks * BLOCK / 512;
-                    let len = 1 + rng.below(8) as usize;
-                    let first = rng.below((sectors - len) as u64) as usize;
-                    (first * 512, len * 512)
-                } else {
-                    let n = 1 + rng.below(4) as usize;
-                    let first = rng.below((blocks - n) as u64 + 1) as usize;
-                    (first * BLOCK, n * BLOCK)
-                };
-                let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-                model.before_write(disk.position(), offset as u64, &data);
-                let st = submit(&stack, BlockRequestKind::Write, offset as u64, &mut data);
-                assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
-            }
-            60..=74 => {
-                let st = submit(&stack, BlockRequestKind::Flush, 0, &mut []);
-                assert_eq!(st, RequestStatus::Ok, "seed {seed}: flush {op}");
-                model.after_flush(disk.position());
-            }
-            75..=89 => {
-                let block = rng.below(blocks as u64) as usize;
-                let mut buf = vec![0u8; BLOCK];
-                let st = submit(
-                    &stack,
-                    BlockRequestKind::Read,
-                    (block * BLOCK) as u64,
-                    &mut buf,
-                );
-                assert_eq!(st, RequestStatus::Ok, "seed {seed}: read {op}");
-                let per = BLOCK / unit;
-                let want: Vec<u8> = (block * per..(block + 1) * per)
-                    .flat_map(|u| model.current(u).to_vec())
-                    .collect();
-                assert!(buf == want, "seed {seed}: read {op} of block {block}");
-            }
-            _ => {
-                if let Some(&id) = chain
-                    .toggles
-                    .get(rng.below(chain.toggles.len().max(1) as u64) as usize)
-                {
-                    if let Some(i) = stack.instance(id) {
-                        i.set_enabled(!i.enabled());
-                    }
-                }
-            }
-        }
-    }
-    let log = disk.log();
+    work.drive(&stack, &disk, &mut model, &mut rng, ops);
     // No orderly shutdown: the crash images come from the log only.
     std::mem::forget(stack);
     let mut violations = Vec::new();
+    let base = vec![0u8; disk_bytes];
     for point in 0..points {
-        let at = rng.below(log.len() as u64 + 1) as usize;
-        let survive = rng.below(101);
-        let image = crash_image(&vec![0u8; disk_bytes], &log, at, || {
-            rng.below(100) < survive
+        let (image, expect, what) = crash(&base, &disk, &model, &mut rng);
+        let reopened = RecordingDisk::new(image.clone());
+        let result = build(&reg, chain, reopened.clone())
+            .and_then(|s| check(&s, &expect).map(|seen| (s, seen)));
+        let (stack, seen) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                violations.push(format!("seed {seed}, crash point {point}: {what}: {e}"));
+                continue;
+            }
+        };
+        if point % 3 != 0 {
+            std::mem::forget(stack);
+            continue;
+        }
+        // What the guest read after the crash is now its disk: go on from there.
+        let mut again = Model::starting_from(seen);
+        work.drive(&stack, &reopened, &mut again, &mut rng, ops / 4);
+        std::mem::forget(stack);
+        let (image2, expect2, what2) = crash(&image, &reopened, &again, &mut rng);
+        let result = build(&reg, chain, RecordingDisk::new(image2)).and_then(|s| {
+            let r = check(&s, &expect2);
+            std::mem::forget(s);
+            r
         });
-        let expect = model.expectation_at(at);
-        let reopened = RecordingDisk::new(image);
-        let result = build(&reg, chain, reopened).and_then(|s| check(&s, &expect));
         if let Err(e) = result {
             violations.push(format!(
-                "seed {seed}, crash point {point}: at log position {at} of {}, {survive}% of unflushed writes kept: {e}",
-                log.len()
+                "seed {seed}, crash point {point}: {what}, reopened, then {what2}: {e}"
             ));
         }
     }
