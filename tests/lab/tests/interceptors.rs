@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{contains, out_file, output, pattern};
+use common::{contains, encfmt, out_file, output, pattern};
 use std::path::Path;
 use vmm_lab::plugins::plugins;
 
@@ -246,9 +246,19 @@ fn key_file(name: &str) -> std::path::PathBuf {
     key
 }
 
+/// Asserts a `readcheck` marker for each (block, "ok" or "eio").
+fn assert_readcheck(markers: &[String], want: &[(usize, &str)]) {
+    for (b, what) in want {
+        let line = format!("readcheck block={b} {what}");
+        assert!(
+            markers.iter().any(|m| m.starts_with(&line)),
+            "{line} not in {markers:?}"
+        );
+    }
+}
+
 #[test]
-fn fio_verify_passes_through_encrypt_the_disk_never_holds_the_guests_bytes_and_a_flipped_bit_is_an_io_error(
-) {
+fn fio_verify_passes_through_encrypt_and_tampering_with_the_image_is_an_io_error_or_refused() {
     let p = plugins().expect("building the plugins");
     let key = key_file("guest-enc.key");
     let chain = interceptor(
@@ -265,33 +275,81 @@ fn fio_verify_passes_through_encrypt_the_disk_never_holds_the_guests_bytes_and_a
         "{stats}"
     );
     assert_eq!(stats["auth_failures"], 0, "{stats}");
-    let mut raw = std::fs::read(&disk).unwrap();
+    let raw = std::fs::read(&disk).unwrap();
     assert!(
         !contains(&raw, b"guest-wrote-this\nguest-wrote-this"),
         "the guest's pattern reached the disk in the clear"
     );
-    // Flip one bit of the block the host check wrote (its first write: slot 0).
-    let block = HOST_BASE + 1000;
-    let data_start = u64::from_le_bytes(raw[32..40].try_into().unwrap()) as usize;
-    raw[(data_start + block) * BLOCK + 777] ^= 0x04;
+    // A second version of the host check's block: its leaf moves to the other slot.
+    let hc = HOST_BASE + 1000;
+    let task = format!("hostcheck hostcheck.base={HOST_BASE}");
+    if boot_with("guest-enc-again", &chain, &task, &disk).is_none() {
+        return;
+    }
+    let mut raw = std::fs::read(&disk).unwrap();
+    let h = encfmt::newest(&raw);
+    // (1) One bit of block 100's data (fio wrote it).
+    let slot = encfmt::entry_slot(&raw, 100, encfmt::committed_leaf_slot(&raw, 100));
+    raw[encfmt::data_offset(&h, 100, slot) + 777] ^= 0x04;
+    // (2) One bit of the entry of block 201, in its committed leaf (blocks 200..204).
+    let leaf = encfmt::leaf_offset(201, encfmt::committed_leaf_slot(&raw, 201));
+    raw[leaf + 64 + 96 + 30] ^= 0x02;
+    // (3) The host check block's first entry put back over its second (its first data
+    // slot still holds the first version).
+    let (old, new) = (encfmt::leaf_offset(hc, 0), encfmt::leaf_offset(hc, 1));
+    assert_eq!(encfmt::committed_leaf_slot(&raw, hc), 1);
+    let first = raw[old..old + 512].to_vec();
+    raw[new..new + 512].copy_from_slice(&first);
     std::fs::write(&disk, &raw).unwrap();
-    let task = format!("readcheck={},{},{}", block - 1, block, block + 1);
+    let task = format!(
+        "readcheck=99,100,101,199,200,201,203,204,{},{hc},{}",
+        hc - 4,
+        hc + 4
+    );
     let Some((markers, text, _)) = boot_with("guest-enc-flip", &chain, &task, &disk) else {
         return;
     };
-    for (b, want) in [(block - 1, "ok"), (block, "eio"), (block + 1, "ok")] {
-        let line = format!("readcheck block={b} {want}");
-        assert!(
-            markers.iter().any(|m| m.starts_with(&line)),
-            "{line} not in {markers:?}"
-        );
-    }
-    assert!(
-        plugin_stats(&text, "enc")["auth_failures"]
-            .as_u64()
-            .unwrap()
-            >= 1
+    assert_readcheck(
+        &markers,
+        &[
+            (99, "ok"),
+            (100, "eio"),
+            (101, "ok"),
+            (199, "ok"),
+            (200, "eio"),
+            (201, "eio"),
+            (203, "eio"),
+            (204, "ok"),
+            (hc - 4, "ok"),
+            (hc, "eio"),
+            (hc + 4, "ok"),
+        ],
     );
+    let stats = plugin_stats(&text, "enc");
+    assert_eq!(stats["auth_failures"], 5, "{stats}");
+    assert_eq!(stats["damaged_nodes"], 2, "{stats}");
+    // (4) A bit of the generation in both header copies: the vmm refuses the disk at start.
+    raw[72] ^= 1;
+    raw[512 + 72] ^= 1;
+    std::fs::write(&disk, &raw).unwrap();
+    let toml = out_file("guest-enc-header.toml");
+    std::fs::write(&toml, &chain).unwrap();
+    let args = [
+        "--backend",
+        "vmm",
+        "--task",
+        "selftest",
+        "--data-disk",
+        &disk.to_string_lossy(),
+        "--interceptors",
+        &toml.to_string_lossy(),
+    ];
+    let Some((out, _)) = common::guest_run("guest-enc-header", &args) else {
+        return;
+    };
+    let text = output(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("fails its MAC"), "{text}");
 }
 
 #[test]

@@ -79,3 +79,18 @@ pub fn forge_header(image: &mut [u8], copy: usize, key: &[u8; 32], edit: impl Fn
     let mac = blake3::keyed_hash(&k, &h[..HEADER_BYTES - 16]);
     h[HEADER_BYTES - 16..].copy_from_slice(&mac.as_bytes()[..16]);
 }
+
+/// The leaf slot holding the committed version of `block`'s leaf on an image closed in
+/// order (nothing written since the last commit): the one of the higher generation.
+pub fn committed_leaf_slot(image: &[u8], block: usize) -> usize {
+    let gen = |slot: usize| {
+        let at = leaf_offset(block, slot);
+        (&image[at..at + 8] == b"VMMCNODE").then(|| u64_at(image, at + 24))
+    };
+    match (gen(0), gen(1)) {
+        (Some(a), Some(b)) if b > a => 1,
+        (Some(_), _) => 0,
+        (None, Some(_)) => 1,
+        (None, None) => panic!("block {block}'s leaf was never written"),
+    }
+}
