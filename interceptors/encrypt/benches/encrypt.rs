@@ -78,7 +78,7 @@ fn plugin(c: &mut Criterion) {
     let key = std::env::temp_dir().join(format!("encrypt-bench-{}.key", std::process::id()));
     std::fs::write(&key, "11".repeat(32)).expect("key file");
     let plugin = Plugin::from_static("encrypt", static_table!(Encrypt)).expect("table");
-    let disk = Arc::new(MemDisk(Mutex::new(vec![0u8; 64 << 20])));
+    let disk = Arc::new(MemDisk(Mutex::new(vec![0u8; 256 << 20])));
     let spec = InstanceSpec {
         id: "enc".into(),
         plugin,
@@ -103,6 +103,19 @@ fn plugin(c: &mut Criterion) {
                 b.iter(|| unsafe { stack.submit(kind, black_box(1 << 20), &seg) })
             });
         }
+        // A write and a flush, over 1,000 blocks in turn: the metadata commit's cost.
+        let mut i = 0u64;
+        g.bench_function("write_flush", |b| {
+            b.iter(|| {
+                i = (i + 1) % 1000;
+                let at = (1 << 20) + i * size as u64;
+                // SAFETY: as above.
+                unsafe {
+                    stack.submit(BlockRequestKind::Write, at, &seg);
+                    stack.submit(BlockRequestKind::Flush, 0, &[])
+                }
+            })
+        });
         g.finish();
     }
     let _ = std::fs::remove_file(&key);
