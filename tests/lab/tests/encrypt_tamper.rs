@@ -10,7 +10,6 @@ use common::encfmt::{self, BLOCK};
 use common::stack::{file_stack, io};
 use common::{out_file, pattern};
 use compat::{BlockRequestKind, BlockStack, RequestStatus};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vmm_lab::plugins::plugins;
@@ -60,67 +59,46 @@ fn read(stack: &BlockStack, block: usize) -> Result<Vec<u8>, RequestStatus> {
     }
 }
 
-/// The same plaintext in blocks 0..8.
-fn same_everywhere(stack: &BlockStack) {
-    for b in 0..8 {
-        write(stack, b, &[0x41u8; BLOCK]);
+/// Blocks 0..8, block `b` all bytes `base + b`: every write of a test gets its own byte, so
+/// two writes that shared a keystream would show as two ciphertexts whose XOR is one byte
+/// repeated (the XOR of the plaintexts), and no two writes may leave equal ciphertexts.
+fn fill(stack: &BlockStack, base: u8) {
+    for b in 0..8u8 {
+        write(stack, usize::from(b), &[base + b; BLOCK]);
     }
 }
 
-/// Every non-zero 4 KiB data block of `image`: ciphertexts.
-fn ciphertexts(image: &[u8]) -> Vec<Vec<u8>> {
-    let h = encfmt::newest(image);
-    (0..2)
-        .flat_map(|slot| (0..h.n).map(move |b| (b, slot)))
-        .map(|(b, slot)| {
-            let at = encfmt::data_offset(&h, b, slot);
-            image[at..at + BLOCK].to_vec()
-        })
-        .filter(|c| c.iter().any(|&x| x != 0))
-        .collect()
-}
-
-/// Asserts that no two ciphertexts of the one plaintext written everywhere are the same:
-/// one (key, nonce) pair used twice would give the same keystream, so the same bytes.
-fn all_distinct(snapshots: &[Vec<u8>]) {
-    let mut seen = HashSet::new();
-    let mut count = 0;
-    for image in snapshots {
-        for c in ciphertexts(image) {
-            count += 1;
-            assert!(
-                seen.insert(c.clone()) || snapshots.len() == 1,
-                "a keystream repeated"
-            );
-        }
-    }
-    assert!(
-        seen.len() >= 8,
-        "{count} ciphertexts, {} distinct",
-        seen.len()
-    );
-}
-
-/// Like `all_distinct`, but the same ciphertext may stay in place between snapshots: only
-/// different ciphertexts at one place, or equal ones at two places, would show a repeat.
-fn no_keystream_repeats(snapshots: &[Vec<u8>]) {
-    let mut by_bytes: std::collections::HashMap<Vec<u8>, (usize, usize)> = Default::default();
-    for image in snapshots {
+/// Asserts that no keystream was used twice across `snapshots` of images (each named by the
+/// disk it is of): equal ciphertexts only where one stored version stayed in its place, and
+/// no two different ciphertexts whose XOR is a byte repeated.
+fn no_keystream_repeats(snapshots: &[(&str, Vec<u8>)]) {
+    let mut stored: Vec<((&str, usize, usize), Vec<u8>)> = Vec::new();
+    for (disk, image) in snapshots {
         let h = encfmt::newest(image);
         for slot in 0..2 {
             for b in 0..h.n {
                 let at = encfmt::data_offset(&h, b, slot);
-                let c = image[at..at + BLOCK].to_vec();
-                if c.iter().all(|&x| x == 0) {
-                    continue;
+                let c = &image[at..at + BLOCK];
+                if c.iter().any(|&x| x != 0)
+                    && !stored.iter().any(|(p, s)| *p == (*disk, b, slot) && s == c)
+                {
+                    stored.push(((*disk, b, slot), c.to_vec()));
                 }
-                let place = (b, slot);
-                let first = *by_bytes.entry(c).or_insert(place);
-                assert_eq!(
-                    first, place,
-                    "one ciphertext in two places: a keystream repeated"
-                );
             }
+        }
+    }
+    assert!(stored.len() >= 16, "{} ciphertexts", stored.len());
+    for (i, (p, x)) in stored.iter().enumerate() {
+        for (q, y) in &stored[i + 1..] {
+            assert_ne!(
+                x, y,
+                "{p:?} and {q:?} hold one ciphertext: a keystream repeated"
+            );
+            let d0 = x[0] ^ y[0];
+            assert!(
+                (0..64).any(|k| x[k] ^ y[k] != d0),
+                "{p:?} and {q:?}: their XOR is the plaintexts' XOR, a keystream repeated"
+            );
         }
     }
 }
@@ -132,9 +110,9 @@ fn two_disks_sharing_a_key_never_share_a_keystream() {
         blank_disk("tamper-shared-x.img"),
         blank_disk("tamper-shared-y.img"),
     );
-    for image in [&x, &y] {
+    for (image, base) in [(&x, 1), (&y, 9)] {
         let s = open(image, &key);
-        same_everywhere(&s);
+        fill(&s, base);
     }
     let (rx, ry) = (std::fs::read(&x).unwrap(), std::fs::read(&y).unwrap());
     assert_ne!(
@@ -142,9 +120,7 @@ fn two_disks_sharing_a_key_never_share_a_keystream() {
         encfmt::newest(&ry).disk_id,
         "random disk ids"
     );
-    no_keystream_repeats(&[rx.clone(), ry.clone()]);
-    // And within each: eight equal plaintexts, eight different ciphertexts.
-    all_distinct(&[rx]);
+    no_keystream_repeats(&[("x", rx), ("y", ry)]);
 }
 
 #[test]
@@ -153,13 +129,13 @@ fn an_older_header_put_back_never_makes_a_keystream_repeat() {
     let image = blank_disk("tamper-oldheader.img");
     drop({
         let s = open(&image, &key);
-        same_everywhere(&s);
+        fill(&s, 1);
         s
     });
     let first = std::fs::read(&image).unwrap();
     drop({
         let s = open(&image, &key);
-        same_everywhere(&s);
+        fill(&s, 9);
         s
     });
     let second = std::fs::read(&image).unwrap();
@@ -170,30 +146,26 @@ fn an_older_header_put_back_never_makes_a_keystream_repeat() {
     std::fs::write(&image, &raw).unwrap();
     drop({
         let s = open(&image, &key);
-        same_everywhere(&s);
+        fill(&s, 17);
         s
     });
     let third = std::fs::read(&image).unwrap();
-    no_keystream_repeats(&[first, second, third]);
+    no_keystream_repeats(&[("d", first), ("d", second), ("d", third)]);
 }
 
 #[test]
 fn two_opens_at_once_never_share_a_keystream() {
-    // Below the vmm's image lock (tests/lab/tests/vmm.rs), as if it were bypassed.
+    // Below the vmm's image lock (tests/lab/tests/vmm.rs), as if it were bypassed: both
+    // opens count their writes from 0, so only their own random data keys keep them apart.
     let key = key_file("tamper-twice.key");
     let image = blank_disk("tamper-twice.img");
     let a = open(&image, &key);
     let b = open(&image, &key);
-    let h = encfmt::newest(&std::fs::read(&image).unwrap());
-    let at = encfmt::data_offset(&h, 0, 0);
-    write(&a, 0, &[0x41u8; BLOCK]);
-    let from_a = std::fs::read(&image).unwrap()[at..at + BLOCK].to_vec();
-    write(&b, 0, &[0x41u8; BLOCK]);
-    let from_b = std::fs::read(&image).unwrap()[at..at + BLOCK].to_vec();
-    assert_ne!(
-        from_a, from_b,
-        "both opens sealed block 0, slot 0, under one keystream"
-    );
+    fill(&a, 1);
+    let from_a = std::fs::read(&image).unwrap();
+    fill(&b, 9);
+    let from_b = std::fs::read(&image).unwrap();
+    no_keystream_repeats(&[("d", from_a), ("d", from_b)]);
     std::mem::forget(a);
     std::mem::forget(b);
 }
@@ -234,7 +206,7 @@ fn a_flipped_bit_in_the_header_is_refused_and_never_reuses_a_nonce() {
     let image = blank_disk("tamper-hdrbit.img");
     drop({
         let s = open(&image, &key);
-        same_everywhere(&s);
+        fill(&s, 1);
         s
     });
     let before = std::fs::read(&image).unwrap();
@@ -247,10 +219,10 @@ fn a_flipped_bit_in_the_header_is_refused_and_never_reuses_a_nonce() {
     raw[newest * 512 + 72] ^= 1;
     std::fs::write(&image, &raw).unwrap();
     let s = open(&image, &key);
-    assert_eq!(read(&s, 3).unwrap(), vec![0x41u8; BLOCK]);
-    same_everywhere(&s);
+    assert_eq!(read(&s, 3).unwrap(), vec![4u8; BLOCK]);
+    fill(&s, 9);
     drop(s);
-    no_keystream_repeats(&[before.clone(), std::fs::read(&image).unwrap()]);
+    no_keystream_repeats(&[("d", before.clone()), ("d", std::fs::read(&image).unwrap())]);
     // In both copies: refused, naming the MAC.
     let mut raw = before.clone();
     raw[72] ^= 1;
