@@ -72,7 +72,9 @@ fn fill(stack: &BlockStack, base: u8) {
 /// disk it is of): equal ciphertexts only where one stored version stayed in its place, and
 /// no two different ciphertexts whose XOR is a byte repeated.
 fn no_keystream_repeats(snapshots: &[(&str, Vec<u8>)]) {
-    let mut stored: Vec<((&str, usize, usize), Vec<u8>)> = Vec::new();
+    // (disk, block, data slot) and the ciphertext stored there.
+    type Place<'a> = (&'a str, usize, usize);
+    let mut stored: Vec<(Place<'_>, Vec<u8>)> = Vec::new();
     for (disk, image) in snapshots {
         let h = encfmt::newest(image);
         for slot in 0..2 {
