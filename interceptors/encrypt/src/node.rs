@@ -404,6 +404,32 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_and_never_pass() {
+        // What an attacker may put in a node slot: random bytes, and random bytes behind a
+        // valid magic and head. None verifies without the key (and none panics).
+        let key = [9u8; 32];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        for round in 0..2000 {
+            let level = round % 3;
+            let mut b: Vec<u8> = (0..node_bytes(level)).map(|_| next()).collect();
+            if round % 2 == 0 {
+                b[..8].copy_from_slice(MAGIC);
+                b[8..12].copy_from_slice(&level.to_le_bytes());
+                b[12..48].fill(0);
+            }
+            assert!(decode(&b, level, 0, &key).is_none());
+            let _ = Child::decode(&b[..RECORD_BYTES]);
+            let _ = Entry::decode(&b[..ENTRY_BYTES]);
+        }
+    }
+
+    #[test]
     fn records_pick_the_slot_that_is_not_committed() {
         assert_eq!(Child::Empty.next_slot(), 0);
         assert_eq!(
