@@ -342,6 +342,30 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_header_bytes_never_panic_and_never_pass() {
+        let geo = Geometry::for_disk(40_000).unwrap();
+        let mac = [4u8; 32];
+        let keys = keys_for(&mac);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..2000 {
+            let mut h: Vec<u8> = (0..HEADER_BYTES)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if round % 2 == 0 {
+                h[..8].copy_from_slice(MAGIC);
+                h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            }
+            assert!(Header::decode(&h, &geo, &keys).is_err());
+        }
+        assert!(Header::decode(&[0u8; 10], &geo, &keys).is_err(), "short");
+    }
+
+    #[test]
     fn a_damaged_field_is_named() {
         let geo = Geometry::for_disk(40_000).unwrap();
         let mac = [4u8; 32];

@@ -389,3 +389,30 @@ fn metadata_memory_is_bounded_on_a_two_tib_image() {
     drop(stack);
     let _ = std::fs::remove_file(&image);
 }
+
+#[test]
+fn config_values_out_of_range_are_clamped_or_refused() {
+    let key = key_file("enc-cfg.key", KEY_HEX);
+    let image = blank_disk("enc-cfg.img", 1 << 20);
+    // A cache of 0 MiB is taken as the smallest cache (1 MiB), not as none.
+    let stack = open_with(
+        &image,
+        serde_json::json!({ "key_file": key, "cache_mib": 0 }),
+    )
+    .unwrap();
+    write(&stack, 0, &pattern("tiny cache ", BLOCK));
+    assert_eq!(
+        read(&stack, 0, BLOCK).unwrap(),
+        pattern("tiny cache ", BLOCK)
+    );
+    drop(stack);
+    for bad in [
+        serde_json::json!({ "key_file": key, "cache_mib": -1 }),
+        serde_json::json!({ "key_file": key, "min_generation": "x" }),
+        serde_json::json!({ "key_file": key, "formatt": true }),
+        serde_json::json!({}),
+    ] {
+        let e = open_with(&image, bad.clone()).unwrap_err();
+        assert!(e.contains("config"), "{bad}: {e}");
+    }
+}

@@ -68,6 +68,11 @@ fn fill(stack: &BlockStack, base: u8) {
     }
 }
 
+/// One open of `image` that fills blocks 0..8 from `base` and closes (committing them).
+fn session(image: &Path, key: &Path, base: u8) {
+    fill(&open(image, key), base);
+}
+
 /// Asserts that no keystream was used twice across `snapshots` of images (each named by the
 /// disk it is of): equal ciphertexts only where one stored version stayed in its place, and
 /// no two different ciphertexts whose XOR is a byte repeated.
@@ -129,28 +134,16 @@ fn two_disks_sharing_a_key_never_share_a_keystream() {
 fn an_older_header_put_back_never_makes_a_keystream_repeat() {
     let key = key_file("tamper-oldheader.key");
     let image = blank_disk("tamper-oldheader.img");
-    drop({
-        let s = open(&image, &key);
-        fill(&s, 1);
-        s
-    });
+    session(&image, &key, 1);
     let first = std::fs::read(&image).unwrap();
-    drop({
-        let s = open(&image, &key);
-        fill(&s, 9);
-        s
-    });
+    session(&image, &key, 9);
     let second = std::fs::read(&image).unwrap();
     assert!(encfmt::newest(&second).generation > encfmt::newest(&first).generation);
     // Put the first header back (both copies, as a restored backup of block 0 would).
     let mut raw = second.clone();
     raw[..BLOCK].copy_from_slice(&first[..BLOCK]);
     std::fs::write(&image, &raw).unwrap();
-    drop({
-        let s = open(&image, &key);
-        fill(&s, 17);
-        s
-    });
+    session(&image, &key, 17);
     let third = std::fs::read(&image).unwrap();
     no_keystream_repeats(&[("d", first), ("d", second), ("d", third)]);
 }
@@ -206,11 +199,7 @@ fn a_header_at_its_last_generation_refuses_to_commit_instead_of_wrapping() {
 fn a_flipped_bit_in_the_header_is_refused_and_never_reuses_a_nonce() {
     let key = key_file("tamper-hdrbit.key");
     let image = blank_disk("tamper-hdrbit.img");
-    drop({
-        let s = open(&image, &key);
-        fill(&s, 1);
-        s
-    });
+    session(&image, &key, 1);
     let before = std::fs::read(&image).unwrap();
     let newest = (0..2)
         .max_by_key(|&c| encfmt::header(&before, c).generation)
