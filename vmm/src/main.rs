@@ -1,20 +1,10 @@
 //! `vmm`: boots a Linux guest on KVM from a TOML config.
 
-mod boot;
-mod config;
-mod control;
-mod cpu;
-mod layout;
-mod memory;
-mod mptable;
-mod storage;
-mod vcpu;
-mod vm;
-
 use clap::Parser;
-use config::{HostLimits, VmConfig};
 use std::io::Write;
 use std::process::ExitCode;
+use vmm::config::{self, HostLimits, VmConfig};
+use vmm::{control, storage, vm};
 
 /// A KVM virtual machine monitor whose virtio block and net I/O passes through interceptors.
 #[derive(Parser, Debug)]

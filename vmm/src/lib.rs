@@ -1,0 +1,13 @@
+//! The VMM as a library: the binary (`main.rs`) is a thin front over these modules, and the
+//! fuzz targets and tests reach the parsers (config, boot) through here.
+
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod cpu;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod storage;
+pub mod vcpu;
+pub mod vm;
