@@ -77,12 +77,16 @@ fn c_string(s: &str) -> CString {
 }
 
 impl Instance {
-    /// Creates the instance over `below` (the device's stack under it).
+    /// Creates the instance over `below` (the device's stack under it). `keep_capacity`:
+    /// refuse a plugin that would expose another size (a running guest's disk cannot change
+    /// size). What the plugin writes while it is created reaches `below` only once every
+    /// check passed: a refused instance changes no byte of the disk.
     pub(crate) fn create(
         spec: &InstanceSpec,
         device_kind: DeviceKind,
         device_id: &str,
         below: Arc<BlockStack>,
+        keep_capacity: bool,
     ) -> Result<Instance, LoadError> {
         let plugin = spec.plugin.clone();
         let table = plugin.table();
@@ -101,6 +105,7 @@ impl Instance {
         };
         let below_capacity = below.capacity();
         let lower = LowerCtx::new(&spec.id, below);
+        lower.stage();
         let instance_id = c_string(&spec.id);
         let config = c_string(&spec.config_json);
         let device = c_string(device_id);
@@ -142,8 +147,23 @@ impl Instance {
             lower,
             plugin,
         };
-        // From here on, dropping `instance` destroys the plugin's state.
+        // From here on, dropping `instance` destroys the plugin's state; while the lower
+        // handle still stages, whatever destroy writes is dropped with it.
         instance.capacity = instance.exposed_capacity(below_capacity)?;
+        if keep_capacity && instance.capacity != below_capacity {
+            return Err(LoadError::CapacityChange {
+                plugin: instance.plugin.name().to_string(),
+                exposed: instance.capacity,
+                below: below_capacity,
+            });
+        }
+        if let Err(message) = instance.lower.commit() {
+            instance.lower.stage();
+            return Err(LoadError::BadInstance {
+                plugin: instance.plugin.name().to_string(),
+                message,
+            });
+        }
         Ok(instance)
     }
 

@@ -9,6 +9,7 @@
 
 mod driver;
 mod instance;
+mod io_thread;
 mod latency;
 mod live;
 mod loader;
@@ -16,8 +17,10 @@ mod lower;
 mod stack;
 
 pub use driver::{BlockDriver, IoRequest};
+pub use event_manager;
 pub use instance::{Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
+pub use io_thread::{IoSubscriber, IoThread, IoThreadGone, ThreadStart};
 pub use latency::LatencyHistogram;
 pub use live::{ChainError, LiveStack};
 pub use loader::{LoadError, Plugin, PluginRegistry};

@@ -1,15 +1,16 @@
 //! A device's chain as it changes while the guest runs: the REST API loads an instance into
-//! it or removes one. Each guest request runs on one consistent [`BlockStack`], taken under a
-//! read lock it holds until the request completes; an edit takes the write lock, so it waits
-//! for the requests in flight to drain, then re-points the plugins' own I/O ("the layers
-//! below") and publishes the new stack before any further request starts. No request sees
-//! half an edit.
+//! it or removes one. Guest requests and edits both run on the device's I/O thread, one at a
+//! time, so an edit happens between two requests: it re-points the plugins' own I/O ("the
+//! layers below") and publishes the new stack before the next request starts. No request
+//! sees half an edit, and every hook of an instance (create and destroy included) runs on
+//! that one thread.
 
 use crate::instance::{Instance, InstanceSpec};
+use crate::io_thread::{IoThread, ThreadStart};
 use crate::loader::LoadError;
-use crate::stack::{BlockStack, StackCounters, MAX_CHAIN};
+use crate::stack::{BlockStack, BuildError, StackCounters, MAX_CHAIN};
 use crate::{BlockRequestKind, DeviceKind, RequestStatus, Segment};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Why a chain edit was refused. `Conflict` is a state that forbids the edit (HTTP 409);
@@ -26,56 +27,102 @@ pub enum ChainError {
     Load(#[from] LoadError),
 }
 
+/// A device's live chain and the I/O thread that runs it (see `io_thread.rs`).
 pub struct LiveStack {
+    chain: Arc<Chain>,
+    io: IoThread,
+}
+
+/// What jobs on the I/O thread share with the handles other threads hold.
+struct Chain {
     device_id: String,
     /// What the guest sees; fixed for the device's life (an edit that would change it is
     /// refused).
     capacity: u64,
     current: RwLock<Arc<BlockStack>>,
-    /// Serializes edits (plugin creation runs outside the write lock).
-    edit: Mutex<()>,
+    /// Instances out of the chain, destroyed on the I/O thread once nothing else (an API
+    /// view rendering an older snapshot) holds them: a plugin's destroy is one of its hooks.
+    retired: Mutex<Vec<Arc<Instance>>>,
+    /// Set at shutdown: the chain is empty and edits are refused.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for LiveStack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveStack")
-            .field("device_id", &self.device_id)
+            .field("device_id", &self.chain.device_id)
             .field("stack", &self.snapshot())
             .finish()
     }
 }
 
 impl LiveStack {
-    pub fn new(stack: Arc<BlockStack>) -> LiveStack {
-        LiveStack {
-            device_id: stack.device_id().to_string(),
-            capacity: stack.capacity(),
-            current: RwLock::new(stack),
-            edit: Mutex::new(()),
-        }
+    /// Starts `device_id`'s I/O thread (running `on_start` first there) and builds the
+    /// chain on it: every instance is created on the thread that will call its hooks.
+    pub fn start(
+        device_id: &str,
+        driver: Arc<dyn crate::BlockDriver>,
+        chain: &[InstanceSpec],
+        on_start: Option<ThreadStart>,
+    ) -> Result<LiveStack, BuildError> {
+        let io = IoThread::spawn(device_id, on_start).map_err(|e| BuildError {
+            instance: None,
+            error: LoadError::BadInstance {
+                plugin: String::new(),
+                message: format!("cannot start device `{device_id}`'s I/O thread: {e}"),
+            },
+        })?;
+        let (id, specs) = (device_id.to_string(), chain.to_vec());
+        let built = io.run(move || BlockStack::build(&id, driver, &specs));
+        let stack = match built {
+            Ok(result) => result?,
+            Err(gone) => {
+                return Err(BuildError {
+                    instance: None,
+                    error: LoadError::BadInstance {
+                        plugin: String::new(),
+                        message: gone.to_string(),
+                    },
+                })
+            }
+        };
+        Ok(LiveStack {
+            chain: Arc::new(Chain {
+                device_id: stack.device_id().to_string(),
+                capacity: stack.capacity(),
+                current: RwLock::new(stack),
+                retired: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+            }),
+            io,
+        })
     }
 
     pub fn device_id(&self) -> &str {
-        &self.device_id
+        &self.chain.device_id
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.chain.capacity
+    }
+
+    /// The thread that calls this chain's hooks (the device serves its queue there).
+    pub fn io_thread(&self) -> &IoThread {
+        &self.io
     }
 
     /// The chain as it is now (top to bottom in `layers()`).
     pub fn snapshot(&self) -> Arc<BlockStack> {
-        match self.current.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.chain.snapshot()
     }
 
     pub fn counters(&self) -> Arc<StackCounters> {
         self.snapshot().shared_counters().clone()
     }
 
-    /// Runs one guest request on the current chain. Safety as for [`BlockStack::submit`].
+    /// Runs one guest request on the current chain, on the I/O thread (the device's queue
+    /// handler; a test may call it from its own single thread). Safety as for
+    /// [`BlockStack::submit`].
     ///
     /// # Safety
     /// See [`BlockStack::submit`].
@@ -85,30 +132,116 @@ impl LiveStack {
         offset: u64,
         segments: &[Segment],
     ) -> RequestStatus {
-        let stack = match self.current.read() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        stack.submit(kind, offset, segments)
+        let status = self.chain.snapshot().submit(kind, offset, segments);
+        self.chain.reap();
+        status
     }
 
-    /// Flushes the whole chain (every layer, then the driver).
+    /// Flushes the whole chain (every layer, then the driver) on the I/O thread.
     pub fn flush(&self) -> RequestStatus {
-        // SAFETY: a flush carries no segments.
-        unsafe { self.submit(BlockRequestKind::Flush, 0, &[]) }
+        let chain = self.chain.clone();
+        self.io
+            .run(move || chain.snapshot().flush())
+            .unwrap_or(RequestStatus::IoError)
+    }
+
+    /// Shutdown: flushes the chain, then empties it and destroys every instance on the I/O
+    /// thread (a plugin settles its metadata in destroy), and stops the thread. Later
+    /// requests reach the driver alone; edits are refused.
+    pub fn close(&self) -> RequestStatus {
+        let chain = self.chain.clone();
+        let status = self
+            .io
+            .run(move || {
+                let status = chain.snapshot().flush();
+                chain.closed.store(true, Relaxed);
+                let top = chain.snapshot();
+                lock(&chain.retired).extend(top.layers().iter().cloned());
+                chain.publish(top.driver(), &[], top.shared_counters());
+                drop(top);
+                chain.reap();
+                status
+            })
+            .unwrap_or(RequestStatus::IoError);
+        self.io.stop();
+        status
     }
 
     /// Loads `spec` into the chain at `position` (0 = top, next to the guest; the chain's
     /// length = bottom, next to the driver) for requests that start after this returns.
     /// `fresh` declares that the layers below hold nothing the guest needs: required for a
     /// plugin that owns its format, whose data would otherwise read back transformed.
+    /// Runs on the I/O thread, between two guest requests; every check is made before the
+    /// plugin's writes reach the disk, so a refused load changes no byte of it.
     pub fn insert(
         &self,
         spec: &InstanceSpec,
         position: usize,
         fresh: bool,
     ) -> Result<Arc<Instance>, ChainError> {
-        let _edit = self.edit.lock().unwrap_or_else(|p| p.into_inner());
+        let (chain, spec) = (self.chain.clone(), spec.clone());
+        self.on_io_thread(move || chain.insert(&spec, position, fresh))
+    }
+
+    /// Removes instance `id` for requests that start after this returns. A plugin that
+    /// owns its format and has written data stays (its data would become unreadable); one
+    /// that holds data (a write-back cache) is disabled and flushed first, so it hands
+    /// everything down before it goes. Runs on the I/O thread, so no guest request is in
+    /// flight while it decides.
+    pub fn remove(&self, id: &str) -> Result<(), ChainError> {
+        let (chain, id) = (self.chain.clone(), id.to_string());
+        self.on_io_thread(move || chain.remove(&id))
+    }
+
+    /// Would [`remove`](Self::remove) refuse `id` now?
+    pub fn check_removable(&self, id: &str) -> Result<(), ChainError> {
+        let (chain, id) = (self.chain.clone(), id.to_string());
+        self.on_io_thread(move || chain.removable(chain.snapshot().layers(), &id).map(|_| ()))
+    }
+
+    fn on_io_thread<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<R, ChainError> + Send + 'static,
+    ) -> Result<R, ChainError> {
+        self.io
+            .run(job)
+            .map_err(|e| ChainError::Conflict(e.to_string()))?
+    }
+}
+
+impl Drop for LiveStack {
+    fn drop(&mut self) {
+        if !self.chain.closed.load(Relaxed) {
+            self.close();
+        }
+    }
+}
+
+impl Chain {
+    fn snapshot(&self) -> Arc<BlockStack> {
+        match self.current.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn refuse_closed(&self) -> Result<(), ChainError> {
+        if self.closed.load(Relaxed) {
+            return Err(ChainError::Conflict(format!(
+                "device `{}` is shutting down",
+                self.device_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        spec: &InstanceSpec,
+        position: usize,
+        fresh: bool,
+    ) -> Result<Arc<Instance>, ChainError> {
+        self.refuse_closed()?;
         let top = self.snapshot();
         let layers = top.layers();
         if position > layers.len() {
@@ -152,21 +285,12 @@ impl LiveStack {
             &Arc::default(),
         )
         .swap_remove(0);
-        let below_capacity = below.capacity();
-        let instance = Arc::new(Instance::create(
-            spec,
-            DeviceKind::Block,
-            &self.device_id,
-            below,
-        )?);
-        if instance.capacity() != below_capacity {
-            return Err(ChainError::Conflict(format!(
-                "plugin `{}` would expose {} bytes where the layers below hold {below_capacity}: \
-                 a running guest's disk cannot change size; load it from the config at boot",
-                spec.plugin.name(),
-                instance.capacity()
-            )));
-        }
+        let instance = Instance::create(spec, DeviceKind::Block, &self.device_id, below, true)
+            .map_err(|e| match e {
+                LoadError::CapacityChange { .. } => ChainError::Conflict(e.to_string()),
+                e => ChainError::Load(e),
+            })?;
+        let instance = Arc::new(instance);
         instance.fresh.store(fresh, Relaxed);
         let mut next = layers.to_vec();
         next.insert(position, instance.clone());
@@ -174,12 +298,8 @@ impl LiveStack {
         Ok(instance)
     }
 
-    /// Removes instance `id` for requests that start after this returns, once the requests
-    /// in flight have drained. A plugin that owns its format and has written data stays
-    /// (its data would become unreadable); one that holds data (a write-back cache) is
-    /// disabled and flushed first, so it hands everything down before it goes.
-    pub fn remove(&self, id: &str) -> Result<(), ChainError> {
-        let _edit = self.edit.lock().unwrap_or_else(|p| p.into_inner());
+    fn remove(&self, id: &str) -> Result<(), ChainError> {
+        self.refuse_closed()?;
         let top = self.snapshot();
         let layers = top.layers();
         let k = self.removable(layers, id)?;
@@ -187,7 +307,7 @@ impl LiveStack {
         if instance.keeps_when_disabled() {
             let was = instance.enabled();
             instance.set_enabled(false);
-            if self.flush() != RequestStatus::Ok {
+            if top.flush() != RequestStatus::Ok {
                 instance.set_enabled(was);
                 return Err(ChainError::Conflict(format!(
                     "interceptor `{id}` could not hand its data down (the flush failed); it stays"
@@ -195,20 +315,15 @@ impl LiveStack {
             }
         }
         let mut next = layers.to_vec();
-        next.remove(k);
-        let (driver, counters) = (top.driver().clone(), top.shared_counters().clone());
-        self.publish(&driver, &next, &counters);
-        // The removed instance is destroyed when its last holder lets go: here, or when a
-        // reader of an older snapshot (an API request) finishes.
+        lock(&self.retired).push(next.remove(k));
+        self.publish(top.driver(), &next, top.shared_counters());
+        drop(top);
+        self.reap();
         Ok(())
     }
 
-    /// Would [`remove`](Self::remove) refuse `id` now?
-    pub fn check_removable(&self, id: &str) -> Result<(), ChainError> {
-        self.removable(self.snapshot().layers(), id).map(|_| ())
-    }
-
-    /// `id`'s position, if removing it loses nothing.
+    /// `id`'s position, if removing it loses nothing. Called on the I/O thread, so the
+    /// counters it reads include every request the guest has been answered.
     fn removable(&self, layers: &[Arc<Instance>], id: &str) -> Result<usize, ChainError> {
         let Some(k) = layers.iter().position(|l| l.id() == id) else {
             return Err(ChainError::NotFound {
@@ -229,7 +344,8 @@ impl LiveStack {
         Ok(k)
     }
 
-    /// Waits for the requests in flight, re-points every plugin's own I/O, publishes.
+    /// Re-points every plugin's own I/O, publishes (on the I/O thread: no request is in
+    /// flight).
     fn publish(
         &self,
         driver: &Arc<dyn crate::BlockDriver>,
@@ -243,4 +359,25 @@ impl LiveStack {
         }
         *current = stacks[0].clone();
     }
+
+    /// Destroys the retired instances nothing else holds any more (on the I/O thread). An
+    /// instance above another holds it through its own lower stack, so this repeats until
+    /// nothing more goes.
+    fn reap(&self) {
+        let mut retired = lock(&self.retired);
+        if retired.is_empty() {
+            return;
+        }
+        loop {
+            let before = retired.len();
+            retired.retain(|i| Arc::strong_count(i) > 1);
+            if retired.len() == before {
+                return;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

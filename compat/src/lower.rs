@@ -6,14 +6,88 @@ use crate::{BlockRequestKind, Segment, SECTOR_SIZE};
 use interceptor_abi as abi;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Most bytes of non-zero data a plugin may write while it is being created (they are held
+/// in memory until the instance is accepted, see [`Staged`]).
+pub const MAX_STAGED_BYTES: usize = 256 << 20;
 
 pub(crate) struct LowerCtx {
     instance_id: String,
-    /// Re-pointed when the chain below changes at run time (under the device's edit lock,
-    /// while no guest request is in flight).
+    /// Re-pointed when the chain below changes at run time (on the device's I/O thread,
+    /// between guest requests).
     below: RwLock<Arc<BlockStack>>,
+    /// While the instance is being created (and when a refused one is destroyed), its
+    /// writes and flushes are kept here instead of reaching the layers below, so a refused
+    /// instance changes no byte of the disk. Written down in order once it is accepted.
+    staged: Mutex<Option<Staged>>,
     raw: abi::Lower,
+}
+
+/// A plugin's own writes and flushes held back while it is created: replayed in order
+/// (each flush where the plugin made it, so its crash ordering holds) once accepted.
+#[derive(Default)]
+pub(crate) struct Staged {
+    ops: Vec<StagedOp>,
+    bytes: usize,
+}
+
+enum StagedOp {
+    /// `None`: zeros (a format clearing a region costs no memory).
+    Write {
+        offset: u64,
+        len: usize,
+        data: Option<Vec<u8>>,
+    },
+    Flush,
+}
+
+impl Staged {
+    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
+        let zero = data.iter().all(|&b| b == 0);
+        if !zero {
+            match self.bytes.checked_add(data.len()) {
+                Some(n) if n <= MAX_STAGED_BYTES => self.bytes = n,
+                _ => return false,
+            }
+        }
+        self.ops.push(StagedOp::Write {
+            offset,
+            len: data.len(),
+            data: (!zero).then(|| data.to_vec()),
+        });
+        true
+    }
+
+    /// Lays the staged writes over `buf`, just read from the layers below at `offset`.
+    fn overlay(&self, offset: u64, buf: &mut [u8]) {
+        let end = offset.saturating_add(buf.len() as u64);
+        for op in &self.ops {
+            let StagedOp::Write {
+                offset: at,
+                len,
+                data,
+            } = op
+            else {
+                continue;
+            };
+            let op_end = at.saturating_add(*len as u64);
+            let (from, to) = ((*at).max(offset), op_end.min(end));
+            if from >= to {
+                continue;
+            }
+            // In range of both by construction; usize because both lengths are.
+            let (dst, src, n) = (
+                (from - offset) as usize,
+                (from - at) as usize,
+                (to - from) as usize,
+            );
+            match data {
+                Some(d) => buf[dst..dst + n].copy_from_slice(&d[src..src + n]),
+                None => buf[dst..dst + n].fill(0),
+            }
+        }
+    }
 }
 
 impl LowerCtx {
@@ -29,6 +103,7 @@ impl LowerCtx {
                 capacity: below.capacity(),
             },
             below: RwLock::new(below),
+            staged: Mutex::new(None),
         });
         // The box never moves, so the table can point at its owner.
         ctx.raw.ctx = (&*ctx as *const LowerCtx).cast_mut().cast();
@@ -45,6 +120,47 @@ impl LowerCtx {
             Ok(mut b) => *b = below,
             Err(poisoned) => *poisoned.into_inner() = below,
         }
+    }
+
+    /// From now on the plugin's writes are held back (see [`Staged`]).
+    pub(crate) fn stage(&self) {
+        *lock(&self.staged) = Some(Staged::default());
+    }
+
+    /// Writes the held-back writes down, in order, and lets later ones through. On failure
+    /// the layers below may hold part of them; the rest are dropped.
+    pub(crate) fn commit(&self) -> Result<(), String> {
+        let Some(staged) = lock(&self.staged).take() else {
+            return Ok(());
+        };
+        let below = self.below();
+        let mut zeros = Vec::new();
+        for op in staged.ops {
+            let (kind, offset, status) = match op {
+                StagedOp::Flush => (BlockRequestKind::Flush, 0, below.flush()),
+                StagedOp::Write { offset, len, data } => {
+                    let mut data = data.unwrap_or_else(|| {
+                        zeros.resize(len, 0);
+                        std::mem::take(&mut zeros)
+                    });
+                    let seg = [Segment {
+                        base: data.as_mut_ptr(),
+                        len: data.len(),
+                    }];
+                    // SAFETY: `data` is valid for its length; the range was checked when
+                    // the write was staged.
+                    let status = unsafe { below.submit(BlockRequestKind::Write, offset, &seg) };
+                    zeros = data;
+                    (BlockRequestKind::Write, offset, status)
+                }
+            };
+            if status != crate::RequestStatus::Ok {
+                return Err(format!(
+                    "writing down what it wrote while starting failed ({kind:?} at {offset}: {status:?})"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn below(&self) -> Arc<BlockStack> {
@@ -76,12 +192,48 @@ impl LowerCtx {
             len: len_usize,
         }];
         let segs: &[Segment] = if len == 0 { &[] } else { &segments };
+        if let Some(staged) = lock(&self.staged).as_mut() {
+            return match kind {
+                BlockRequestKind::Write => {
+                    // SAFETY: as below: the plugin's buffer is valid for len bytes.
+                    let data = unsafe { std::slice::from_raw_parts(buf, len_usize) };
+                    if staged.write(offset, data) {
+                        abi::STATUS_OK
+                    } else {
+                        tracing::warn!(
+                            "interceptor {}: wrote more than {MAX_STAGED_BYTES} bytes while \
+                             starting; refused",
+                            self.instance_id
+                        );
+                        abi::STATUS_IOERR
+                    }
+                }
+                BlockRequestKind::Flush => {
+                    staged.ops.push(StagedOp::Flush);
+                    abi::STATUS_OK
+                }
+                _ => {
+                    // SAFETY: as below.
+                    let status = unsafe { below.submit(kind, offset, segs) };
+                    if status == crate::RequestStatus::Ok && len > 0 {
+                        // SAFETY: as below; the read filled it.
+                        let out = unsafe { std::slice::from_raw_parts_mut(buf, len_usize) };
+                        staged.overlay(offset, out);
+                    }
+                    status.to_abi()
+                }
+            };
+        }
         // SAFETY: the plugin passed a buffer valid for len bytes (the ABI's rule); range and
         // alignment are checked above. Write data is never modified (layers that transform
         // get a bounce copy).
         let status = unsafe { below.submit(kind, offset, segs) };
         status.to_abi()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ctx<'a>(p: *mut c_void) -> Option<&'a LowerCtx> {

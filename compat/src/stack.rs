@@ -84,12 +84,11 @@ impl BlockStack {
         });
         for spec in chain.iter().rev() {
             let instance = Arc::new(
-                Instance::create(spec, DeviceKind::Block, device_id, stack.clone()).map_err(
-                    |error| BuildError {
+                Instance::create(spec, DeviceKind::Block, device_id, stack.clone(), false)
+                    .map_err(|error| BuildError {
                         instance: Some(spec.id.clone()),
                         error,
-                    },
-                )?,
+                    })?,
             );
             let mut layers = vec![instance.clone()];
             layers.extend(stack.layers.iter().cloned());

@@ -1,25 +1,35 @@
 //! Chains edited while requests run (`LiveStack`): loads and removals take effect for the
 //! next request, plugins' own I/O follows the new chain, and the data safety refusals.
 
-use super::plugins::{OwnedXor, Paired, Shift, Xor};
+use super::plugins::{OwnedXor, Paired, Shift, Threads, Xor, THREADS};
 use super::*;
 
-fn live(disk: &Arc<MemDisk>, chain: &[InstanceSpec]) -> LiveStack {
-    LiveStack::new(BlockStack::build("vdb", disk.clone(), chain).unwrap())
+fn live(disk: &Arc<MemDisk>, chain: &[InstanceSpec]) -> Arc<LiveStack> {
+    Arc::new(LiveStack::start("vdb", disk.clone(), chain, None).unwrap())
 }
 
+/// One guest request, served on the device's I/O thread as the device serves it.
 fn live_io(
-    stack: &LiveStack,
+    stack: &Arc<LiveStack>,
     kind: BlockRequestKind,
     offset: u64,
     buf: &mut [u8],
 ) -> RequestStatus {
-    let seg = [Segment {
-        base: buf.as_mut_ptr(),
-        len: buf.len(),
-    }];
-    // SAFETY: `buf` is valid for its length during the call.
-    unsafe { stack.submit(kind, offset, &seg) }
+    let (on_io, mut data) = (stack.clone(), buf.to_vec());
+    let (status, data) = stack
+        .io_thread()
+        .run(move || {
+            let seg = [Segment {
+                base: data.as_mut_ptr(),
+                len: data.len(),
+            }];
+            // SAFETY: `data` is valid for its length during the call.
+            let status = unsafe { on_io.submit(kind, offset, &seg) };
+            (status, data)
+        })
+        .unwrap();
+    buf.copy_from_slice(&data);
+    status
 }
 
 fn ids(stack: &LiveStack) -> Vec<String> {
@@ -167,12 +177,12 @@ fn an_instance_that_owns_its_format_stays_once_it_has_written() {
 #[test]
 fn no_request_is_torn_while_the_chain_changes_under_it() {
     let disk = MemDisk::new(1 << 20);
-    let stack = Arc::new(live(
+    let stack = live(
         &disk,
         &[spec("base", static_table!(Paired), serde_json::json!({}))],
-    ));
+    );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io_thread = {
+    let guest = {
         let (stack, stop) = (stack.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
@@ -207,11 +217,106 @@ fn no_request_is_torn_while_the_chain_changes_under_it() {
         stack.remove(&id).unwrap();
     }
     stop.store(true, Ordering::SeqCst);
-    let requests = io_thread.join().unwrap();
+    let requests = guest.join().unwrap();
     assert!(requests >= 1000);
     assert_eq!(ids(&stack), ["base"]);
     let base = stack.snapshot().layers()[0].clone();
     assert_eq!(base.counters().errors.load(Ordering::SeqCst), 0);
     assert_eq!(stack.counters().errors.load(Ordering::SeqCst), 0);
     assert_eq!(base.counters().latency.count(), 2 * requests);
+}
+
+/// The threading contract (docs/plugins.md): every hook of an instance, create and destroy
+/// and its own I/O included, runs on its device's I/O thread, whoever asked for it: a load
+/// or removal from another thread, a toggle, the requests, the shutdown.
+#[test]
+fn every_hook_runs_on_the_devices_io_thread() {
+    let disk = MemDisk::new(1 << 20);
+    let threads = |id: &str| spec(id, static_table!(Threads), serde_json::json!({}));
+    let stack = live(&disk, &[threads("t-boot")]);
+    live_io(&stack, BlockRequestKind::Write, 0, &mut [7u8; 512]);
+    // Loaded and removed from other threads (as the API thread does).
+    let api = stack.clone();
+    std::thread::spawn(move || {
+        api.insert(&threads("t-run"), 0, false).unwrap();
+        api.snapshot().layers()[0].set_enabled(false);
+    })
+    .join()
+    .unwrap();
+    live_io(&stack, BlockRequestKind::Read, 0, &mut [0u8; 512]);
+    stack.snapshot().layers()[0].set_enabled(true);
+    live_io(&stack, BlockRequestKind::Write, 512, &mut [8u8; 512]);
+    // A snapshot held elsewhere while the instance is removed (as an API view does): its
+    // destroy still waits for the I/O thread.
+    let view = stack.snapshot();
+    let api = stack.clone();
+    std::thread::spawn(move || api.remove("t-run").unwrap())
+        .join()
+        .unwrap();
+    drop(view);
+    live_io(&stack, BlockRequestKind::Read, 512, &mut [0u8; 512]);
+    assert_eq!(stack.flush(), RequestStatus::Ok);
+    assert_eq!(stack.close(), RequestStatus::Ok);
+    let calls: Vec<_> = THREADS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, ..)| id.starts_with("t-"))
+        .cloned()
+        .collect();
+    for id in ["t-boot", "t-run"] {
+        let hooks: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.0 == id)
+            .map(|c| c.1.as_str())
+            .collect();
+        assert_eq!(hooks.first(), Some(&"create"), "{id}: {hooks:?}");
+        assert_eq!(hooks.last(), Some(&"destroy"), "{id}: {hooks:?}");
+        assert!(
+            hooks.contains(&"pre") && hooks.contains(&"post"),
+            "{id}: {hooks:?}"
+        );
+    }
+    let elsewhere: Vec<_> = calls.iter().filter(|c| c.2 != "io-vdb").collect();
+    assert!(
+        elsewhere.is_empty(),
+        "hooks off the I/O thread: {elsewhere:?}"
+    );
+}
+
+/// A refused load changes no byte of the disk: what the plugin wrote in create is held back
+/// until every check passed (here the capacity check, which needs the created instance).
+#[test]
+fn a_refused_load_writes_nothing() {
+    let disk = MemDisk::new(1 << 20);
+    live_io(
+        &live(&disk, &[]),
+        BlockRequestKind::Write,
+        0,
+        &mut [0u8; 512],
+    );
+    let stack = live(&disk, &[]);
+    let before = disk.data.lock().unwrap().clone();
+    // Shift writes its header in create, then exposes 4 KiB less: refused under a guest.
+    let e = stack
+        .insert(
+            &spec("shift", static_table!(Shift), serde_json::json!({})),
+            0,
+            true,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ChainError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("cannot change size"), "{e}");
+    assert!(
+        *disk.data.lock().unwrap() == before,
+        "the refused load wrote to the disk"
+    );
+    assert!(ids(&stack).is_empty());
+    // Accepted at boot, the same writes reach the disk, in create's order.
+    let booted = live(
+        &disk,
+        &[spec("shift", static_table!(Shift), serde_json::json!({}))],
+    );
+    assert_eq!(&disk.data.lock().unwrap()[..12], b"SHIFT-HEADER");
+    drop(booted);
 }

@@ -250,3 +250,58 @@ impl Interceptor for Paired {
         }
     }
 }
+
+/// Which thread ran each hook, by instance id: `(hook, thread name)` in call order.
+pub(super) static THREADS: std::sync::Mutex<Vec<(String, String, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn record_thread(id: &str, hook: &str) {
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    THREADS
+        .lock()
+        .unwrap()
+        .push((id.to_string(), hook.to_string(), name));
+}
+
+/// Records the calling thread of every hook; does its own I/O in create, pre and destroy
+/// (so the layers below it record theirs too), and holds data (stays when disabled).
+pub(super) struct Threads {
+    id: String,
+    lower: Lower,
+}
+
+impl Interceptor for Threads {
+    const NAME: &'static std::ffi::CStr = c"threads";
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        let id = ctx.instance_id.to_string();
+        record_thread(&id, "create");
+        let mut block = [0u8; 512];
+        ctx.lower.read(0, &mut block).map_err(|e| e.to_string())?;
+        Ok(Threads {
+            id,
+            lower: ctx.lower,
+        })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
+        record_thread(&self.id, "pre");
+        if req.kind() == RequestKind::Flush && self.lower.flush().is_err() {
+            return Decision::Fail;
+        }
+        Decision::Continue
+    }
+
+    fn post(&self, _: &mut Request<'_>, _: Slot, status: Status) -> Status {
+        record_thread(&self.id, "post");
+        status
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        record_thread(&self.id, "destroy");
+        let _ = self.lower.flush();
+    }
+}
