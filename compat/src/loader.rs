@@ -1,13 +1,23 @@
-//! Loading plugins by path: checks before any of the plugin's code runs (file, BLAKE3 pin),
-//! then the entry symbol and the ABI version. A library is loaded once and unloaded when the
-//! last instance holding it is gone.
+//! Loading plugins by path. The file is opened once and copied into a sealed memfd; the
+//! BLAKE3 pin is checked on those sealed bytes, and the dynamic loader maps exactly them
+//! (`/proc/self/fd/N` of the memfd), so none of a plugin's code runs unless it is the code
+//! that was hashed, and a file changed or swapped at its path after that changes nothing.
+//! Then the entry symbol and the ABI version. A library is identified by its content hash:
+//! the same bytes are loaded once (and unloaded when the last instance holding it is gone),
+//! new bytes at the same path are loaded anew.
 
 use interceptor_abi::{self as abi, InterceptorTable};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
+
+/// The largest plugin file the loader copies into memory (a debug build of the largest
+/// plugin here is about 13 MiB).
+pub const MAX_PLUGIN_BYTES: u64 = 256 << 20;
 
 /// Why a plugin or an instance was refused. Each message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +50,15 @@ pub enum LoadError {
     CreateFailed { plugin: String, message: String },
     #[error("plugin `{plugin}`: {message}")]
     BadInstance { plugin: String, message: String },
+    #[error(
+        "plugin `{plugin}` would expose {exposed} bytes where the layers below hold {below}: \
+         a running guest's disk cannot change size; load it from the config at boot"
+    )]
+    CapacityChange {
+        plugin: String,
+        exposed: u64,
+        below: u64,
+    },
     #[error("chain of device `{device}` is longer than {max} interceptors")]
     ChainTooLong { device: String, max: usize },
 }
@@ -50,8 +69,11 @@ pub struct Plugin {
     blake3: String,
     name: String,
     table: &'static InterceptorTable,
-    // Last: dropped (dlclose) after everything that points into it.
+    // Dropped (dlclose) after everything that points into it...
     _library: libloading::Library,
+    // ...and the sealed copy it was loaded from closed after that: while the library is
+    // loaded, its `/proc/self/fd/N` name is held by no other file.
+    _memfd: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -59,6 +81,7 @@ impl std::fmt::Debug for Plugin {
         f.debug_struct("Plugin")
             .field("path", &self.path)
             .field("name", &self.name)
+            .field("blake3", &self.blake3)
             .finish()
     }
 }
@@ -68,7 +91,7 @@ impl Plugin {
         &self.path
     }
 
-    /// BLAKE3 of the file as loaded, in hex.
+    /// BLAKE3 of the bytes loaded (the sealed copy of the file), in hex.
     pub fn blake3(&self) -> &str {
         &self.blake3
     }
@@ -99,6 +122,7 @@ impl Plugin {
             name: table_name(table),
             table,
             _library: libloading::os::unix::Library::this().into(),
+            _memfd: None,
         }))
     }
 }
@@ -137,51 +161,49 @@ fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Plugins loaded so far, by canonical path.
+/// Plugins loaded so far, by the BLAKE3 of their bytes.
 #[derive(Default)]
 pub struct PluginRegistry {
-    loaded: Mutex<HashMap<PathBuf, Weak<Plugin>>>,
+    loaded: Mutex<HashMap<String, Weak<Plugin>>>,
 }
+
+/// Called between reading a plugin's bytes and loading them (tests swap the file there).
+#[cfg(test)]
+pub(crate) type AfterRead = HashMap<PathBuf, Box<dyn FnOnce() + Send>>;
+#[cfg(test)]
+pub(crate) static AFTER_READ: Mutex<Option<AfterRead>> = Mutex::new(None);
 
 impl PluginRegistry {
     pub fn new() -> PluginRegistry {
         PluginRegistry::default()
     }
 
-    /// Loads `path` (or returns the library already loaded from it). With `pin`, the file's
-    /// BLAKE3 must match before any of its code runs.
+    /// Loads `path`: its bytes are copied into a sealed memfd and hashed there; with `pin`,
+    /// the hash must match before any of its code runs. A library with the same hash that
+    /// is still loaded is returned instead of loading it twice.
     pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<Arc<Plugin>, LoadError> {
         let shown = path.display().to_string();
-        // O_NONBLOCK: opening a FIFO must not wait for a writer. Only a regular file is
-        // hashed (a device like /dev/zero would never end).
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => LoadError::NotFound {
-                    path: shown.clone(),
-                },
-                _ => LoadError::Unreadable {
-                    path: shown.clone(),
-                    message: e.to_string(),
-                },
-            })?;
-        let unreadable = |e: std::io::Error| LoadError::Unreadable {
+        let unreadable = |message: String| LoadError::Unreadable {
             path: shown.clone(),
-            message: e.to_string(),
+            message,
         };
-        if !file.metadata().map_err(unreadable)?.is_file() {
-            return Err(LoadError::Unreadable {
-                path: shown,
-                message: "not a regular file".into(),
-            });
+        let (memfd, found) = sealed_copy(path).map_err(|e| match e {
+            CopyError::NotFound => LoadError::NotFound {
+                path: shown.clone(),
+            },
+            CopyError::Other(m) => unreadable(m),
+        })?;
+        #[cfg(test)]
+        {
+            let hook = AFTER_READ
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .and_then(|m| m.remove(path));
+            if let Some(hook) = hook {
+                hook();
+            }
         }
-        let canonical = path.canonicalize().map_err(unreadable)?;
-        // Hash the open file; `open` checks that the path still names it once loaded.
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(&file).map_err(unreadable)?;
-        let found = hasher.finalize().to_hex().to_string();
         if let Some(expected) = pin {
             if !expected.eq_ignore_ascii_case(&found) {
                 return Err(LoadError::HashMismatch {
@@ -191,45 +213,160 @@ impl PluginRegistry {
                 });
             }
         }
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = loaded.get(&canonical).and_then(Weak::upgrade) {
-            if p.blake3 == found {
-                return Ok(p);
-            }
+        if let Some(p) = loaded.get(&found).and_then(Weak::upgrade) {
+            return Ok(p);
         }
-        let plugin = Arc::new(open(&shown, &canonical, &file, found)?);
+        let plugin = Arc::new(open(&shown, canonical, memfd, found.clone())?);
         loaded.retain(|_, w| w.strong_count() > 0);
-        loaded.insert(canonical, Arc::downgrade(&plugin));
+        loaded.insert(found, Arc::downgrade(&plugin));
         Ok(plugin)
     }
 }
 
-/// (device, inode) of a file, to see that a path still names it.
-fn identity(m: std::io::Result<std::fs::Metadata>) -> Option<(u64, u64)> {
-    m.ok().map(|m| (m.dev(), m.ino()))
+enum CopyError {
+    NotFound,
+    Other(String),
+}
+
+impl From<std::io::Error> for CopyError {
+    fn from(e: std::io::Error) -> CopyError {
+        CopyError::Other(e.to_string())
+    }
+}
+
+/// Opens `path` once, copies its bytes into a new memfd, seals it against any change and
+/// hashes the sealed bytes. Only a regular file of at most [`MAX_PLUGIN_BYTES`] is read.
+fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer. Only a regular file is read
+    // (a device like /dev/zero would never end).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => CopyError::NotFound,
+            _ => CopyError::Other(e.to_string()),
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(CopyError::Other("not a regular file".into()));
+    }
+    let too_big = || {
+        CopyError::Other(format!(
+            "larger than {} MiB, the most a plugin may be",
+            MAX_PLUGIN_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_PLUGIN_BYTES {
+        return Err(too_big());
+    }
+    let memfd = memfd(path)?;
+    let mut copy = std::fs::File::from(memfd);
+    // Bounded even if the file grows while it is read.
+    let copied = std::io::copy(&mut (&file).take(MAX_PLUGIN_BYTES + 1), &mut copy)?;
+    if copied > MAX_PLUGIN_BYTES {
+        return Err(too_big());
+    }
+    copy.flush()?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(CopyError::Other(format!(
+            "sealing its copy: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // Hash what is sealed: exactly the bytes the dynamic loader will map.
+    copy.rewind()?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(&copy)?;
+    Ok((OwnedFd::from(copy), hasher.finalize().to_hex().to_string()))
+}
+
+/// A new memfd that can be sealed and mapped executable, named after the plugin's file
+/// (the name shows in /proc/self/maps as `/memfd:vmm-plugin:FILE (deleted)`).
+fn memfd(path: &Path) -> Result<OwnedFd, CopyError> {
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name: String = format!("vmm-plugin:{file}")
+        .chars()
+        .filter(|&c| c != '\0')
+        .take(200)
+        .collect();
+    let name = std::ffi::CString::new(name).unwrap_or_default();
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // MFD_EXEC says so where vm.memfd_noexec would otherwise refuse executable mappings;
+    // kernels before 6.3 do not know the flag (EINVAL), and map any memfd executable.
+    for flags in [base | libc::MFD_EXEC, base] {
+        // SAFETY: a valid C string and flags; the result is a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: memfd_create returned a descriptor nobody else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(CopyError::Other(format!(
+                "creating its in-memory copy: {e}"
+            )));
+        }
+    }
+    Err(CopyError::Other(
+        "creating its in-memory copy: memfd_create refused".into(),
+    ))
+}
+
+/// The dynamic loader knows a library by the name it was opened with: `/proc/self/fd/N`
+/// names a library loaded earlier from another descriptor N that is still mapped (one
+/// that cannot be unloaded). Such a name would load that library, not ours: move the
+/// memfd to a descriptor number whose name is free.
+fn free_name(memfd: OwnedFd) -> Result<(OwnedFd, String), String> {
+    let mut fd = memfd;
+    let mut tried = Vec::new();
+    for _ in 0..64 {
+        let name = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        // SAFETY: RTLD_NOLOAD maps nothing and runs nothing: it only finds a library
+        // already loaded under this name (or from this very file, which is new).
+        match unsafe {
+            libloading::os::unix::Library::open(Some(&name), libc::RTLD_NOLOAD | libc::RTLD_LAZY)
+        } {
+            Err(_) => return Ok((fd, name)),
+            Ok(stale) => drop(stale),
+        }
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own gives a new one above it.
+        let next =
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd.as_raw_fd() + 1) };
+        if next < 0 {
+            return Err(format!("{}", std::io::Error::last_os_error()));
+        }
+        tried.push(fd);
+        // SAFETY: fcntl returned a new descriptor nobody else owns.
+        fd = unsafe { OwnedFd::from_raw_fd(next) };
+    }
+    Err("no free /proc/self/fd name for its copy".into())
 }
 
 fn open(
     shown: &str,
-    canonical: &Path,
-    file: &std::fs::File,
+    canonical: PathBuf,
+    memfd: OwnedFd,
     blake3: String,
 ) -> Result<Plugin, LoadError> {
+    let (memfd, name) = free_name(memfd).map_err(|message| LoadError::Unreadable {
+        path: shown.into(),
+        message,
+    })?;
     // SAFETY: loading a library runs its initializers; that is what loading a plugin the
-    // operator named means. (Not loaded through /proc/self/fd: the dynamic loader matches
-    // libraries by name, and descriptor numbers are reused.)
+    // operator named means. These are the sealed bytes whose hash was checked.
     let library =
-        unsafe { libloading::Library::new(canonical) }.map_err(|e| LoadError::NotSharedObject {
+        unsafe { libloading::Library::new(&name) }.map_err(|e| LoadError::NotSharedObject {
             path: shown.into(),
-            message: e.to_string().replace(&*canonical.to_string_lossy(), "file"),
+            message: e.to_string().replace(&name, "file"),
         })?;
-    // The hash (when pinned) was checked on `file`: the path must still name that file.
-    if identity(file.metadata()) != identity(std::fs::metadata(canonical)) {
-        return Err(LoadError::Unreadable {
-            path: shown.into(),
-            message: "the file was replaced while it was being loaded".into(),
-        });
-    }
     // SAFETY: the symbol's type is fixed by the ABI.
     let entry =
         unsafe { library.get::<abi::EntryFn>(abi::ENTRY_SYMBOL.as_bytes()) }.map_err(|_| {
@@ -248,10 +385,15 @@ fn open(
         })?;
     check_table(shown, table)?;
     Ok(Plugin {
-        path: canonical.to_path_buf(),
+        path: canonical,
         blake3,
         name: table_name(table),
         table,
         _library: library,
+        _memfd: Some(memfd),
     })
 }
+
+#[cfg(test)]
+#[path = "tests/loader.rs"]
+mod tests;

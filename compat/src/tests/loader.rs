@@ -1,0 +1,215 @@
+//! The loader runs exactly the bytes it hashed: C plugins built here whose constructor
+//! appends their name to a marker file show which code ran.
+
+use super::*;
+use std::process::Command;
+
+/// A scratch directory for one test.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("compat-loader-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Builds a plugin named `name` whose constructor appends `name` to `marker`.
+fn build(dir: &Path, name: &str, marker: &Path, extra: &[&str]) -> PathBuf {
+    let src = dir.join("plugin.c");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include <vmm_interceptor.h>
+__attribute__((constructor)) static void mark(void)
+{
+    FILE *f = fopen(MARKER, "a");
+    if (f != NULL) {
+        fputs(NAME "\n", f);
+        fclose(f);
+    }
+}
+static void *create(const struct vmm_create_args *a, char *e, size_t n)
+{
+    (void)a; (void)e; (void)n;
+    return (void *)1;
+}
+static uint32_t pre(void *i, const struct vmm_request *r, void **s)
+{
+    (void)i; (void)r; (void)s;
+    return VMM_CONTINUE;
+}
+static uint32_t post(void *i, const struct vmm_request *r, void *s, uint32_t st)
+{
+    (void)i; (void)r; (void)s;
+    return st;
+}
+static void destroy(void *i) { (void)i; }
+static const struct vmm_interceptor_table t = {
+    .abi_version = VMM_INTERCEPTOR_ABI_VERSION,
+    .supported_devices = 1u << VMM_DEVICE_BLOCK,
+    .name = NAME,
+    .create = create,
+    .pre = pre,
+    .post = post,
+    .destroy = destroy,
+};
+const struct vmm_interceptor_table *vmm_interceptor_entry(void) { return &t; }
+"#,
+    )
+    .unwrap();
+    let out = dir.join(format!("lib{name}.so"));
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptors/include");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(cc)
+        .args(["-shared", "-fPIC", "-O1", "-I"])
+        .arg(include)
+        .arg(format!("-DNAME=\"{name}\""))
+        .arg(format!("-DMARKER=\"{}\"", marker.display()))
+        .args(extra)
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("running the C compiler");
+    assert!(status.success(), "cc failed for {name}");
+    out
+}
+
+fn hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}
+
+fn ran(marker: &Path) -> Vec<String> {
+    std::fs::read_to_string(marker)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Puts `from`'s bytes at `to` by renaming a copy over it (a new file at the same path).
+fn swap(from: &Path, to: &Path) {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// The same path with new content loads the new code and reports its hash, while the old
+/// library is still in use; the old content, at any path, is the library already loaded.
+#[test]
+fn a_changed_file_at_the_same_path_runs_its_new_code_and_reports_its_hash() {
+    let dir = scratch("changed");
+    let marker = dir.join("ran");
+    let v1 = build(&dir, "v1", &marker, &[]);
+    let v2 = build(&dir, "v2", &marker, &[]);
+    let (h1, h2) = (hash(&v1), hash(&v2));
+    let path = dir.join("plugin.so");
+    swap(&v1, &path);
+    let registry = PluginRegistry::new();
+    let a = registry.load(&path, Some(&h1)).unwrap();
+    assert_eq!((a.name(), a.blake3()), ("v1", h1.as_str()));
+    swap(&v2, &path);
+    let b = registry.load(&path, Some(&h2)).unwrap();
+    assert_eq!(
+        (b.name(), b.blake3()),
+        ("v2", h2.as_str()),
+        "the new file's code, not the library loaded from this path before"
+    );
+    assert!(!Arc::ptr_eq(&a, &b));
+    let e = registry.load(&path, Some(&h1)).unwrap_err().to_string();
+    assert!(e.contains(&format!("BLAKE3 is {h2}")), "{e}");
+    // The same bytes again, by this path or another, are the library already loaded.
+    assert!(Arc::ptr_eq(&b, &registry.load(&path, None).unwrap()));
+    let elsewhere = dir.join("copy-of-v1.so");
+    std::fs::copy(&v1, &elsewhere).unwrap();
+    assert!(Arc::ptr_eq(
+        &a,
+        &registry.load(&elsewhere, Some(&h1)).unwrap()
+    ));
+    assert_eq!(ran(&marker), ["v1", "v2"], "each library's code ran once");
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The file is read once: a file swapped in after its bytes were read and hashed is never
+/// loaded, and its constructor never runs.
+#[test]
+fn a_file_swapped_after_hashing_never_runs() {
+    let dir = scratch("swapped");
+    let marker = dir.join("ran");
+    let good = build(&dir, "good", &marker, &[]);
+    let evil = build(&dir, "evil", &marker, &[]);
+    let path = dir.join("plugin.so");
+    swap(&good, &path);
+    let (swap_from, swap_to) = (evil.clone(), path.clone());
+    crate::loader::AFTER_READ
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(path.clone(), Box::new(move || swap(&swap_from, &swap_to)));
+    let p = PluginRegistry::new()
+        .load(&path, Some(&hash(&good)))
+        .unwrap();
+    assert_eq!(hash(&path), hash(&evil), "the hook swapped the file");
+    assert_eq!((p.name(), p.blake3()), ("good", hash(&good).as_str()));
+    assert_eq!(
+        ran(&marker),
+        ["good"],
+        "the swapped-in file's code never ran"
+    );
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pin that does not match refuses the file before any of its code runs.
+#[test]
+fn a_mismatched_pin_runs_none_of_the_plugins_code() {
+    let dir = scratch("pin");
+    let marker = dir.join("ran");
+    let path = build(&dir, "pinned", &marker, &[]);
+    let e = PluginRegistry::new()
+        .load(&path, Some(&"0".repeat(64)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("but the config pins"), "{e}");
+    assert!(!marker.exists(), "the constructor ran: {:?}", ran(&marker));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A library that cannot be unloaded (`-z nodelete`) stays mapped under the descriptor
+/// name it was loaded by after its descriptor is closed; a later load that gets the same
+/// descriptor number still runs its own code.
+#[test]
+fn a_library_left_loaded_never_answers_for_new_bytes() {
+    let dir = scratch("nodelete");
+    let marker = dir.join("ran");
+    let sticky = build(&dir, "sticky", &marker, &["-Wl,-z,nodelete"]);
+    let fresh = build(&dir, "fresh", &marker, &[]);
+    let registry = PluginRegistry::new();
+    for _ in 0..3 {
+        let p = registry.load(&sticky, None).unwrap();
+        assert_eq!(p.name(), "sticky");
+        drop(p);
+        let p = registry.load(&fresh, None).unwrap();
+        assert_eq!((p.name(), p.blake3()), ("fresh", hash(&fresh).as_str()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bigger than any plugin may be: refused before it is copied.
+#[test]
+fn a_file_over_the_size_bound_is_refused() {
+    let dir = scratch("big");
+    let path = dir.join("huge.so");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(MAX_PLUGIN_BYTES + 1)
+        .unwrap();
+    let e = PluginRegistry::new()
+        .load(&path, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("larger than 256 MiB"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
