@@ -2,9 +2,12 @@
 //!
 //! A guest controls every byte here. Every address and length is checked against guest
 //! memory and the disk's capacity before anything is read or written; a chain that breaks a
-//! rule becomes an error, never a panic and never an access outside guest memory.
+//! rule becomes an error, never a panic and never an access outside guest memory. All
+//! arithmetic on guest values is checked: the byte offset and the data length a
+//! [`BlockRequest`] carries are computed here, so a caller never multiplies or adds a guest
+//! value itself.
 
-use compat::BlockRequestKind;
+use compat::{BlockRequestKind, RequestStatus};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -14,8 +17,14 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const ID_BYTES: u32 = 20;
 /// Longest chain accepted (descriptors); the queue size bounds it too.
 pub const MAX_DESCRIPTORS: usize = 258;
-/// Largest data transfer in one request.
+/// Largest data transfer in one request. It fits a `u32` (the used ring's length field),
+/// with room for the status byte.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+
+const _: () = assert!(MAX_REQUEST_BYTES < u32::MAX as u64 && (ID_BYTES as u64) < MAX_REQUEST_BYTES);
+
+/// Bytes of the request header (type, reserved, sector).
+const HEADER_BYTES: u32 = 16;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -39,6 +48,8 @@ pub enum RequestError {
     WrongDirection,
     #[error("data length {0} is not a multiple of 512")]
     Unaligned(u64),
+    /// The data descriptors add up to more than [`MAX_REQUEST_BYTES`] (the value saturates
+    /// at `u64::MAX`; it never wraps).
     #[error("request of {0} bytes is too large")]
     TooLarge(u64),
     #[error("sectors {sector}+{len} run past the end of the disk")]
@@ -53,9 +64,16 @@ pub enum RequestError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRequest {
     pub kind: BlockRequestKind,
+    /// The first sector of a read or write, below the disk's capacity. 0 for FLUSH and
+    /// GET_ID, whose sector field is reserved: the guest's value is ignored.
     pub sector: u64,
-    /// Guest buffers, in order.
+    /// `sector * SECTOR_SIZE`, computed with checked arithmetic: the byte offset to hand to
+    /// the stack. For a read or write, `offset + data_len` is at most the disk's size in
+    /// bytes; 0 for FLUSH and GET_ID.
+    pub offset: u64,
+    /// Guest buffers, in order; each lies inside guest memory.
     pub segments: Vec<(GuestAddress, u32)>,
+    /// The sum of the segments' lengths, at most [`MAX_REQUEST_BYTES`].
     pub data_len: u64,
     pub status_addr: GuestAddress,
 }
@@ -69,11 +87,40 @@ pub struct Refused {
 }
 
 fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
-    if mem.check_range(addr, len as usize) {
+    let fits = usize::try_from(len).is_ok_and(|n| mem.check_range(addr, n));
+    if fits {
         Ok(())
     } else {
         Err(RequestError::OutOfGuestMemory { addr: addr.0, len })
     }
+}
+
+/// `total + len` if that is at most [`MAX_REQUEST_BYTES`]; otherwise the error, carrying the
+/// sum saturated at `u64::MAX`.
+fn add_data_len(total: u64, len: u32) -> Result<u64, RequestError> {
+    match total.checked_add(u64::from(len)) {
+        Some(sum) if sum <= MAX_REQUEST_BYTES => Ok(sum),
+        Some(sum) => Err(RequestError::TooLarge(sum)),
+        None => Err(RequestError::TooLarge(u64::MAX)),
+    }
+}
+
+/// The byte range `[offset, offset + len)` of `len / SECTOR_SIZE` sectors from `sector`, if
+/// it starts on the disk and ends at or before its end; every step checked.
+fn disk_offset(sector: u64, len: u64, capacity_sectors: u64) -> Result<u64, RequestError> {
+    let sectors = len / SECTOR_SIZE;
+    let out_of_range = RequestError::OutOfRange {
+        sector,
+        len: sectors,
+    };
+    if sector >= capacity_sectors {
+        return Err(out_of_range);
+    }
+    match sector.checked_add(sectors) {
+        Some(end) if end <= capacity_sectors => {}
+        _ => return Err(out_of_range),
+    }
+    sector.checked_mul(SECTOR_SIZE).ok_or(out_of_range)
 }
 
 impl BlockRequest {
@@ -88,24 +135,23 @@ impl BlockRequest {
         M::Target: vm_memory::GuestMemory,
     {
         // virtio-queue's iterator already stops at loops and at the queue size; bound it too.
-        let descs: Vec<_> = chain.take(MAX_DESCRIPTORS + 1).collect();
-        if descs.is_empty() {
+        let descs: Vec<_> = chain.take(MAX_DESCRIPTORS.saturating_add(1)).collect();
+        let Some((last, rest)) = descs.split_last() else {
             return Err(Refused {
                 error: RequestError::EmptyChain,
                 status_addr: None,
             });
-        }
+        };
         // The iterator stops at the queue size: a last descriptor that still points onward
         // means the chain loops or is longer than the queue. Nothing in it can be trusted.
-        if descs.len() > MAX_DESCRIPTORS || descs[descs.len() - 1].has_next() {
+        if descs.len() > MAX_DESCRIPTORS || last.has_next() {
             return Err(Refused {
                 error: RequestError::ChainTooLong,
                 status_addr: None,
             });
         }
         // The status byte is the last descriptor: find out first whether we can answer.
-        let last = descs[descs.len() - 1];
-        let status_addr = if descs.len() >= 2
+        let status_addr = if !rest.is_empty()
             && last.is_write_only()
             && last.len() >= 1
             && mem.check_range(last.addr(), 1)
@@ -115,22 +161,20 @@ impl BlockRequest {
             None
         };
         let refuse = |error| Refused { error, status_addr };
-        let Some(status) = status_addr else {
+        let (Some(status), Some((head, data))) = (status_addr, rest.split_first()) else {
             return Err(refuse(RequestError::BadStatus));
         };
 
-        let head = descs[0];
-        if head.is_write_only() || head.len() < 16 {
+        if head.is_write_only() || head.len() < HEADER_BYTES {
             return Err(refuse(RequestError::BadHeader));
         }
-        in_memory(mem, head.addr(), 16).map_err(refuse)?;
-        let mut header = [0u8; 16];
+        in_memory(mem, head.addr(), HEADER_BYTES).map_err(refuse)?;
+        let mut header = [0u8; HEADER_BYTES as usize];
         mem.read_slice(&mut header, head.addr())
             .map_err(|_| refuse(RequestError::BadHeader))?;
-        let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-        let mut sector_bytes = [0u8; 8];
-        sector_bytes.copy_from_slice(&header[8..16]);
-        let sector = u64::from_le_bytes(sector_bytes);
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+        let req_type = u32::from_le_bytes([t0, t1, t2, t3]);
+        let guest_sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
 
         let kind = match req_type {
             VIRTIO_BLK_T_IN => BlockRequestKind::Read,
@@ -141,50 +185,63 @@ impl BlockRequest {
         };
         let device_writes = matches!(kind, BlockRequestKind::Read | BlockRequestKind::GetId);
 
-        let mut segments = Vec::with_capacity(descs.len() - 2);
+        // Directions and the total length first (no guest memory touched), then each
+        // buffer's place in guest memory.
         let mut data_len: u64 = 0;
-        for d in &descs[1..descs.len() - 1] {
+        for d in data {
             if d.is_write_only() != device_writes {
                 return Err(refuse(RequestError::WrongDirection));
             }
+            data_len = add_data_len(data_len, d.len()).map_err(refuse)?;
+        }
+        let mut segments = Vec::with_capacity(data.len());
+        for d in data {
             in_memory(mem, d.addr(), d.len()).map_err(refuse)?;
-            data_len += u64::from(d.len());
-            if data_len > MAX_REQUEST_BYTES {
-                return Err(refuse(RequestError::TooLarge(data_len)));
-            }
             segments.push((d.addr(), d.len()));
         }
-        match kind {
+
+        let (sector, offset) = match kind {
             BlockRequestKind::Read | BlockRequestKind::Write => {
                 if !data_len.is_multiple_of(SECTOR_SIZE) {
                     return Err(refuse(RequestError::Unaligned(data_len)));
                 }
-                let sectors = data_len / SECTOR_SIZE;
-                if sector
-                    .checked_add(sectors)
-                    .is_none_or(|end| end > capacity_sectors)
-                {
-                    return Err(refuse(RequestError::OutOfRange {
-                        sector,
-                        len: sectors,
-                    }));
-                }
+                let offset =
+                    disk_offset(guest_sector, data_len, capacity_sectors).map_err(refuse)?;
+                (guest_sector, offset)
             }
             BlockRequestKind::GetId => {
                 // The id goes into the first buffer only.
                 if segments.first().is_none_or(|s| s.1 < ID_BYTES) {
                     return Err(refuse(RequestError::ShortIdBuffer));
                 }
+                // The sector field is reserved: never used, never in arithmetic.
+                (0, 0)
             }
-            BlockRequestKind::Flush => {}
-        }
+            BlockRequestKind::Flush => (0, 0),
+        };
         Ok(BlockRequest {
             kind,
             sector,
+            offset,
             segments,
             data_len,
             status_addr: status,
         })
+    }
+
+    /// The length to put in the used ring once the request finished with `status` and its
+    /// status byte was written: the bytes the device wrote into the guest's buffers, status
+    /// byte included (a read's data, GET_ID's serial, nothing for the others or on failure).
+    pub fn used_len(&self, status: RequestStatus) -> u32 {
+        let data = match (status, self.kind) {
+            (RequestStatus::Ok, BlockRequestKind::Read) => {
+                // At most MAX_REQUEST_BYTES, checked by `parse`; never claim more than that.
+                u32::try_from(self.data_len).unwrap_or(0)
+            }
+            (RequestStatus::Ok, BlockRequestKind::GetId) => ID_BYTES,
+            _ => 0,
+        };
+        data.saturating_add(1)
     }
 }
 
@@ -213,6 +270,15 @@ mod tests {
 
     /// Builds a chain of `descs` (addr, len, flags, next) whose header says `hdr`, and parses it.
     fn parse(descs: &[(u64, u32, u16, u16)], hdr: [u8; 16]) -> Result<BlockRequest, Refused> {
+        parse_on(descs, hdr, CAPACITY)
+    }
+
+    /// As `parse`, for a disk of `capacity` sectors.
+    fn parse_on(
+        descs: &[(u64, u32, u16, u16)],
+        hdr: [u8; 16],
+        capacity: u64,
+    ) -> Result<BlockRequest, Refused> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
         let mq = MockSplitQueue::new(&mem, 16);
@@ -226,7 +292,7 @@ mod tests {
         mq.avail().idx().store(1);
         let mut q: Queue = mq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(&mem).expect("a chain is available");
-        BlockRequest::parse(chain, &mem, CAPACITY)
+        BlockRequest::parse(chain, &mem, capacity)
     }
 
     fn refused(descs: &[(u64, u32, u16, u16)], hdr: [u8; 16]) -> RequestError {
@@ -248,7 +314,7 @@ mod tests {
     fn a_valid_read_parses() {
         let r = parse(&three(4096, WRITE), header(0, 8)).unwrap();
         assert_eq!(r.kind, BlockRequestKind::Read);
-        assert_eq!((r.sector, r.data_len), (8, 4096));
+        assert_eq!((r.sector, r.offset, r.data_len), (8, 8 * 512, 4096));
         assert_eq!(r.segments, vec![(GuestAddress(DATA), 4096)]);
         assert_eq!(r.status_addr, GuestAddress(STATUS));
     }
@@ -351,5 +417,206 @@ mod tests {
             refused(&far, read),
             RequestError::OutOfGuestMemory { .. }
         ));
+    }
+
+    /// header -> data buffers of `lens` (all with `data_flags`) -> status.
+    fn chain_of(lens: &[u32], data_flags: u16) -> Vec<(u64, u32, u16, u16)> {
+        let mut d = vec![(HDR, 16, NEXT, 1)];
+        for (i, &len) in lens.iter().enumerate() {
+            let i = i as u16;
+            d.push((DATA + u64::from(i) * 0x1000, len, data_flags | NEXT, i + 2));
+        }
+        d.push((STATUS, 1, WRITE, 0));
+        d
+    }
+
+    /// Sector values that overflow `sector * 512` (or come close).
+    const WILD_SECTORS: [u64; 5] = [
+        u64::MAX,
+        u64::MAX / SECTOR_SIZE + 1,
+        u64::MAX / SECTOR_SIZE,
+        1 << 55,
+        CAPACITY,
+    ];
+
+    #[test]
+    fn flush_and_get_id_ignore_the_reserved_sector() {
+        let flush = [(HDR, 16, NEXT, 1), (STATUS, 1, WRITE, 0)];
+        for sector in WILD_SECTORS {
+            let r = parse(&flush, header(VIRTIO_BLK_T_FLUSH, sector)).unwrap();
+            assert_eq!(r.kind, BlockRequestKind::Flush);
+            assert_eq!((r.sector, r.offset, r.data_len), (0, 0, 0), "{sector:#x}");
+
+            let r = parse(&three(ID_BYTES, WRITE), header(VIRTIO_BLK_T_GET_ID, sector)).unwrap();
+            assert_eq!(r.kind, BlockRequestKind::GetId);
+            assert_eq!((r.sector, r.offset), (0, 0), "{sector:#x}");
+            assert_eq!(r.segments, vec![(GuestAddress(DATA), ID_BYTES)]);
+        }
+        // A flush with a data buffer still parses; the buffer is never used as disk space.
+        let r = parse(&three(4096, 0), header(VIRTIO_BLK_T_FLUSH, u64::MAX)).unwrap();
+        assert_eq!((r.sector, r.offset), (0, 0));
+    }
+
+    #[test]
+    fn wild_sectors_on_reads_and_writes_are_refused_not_wrapped() {
+        for sector in WILD_SECTORS {
+            for (t, flags) in [(VIRTIO_BLK_T_IN, WRITE), (VIRTIO_BLK_T_OUT, 0)] {
+                assert!(matches!(
+                    refused(&three(512, flags), header(t, sector)),
+                    RequestError::OutOfRange { .. }
+                ));
+            }
+        }
+        // A capacity no real disk has, so that `sector * 512` is the check that fails.
+        for sector in [u64::MAX / SECTOR_SIZE + 1, u64::MAX - 1] {
+            let e = parse_on(
+                &three(512, WRITE),
+                header(VIRTIO_BLK_T_IN, sector),
+                u64::MAX,
+            )
+            .unwrap_err();
+            assert!(matches!(e.error, RequestError::OutOfRange { .. }), "{e:?}");
+            assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+        }
+    }
+
+    #[test]
+    fn the_last_sector_is_served_and_the_one_past_it_refused() {
+        for (t, flags) in [(VIRTIO_BLK_T_IN, WRITE), (VIRTIO_BLK_T_OUT, 0)] {
+            let r = parse(&three(512, flags), header(t, CAPACITY - 1)).unwrap();
+            assert_eq!((r.sector, r.offset), (CAPACITY - 1, (CAPACITY - 1) * 512));
+            assert_eq!(r.offset + r.data_len, CAPACITY * SECTOR_SIZE);
+            // The last two sectors, as two buffers.
+            let r = parse(&chain_of(&[512, 512], flags), header(t, CAPACITY - 2)).unwrap();
+            assert_eq!(r.offset + r.data_len, CAPACITY * SECTOR_SIZE);
+
+            for (len, sector) in [(512, CAPACITY), (1024, CAPACITY - 1), (512, CAPACITY + 1)] {
+                assert_eq!(
+                    refused(&three(len, flags), header(t, sector)),
+                    RequestError::OutOfRange {
+                        sector,
+                        len: u64::from(len) / 512
+                    }
+                );
+            }
+            // No data at all: served inside the disk, refused at its end.
+            let empty = [(HDR, 16, NEXT, 1), (STATUS, 1, WRITE, 0)];
+            let r = parse(&empty, header(t, CAPACITY - 1)).unwrap();
+            assert_eq!((r.offset, r.data_len), ((CAPACITY - 1) * 512, 0));
+            assert!(matches!(
+                refused(&empty, header(t, CAPACITY)),
+                RequestError::OutOfRange { .. }
+            ));
+        }
+        // The largest disk whose size in bytes fits a u64: its last sector still works.
+        let capacity = u64::MAX / SECTOR_SIZE;
+        let r = parse_on(
+            &three(512, WRITE),
+            header(VIRTIO_BLK_T_IN, capacity - 1),
+            capacity,
+        )
+        .unwrap();
+        assert_eq!(r.offset, (capacity - 1) * SECTOR_SIZE);
+        assert!(r.offset.checked_add(r.data_len).is_some());
+    }
+
+    #[test]
+    fn segment_lengths_past_the_limit_u32_or_u64_are_refused() {
+        let read = header(VIRTIO_BLK_T_IN, 0);
+        let half = (MAX_REQUEST_BYTES / 2) as u32;
+        // Exactly the limit is fine as far as length goes (the buffers lie outside the 1 MiB
+        // of test memory, so it fails there, after the length check).
+        assert!(matches!(
+            refused(&chain_of(&[half, half], WRITE), read),
+            RequestError::OutOfGuestMemory { .. }
+        ));
+        // One sector more is too large, whatever the buffers' addresses.
+        assert_eq!(
+            refused(&chain_of(&[half, half, 512], WRITE), read),
+            RequestError::TooLarge(MAX_REQUEST_BYTES + 512)
+        );
+        // Lengths that add up to nearly u32::MAX: refused by our sum.
+        assert_eq!(
+            refused(&chain_of(&[0x7fff_0000, 0x7fff_0000], WRITE), read),
+            RequestError::TooLarge(0x7fff_0000)
+        );
+        // Past u32::MAX (the header's and status's 17 bytes included), virtio-queue's
+        // iterator stops the chain early, so it ends in a descriptor that points onward: a
+        // broken chain, refused with no status byte to trust.
+        for lens in [
+            vec![0x8000_0000, 0x8000_0000],
+            vec![512, u32::MAX],
+            vec![u32::MAX; 14],
+        ] {
+            let e = parse(&chain_of(&lens, WRITE), read).unwrap_err();
+            assert_eq!((e.error, e.status_addr), (RequestError::ChainTooLong, None));
+        }
+        // A write too, and GET_ID.
+        assert!(matches!(
+            refused(
+                &chain_of(&[half, half, 512], 0),
+                header(VIRTIO_BLK_T_OUT, 0)
+            ),
+            RequestError::TooLarge(_)
+        ));
+        assert!(matches!(
+            refused(
+                &chain_of(&[ID_BYTES, 0x7fff_0000], WRITE),
+                header(VIRTIO_BLK_T_GET_ID, 0)
+            ),
+            RequestError::TooLarge(_)
+        ));
+        // The sum itself is checked: past u64 it is refused, saturated, never wrapped.
+        assert_eq!(
+            add_data_len(u64::MAX - 1, 2),
+            Err(RequestError::TooLarge(u64::MAX))
+        );
+        assert_eq!(
+            add_data_len(u64::MAX, u32::MAX),
+            Err(RequestError::TooLarge(u64::MAX))
+        );
+        assert_eq!(
+            add_data_len(MAX_REQUEST_BYTES - 512, 512),
+            Ok(MAX_REQUEST_BYTES)
+        );
+    }
+
+    #[test]
+    fn buffers_wrapping_the_address_space_are_refused() {
+        let mut d = three(4096, WRITE);
+        d[1].0 = u64::MAX - 511;
+        assert!(matches!(
+            refused(&d, header(VIRTIO_BLK_T_IN, 0)),
+            RequestError::OutOfGuestMemory { .. }
+        ));
+        let e = parse(&[(HDR, 16, NEXT, 1), (u64::MAX, 1, WRITE, 0)], header(0, 0)).unwrap_err();
+        assert_eq!((e.error, e.status_addr), (RequestError::BadStatus, None));
+        let e = parse(
+            &[(u64::MAX - 7, 16, NEXT, 1), (STATUS, 1, WRITE, 0)],
+            header(0, 0),
+        )
+        .unwrap_err();
+        assert!(matches!(e.error, RequestError::OutOfGuestMemory { .. }));
+    }
+
+    #[test]
+    fn used_len_counts_what_the_device_wrote() {
+        let read = parse(&three(4096, WRITE), header(VIRTIO_BLK_T_IN, 0)).unwrap();
+        assert_eq!(read.used_len(RequestStatus::Ok), 4097);
+        assert_eq!(read.used_len(RequestStatus::IoError), 1);
+        let write = parse(&three(4096, 0), header(VIRTIO_BLK_T_OUT, 0)).unwrap();
+        assert_eq!(write.used_len(RequestStatus::Ok), 1);
+        let id = parse(&three(512, WRITE), header(VIRTIO_BLK_T_GET_ID, 0)).unwrap();
+        assert_eq!(id.used_len(RequestStatus::Ok), ID_BYTES + 1);
+        assert_eq!(id.used_len(RequestStatus::Unsupported), 1);
+        // The largest read still fits the used ring's u32.
+        let big = BlockRequest {
+            data_len: MAX_REQUEST_BYTES,
+            ..read
+        };
+        assert_eq!(
+            big.used_len(RequestStatus::Ok),
+            MAX_REQUEST_BYTES as u32 + 1
+        );
     }
 }
