@@ -8,7 +8,9 @@
 //! flush passes, when the instance is disabled, and at shutdown. Disabled, the instance writes
 //! back what is dirty, drops the cache and passes everything through.
 //!
-//! Config: `size_mib` (default 64), `write_back` (default false).
+//! Config: `size_mib` (default 64, at most [`MAX_SIZE_MIB`] and what the host has available),
+//! `write_back` (default false). Memory is taken as blocks are cached, never all up front,
+//! and each block's with a fallible allocation: a host out of memory fails that request.
 
 use interceptor_sdk::{
     abi, block_pieces, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower,
@@ -20,6 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 
 const BLOCK: u64 = 4096;
+/// The largest cache an instance may have: 1 TiB.
+pub const MAX_SIZE_MIB: u64 = 1 << 20;
+/// What a cached block costs beyond its data, at most (its list node, its slot in the map,
+/// the allocator's rounding): counted when the size is checked against the host's memory.
+const BLOCK_OVERHEAD: u64 = 128;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +39,48 @@ struct Config {
 
 fn default_size() -> u64 {
     64
+}
+
+/// The number of blocks a cache of `size_mib` holds, if the size is allowed: at least 1 MiB,
+/// at most [`MAX_SIZE_MIB`], and (with its overhead) within `available_mib`, the host's
+/// available memory when it is known. Each refusal names the field and the bound.
+fn size_blocks(size_mib: u64, available_mib: Option<u64>) -> Res<NonZeroUsize> {
+    let field = format!("size_mib = {size_mib}");
+    if size_mib == 0 {
+        return Err(format!("{field}: must be at least 1"));
+    }
+    // The data and, per block, its overhead; saturated, it is over any host's memory.
+    let needed_mib = size_mib
+        .checked_mul(BLOCK + BLOCK_OVERHEAD)
+        .map_or(u64::MAX, |b| b.div_ceil(BLOCK));
+    if let Some(available) = available_mib {
+        if needed_mib > available {
+            return Err(format!(
+                "{field}: more than the host's available memory ({available} MiB; the cache \
+                 takes {needed_mib} MiB with its index)"
+            ));
+        }
+    }
+    if size_mib > MAX_SIZE_MIB {
+        return Err(format!(
+            "{field}: more than the largest cache allowed ({MAX_SIZE_MIB} MiB)"
+        ));
+    }
+    // No overflow: size_mib <= 2^20.
+    usize::try_from((size_mib << 20) / BLOCK)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| format!("{field}: too large for this host"))
+}
+
+/// The host's available memory (`MemAvailable`), in MiB; None when it cannot be read.
+fn host_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
 }
 
 struct Cached {
@@ -209,9 +258,14 @@ impl Cache {
         Ok(())
     }
 
-    /// A copy of the block-sized piece of the request's data at `at`.
+    /// A copy of the block-sized piece of the request's data at `at`. The memory is taken
+    /// fallibly: a host out of memory fails the request instead of aborting the VMM.
     fn copy_block(req: &Request<'_>, at: u64) -> Res<Box<[u8]>> {
-        let mut data = vec![0u8; BLOCK as usize].into_boxed_slice();
+        let mut data = Vec::new();
+        data.try_reserve_exact(BLOCK as usize)
+            .map_err(|_| "out of memory for a cached block".to_string())?;
+        data.resize(BLOCK as usize, 0u8);
+        let mut data = data.into_boxed_slice();
         req.read_data(at, &mut data).map_err(|e| format!("{e:?}"))?;
         Ok(data)
     }
@@ -230,15 +284,15 @@ impl Interceptor for Cache {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
-        let blocks = usize::try_from(cfg.size_mib.saturating_mul(1 << 20) / BLOCK)
-            .ok()
-            .and_then(NonZeroUsize::new)
-            .ok_or("config: size_mib must be at least 1")?;
+        let blocks =
+            size_blocks(cfg.size_mib, host_available_mib()).map_err(|e| format!("config: {e}"))?;
         Ok(Cache {
             lower: ctx.lower,
             write_back: cfg.write_back,
             blocks: blocks.get(),
-            lru: Mutex::new(LruCache::new(blocks)),
+            // Unbounded: the map grows as blocks are cached (`make_room` keeps it to
+            // `blocks`), so no memory for the whole size is taken up front.
+            lru: Mutex::new(LruCache::unbounded()),
             stats: Stats::default(),
         })
     }
@@ -325,3 +379,6 @@ impl Drop for Cache {
 }
 
 export_interceptor!(Cache);
+
+#[cfg(test)]
+mod tests;
