@@ -34,6 +34,43 @@ use tree::Tree;
 const MAX_DIRTY_LEAVES: usize = 16_384;
 /// Bytes a cached tree node takes in memory, at most (an inner node; a leaf takes less).
 const NODE_MEMORY: u64 = 2560;
+/// The largest metadata cache: 64 GiB.
+pub const MAX_CACHE_MIB: u64 = 1 << 16;
+
+/// The number of tree nodes a metadata cache of `cache_mib` holds: 0 is taken as the
+/// smallest cache (1 MiB); more than [`MAX_CACHE_MIB`], or more than `available_mib` (the
+/// host's available memory, when known) with the cache's index, is refused naming the field.
+fn cache_nodes(cache_mib: u64, available_mib: Option<u64>) -> Res<usize> {
+    let mib = cache_mib.max(1);
+    let field = format!("config: cache_mib = {cache_mib}");
+    // The index is taken up front: about 32 bytes a node, 1/80 of the nodes' memory.
+    let needed_mib = mib.saturating_add(mib.div_ceil(64));
+    if let Some(available) = available_mib {
+        if needed_mib > available {
+            return Err(format!(
+                "{field}: more than the host's available memory ({available} MiB; the cache \
+                 takes {needed_mib} MiB with its index)"
+            ));
+        }
+    }
+    if mib > MAX_CACHE_MIB {
+        return Err(format!(
+            "{field}: more than the largest metadata cache allowed ({MAX_CACHE_MIB} MiB)"
+        ));
+    }
+    // No overflow: mib <= 2^16.
+    usize::try_from((mib << 20) / NODE_MEMORY).map_err(|_| format!("{field}: too large"))
+}
+
+/// The host's available memory (`MemAvailable`), in MiB; None when it cannot be read.
+fn host_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,8 +198,8 @@ impl Encrypt {
         }
         let meta_key = seal::meta_key(&key.0, &header.disk_id);
         let sealer = Sealer::new(&key.0, header.disk_id, seal::random16()?);
-        let cache_nodes = (cfg.cache_mib.clamp(1, 1 << 16) << 20) / NODE_MEMORY;
-        let tree = Tree::new(geo.clone(), meta_key, header, copy, cache_nodes as usize);
+        let nodes = cache_nodes(cfg.cache_mib, None)?;
+        let tree = Tree::new(geo.clone(), meta_key, header, copy, nodes);
         Ok(Encrypt {
             lower,
             geo,
@@ -383,6 +420,7 @@ impl Interceptor for Encrypt {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
+        cache_nodes(cfg.cache_mib, host_available_mib())?;
         let key = key::read_key_file(&cfg.key_file)?;
         Encrypt::open_disk(ctx.lower, &key, &cfg)
     }
@@ -464,3 +502,82 @@ impl Drop for Encrypt {
 }
 
 export_interceptor!(Encrypt);
+
+#[cfg(test)]
+mod config_bounds {
+    use super::*;
+
+    #[test]
+    fn cache_mib_is_bounded_by_the_hard_maximum_and_the_hosts_memory() {
+        assert_eq!(cache_nodes(0, Some(64)), cache_nodes(1, Some(64)));
+        assert_eq!(cache_nodes(16, None).unwrap(), (16 << 20) / 2560);
+        assert!(cache_nodes(MAX_CACHE_MIB, None).is_ok());
+        let e = cache_nodes(MAX_CACHE_MIB + 1, None).unwrap_err();
+        assert!(
+            e.starts_with("config: cache_mib = 65537: more than the largest metadata cache"),
+            "{e}"
+        );
+        let e = cache_nodes(99_999_999, Some(4096)).unwrap_err();
+        assert!(
+            e.starts_with(
+                "config: cache_mib = 99999999: more than the host's available memory (4096 MiB"
+            ),
+            "{e}"
+        );
+        let e = cache_nodes(u64::MAX, Some(4096)).unwrap_err();
+        assert!(e.contains("host's available memory"), "{e}");
+        assert!(cache_nodes(4096, Some(4096)).is_err(), "its index too");
+        assert!(cache_nodes(4000, Some(4096)).is_ok());
+    }
+
+    struct Zeros;
+
+    impl compat::BlockDriver for Zeros {
+        fn capacity(&self) -> u64 {
+            1 << 20
+        }
+
+        unsafe fn execute(&self, _: &compat::IoRequest<'_>) -> compat::RequestStatus {
+            compat::RequestStatus::Ok
+        }
+    }
+
+    /// Refused at create (from the config or an API client), naming the field, before the
+    /// key file is read or the disk touched; it used to be clamped silently.
+    #[test]
+    fn a_cache_over_the_hosts_memory_is_refused_at_create() {
+        let create = |cache_mib: u64| {
+            let spec = compat::InstanceSpec {
+                id: "enc".into(),
+                plugin: compat::Plugin::from_static(
+                    "encrypt",
+                    interceptor_sdk::static_table!(Encrypt),
+                )
+                .unwrap(),
+                config_json: serde_json::json!({
+                    "key_file": "/nonexistent/key",
+                    "cache_mib": cache_mib,
+                })
+                .to_string(),
+                enabled: true,
+            };
+            compat::BlockStack::build("d", std::sync::Arc::new(Zeros), &[spec])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = create(99_999_999);
+        assert!(e.contains("cache_mib = 99999999: more than"), "{e}");
+        let available = host_available_mib().expect("MemAvailable in /proc/meminfo");
+        let over = available + 1;
+        let e = create(over);
+        assert!(
+            e.contains(&format!(
+                "cache_mib = {over}: more than the host's available memory"
+            )),
+            "{e}"
+        );
+        // Within the bounds, the next check is the key file's.
+        assert!(create(16).contains("/nonexistent/key"));
+    }
+}
