@@ -56,7 +56,22 @@ pub fn exchange(socket: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(bytes)?;
+    match s.write_all(bytes) {
+        Ok(()) => {}
+        // A server that answered before reading (503 over the connection cap) and closed:
+        // its answer may be waiting to be read.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            return if out.is_empty() { Err(e) } else { Ok(out) };
+        }
+        Err(e) => return Err(e),
+    }
     let mut out = Vec::new();
     match s.read_to_end(&mut out) {
         Ok(_) => Ok(out),

@@ -19,6 +19,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("the body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the body did not arrive within {} ms of the request head", .0.as_millis())]
+    Timeout(std::time::Duration),
     #[error("{0}")]
     Internal(String),
 }
@@ -31,6 +33,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

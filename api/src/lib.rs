@@ -5,12 +5,15 @@
 //!
 //! The server runs on its own thread (a single-threaded tokio runtime); chain edits, which
 //! may wait for a plugin's `create` or for requests in flight, run on its blocking pool.
+//! What it does to clients that hold connections, send slowly or too much is in `server.rs`
+//! ([`Limits`]).
 
 mod body;
 pub mod client;
 mod error;
 mod metrics;
 mod routes;
+mod server;
 mod socket;
 mod views;
 
@@ -24,6 +27,34 @@ use std::time::Duration;
 
 /// Largest request body accepted (413 beyond it).
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the server allows each client (see `server.rs` for what a client sees past them).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request head (request line and headers) must be complete this long after the
+    /// connection opened or after its first byte arrived; else the connection is closed.
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body must be complete this long after its head (408 otherwise).
+    pub body_timeout: Duration,
+    /// The pause after `accept()` fails for want of descriptors or memory.
+    pub accept_backoff: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(5),
+            accept_backoff: Duration::from_millis(100),
+        }
+    }
+}
 
 /// What `GET /vm` reports.
 #[derive(Clone, Debug)]
@@ -56,6 +87,8 @@ pub struct ApiState {
     registry: Arc<PluginRegistry>,
     /// Serializes loads and removals across devices (an id is unique VM-wide).
     edits: Mutex<()>,
+    /// How long a request body may take to arrive ([`Limits::body_timeout`]).
+    body_timeout: Duration,
 }
 
 impl ApiState {
@@ -65,6 +98,7 @@ impl ApiState {
             disks,
             registry,
             edits: Mutex::new(()),
+            body_timeout: Limits::default().body_timeout,
         }
     }
 }
@@ -86,33 +120,22 @@ impl Server {
 }
 
 /// Binds `path` (mode 0600; a stale socket file is replaced, a live one refused) and serves
-/// the API on a thread of its own.
+/// the API on a thread of its own, with the default [`Limits`].
 pub fn serve(path: &Path, state: ApiState) -> Result<Server, SocketError> {
+    serve_with(path, state, Limits::default())
+}
+
+/// [`serve`] with other limits (the tests use short timeouts and small caps).
+pub fn serve_with(path: &Path, state: ApiState, limits: Limits) -> Result<Server, SocketError> {
     let listener = socket::bind(path)?;
-    let app = routes::router(Arc::new(state));
     let shown = path.display().to_string();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .max_blocking_threads(2)
-        .thread_name("api-edit")
-        .build()
-        .map_err(|e| SocketError::Io(shown.clone(), e))?;
+    let runtime = server::build_runtime().map_err(|e| SocketError::Io(shown.clone(), e))?;
+    let mut state = state;
+    state.body_timeout = limits.body_timeout;
+    let app = routes::router(Arc::new(state));
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::UnixListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!("api socket {shown}: {e}; the API is not served");
-                        return;
-                    }
-                };
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!("api socket {shown}: {e}; the API stopped");
-                }
-            })
-        })
+        .spawn(move || server::run(runtime, listener, app, limits, shown))
         .map_err(|e| SocketError::Io(path.display().to_string(), e))?;
     Ok(Server {
         path: path.to_path_buf(),

@@ -89,7 +89,7 @@ struct Action {
 
 async fn actions(State(s): Shared, method: Method, body: Body) -> Answer {
     only(&method, "/actions", "PUT")?;
-    let action: Action = body::json(body).await?;
+    let action: Action = body::json(body, s.body_timeout).await?;
     match action.action_type.as_str() {
         "Shutdown" => {
             s.vm.shutdown().map_err(ApiError::Conflict)?;
@@ -165,7 +165,7 @@ async fn interceptor(
             .map(|v| ok_json(&v))
             .ok_or_else(unknown),
         Method::PATCH => {
-            let toggle: Toggle = body::json(body).await?;
+            let toggle: Toggle = body::json(body, s.body_timeout).await?;
             let found = views::instances(&s, &id);
             if found.is_empty() {
                 return Err(unknown());
@@ -177,7 +177,7 @@ async fn interceptor(
             Ok(no_content())
         }
         Method::PUT => {
-            let load: Load = body::json(body).await?;
+            let load: Load = body::json(body, s.body_timeout).await?;
             edit(s, move |s| load_instance(s, id, load)).await
         }
         _ => edit(s, move |s| remove_instance(s, &id)).await,
