@@ -6,7 +6,7 @@ mod common;
 
 use common::openapi::Spec;
 use common::out_file;
-use compat::{BlockRequestKind, BlockStack, InstanceSpec, LiveStack, PluginRegistry, Segment};
+use compat::{BlockRequestKind, InstanceSpec, LiveStack, PluginRegistry, Segment};
 use devices::virtio::block::RawFile;
 use serde_json::{json, Value};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -67,7 +67,7 @@ fn stack_over(path: &Path, id: &str, chain: &[InstanceSpec]) -> Arc<LiveStack> {
         .open(path)
         .unwrap();
     let raw = Arc::new(RawFile::new(file, false, id).unwrap());
-    Arc::new(LiveStack::new(BlockStack::build(id, raw, chain).unwrap()))
+    Arc::new(LiveStack::start(id, raw, chain, None).unwrap())
 }
 
 /// vda: encrypt (from "boot"); vdb: a write-back cache over nothing (images `name`-a.img
