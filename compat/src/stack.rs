@@ -27,6 +27,9 @@ pub struct StackCounters {
     pub errors: AtomicU64,
     /// Requests an interceptor satisfied without the driver.
     pub completed_without_driver: AtomicU64,
+    /// Requests the device refused before the stack (malformed by the guest), and queues
+    /// the guest broke.
+    pub refused: AtomicU64,
 }
 
 /// Why a stack could not be built, and which instance (by id) refused.

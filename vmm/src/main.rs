@@ -38,6 +38,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Before any thread starts, so every thread inherits the blocked mask.
+    let signals = match vm::StopSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let file = cli.config.display().to_string();
     let limits = HostLimits {
         max_vcpus: host_max_vcpus(),
@@ -51,7 +59,7 @@ fn main() -> ExitCode {
         }
     };
     let registry = std::sync::Arc::new(compat::PluginRegistry::new());
-    let disks = match storage::open_disks(&cfg, &file, &registry) {
+    let disks = match storage::open_disks(&cfg, &file, &registry, None) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -72,15 +80,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outcome = vm::run(&cfg, &disks, &exit);
-    // Shutdown: whatever a plugin holds (a write-back cache's dirty blocks) reaches the disk.
+    let outcome = vm::run(&cfg, &disks, &exit, &signals);
+    // Orderly shutdown (the vCPUs have stopped): each disk serves what the guest queued,
+    // then its chain is flushed (a write-back cache writes back, encrypt commits) and its
+    // instances are destroyed, all on the disk's I/O thread.
     for d in &disks {
-        if d.stack.flush() != compat::RequestStatus::Ok {
+        let drained = d.stack.io_thread().drain().is_ok();
+        if !drained || d.stack.flush() != compat::RequestStatus::Ok {
             eprintln!("vmm: disk {}: the flush at shutdown failed", d.id);
         }
     }
     for line in storage::report(&disks) {
         eprintln!("vmm: {line}");
+    }
+    for d in &disks {
+        if d.stack.close() != compat::RequestStatus::Ok {
+            eprintln!("vmm: disk {}: closing its interceptors failed", d.id);
+        }
     }
     if let Some(api) = api {
         api.remove_socket();
@@ -88,6 +104,15 @@ fn main() -> ExitCode {
     let _ = std::io::stdout().flush();
     match outcome {
         Ok(vm::Outcome::Reset) => ExitCode::SUCCESS,
+        Ok(vm::Outcome::Signal(sig)) => {
+            let name = if sig == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            eprintln!("vmm: {name}: the guest was stopped and every disk settled");
+            ExitCode::SUCCESS
+        }
         Ok(vm::Outcome::Error) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("vmm: {e:#}");

@@ -3,7 +3,7 @@
 //! is a config error (exit 2) naming the file and the entry.
 
 use crate::config::{ConfigError, InterceptorConfig, VmConfig};
-use compat::{BlockStack, InstanceSpec, LiveStack, PluginRegistry};
+use compat::{InstanceSpec, LiveStack, PluginRegistry, ThreadStart};
 use devices::virtio::block::RawFile;
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
@@ -60,11 +60,13 @@ pub fn open_image(path: &Path, read_only: bool) -> Result<File, String> {
     }
 }
 
-/// Opens every disk of a validated config and builds its stack.
+/// Opens every disk of a validated config and builds its stack on the disk's I/O thread
+/// (which runs `on_start` first).
 pub fn open_disks(
     cfg: &VmConfig,
     file: &str,
     registry: &PluginRegistry,
+    on_start: Option<ThreadStart>,
 ) -> Result<Vec<Disk>, ConfigError> {
     let invalid = |field: String, message: String| ConfigError::Invalid {
         file: file.to_string(),
@@ -92,20 +94,22 @@ pub fn open_disks(
                 chain.push(spec.clone());
             }
         }
-        let stack = BlockStack::build(&b.id, Arc::new(opened), &chain).map_err(|e| {
-            let at = e
-                .instance
-                .as_deref()
-                .and_then(|id| specs.get(id))
-                .map_or(format!("block[{i}].interceptors"), |(n, s)| {
-                    format!("interceptor[{n}] ({})", s.id)
-                });
-            invalid(at, e.to_string())
-        })?;
+        // The chain is built on the disk's I/O thread, which calls every hook from then on.
+        let stack =
+            LiveStack::start(&b.id, Arc::new(opened), &chain, on_start.clone()).map_err(|e| {
+                let at = e
+                    .instance
+                    .as_deref()
+                    .and_then(|id| specs.get(id))
+                    .map_or(format!("block[{i}].interceptors"), |(n, s)| {
+                        format!("interceptor[{n}] ({})", s.id)
+                    });
+                invalid(at, e.to_string())
+            })?;
         disks.push(Disk {
             id: b.id.clone(),
             read_only: b.read_only,
-            stack: Arc::new(LiveStack::new(stack)),
+            stack: Arc::new(stack),
         });
     }
     Ok(disks)
@@ -200,7 +204,7 @@ mod tests {
             for b in &mut cfg.block {
                 b.path = d.0.join(&b.path);
             }
-            let e = open_disks(&cfg, "guest.toml", &PluginRegistry::new())
+            let e = open_disks(&cfg, "guest.toml", &PluginRegistry::new(), None)
                 .err()
                 .unwrap()
                 .to_string();
@@ -219,7 +223,7 @@ mod tests {
             b.path = d.0.join(&b.path);
         }
         assert_eq!(
-            open_disks(&cfg, "guest.toml", &PluginRegistry::new())
+            open_disks(&cfg, "guest.toml", &PluginRegistry::new(), None)
                 .map(|d| d.len())
                 .ok(),
             Some(2)

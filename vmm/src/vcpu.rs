@@ -14,6 +14,22 @@ pub enum VcpuEnd {
     Reset,
     /// KVM failed or the guest did something we cannot run.
     Error,
+    /// The VMM stopped it (shutdown by signal or API); it wakes nobody.
+    Stopped,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing: the
+/// interrupted KVM_RUN returns EINTR and the loop sees `stop`).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler (once, before the vCPU threads start).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 pub struct Vcpu {
@@ -26,18 +42,25 @@ pub struct Vcpu {
     pub exit: EventFd,
     /// Set before waking the main thread when this vCPU failed.
     pub failed: Arc<AtomicBool>,
+    /// Set by the main thread to stop every vCPU (then it sends the kick signal).
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Vcpu {
     pub fn run(mut self) {
-        if self.run_loop() == VcpuEnd::Error {
-            self.failed.store(true, Ordering::SeqCst);
+        match self.run_loop() {
+            VcpuEnd::Stopped => return,
+            VcpuEnd::Error => self.failed.store(true, Ordering::SeqCst),
+            VcpuEnd::Reset => {}
         }
         let _ = self.exit.write(1);
     }
 
     fn run_loop(&mut self) -> VcpuEnd {
         loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return VcpuEnd::Stopped;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {

@@ -25,6 +25,113 @@ const VIRTIO_MMIO_NOTIFY: u64 = 0x50;
 pub enum Outcome {
     Reset,
     Error,
+    /// SIGTERM or SIGINT: an orderly shutdown, as for a reset.
+    Signal(i32),
+}
+
+/// SIGTERM and SIGINT, blocked in every thread (the mask is inherited, so this runs before
+/// any thread starts) and read from a signalfd by the main thread: they become an orderly
+/// shutdown instead of killing the process with requests in flight.
+pub struct StopSignals(std::os::fd::OwnedFd);
+
+impl StopSignals {
+    pub fn block() -> Result<StopSignals> {
+        // SAFETY: plain libc calls on a local, zero-initialized sigset.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+            if fd < 0 {
+                bail!("signalfd: {}", std::io::Error::last_os_error());
+            }
+            Ok(StopSignals(std::os::fd::FromRawFd::from_raw_fd(fd)))
+        }
+    }
+
+    /// The signal that arrived (after `wait` said the fd is readable).
+    fn read(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: reads one signalfd_siginfo into a local of exactly that size.
+        unsafe {
+            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            let n = libc::read(
+                self.0.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            );
+            (n == size as isize).then_some(info.ssi_signo as i32)
+        }
+    }
+}
+
+/// Waits until `exit` is written or a stop signal arrives.
+fn wait(exit: &EventFd, signals: &StopSignals) -> Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: exit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: polls two valid fds described by a local array.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            bail!("waiting for the guest: {e}");
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Some(sig) = signals.read() {
+                return Ok(Some(sig));
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let _ = exit.read();
+            return Ok(None);
+        }
+    }
+}
+
+/// Stops every vCPU thread: sets `stop`, then kicks each out of KVM_RUN until it ended
+/// (a kick can land just before a thread enters KVM_RUN, so it repeats).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    stop.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left = threads;
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        for t in &left {
+            if !t.is_finished() {
+                // SAFETY: the thread has not been joined, so its pthread_t is valid.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vcpu::kick_signal()) };
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        left = running;
+    }
+    if !left.is_empty() {
+        tracing::error!("{} vCPU thread(s) did not stop within 5 s", left.len());
+    }
 }
 
 pub fn eventfd() -> Result<EventFd> {
@@ -101,7 +208,12 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
 
 /// Runs the guest until it resets, a vCPU fails, or something writes `exit` (the API's
 /// shutdown action).
-pub fn run(cfg: &VmConfig, disks: &[Disk], exit: &EventFd) -> Result<Outcome> {
+pub fn run(
+    cfg: &VmConfig,
+    disks: &[Disk],
+    exit: &EventFd,
+    signals: &StopSignals,
+) -> Result<Outcome> {
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.set_tss_address(TSS_ADDR as usize)
@@ -148,6 +260,8 @@ pub fn run(cfg: &VmConfig, disks: &[Disk], exit: &EventFd) -> Result<Outcome> {
     mptable::write(&mem, count)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let failed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    crate::vcpu::install_kick_handler().context("installing the vCPU kick signal")?;
     let mut vcpus = Vec::new();
     for id in 0..count {
         let fd = vm.create_vcpu(u64::from(id)).context("KVM_CREATE_VCPU")?;
@@ -165,20 +279,31 @@ pub fn run(cfg: &VmConfig, disks: &[Disk], exit: &EventFd) -> Result<Outcome> {
             mmio: mmio.clone(),
             exit: exit.try_clone()?,
             failed: failed.clone(),
+            stop: stop.clone(),
         });
     }
+    let mut threads = Vec::new();
     for v in vcpus {
         let id = v.id;
-        std::thread::Builder::new()
+        let started = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || v.run())
-            .with_context(|| format!("starting vcpu{id}"))?;
+            .with_context(|| format!("starting vcpu{id}"));
+        match started {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_vcpus(&stop, threads);
+                return Err(e);
+            }
+        }
     }
-    // The first vCPU or device to finish wakes us; the process exit stops the others.
-    exit.read().context("waiting for the guest")?;
-    Ok(if failed.load(Ordering::SeqCst) {
-        Outcome::Error
-    } else {
-        Outcome::Reset
+    // The first vCPU to end (reset or failure), the API's shutdown or a stop signal wakes
+    // us; then every vCPU stops before the disks are settled.
+    let woke = wait(exit, signals);
+    stop_vcpus(&stop, threads);
+    Ok(match woke? {
+        Some(sig) => Outcome::Signal(sig),
+        None if failed.load(Ordering::SeqCst) => Outcome::Error,
+        None => Outcome::Reset,
     })
 }

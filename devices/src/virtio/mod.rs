@@ -12,6 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// InterruptStatus bit: the device used buffers in a queue.
 pub const INTERRUPT_USED_RING: u32 = 1;
+/// InterruptStatus bit: the device's configuration (here: its status) changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
 
 /// The device's interrupt line: a status word the guest reads and acknowledges, and the
 /// irqfd that raises the GSI.
@@ -29,7 +31,16 @@ impl Interrupt {
     }
 
     pub fn signal_used_queue(&self) {
-        self.status.fetch_or(INTERRUPT_USED_RING, Ordering::SeqCst);
+        self.signal(INTERRUPT_USED_RING);
+    }
+
+    /// Tells the driver to look at the device status (DEVICE_NEEDS_RESET).
+    pub fn signal_config_change(&self) {
+        self.signal(INTERRUPT_CONFIG);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             tracing::error!("virtio: cannot raise the interrupt: {e}");
         }
@@ -68,4 +79,9 @@ pub trait VirtioDevice: Send {
         kicks: Vec<EventFd>,
         interrupt: std::sync::Arc<Interrupt>,
     ) -> Result<(), ActivateError>;
+    /// The driver wrote 0 to the status register: stop serving and drop the queues (when
+    /// this returns no request is in progress). False if the device could not be reset.
+    fn reset(&mut self) -> bool;
+    /// The device found the guest's queue broken and serves nothing until a reset.
+    fn needs_reset(&self) -> bool;
 }

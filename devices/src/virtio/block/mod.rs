@@ -5,21 +5,22 @@
 
 mod backend;
 pub mod request;
+mod worker;
 
 pub use backend::RawFile;
 pub use request::{BlockRequest, Refused, RequestError};
 
 use super::{ActivateError, Interrupt, VirtioDevice};
-use compat::{BlockRequestKind, LiveStack, RequestStatus, Segment};
+use compat::event_manager::SubscriberId;
+use compat::LiveStack;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP,
-};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use worker::Worker;
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const QUEUE_SIZE: u16 = 256;
@@ -28,10 +29,15 @@ const SEG_MAX: u32 = 128;
 
 pub struct Block {
     id: String,
-    stack: Option<Arc<LiveStack>>,
+    stack: Arc<LiveStack>,
     capacity_sectors: u64,
     read_only: bool,
     queue_sizes: [u16; 1],
+    /// The queue's handler on the disk's I/O thread, while the device is active.
+    serving: Option<SubscriberId>,
+    /// Set by the handler when the guest broke the queue (the transport then shows
+    /// DEVICE_NEEDS_RESET); cleared by a reset.
+    broken: Arc<AtomicBool>,
 }
 
 impl Block {
@@ -41,8 +47,10 @@ impl Block {
             id: id.to_string(),
             capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
             read_only,
-            stack: Some(stack),
+            stack,
             queue_sizes: [QUEUE_SIZE],
+            serving: None,
+            broken: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -71,7 +79,9 @@ impl VirtioDevice for Block {
         config[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         data.fill(0);
-        let start = offset as usize;
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
         if start < config.len() {
             let n = data.len().min(config.len() - start);
             data[..n].copy_from_slice(&config[start..start + n]);
@@ -86,158 +96,51 @@ impl VirtioDevice for Block {
         mut kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let stack = self
-            .stack
-            .take()
-            .ok_or_else(|| ActivateError("already activated".into()))?;
+        if self.serving.is_some() {
+            return Err(ActivateError("already activated".into()));
+        }
         let (Some(queue), Some(kick)) = (queues.pop(), kicks.pop()) else {
             return Err(ActivateError("virtio-blk needs one queue".into()));
         };
-        let mut worker = Worker {
-            id: self.id.clone(),
+        self.broken.store(false, Ordering::SeqCst);
+        let worker = Worker::new(
+            &self.id,
             mem,
             queue,
-            stack,
-            capacity_sectors: self.capacity_sectors,
+            kick,
+            self.stack.clone(),
+            self.capacity_sectors,
             interrupt,
-            failed: false,
+            self.broken.clone(),
+        );
+        let id = self
+            .stack
+            .io_thread()
+            .add(Box::new(worker))
+            .map_err(|e| ActivateError(e.to_string()))?;
+        self.serving = Some(id);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        let Some(id) = self.serving.take() else {
+            return true;
         };
-        std::thread::Builder::new()
-            .name(format!("blk-{}", self.id))
-            .spawn(move || worker.run(kick))
-            .map(|_| ())
-            .map_err(|e| ActivateError(format!("cannot start the device thread: {e}")))
-    }
-}
-
-struct Worker {
-    id: String,
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    stack: Arc<LiveStack>,
-    capacity_sectors: u64,
-    interrupt: Arc<Interrupt>,
-    /// Set when the guest broke the queue itself; the device then stops serving.
-    failed: bool,
-}
-
-fn status_byte(s: RequestStatus) -> u8 {
-    (match s {
-        RequestStatus::Ok => VIRTIO_BLK_S_OK,
-        RequestStatus::IoError => VIRTIO_BLK_S_IOERR,
-        RequestStatus::Unsupported => VIRTIO_BLK_S_UNSUPP,
-    }) as u8
-}
-
-impl Worker {
-    fn run(&mut self, kick: EventFd) {
-        // A second handle to the same (shared) regions, taken once: chains borrow it while
-        // `handle` borrows self mutably.
-        let mem = self.mem.clone();
-        loop {
-            if kick.read().is_err() {
-                tracing::error!("blk-{}: queue eventfd failed; device stops", self.id);
-                return;
+        // When this returns the handler has finished the request it was serving, if any,
+        // and serves no more: the queue goes with it.
+        match self.stack.io_thread().remove(id) {
+            Ok(_) => {
+                self.broken.store(false, Ordering::SeqCst);
+                true
             }
-            if !self.failed {
-                self.process_queue(&mem);
+            Err(e) => {
+                tracing::error!("blk-{}: cannot reset: {e}", self.id);
+                false
             }
         }
     }
 
-    /// Serves every available request, then signals the guest once if anything was used.
-    pub fn process_queue(&mut self, mem: &GuestMemoryMmap) {
-        let mut used_any = false;
-        loop {
-            if self.queue.disable_notification(&self.mem).is_err() {
-                self.fail("cannot access the used ring");
-                return;
-            }
-            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let written = self.handle(chain);
-                if self.queue.add_used(&self.mem, head, written).is_err() {
-                    self.fail("cannot write the used ring");
-                    return;
-                }
-                used_any = true;
-            }
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue, // more arrived while we were busy
-                Ok(false) => break,
-                Err(_) => {
-                    self.fail("cannot access the avail ring");
-                    return;
-                }
-            }
-        }
-        if used_any {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    fn fail(&mut self, why: &str) {
-        tracing::error!("blk-{}: {why}; device failed until reset", self.id);
-        self.failed = true;
-    }
-
-    /// Serves one chain; returns the bytes written into guest buffers (status included).
-    fn handle(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let req = match BlockRequest::parse(chain, &self.mem, self.capacity_sectors) {
-            Ok(r) => r,
-            Err(Refused { error, status_addr }) => {
-                tracing::warn!("blk-{}: refused request: {error}", self.id);
-                let status = match error {
-                    RequestError::Unsupported(_) => RequestStatus::Unsupported,
-                    _ => RequestStatus::IoError,
-                };
-                return match status_addr {
-                    Some(addr) if self.mem.write_obj(status_byte(status), addr).is_ok() => 1,
-                    _ => 0,
-                };
-            }
-        };
-        let status = self.submit(&req);
-        let written = match (status, req.kind) {
-            (RequestStatus::Ok, BlockRequestKind::Read) => req.data_len as u32,
-            (RequestStatus::Ok, BlockRequestKind::GetId) => request::ID_BYTES,
-            _ => 0,
-        };
-        if self
-            .mem
-            .write_obj(status_byte(status), req.status_addr)
-            .is_err()
-        {
-            return 0;
-        }
-        written + 1
-    }
-
-    /// Hands a validated request to the stack, with guest buffers as host segments.
-    fn submit(&self, req: &BlockRequest) -> RequestStatus {
-        let mut segments = Vec::with_capacity(req.segments.len());
-        for &(addr, len) in &req.segments {
-            // GET_ID fills exactly the serial; the rest of its buffer is left alone.
-            let len = match req.kind {
-                BlockRequestKind::GetId => request::ID_BYTES,
-                _ => len,
-            } as usize;
-            let Ok(slice) = self.mem.get_slice(addr, len) else {
-                return RequestStatus::IoError;
-            };
-            segments.push(Segment {
-                base: slice.ptr_guard_mut().as_ptr(),
-                len,
-            });
-            if req.kind == BlockRequestKind::GetId {
-                break;
-            }
-        }
-        // SAFETY: every segment was checked to lie in guest memory, which stays mapped for
-        // the VM's life; the request was checked against the capacity by `parse`.
-        unsafe {
-            self.stack
-                .submit(req.kind, req.sector * request::SECTOR_SIZE, &segments)
-        }
+    fn needs_reset(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 }
