@@ -1,14 +1,39 @@
 //! The guest's TOML config: what `vmm --config guest.toml` boots.
 //!
-//! Unknown fields are refused. Every error names the file and the field. Relative paths are
-//! taken relative to the config file's directory.
+//! Unknown fields are refused. Every error is one bounded line naming the file and the
+//! field (what the config says is echoed clipped, never whole). Relative paths are taken
+//! relative to the config file's directory. Every size and count is bounded, against the
+//! host where it takes the host's resources.
 
+use crate::layout::{CMDLINE_MAX, HIMEM_START, MAX_IRQ, MMIO_GAP_START, VIRTIO_IRQ_BASE};
 use serde::Deserialize;
 use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The smallest guest memory we accept: below it Linux cannot unpack itself.
 pub const MIN_MEMORY_MIB: u64 = 64;
+/// The most guest memory a config may ask for (1 TiB), whatever the host has.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// The most vCPUs: the MP table's APIC IDs are 8 bits, and the IOAPIC takes one.
+pub const MAX_VCPUS: u32 = 254;
+/// The most disks: one interrupt line each, from `VIRTIO_IRQ_BASE` to `MAX_IRQ`.
+pub const MAX_BLOCKS: usize = (MAX_IRQ - VIRTIO_IRQ_BASE + 1) as usize;
+/// The most `[[interceptor]]` entries: a full chain on every disk.
+pub const MAX_INTERCEPTORS: usize = MAX_BLOCKS * compat::MAX_CHAIN;
+/// The largest config file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The longest id (of a disk or an instance).
+pub const MAX_ID_LEN: usize = 64;
+/// The longest kernel command line the boot protocol takes (x86's COMMAND_LINE_SIZE, 2048
+/// with its NUL; a bzImage may say less in its header), before the VMM's own words.
+pub const MAX_CMDLINE: usize = 2047;
+/// The most one disk's announcement adds to the command line:
+/// ` virtio_mmio.device=4K@0xd0012000:23` is 36 bytes.
+pub const CMDLINE_PER_DISK: usize = 40;
+/// Where a messages's echo of the config is cut.
+const ECHO_MAX: usize = 80;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,11 +146,40 @@ pub enum ConfigError {
     },
 }
 
+/// `text` for a one-line message: control characters escaped, cut after `max` characters.
+pub fn clip(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A config string quoted for a message, clipped.
+fn quoted(text: &str) -> String {
+    format!("\"{}\"", clip(text, ECHO_MAX))
+}
+
+/// A path for a message, clipped.
+fn shown(path: &Path) -> String {
+    clip(&path.display().to_string(), 2 * ECHO_MAX)
+}
+
 impl VmConfig {
-    /// Reads and parses `path`, resolving relative paths against its directory.
+    /// Reads and parses `path`, resolving relative paths against its directory. Only a
+    /// regular file of at most [`MAX_CONFIG_BYTES`] is read, opened without blocking (a
+    /// FIFO must not hang the start, a device like /dev/zero must not be read forever).
     pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_bounded(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
@@ -135,12 +189,12 @@ impl VmConfig {
         Ok(cfg)
     }
 
-    /// Parses TOML text; `file` names it in errors.
+    /// Parses TOML text; `file` names it in errors. The error is one bounded line: the
+    /// line and column, toml's message and the start of the line it is on, clipped.
     pub fn parse(text: &str, file: &str) -> Result<VmConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
             file: file.to_string(),
-            // toml's message names the line, the column and the offending key.
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: parse_message(text, &e),
         })
     }
 
@@ -176,13 +230,11 @@ impl VmConfig {
         if m.vcpus == 0 {
             return Err(invalid("machine.vcpus", "must be at least 1".into()));
         }
-        if m.vcpus > host.max_vcpus {
+        let max_vcpus = host.max_vcpus.min(MAX_VCPUS);
+        if m.vcpus > max_vcpus {
             return Err(invalid(
                 "machine.vcpus",
-                format!(
-                    "{} is over this host's limit of {}",
-                    m.vcpus, host.max_vcpus
-                ),
+                format!("{} is over this host's limit of {max_vcpus}", m.vcpus),
             ));
         }
         if m.memory_mib < MIN_MEMORY_MIB {
@@ -203,25 +255,97 @@ impl VmConfig {
                 ),
             ));
         }
+        if m.memory_mib > MAX_MEMORY_MIB {
+            return Err(invalid(
+                "machine.memory_mib",
+                format!(
+                    "{} MiB is more than the most a guest may have ({MAX_MEMORY_MIB} MiB)",
+                    m.memory_mib
+                ),
+            ));
+        }
         require_file(&self.kernel.path).map_err(|e| invalid("kernel.path", e))?;
+        let kernel = kernel_kind(&self.kernel.path).map_err(|e| invalid("kernel.path", e))?;
+        self.validate_cmdline(&kernel)
+            .map_err(|e| invalid("kernel.cmdline", e))?;
         if let Some(initrd) = &self.kernel.initrd {
             require_file(initrd).map_err(|e| invalid("kernel.initrd", e))?;
+            check_initrd(initrd, m.memory_mib).map_err(|e| invalid("kernel.initrd", e))?;
+        }
+        if self.block.len() > MAX_BLOCKS {
+            return Err(invalid(
+                "block",
+                format!(
+                    "{} disks; a guest has at most {MAX_BLOCKS} (one interrupt line each)",
+                    self.block.len()
+                ),
+            ));
         }
         let mut ids = HashSet::new();
         for (i, b) in self.block.iter().enumerate() {
             let field = |name: &str| format!("block[{i}].{name}");
             if !valid_id(&b.id) {
-                return Err(invalid(
-                    &field("id"),
-                    format!("{:?}: use letters, digits, '-' and '_'", b.id),
-                ));
+                return Err(invalid(&field("id"), bad_id(&b.id)));
             }
             if !ids.insert(b.id.as_str()) {
-                return Err(invalid(&field("id"), format!("{:?} is used twice", b.id)));
+                return Err(invalid(
+                    &field("id"),
+                    format!("{} is used twice", quoted(&b.id)),
+                ));
             }
             require_file(&b.path).map_err(|e| invalid(&field("path"), e))?;
+            if b.interceptors.len() > compat::MAX_CHAIN {
+                return Err(invalid(
+                    &field("interceptors"),
+                    format!(
+                        "{} instances; a chain has at most {}",
+                        b.interceptors.len(),
+                        compat::MAX_CHAIN
+                    ),
+                ));
+            }
         }
         self.validate_interceptors(file)
+    }
+
+    /// The command line: printable ASCII only (the boot protocol passes bytes, the kernel
+    /// parses words; a NUL would end it early), and short enough for the kernel with the
+    /// words the VMM adds for each disk.
+    fn validate_cmdline(&self, kernel: &KernelKind) -> Result<(), String> {
+        let cmdline = &self.kernel.cmdline;
+        if let Some((at, c)) = cmdline
+            .char_indices()
+            .find(|&(_, c)| !(' '..='~').contains(&c))
+        {
+            return Err(format!(
+                "byte {at} is {}: only printable ASCII (space to '~') may appear",
+                clip(&c.escape_unicode().to_string(), 12)
+            ));
+        }
+        let limit = match kernel {
+            KernelKind::BzImage {
+                cmdline_size: Some(n),
+            } if *n > 0 => MAX_CMDLINE.min(*n),
+            _ => MAX_CMDLINE,
+        }
+        .min(CMDLINE_MAX - 1);
+        let added = self.block.len().saturating_mul(CMDLINE_PER_DISK);
+        let room = limit.saturating_sub(added);
+        if cmdline.len() > room && self.block.is_empty() {
+            return Err(format!(
+                "{} bytes is longer than the {limit} the boot protocol allows",
+                cmdline.len()
+            ));
+        }
+        if cmdline.len() > room {
+            return Err(format!(
+                "{} bytes is longer than the {room} the boot protocol leaves ({limit}, less \
+                 {CMDLINE_PER_DISK} for each of the {} disks' virtio_mmio.device= words)",
+                cmdline.len(),
+                self.block.len()
+            ));
+        }
+        Ok(())
     }
 
     /// Instance ids are unique; each chain names known instances; an instance serves one
@@ -232,18 +356,24 @@ impl VmConfig {
             field,
             message,
         };
+        if self.interceptor.len() > MAX_INTERCEPTORS {
+            return Err(invalid(
+                "interceptor".into(),
+                format!(
+                    "{} entries; at most {MAX_INTERCEPTORS} (a full chain on every disk)",
+                    self.interceptor.len()
+                ),
+            ));
+        }
         let mut ids = HashSet::new();
         for (i, ic) in self.interceptor.iter().enumerate() {
             if !valid_id(&ic.id) {
-                return Err(invalid(
-                    format!("interceptor[{i}].id"),
-                    format!("{:?}: use letters, digits, '-' and '_'", ic.id),
-                ));
+                return Err(invalid(format!("interceptor[{i}].id"), bad_id(&ic.id)));
             }
             if !ids.insert(ic.id.as_str()) {
                 return Err(invalid(
                     format!("interceptor[{i}].id"),
-                    format!("{:?} is used twice", ic.id),
+                    format!("{} is used twice", quoted(&ic.id)),
                 ));
             }
             if let Some(pin) = &ic.blake3 {
@@ -260,13 +390,18 @@ impl VmConfig {
             for (j, id) in b.interceptors.iter().enumerate() {
                 let field = format!("block[{i}].interceptors[{j}]");
                 if !ids.contains(id.as_str()) {
-                    return Err(invalid(field, format!("no [[interceptor]] has id {id:?}")));
+                    return Err(invalid(
+                        field,
+                        format!("no [[interceptor]] has id {}", quoted(id)),
+                    ));
                 }
                 if let Some(other) = used.insert(id, &b.id) {
                     return Err(invalid(
                         field,
                         format!(
-                            "{id:?} already serves block {other:?}; an instance serves one disk (add another [[interceptor]] with the same path)"
+                            "{} already serves block {}; an instance serves one disk (add another [[interceptor]] with the same path)",
+                            quoted(id),
+                            quoted(other)
                         ),
                     ));
                 }
@@ -276,24 +411,182 @@ impl VmConfig {
     }
 }
 
+/// A config file's text: a regular file, opened without blocking, at most
+/// [`MAX_CONFIG_BYTES`], UTF-8.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let too_big = || {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "larger than {} KiB, the most a config may be",
+                MAX_CONFIG_BYTES >> 10
+            ),
+        )
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows while it is read.
+    (&file).take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
+/// toml's error as one bounded line: where, what, and the start of that line of the file.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let what = clip(
+        &e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+        2 * ECHO_MAX,
+    );
+    let Some(span) = e.span() else {
+        return what;
+    };
+    let at = span.start.min(text.len());
+    let before = text.get(..at).unwrap_or("");
+    let line = before.matches('\n').count().saturating_add(1);
+    let line_start = before.rfind('\n').map_or(0, |i| i.saturating_add(1));
+    let column = text
+        .get(line_start..at)
+        .map_or(0, |s| s.chars().count())
+        .saturating_add(1);
+    let source = text
+        .get(line_start..)
+        .and_then(|s| s.lines().next())
+        .unwrap_or("")
+        .trim();
+    if source.is_empty() {
+        format!("line {line}, column {column}: {what}")
+    } else {
+        format!(
+            "line {line}, column {column}: {what} (at `{}`)",
+            clip(source, ECHO_MAX)
+        )
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
+        && id.len() <= MAX_ID_LEN
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
 }
 
+fn bad_id(id: &str) -> String {
+    format!(
+        "{}: use 1 to {MAX_ID_LEN} letters, digits, '-' and '_'",
+        quoted(id)
+    )
+}
+
 fn require_file(path: &Path) -> Result<(), String> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() || is_block_device(&m) => Ok(()),
-        Ok(_) => Err(format!("{} is not a file", path.display())),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Ok(_) => Err(format!("{} is not a file", shown(path))),
+        Err(e) => Err(format!("{}: {e}", shown(path))),
     }
 }
 
 fn is_block_device(m: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     m.file_type().is_block_device()
+}
+
+/// What kind of kernel a file holds, from its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelKind {
+    /// A bzImage ("HdrS" at 0x202); `cmdline_size` from its header (boot protocol 2.06 on).
+    BzImage { cmdline_size: Option<usize> },
+    /// A 64-bit little-endian ELF vmlinux.
+    Elf,
+}
+
+/// Where the setup header's magic is, and what it says.
+const HDRS_OFFSET: usize = 0x202;
+const HDRS_MAGIC: &[u8; 4] = b"HdrS";
+const BOOT_VERSION_OFFSET: usize = 0x206;
+const CMDLINE_SIZE_OFFSET: usize = 0x238;
+
+/// Reads the start of `path` and says which kernel it is, or why it is none.
+pub fn kernel_kind(path: &Path) -> Result<KernelKind, String> {
+    let mut head = Vec::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|f| {
+            f.take(CMDLINE_SIZE_OFFSET as u64 + 4)
+                .read_to_end(&mut head)
+        })
+        .map_err(|e| format!("{}: {e}", shown(path)))?;
+    let u16_at = |at: usize| {
+        head.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if head.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(HDRS_MAGIC) {
+        let cmdline_size = match u16_at(BOOT_VERSION_OFFSET) {
+            Some(v) if v >= 0x0206 => u32_at(CMDLINE_SIZE_OFFSET).map(|n| n as usize),
+            _ => None,
+        };
+        return Ok(KernelKind::BzImage { cmdline_size });
+    }
+    if head.starts_with(b"\x7fELF") {
+        // EI_CLASS 2: 64-bit; EI_DATA 1: little-endian.
+        return if head.get(4) == Some(&2) && head.get(5) == Some(&1) {
+            Ok(KernelKind::Elf)
+        } else {
+            Err(format!(
+                "{} is an ELF file but not a 64-bit little-endian one: not an x86-64 kernel",
+                shown(path)
+            ))
+        };
+    }
+    Err(format!(
+        "{} is not a kernel: neither a bzImage (no \"HdrS\" at 0x202) nor an ELF vmlinux",
+        shown(path)
+    ))
+}
+
+/// The initrd goes at the top of the guest's low memory, above the kernel (loaded at 1 MiB):
+/// one that cannot fit there even beside the smallest kernel is refused here, naming it
+/// (the boot checks it exactly against the kernel it loaded).
+fn check_initrd(path: &Path, memory_mib: u64) -> Result<(), String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", shown(path)))?
+        .len();
+    let low_end = memory_mib
+        .checked_mul(1 << 20)
+        .map_or(MMIO_GAP_START, |b| b.min(MMIO_GAP_START));
+    let room = low_end.saturating_sub(HIMEM_START);
+    if size >= room {
+        return Err(format!(
+            "{} is {size} bytes, more than the guest's low memory holds above the kernel \
+             ({room} bytes with memory_mib = {memory_mib})",
+            shown(path)
+        ));
+    }
+    Ok(())
 }
 
 /// The host's limits: KVM's vCPU limit (given by the caller) and `MemAvailable`.
@@ -315,9 +608,19 @@ mod tests {
         available_mib: 4096,
     };
 
+    /// The start of a bzImage: its setup header's magic, boot protocol 2.15 and the
+    /// command-line size it takes; enough for `validate`, not to boot.
+    fn fake_bzimage(cmdline_size: u32) -> Vec<u8> {
+        let mut k = vec![0u8; 0x1000];
+        k[0x202..0x206].copy_from_slice(b"HdrS");
+        k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        k[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
+        k
+    }
+
     fn dir_with_files() -> (tempdir::Dir, String) {
         let d = tempdir::Dir::new();
-        std::fs::write(d.0.join("bzImage"), b"k").unwrap();
+        std::fs::write(d.0.join("bzImage"), fake_bzimage(2047)).unwrap();
         std::fs::write(d.0.join("disk.img"), b"d").unwrap();
         std::fs::write(d.0.join("disk2.img"), b"d").unwrap();
         let file = d.0.join("guest.toml").display().to_string();
@@ -443,5 +746,223 @@ mod tests {
             let e = err(&text);
             assert!(e.contains("guest.toml"), "{e}");
         }
+    }
+
+    fn err_with(text: &str, host: HostLimits) -> String {
+        let (d, file) = dir_with_files();
+        std::fs::write(&file, text).unwrap();
+        let e = VmConfig::load(Path::new(&file))
+            .and_then(|c| c.validate(&file, host))
+            .unwrap_err()
+            .to_string();
+        drop(d);
+        e
+    }
+
+    /// One line, bounded, naming the file and the field.
+    fn assert_one_line(e: &str, field: &str) {
+        assert!(
+            e.contains("guest.toml") && e.contains(field),
+            "{field}: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.len() < 600, "{} bytes: {e}", e.len());
+    }
+
+    #[test]
+    fn a_kernel_path_that_is_not_a_kernel_is_refused_naming_it() {
+        let (d, file) = dir_with_files();
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        let mut elf32 = elf.clone();
+        elf32[4] = 1;
+        for (name, bytes, ok) in [
+            ("k", b"k".to_vec(), false),
+            ("text", b"#!/bin/sh\necho not a kernel\n".to_vec(), false),
+            ("empty", Vec::new(), false),
+            ("elf32", elf32, false),
+            ("elf64", elf, true),
+            ("bz", fake_bzimage(2047), true),
+            ("short-bz", fake_bzimage(2047)[..0x210].to_vec(), true),
+        ] {
+            let path = d.0.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let text = GOOD.replace("path = \"bzImage\"", &format!("path = {name:?}"));
+            std::fs::write(&file, text).unwrap();
+            let r = VmConfig::load(Path::new(&file)).and_then(|c| c.validate(&file, HOST));
+            match (r, ok) {
+                (Ok(()), true) => {}
+                (Err(e), false) => {
+                    let e = e.to_string();
+                    assert_one_line(&e, "kernel.path");
+                    assert!(e.contains("not") && e.contains(name), "{e}");
+                }
+                (r, _) => panic!("{name}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_cmdline_is_printable_ascii_and_fits_the_boot_protocol_with_the_disks_words() {
+        let with = |cmdline: &str| GOOD.replace("cmdline = \"console=ttyS0\"", cmdline);
+        // GOOD has two disks: 80 bytes are kept for their words.
+        let room = MAX_CMDLINE - 2 * CMDLINE_PER_DISK;
+        load(&with(&format!("cmdline = \"{}\"", "a".repeat(room))))
+            .0
+            .unwrap();
+        let e = err(&with(&format!("cmdline = \"{}\"", "a".repeat(room + 1))));
+        assert_one_line(&e, "kernel.cmdline");
+        assert!(
+            e.contains(&format!("{} bytes is longer than the {room}", room + 1)),
+            "{e}"
+        );
+        let e = err(&with(&format!("cmdline = \"{}\"", "a".repeat(300_000))));
+        assert_one_line(&e, "kernel.cmdline");
+        for bad in [
+            r"a\u0000b",
+            r"a\tb",
+            r"a\nb",
+            r"\u001b[31m",
+            "caf\u{e9}",
+            r"\u007f",
+        ] {
+            let e = err(&with(&format!("cmdline = \"{bad}\"")));
+            assert_one_line(&e, "kernel.cmdline");
+            assert!(e.contains("only printable ASCII"), "{bad}: {e}");
+        }
+        // A bzImage that takes less says so in its header.
+        let (d, file) = dir_with_files();
+        std::fs::write(d.0.join("bzImage"), fake_bzimage(255)).unwrap();
+        std::fs::write(&file, with(&format!("cmdline = \"{}\"", "a".repeat(200)))).unwrap();
+        let e = VmConfig::load(Path::new(&file))
+            .and_then(|c| c.validate(&file, HOST))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than the 175 "), "{e}");
+    }
+
+    #[test]
+    fn the_config_file_must_be_a_regular_file_of_at_most_a_mib() {
+        let d = tempdir::Dir::new();
+        let fifo = d.0.join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let big = d.0.join("big.toml");
+        std::fs::write(&big, "#".repeat(MAX_CONFIG_BYTES as usize + 1)).unwrap();
+        let binary = d.0.join("binary.toml");
+        std::fs::write(&binary, b"[kernel]\npath = \"\xff\xfe\"\n").unwrap();
+        for (path, want) in [
+            (fifo.as_path(), "not a regular file"),
+            (Path::new("/dev/zero"), "not a regular file"),
+            (d.0.as_path(), "not a regular file"),
+            (big.as_path(), "larger than 1024 KiB"),
+            (binary.as_path(), "not UTF-8 text (byte 17)"),
+        ] {
+            let e = VmConfig::load(path).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&path.display().to_string()) && e.contains(want),
+                "{e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_are_one_bounded_line_with_where_and_what() {
+        let long = "x".repeat(200_000);
+        for (text, want) in [
+            (format!("{GOOD}\nbad = \"{long}"), "line 18"),
+            (format!("{GOOD}\n{long} = 1"), "unknown field"),
+            (
+                GOOD.replace("vcpus = 2", "vcpus = \"two\""),
+                "line 3, column 17",
+            ),
+            ("[kernel".to_string(), "line 1"),
+            (
+                format!("[kernel]\npath = \"\u{1b}[2J{long}\"\n"),
+                "line 2, column 9",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(
+                e.contains("guest.toml") && e.contains(want),
+                "{want}: {}",
+                clip(&e, 300)
+            );
+            assert_eq!(e.lines().count(), 1, "{}", clip(&e, 300));
+            assert!(e.len() < 400, "{} bytes: {}", e.len(), clip(&e, 300));
+            assert!(!e.contains('\u{1b}'), "{e}");
+        }
+        let e = err(&GOOD.replace("vcpus = 2", "vcpus = \"two\""));
+        assert!(e.contains("(at `vcpus = \"two\"`)"), "{e}");
+    }
+
+    #[test]
+    fn an_initrd_too_large_for_the_guests_low_memory_is_refused() {
+        let (d, file) = dir_with_files();
+        let initrd = d.0.join("initrd");
+        let f = std::fs::File::create(&initrd).unwrap();
+        f.set_len(600 << 20).unwrap();
+        let text = GOOD.replace("cmdline = \"console=ttyS0\"", "initrd = \"initrd\"");
+        std::fs::write(&file, &text).unwrap();
+        let e = VmConfig::load(Path::new(&file))
+            .and_then(|c| c.validate(&file, HOST))
+            .unwrap_err()
+            .to_string();
+        assert_one_line(&e, "kernel.initrd");
+        assert!(
+            e.contains("629145600 bytes, more than the guest's low memory"),
+            "{e}"
+        );
+        f.set_len(100 << 20).unwrap();
+        VmConfig::load(Path::new(&file))
+            .and_then(|c| c.validate(&file, HOST))
+            .unwrap();
+    }
+
+    #[test]
+    fn counts_and_sizes_have_hard_bounds_whatever_the_host_says() {
+        let big_host = HostLimits {
+            max_vcpus: 100_000,
+            available_mib: u64::MAX,
+        };
+        let e = err_with(&GOOD.replace("vcpus = 2", "vcpus = 255"), big_host);
+        assert_one_line(&e, "machine.vcpus");
+        let e = err_with(
+            &GOOD.replace("memory_mib = 512", &format!("memory_mib = {}", u64::MAX)),
+            big_host,
+        );
+        assert_one_line(&e, "machine.memory_mib");
+        assert!(e.contains("the most a guest may have"), "{e}");
+        // Twenty disks: one more than there are interrupt lines.
+        let mut many = GOOD.replace("cmdline = \"console=ttyS0\"", "");
+        for i in 0..MAX_BLOCKS - 1 {
+            many.push_str(&format!("[[block]]\nid = \"d{i}\"\npath = \"disk.img\"\n"));
+        }
+        let e = err(&many);
+        assert_one_line(&e, "block:");
+        assert!(e.contains("20 disks; a guest has at most 19"), "{e}");
+        let chain: Vec<String> = (0..=compat::MAX_CHAIN)
+            .map(|i| format!("\"i{i}\""))
+            .collect();
+        let e = err(&GOOD.replace(
+            "read_only = true",
+            &format!("read_only = true\ninterceptors = [{}]", chain.join(", ")),
+        ));
+        assert_one_line(&e, "block[0].interceptors");
+        // A huge id is refused, echoed clipped.
+        let e = err(&GOOD.replace(
+            "id = \"data\"",
+            &format!("id = \"{}\"", "a".repeat(100_000)),
+        ));
+        assert_one_line(&e, "block[1].id");
+        let e = err(&GOOD.replace(
+            "id = \"data\"",
+            &format!("id = \"{}\"", "é".repeat(100_000)),
+        ));
+        assert_one_line(&e, "block[1].id");
     }
 }
