@@ -104,3 +104,41 @@ fn silent_connections_fill_a_small_cap_until_the_header_timeout_frees_it() {
     drop(silent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A body over 64 KiB is refused with 413 (a JSON fault) without reading the rest, and the
+/// connection is closed; the server goes on.
+#[test]
+fn a_body_over_the_limit_is_answered_413_and_the_connection_closed() {
+    let dir = temp_dir("bigbody");
+    let sock = dir.join("api.sock");
+    vmm_api::serve_with(&sock, state(&[]), quick()).unwrap();
+    let mut c = Conn::open(&sock).unwrap();
+    let len = 10 << 20;
+    let head = format!(
+        "PUT /actions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {len}\r\n\r\n"
+    );
+    c.stream.write_all(head.as_bytes()).unwrap();
+    // The client goes on sending; the server stops reading after 64 KiB.
+    let chunk = vec![b' '; 256 * 1024];
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < len {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let (status, body) = c.answer().unwrap();
+    assert_eq!(status, 413, "{body}");
+    let fault: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(fault["fault_message"].is_string(), "{body}");
+    assert!(c.wait_closed(Duration::from_secs(5)).is_ok(), "left open");
+    let sent = sender.join().unwrap();
+    assert!(sent < len, "the server read all {sent} bytes");
+    assert_eq!(request(&sock, "GET", "/vm", None).unwrap().status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
