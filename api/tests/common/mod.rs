@@ -4,7 +4,10 @@
 
 #![allow(dead_code)]
 
-use compat::{BlockDriver, BlockRequestKind, IoRequest, LiveStack, PluginRegistry, RequestStatus};
+use compat::{
+    BlockDriver, BlockRequestKind, InstanceSpec, IoRequest, LiveStack, PluginRegistry,
+    RequestStatus,
+};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -55,6 +58,14 @@ pub struct FileDisk {
     capacity: u64,
 }
 
+impl FileDisk {
+    /// The whole file is the disk.
+    pub fn new(file: std::fs::File) -> FileDisk {
+        let capacity = file.metadata().map(|m| m.len()).unwrap_or(0) / 512 * 512;
+        FileDisk { file, capacity }
+    }
+}
+
 impl BlockDriver for FileDisk {
     fn capacity(&self) -> u64 {
         self.capacity
@@ -88,6 +99,11 @@ impl BlockDriver for FileDisk {
 
 /// A disk of `bytes` zeroes at `path` and its stack, with no interceptors.
 pub fn disk(path: &Path, id: &str, bytes: u64) -> Arc<LiveStack> {
+    disk_with(path, id, bytes, &[])
+}
+
+/// [`disk`] with `chain` (top first) over it.
+pub fn disk_with(path: &Path, id: &str, bytes: u64, chain: &[InstanceSpec]) -> Arc<LiveStack> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -96,11 +112,8 @@ pub fn disk(path: &Path, id: &str, bytes: u64) -> Arc<LiveStack> {
         .open(path)
         .unwrap();
     file.set_len(bytes).unwrap();
-    let driver = Arc::new(FileDisk {
-        file,
-        capacity: bytes,
-    });
-    Arc::new(LiveStack::start(id, driver, &[], None).unwrap())
+    let driver = Arc::new(FileDisk::new(file));
+    Arc::new(LiveStack::start(id, driver, chain, None).unwrap())
 }
 
 /// An API state over `disks` (ids and stacks) with a stand-in VM.
