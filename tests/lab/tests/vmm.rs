@@ -68,6 +68,17 @@ fn vmm_guest_with_two_vcpus_sees_both() {
     assert_eq!(r["console"]["exit_rc"], 0);
 }
 
+/// The start of a bzImage (its setup header's magic, boot protocol 2.15, a 2047-byte command
+/// line): enough for vmm's config check, not to boot, so vmm gets past its config and fails
+/// loading it (exit 1).
+fn fake_bzimage() -> Vec<u8> {
+    let mut k = vec![0u8; 0x1000];
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    k[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+    k
+}
+
 #[test]
 fn bad_configs_exit_2_naming_file_and_field() {
     let dir = common::repo().join("build/test-out");
@@ -75,7 +86,7 @@ fn bad_configs_exit_2_naming_file_and_field() {
     let disk = dir.join("cfg-disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let kernel = dir.join("cfg-kernel");
-    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    std::fs::write(&kernel, fake_bzimage()).unwrap();
     let good = format!(
         "[machine]\nvcpus = 1\nmemory_mib = 128\n[kernel]\npath = {:?}\ncmdline = \"console=ttyS0\"\n\
          [[block]]\nid = \"data\"\npath = {:?}\n",
@@ -135,9 +146,123 @@ fn bad_configs_exit_2_naming_file_and_field() {
     let out = run_vmm_config("dup.toml", &dup);
     assert_eq!(out.status.code(), Some(2));
     assert!(output(&out).contains("block[1].id"), "{}", output(&out));
-    // A config that passes validation but whose kernel is not a kernel fails cleanly (1).
-    let out = run_vmm_config("not-a-kernel.toml", &good);
+    // A config that passes validation but whose kernel only looks like one fails cleanly
+    // (1) when it is loaded.
+    let out = run_vmm_config("fake-kernel.toml", &good);
     assert_ne!(out.status.code(), Some(0), "{}", output(&out));
+    assert_ne!(out.status.code(), Some(2), "{}", output(&out));
+}
+
+/// Each config error is exit 2 and one bounded line naming the file and the field, before
+/// the VM exists: a file that is not a kernel, a command line too long or with a control
+/// character, an initrd bigger than the guest's low memory, a cache bigger than the host's
+/// memory, a TOML error on a 200 KB line; and a FIFO or /dev/zero as --config is refused at
+/// once, not waited on or read forever.
+#[test]
+fn config_errors_are_exit_2_and_one_bounded_line() {
+    let kernel = common::out_file("cfg2-kernel");
+    std::fs::write(&kernel, fake_bzimage()).unwrap();
+    let text = common::out_file("cfg2-text-kernel");
+    std::fs::write(&text, b"not really a kernel").unwrap();
+    let disk = common::out_file("cfg2-disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let initrd = common::out_file("cfg2-initrd");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let cache = vmm_lab::plugins::plugins()
+        .expect("building the plugins")
+        .cache;
+    let good = format!(
+        "[machine]\nmemory_mib = 128\n[kernel]\npath = {kernel:?}\ncmdline = \"console=ttyS0\"\n\
+         [[block]]\nid = \"data\"\npath = {disk:?}\ninterceptors = [\"cache\"]\n\
+         [[interceptor]]\nid = \"cache\"\npath = {cache:?}\nconfig = {{ size_mib = 8 }}\n"
+    );
+    let long = "a".repeat(200_000);
+    for (name, from, to, want) in [
+        (
+            "cfg2-not-kernel.toml",
+            format!("path = {kernel:?}"),
+            format!("path = {text:?}"),
+            "kernel.path: ",
+        ),
+        (
+            "cfg2-long-cmdline.toml",
+            "console=ttyS0".to_string(),
+            "a".repeat(3000),
+            "kernel.cmdline: 3000 bytes is longer than",
+        ),
+        (
+            "cfg2-nul-cmdline.toml",
+            "console=ttyS0".to_string(),
+            "console=ttyS0\\u0000init=/evil".to_string(),
+            "kernel.cmdline: byte 13",
+        ),
+        (
+            "cfg2-esc-cmdline.toml",
+            "console=ttyS0".to_string(),
+            "console=ttyS0\\u001b[2J".to_string(),
+            "kernel.cmdline: byte 13",
+        ),
+        (
+            "cfg2-initrd.toml",
+            "cmdline = ".to_string(),
+            format!("initrd = {initrd:?}\ncmdline = "),
+            "kernel.initrd: ",
+        ),
+        (
+            "cfg2-cache.toml",
+            "size_mib = 8".to_string(),
+            "size_mib = 99999999".to_string(),
+            "size_mib = 99999999: more than the host's available memory",
+        ),
+        (
+            "cfg2-toml.toml",
+            "memory_mib = 128".to_string(),
+            format!("memory_mib = 128\n{long} = 1"),
+            "line 3, column 1: unknown field",
+        ),
+    ] {
+        let body = good.replace(&from, &to);
+        assert_ne!(body, good, "{name}");
+        let out = run_vmm_config(name, &body);
+        let text = output(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: {}",
+            &text[..text.len().min(400)]
+        );
+        assert!(
+            text.contains(name) && text.contains(want),
+            "{name}: want {want:?}: {text}"
+        );
+        assert_eq!(text.trim().lines().count(), 1, "{name}: one line: {text}");
+        assert!(text.len() < 600, "{name}: {} bytes", text.len());
+    }
+    let fifo = common::out_file("cfg2-fifo.toml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    for config in [fifo.as_path(), std::path::Path::new("/dev/zero")] {
+        let started = std::time::Instant::now();
+        let out = Command::new(common::vmm_bin())
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("running vmm");
+        let text = output(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert_eq!(text.trim().lines().count(), 1, "{text}");
+        assert!(
+            text.contains(&*config.to_string_lossy()) && text.contains("not a regular file"),
+            "{text}"
+        );
+        assert!(started.elapsed().as_secs() < 10, "{}", config.display());
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -228,7 +353,7 @@ fn an_image_in_use_is_refused_with_exit_2_and_one_line_naming_it() {
     let link = common::out_file("lock-link.img");
     std::os::unix::fs::symlink(&disk, &link).unwrap();
     let kernel = common::out_file("lock-kernel");
-    std::fs::write(&kernel, b"not a kernel").unwrap();
+    std::fs::write(&kernel, fake_bzimage()).unwrap();
     let config = |blocks: &[(&std::path::Path, bool)]| {
         let mut t = format!("[machine]\nmemory_mib = 128\n[kernel]\npath = {kernel:?}\n");
         for (i, (path, ro)) in blocks.iter().enumerate() {
