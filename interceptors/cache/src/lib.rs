@@ -353,7 +353,7 @@ impl Interceptor for Cache {
             "capacity_bytes": self.blocks as u64 * BLOCK,
             "hits": hits,
             "misses": misses,
-            "hit_ratio": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+            "hit_ratio": match hits.saturating_add(misses) { 0 => 0.0, all => hits as f64 / all as f64 },
             "bytes_cached": cached * BLOCK,
             "dirty_bytes": dirty * BLOCK,
             "evictions": s.evictions.load(Relaxed),
