@@ -574,8 +574,11 @@ fn vmmctl_shows_tables_edits_chains_and_reports_faults() {
 /// socket, before it starts the VM: exit 2, one line naming the path.
 #[test]
 fn vmm_refuses_a_live_or_foreign_api_socket_with_one_line_and_exit_2() {
+    // Only its header is read before the socket is: a bzImage's magic is enough.
     let kernel = out_file("api-sock-kernel");
-    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let mut header = vec![0u8; 4096];
+    header[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&kernel, header).unwrap();
     let disk = out_file("api-sock-disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let config = out_file("api-sock.toml");
