@@ -55,6 +55,11 @@ pub(crate) fn render(state: &ApiState) -> String {
         "counter",
         "Requests an interceptor answered without the driver.",
     );
+    let mut dev_refused = family(
+        "vmm_block_refused_total",
+        "counter",
+        "Requests the device refused as malformed before its chain, and queues the guest broke.",
+    );
     let mut requests = family(
         "vmm_interceptor_requests_total",
         "counter",
@@ -99,6 +104,9 @@ pub(crate) fn render(state: &ApiState) -> String {
             "{dev} {}",
             c.completed_without_driver.load(Relaxed)
         ));
+        dev_refused
+            .samples
+            .push(format!("{dev} {}", c.refused.load(Relaxed)));
         for l in snapshot.layers() {
             let at = format!(
                 "device=\"{}\",interceptor=\"{}\"",
@@ -140,6 +148,7 @@ pub(crate) fn render(state: &ApiState) -> String {
         dev_requests,
         dev_errors,
         dev_answered,
+        dev_refused,
         requests,
         bytes,
         errors,

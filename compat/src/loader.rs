@@ -158,6 +158,14 @@ fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
     if t.flags & !known != 0 {
         return Err(bad(&format!("unknown flags {:#x}", t.flags & !known)));
     }
+    // Skipped while disabled, a plugin that owns its format would hand its own bytes to the
+    // guest as data: such a plugin must stay in the path.
+    if t.flags & abi::F_OWNS_FORMAT != 0 && t.flags & abi::F_KEEP_WHEN_DISABLED == 0 {
+        return Err(bad(
+            "VMM_INTERCEPTOR_F_OWNS_FORMAT needs VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED: \
+             skipped while disabled, its data would read back as it is on the disk",
+        ));
+    }
     Ok(())
 }
 

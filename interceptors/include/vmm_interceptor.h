@@ -10,8 +10,10 @@
  *   post  where the completion is forwarded back toward the guest; called bottom to top.
  *
  * Every interceptor whose pre hook ran gets its post hook for that request, exactly once.
- * Hooks of one instance are called from the device's I/O thread; stats() may be called
- * from any thread at the same time. The guide is docs/plugins.md.
+ * Threads: create, pre, post, capacity and destroy of one instance, and its own I/O through
+ * struct vmm_lower, all run on its disk's I/O thread, one call at a time. stats() may be
+ * called from any thread at any time, while hooks run: what it reads must be atomic or
+ * locked. The guide is docs/plugins.md.
  *
  * Rules:
  *   - Read request segments are the request's destination: a hook may write them (a cache
@@ -20,8 +22,15 @@
  *     VMM_INTERCEPTOR_F_MODIFIES_DATA: its segments are then a private bounce buffer, never
  *     guest memory, which the hook may transform in place (both directions).
  *   - Offsets and lengths are bytes, multiples of VMM_SECTOR_SIZE.
+ *   - Hooks see every kind: READ, WRITE, FLUSH (no segments) and GET_ID (one segment: the
+ *     20-byte serial). A data transform transforms READ and WRITE only.
+ *   - In post, a status other than VMM_STATUS_OK means the read data is not valid: do not
+ *     decode or keep it.
+ *   - create's err buffer is 1024 bytes; stats gets 4096 and, if it returns a length of
+ *     4096 or more, one more call with that length plus one (at most 1 MiB).
  *   - Calls through struct vmm_lower are valid from create() until destroy() returns, on
- *     the thread the VMM called the plugin on.
+ *     the thread the VMM called the plugin on. Writes made in create() reach the disk only
+ *     once the instance is accepted.
  */
 #ifndef VMM_INTERCEPTOR_H
 #define VMM_INTERCEPTOR_H
@@ -70,8 +79,10 @@ extern "C" {
  * without this flag is skipped entirely while disabled. */
 #define VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED 2u
 /* What the plugin writes can only be read back through it (encryption, remapping, a
- * transform that keeps no record): the VMM never removes such an instance from a running
- * chain, and loads one at run time only onto layers the operator declares fresh. */
+ * transform that keeps no record, like xor): the VMM never removes such an instance from a
+ * running chain once it wrote, and loads one at run time only onto layers the operator
+ * declares fresh. Requires VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED (the loader refuses the
+ * table otherwise). */
 #define VMM_INTERCEPTOR_F_OWNS_FORMAT 4u
 
 /* Log levels for vmm_lower.log. */

@@ -11,6 +11,7 @@
  * Build:  cc -shared -fPIC -O2 -Wall -Wextra -I interceptors/include \
  *            interceptors/xor/xor.c -o libxor.so
  */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,8 +19,9 @@
 
 struct xor_instance {
     uint8_t key;
-    uint64_t requests; /* written by the I/O thread only */
-    uint64_t bytes;
+    /* Written by the I/O thread, read by stats() from other threads: atomic. */
+    atomic_uint_least64_t requests;
+    atomic_uint_least64_t bytes;
 };
 
 /* Finds "key": <number> in the instance's JSON config. */
@@ -81,8 +83,8 @@ static uint32_t xor_pre(void *instance, const struct vmm_request *req, void **sl
     if (!(req->flags & VMM_REQ_F_DATA_PRIVATE))
         return VMM_FAIL; /* never transform the guest's own memory */
     xor_data(x, req);
-    x->requests++;
-    x->bytes += req->len;
+    atomic_fetch_add_explicit(&x->requests, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->bytes, req->len, memory_order_relaxed);
     return VMM_CONTINUE;
 }
 
@@ -97,16 +99,18 @@ static uint32_t xor_post(void *instance, const struct vmm_request *req, void *sl
     if (!(req->flags & VMM_REQ_F_DATA_PRIVATE))
         return VMM_STATUS_IOERR;
     xor_data(x, req);
-    x->requests++;
-    x->bytes += req->len;
+    atomic_fetch_add_explicit(&x->requests, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->bytes, req->len, memory_order_relaxed);
     return status;
 }
 
 static size_t xor_stats(void *instance, char *buf, size_t len)
 {
-    const struct xor_instance *x = instance;
+    struct xor_instance *x = instance;
+    unsigned long long requests = atomic_load_explicit(&x->requests, memory_order_relaxed);
+    unsigned long long bytes = atomic_load_explicit(&x->bytes, memory_order_relaxed);
     int n = snprintf(buf, len, "{\"key\":%u,\"requests\":%llu,\"bytes\":%llu}", x->key,
-                     (unsigned long long)x->requests, (unsigned long long)x->bytes);
+                     requests, bytes);
     return n < 0 ? 0 : (size_t)n;
 }
 

@@ -305,3 +305,15 @@ impl Drop for Threads {
         let _ = self.lower.flush();
     }
 }
+
+/// Owns its format yet would be skipped while disabled (no KEEP_WHEN_DISABLED).
+pub(super) struct OwnsButSkips;
+
+impl Interceptor for OwnsButSkips {
+    const NAME: &'static std::ffi::CStr = c"owns-but-skips";
+    const FLAGS: u32 = abi::F_MODIFIES_DATA | abi::F_OWNS_FORMAT;
+
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(OwnsButSkips)
+    }
+}

@@ -33,6 +33,10 @@ fn refusals_name_the_reason() {
         err(&[spec("s", static_table!(BadShrink), serde_json::json!({}))])
             .contains("only a plugin that stays in the path")
     );
+    // A plugin that owns its format but would be skipped while disabled: the guest would
+    // read its bytes raw. Refused when the table is checked, before any instance exists.
+    let e = Plugin::from_static("skips", static_table!(OwnsButSkips)).unwrap_err();
+    assert!(e.to_string().contains("OWNS_FORMAT needs"), "{e}");
     let long: Vec<_> = (0..=MAX_CHAIN)
         .map(|i| recorder("r", &format!("l{i}"), "", ""))
         .collect();

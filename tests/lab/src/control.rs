@@ -9,6 +9,8 @@
 //!   SECS seconds (20), then enables them all; every answer must be 204.
 //! - `load:ID:PATH` loads the plugin at PATH as instance ID at the bottom of `data0`'s chain
 //!   (declared fresh: the guest's data there is scratch), then reads its counters twice.
+//! - `sigterm` sends SIGTERM to the vmm serving the socket (its pid from the socket's peer
+//!   credentials) and reports the data disk's request count just before.
 //!
 //! Every step starts once the guest has sent `data0` 200 requests (its task is running).
 
@@ -37,6 +39,7 @@ pub fn run(steps: &str, sock: &Path, vmm_gone: &AtomicBool) -> (Value, Vec<Strin
                 let (ids, secs) = rest.split_once(':').unwrap_or((rest, "20"));
                 toggle(sock, ids, secs.parse().unwrap_or(20))
             }
+            _ if step == "sigterm" => sigterm(sock),
             Some(("load", rest)) => match rest.split_once(':') {
                 Some((id, path)) => load(sock, id, Path::new(path)),
                 None => Err(format!("load needs ID:PATH, got {rest}")),
@@ -293,6 +296,36 @@ fn load(sock: &Path, id: &str, path: &Path) -> Result<Value, String> {
     std::thread::sleep(Duration::from_secs(2));
     let second = count()?;
     Ok(json!({ "position": position, "requests": [first, second] }))
+}
+
+/// SIGTERM to the process serving `sock`.
+fn sigterm(sock: &Path) -> Result<Value, String> {
+    use std::os::fd::AsRawFd;
+    let requests = device(sock)?["requests"].as_u64().unwrap_or(0);
+    let conn = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| format!("connecting to {}: {e}", sock.display()))?;
+    // SAFETY: getsockopt into a local ucred of the size passed.
+    let pid = unsafe {
+        let mut cred: libc::ucred = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+        }
+        cred.pid
+    };
+    drop(conn);
+    // SAFETY: a plain kill(2) to the vmm's pid.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(json!({ "pid": pid, "requests_before": requests }))
 }
 
 /// Where the vmm's API socket goes for a run.

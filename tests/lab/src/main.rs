@@ -99,8 +99,12 @@ struct GuestOpts {
 
 #[derive(Args, Debug)]
 struct GuestArgs {
-    /// The guest's task: any of `selftest`, `fio=JOB[,JOB..]` (or `fio=all`), `boot`,
-    /// `shell`, in the order to run them.
+    /// The guest's task, words in the order to run them: `selftest`, `fio=JOB[,JOB..]` (or
+    /// `fio=all`), `boot`, `shell`, `hostcheck` (write a pattern at block B+1000 of the data
+    /// disk, report the sha256 at B+2000; B is `hostcheck.base=`), `readcheck=N[,N..]` (read
+    /// 4 KiB blocks, report each one's sha256 or EIO), `rocheck=/dev/vdX` (try to write a
+    /// read-only disk), `rebind` (unbind and rebind the data disk's driver through sysfs),
+    /// `stamp` (write numbered blocks until stopped). guest-kernel/rootfs/init has them all.
     #[arg(long, default_value = "selftest")]
     task: String,
     /// Write the run's report as JSON to this file.

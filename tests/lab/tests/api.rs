@@ -191,7 +191,14 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     let vm = api.call("GET", "/vm", "/vm", None);
     assert_eq!(vm.status, 200);
     assert_eq!(vm.json()["vcpus"], 2);
+    // What the device refused (as its queue handler counts it) is shown per device.
+    api.disks[0]
+        .counters()
+        .refused
+        .fetch_add(3, Ordering::SeqCst);
     let devices = api.call("GET", "/devices", "/devices", None).json();
+    assert_eq!(devices[0]["refused"], 3);
+    assert_eq!(devices[1]["refused"], 0);
     assert_eq!(devices[0]["chain"][0]["id"], "enc");
     assert_eq!(devices[1]["chain"][0]["id"], "cache");
     assert_eq!(
@@ -222,6 +229,9 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     assert!(metrics
         .body
         .contains("vmm_interceptor_enabled{device=\"vda\",interceptor=\"enc\"} 1"));
+    assert!(metrics
+        .body
+        .contains("vmm_block_refused_total{device=\"vda\"} 3"));
 
     // Every documented operation exists (its answer is documented, never 404/405 for the
     // path itself), and every other method on a documented path is 405.
@@ -433,7 +443,7 @@ fn a_thousand_malformed_requests_change_nothing() {
     let state = |api: &Api| {
         let mut d = api.call("GET", "/devices", "/devices", None).json();
         for dev in d.as_array_mut().unwrap() {
-            for k in ["requests", "errors", "completed_without_driver"] {
+            for k in ["requests", "errors", "completed_without_driver", "refused"] {
                 dev[k] = Value::Null;
             }
         }
