@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod storage;
 pub mod vcpu;
 pub mod vm;
