@@ -1,6 +1,9 @@
 //! A deliberately misbehaving plugin, for tests of the boundary: requests that touch the
 //! configured byte range panic (`mode = "panic"`) or fail (`mode = "fail"`) in the pre
-//! hook, or panic in the post hook (`mode = "panic-post"`). Everything else passes.
+//! hook, or panic in the post hook (`mode = "panic-post"`), or make a system call no
+//! plugin may make (`mode = "forbidden-syscall"`: the pre hook opens an IPv4 socket, which
+//! the vmm's seccomp filter for its I/O threads stops, docs/security.md; with the filters
+//! off the socket is closed again and the request continues). Everything else passes.
 
 use interceptor_sdk::{
     export_interceptor, CreateContext, Decision, Interceptor, Request, Slot, Status,
@@ -33,9 +36,9 @@ impl Interceptor for Faulty {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
-        if !["panic", "fail", "panic-post"].contains(&cfg.mode.as_str()) {
+        if !["panic", "fail", "panic-post", "forbidden-syscall"].contains(&cfg.mode.as_str()) {
             return Err(format!(
-                "mode {:?}: use panic, fail or panic-post",
+                "mode {:?}: use panic, fail, panic-post or forbidden-syscall",
                 cfg.mode
             ));
         }
@@ -53,6 +56,12 @@ impl Interceptor for Faulty {
         match self.cfg.mode.as_str() {
             "panic" => panic!("faulty: request at {} panics on purpose", req.offset()),
             "fail" => Decision::Fail,
+            "forbidden-syscall" => {
+                // socket(AF_INET, SOCK_DGRAM): a network socket, which no plugin may open.
+                // Bound to the loopback address, and dropped at once, when nothing stops it.
+                drop(std::net::UdpSocket::bind("127.0.0.1:0"));
+                Decision::Continue
+            }
             _ => Decision::Continue,
         }
     }
