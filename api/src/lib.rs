@@ -127,6 +127,17 @@ pub fn serve(path: &Path, state: ApiState) -> Result<Server, SocketError> {
 
 /// [`serve`] with other limits (the tests use short timeouts and small caps).
 pub fn serve_with(path: &Path, state: ApiState, limits: Limits) -> Result<Server, SocketError> {
+    serve_on(path, state, limits, None)
+}
+
+/// [`serve_with`], running `on_start` first on the API's thread (the VMM installs its
+/// seccomp filter there; threads the API starts inherit it).
+pub fn serve_on(
+    path: &Path,
+    state: ApiState,
+    limits: Limits,
+    on_start: Option<compat::ThreadStart>,
+) -> Result<Server, SocketError> {
     let listener = socket::bind(path)?;
     let shown = path.display().to_string();
     let runtime = server::build_runtime().map_err(|e| SocketError::Io(shown.clone(), e))?;
@@ -135,7 +146,12 @@ pub fn serve_with(path: &Path, state: ApiState, limits: Limits) -> Result<Server
     let app = routes::router(Arc::new(state));
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || server::run(runtime, listener, app, limits, shown))
+        .spawn(move || {
+            if let Some(start) = on_start {
+                start();
+            }
+            server::run(runtime, listener, app, limits, shown)
+        })
         .map_err(|e| SocketError::Io(path.display().to_string(), e))?;
     Ok(Server {
         path: path.to_path_buf(),

@@ -4,6 +4,7 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 use vmm::config::{self, HostLimits, VmConfig};
+use vmm::seccomp::{self, ThreadKind};
 use vmm::{control, storage, vm};
 
 /// A KVM virtual machine monitor whose virtio block and net I/O passes through interceptors.
@@ -16,6 +17,10 @@ struct Cli {
     /// Serve the REST control API on this Unix socket (overrides `[api] socket`).
     #[arg(long)]
     api_sock: Option<std::path::PathBuf>,
+    /// Seccomp filters per thread kind (docs/security.md): `trap` stops the vmm with a line
+    /// naming the thread and the call, `log` lets the kernel log it, `off` installs none.
+    #[arg(long, value_enum, default_value_t = seccomp::SeccompMode::Trap)]
+    seccomp: seccomp::SeccompMode,
 }
 
 /// Exit status for a config the VMM refuses.
@@ -58,14 +63,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Built before any thread starts; each thread applies its own kind's filter first.
+    if let Err(e) = seccomp::Filters::build(cli.seccomp).and_then(seccomp::install) {
+        eprintln!("vmm: {e}");
+        return ExitCode::FAILURE;
+    }
     let registry = std::sync::Arc::new(compat::PluginRegistry::new());
-    let disks = match storage::open_disks(&cfg, &file, &registry, None) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let disks =
+        match storage::open_disks(&cfg, &file, &registry, Some(confined(ThreadKind::Device))) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
     let exit = match vm::eventfd() {
         Ok(e) => e,
         Err(e) => {
@@ -149,7 +160,18 @@ fn start_api(
         })
         .collect();
     let state = vmm_api::ApiState::new(std::sync::Arc::new(vm), api_disks, registry.clone());
-    let server = vmm_api::serve(&path, state).map_err(|e| e.to_string())?;
+    let server = vmm_api::serve_on(
+        &path,
+        state,
+        vmm_api::Limits::default(),
+        Some(confined(ThreadKind::Api)),
+    )
+    .map_err(|e| e.to_string())?;
     tracing::info!("api: serving on {}", server.path().display());
     Ok(Some(server))
+}
+
+/// What a thread of `kind` runs first: its seccomp filter.
+fn confined(kind: ThreadKind) -> compat::ThreadStart {
+    std::sync::Arc::new(move || seccomp::apply_current_or_exit(kind))
 }

@@ -183,6 +183,7 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
     let _ = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Stdin);
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             loop {
@@ -287,7 +288,10 @@ pub fn run(
         let id = v.id;
         let started = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || v.run())
+            .spawn(move || {
+                crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                v.run()
+            })
             .with_context(|| format!("starting vcpu{id}"));
         match started {
             Ok(t) => threads.push(t),
@@ -298,7 +302,9 @@ pub fn run(
         }
     }
     // The first vCPU to end (reset or failure), the API's shutdown or a stop signal wakes
-    // us; then every vCPU stops before the disks are settled.
+    // us; then every vCPU stops before the disks are settled. Every thread has started:
+    // the main thread takes its own filter now (a filter is inherited by later threads).
+    crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Main);
     let woke = wait(exit, signals);
     stop_vcpus(&stop, threads);
     Ok(match woke? {
