@@ -1,7 +1,7 @@
 //! Chains edited while requests run (`LiveStack`): loads and removals take effect for the
 //! next request, plugins' own I/O follows the new chain, and the data safety refusals.
 
-use super::plugins::{OwnedXor, Paired, Shift, Threads, Xor, THREADS};
+use super::plugins::{Gate, OwnedXor, Paired, Shift, Threads, Xor, GATE, THREADS};
 use super::*;
 
 fn live(disk: &Arc<MemDisk>, chain: &[InstanceSpec]) -> Arc<LiveStack> {
@@ -319,4 +319,47 @@ fn a_refused_load_writes_nothing() {
     );
     assert_eq!(&disk.data.lock().unwrap()[..12], b"SHIFT-HEADER");
     drop(booted);
+}
+
+/// Removing a plugin that owns its format is allowed only while it has written nothing. The
+/// check used to run before the requests in flight had drained: a write on its way down
+/// (here held above it) was not counted yet, the removal went ahead after it, and what the
+/// plugin had just written became unreadable. Now the check runs on the I/O thread after
+/// the request, and refuses.
+#[test]
+fn a_write_in_flight_counts_before_a_removal_decides() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(
+        &disk,
+        &[spec("gate", static_table!(Gate), serde_json::json!({}))],
+    );
+    stack
+        .insert(
+            &spec("o", static_table!(OwnedXor), serde_json::json!({})),
+            1,
+            true,
+        )
+        .unwrap();
+    let guest = {
+        let stack = stack.clone();
+        std::thread::spawn(move || live_io(&stack, BlockRequestKind::Write, 0, &mut [9u8; 512]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let removal = {
+        let stack = stack.clone();
+        std::thread::spawn(move || stack.remove("o"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    *GATE.0.lock().unwrap() = true;
+    GATE.1.notify_all();
+    assert_eq!(guest.join().unwrap(), RequestStatus::Ok);
+    let removed = removal.join().unwrap();
+    assert!(
+        matches!(removed, Err(ChainError::Conflict(_))),
+        "removed after it wrote: {removed:?}"
+    );
+    assert_eq!(ids(&stack), ["gate", "o"]);
+    let mut back = [0u8; 512];
+    live_io(&stack, BlockRequestKind::Read, 0, &mut back);
+    assert_eq!(back, [9u8; 512]);
 }

@@ -317,3 +317,27 @@ impl Interceptor for OwnsButSkips {
         Ok(OwnsButSkips)
     }
 }
+
+/// Holds each request in its pre hook until the test opens the gate (a request in flight
+/// above the instances below it).
+pub(super) static GATE: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+pub(super) struct Gate;
+
+impl Interceptor for Gate {
+    const NAME: &'static std::ffi::CStr = c"gate";
+
+    fn create(_: CreateContext<'_>) -> Result<Self, String> {
+        Ok(Gate)
+    }
+
+    fn pre(&self, _: &mut Request<'_>, _: &mut Slot) -> Decision {
+        let (open, cv) = &GATE;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        Decision::Continue
+    }
+}
