@@ -363,7 +363,8 @@ fn event_loop(r: &mut Rules) {
 }
 
 /// Opening files read-only (a plugin's .so and what it needs at create, such as a key
-/// file): openat without write access, O_CREAT or O_TRUNC; file status; path resolution.
+/// file): openat without write access, O_CREAT or O_TRUNC; file status; path resolution
+/// and permission checks.
 fn open_read_only(r: &mut Rules) -> Result<(), String> {
     let mask = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
     allow_if(
@@ -380,6 +381,11 @@ fn open_read_only(r: &mut Rules) -> Result<(), String> {
             libc::SYS_readlink,
             libc::SYS_getcwd,
             libc::SYS_flock,
+            // Permission checks on a path (the dynamic loader checks a library's before
+            // mapping it): they open nothing.
+            libc::SYS_access,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
         ],
     );
     Ok(())
