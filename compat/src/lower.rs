@@ -195,8 +195,13 @@ impl LowerCtx {
         if let Some(staged) = lock(&self.staged).as_mut() {
             return match kind {
                 BlockRequestKind::Write => {
-                    // SAFETY: as below: the plugin's buffer is valid for len bytes.
-                    let data = unsafe { std::slice::from_raw_parts(buf, len_usize) };
+                    // SAFETY: as below: the plugin's buffer is valid for len bytes (and may
+                    // be NULL when len is 0, which no slice may be built from).
+                    let data: &[u8] = if len_usize == 0 {
+                        &[]
+                    } else {
+                        unsafe { std::slice::from_raw_parts(buf, len_usize) }
+                    };
                     if staged.write(offset, data) {
                         abi::STATUS_OK
                     } else {

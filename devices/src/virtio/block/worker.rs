@@ -63,7 +63,10 @@ impl Worker {
         }
     }
 
-    /// Serves every available request, then signals the guest once if anything was used.
+    /// Serves the available requests, then signals the guest once if anything was used.
+    /// At most a few queues' worth per call: past that, the handler kicks itself and
+    /// returns, so a guest that keeps its queue full still lets the I/O thread's other work
+    /// (chain edits, a reset, the shutdown) run between batches.
     pub(super) fn process_queue(&mut self) {
         if self.broken.load(Ordering::SeqCst) {
             return;
@@ -71,12 +74,14 @@ impl Worker {
         // A second handle to the same (shared) regions: chains borrow it while `handle`
         // borrows self mutably.
         let mem = self.mem.clone();
-        let mut used_any = false;
+        let budget = usize::from(self.queue.size()).saturating_mul(4).max(1);
+        let (mut served, mut empty_passes) = (0usize, 0u32);
         loop {
             if self.queue.disable_notification(&mem).is_err() {
                 return self.fail("cannot access the used ring");
             }
-            loop {
+            let before = served;
+            while served < budget {
                 // `iter` (unlike `pop_descriptor_chain`) reports an avail index that runs
                 // more than a queue ahead of the device instead of yielding nothing forever.
                 let chain = match self.queue.iter(&mem) {
@@ -89,15 +94,26 @@ impl Worker {
                 if self.queue.add_used(&mem, head, written).is_err() {
                     return self.fail("cannot write the used ring");
                 }
-                used_any = true;
+                served += 1;
             }
+            if served >= budget {
+                // More may be waiting: come back after the loop's other events.
+                let _ = self.kick.write(1);
+                break;
+            }
+            empty_passes = if served > before { 0 } else { empty_passes + 1 };
             match self.queue.enable_notification(&mem) {
-                Ok(true) => continue, // more arrived while we were busy
+                // More arrived while we were busy: go on. Once, a pass may find nothing (the
+                // guest published a chain just as notifications came back on); twice in a
+                // row while the ring says there is more means the guest laid its rings over
+                // each other (our own used-ring writes move its avail index).
+                Ok(true) if empty_passes < 2 => continue,
+                Ok(true) => return self.fail("the avail index moves under the used ring"),
                 Ok(false) => break,
                 Err(_) => return self.fail("cannot access the avail ring"),
             }
         }
-        if used_any {
+        if served > 0 {
             self.interrupt.signal_used_queue();
         }
     }
