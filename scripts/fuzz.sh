@@ -83,7 +83,7 @@ merge)
     mkdir -p "fuzz/work/$target" "fuzz/corpus/$target"
     merged="$(mktemp -d "${TMPDIR:-/tmp}/fuzz-merge.XXXXXX")"
     step "minimizing fuzz/corpus/$target + fuzz/work/$target"
-    fuzz run "$target" "$merged" "fuzz/corpus/$target" "fuzz/work/$target" -- -merge=1 -timeout=10
+    fuzz run "$target" "$merged" "fuzz/corpus/$target" "fuzz/work/$target" -- -set_cover_merge=1 -use_counters=0 -timeout=10
     rm -rf "fuzz/corpus/$target"
     mkdir -p "fuzz/corpus/$target"
     cp "$merged"/* "fuzz/corpus/$target/"
