@@ -233,15 +233,11 @@ pub fn blk_queue(data: &[u8]) {
     if !q.is_valid(&mem) {
         return;
     }
-    if crate::guarded() && crate::used_ring_over_avail_idx(q.avail_ring(), q.used_ring(), q.size())
-    {
-        trace!("blk_queue: known bug 1 (used ring over the avail index): not served");
-        return;
-    }
     block
         .activate(mem.clone(), features, vec![q], vec![kick], line.clone())
         .expect("activate");
     for _ in 0..8 {
+        trace!("blk_queue: drain");
         stack
             .io_thread()
             .drain()
@@ -257,7 +253,7 @@ pub fn blk_queue(data: &[u8]) {
             guest::guest_write(&mut inp, &mem, &rings);
         }
     }
-    let _ = block.needs_reset();
+    trace!("blk_queue: needs reset: {}", block.needs_reset());
     assert!(block.reset(), "a reset must succeed");
     assert!(!block.needs_reset(), "a reset clears DEVICE_NEEDS_RESET");
     // Nothing serves the old queue any more: a drain touches nothing.

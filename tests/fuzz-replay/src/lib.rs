@@ -24,35 +24,6 @@ fn tracing_on() -> bool {
     *ON.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
 }
 
-/// Known bugs in code outside the fuzz crates that would stop a harness dead (a hang) are
-/// stepped around while this is on, so fuzzing goes on finding other things; each guard
-/// names its bug (fuzz/artifacts-found/ holds an input for it). Off (`FUZZ_NO_GUARDS` set,
-/// or [`set_guards`]) to check a fix: the replay test's `found_crashes` turns them off.
-static GUARDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-pub fn set_guards(on: bool) {
-    GUARDS.store(on, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn guarded() -> bool {
-    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *ENV.get_or_init(|| std::env::var_os("FUZZ_NO_GUARDS").is_some());
-    !off && GUARDS.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-/// Known bug 1 (devices/src/virtio/block/worker.rs, `process_queue`): a used ring laid over
-/// the avail ring's index makes the handler spin forever on the disk's I/O thread. Its
-/// notification writes (used flags, avail_event) and completions (used idx and elements)
-/// rewrite the avail index, `enable_notification` then reports more available than the
-/// avail iterator yields, and the loop never ends; the vCPU that resets the device, API
-/// edits and the flush at shutdown then wait for that thread forever. Guard: the harnesses
-/// do not kick a queue whose avail index lies under its used ring.
-fn used_ring_over_avail_idx(avail: u64, used: u64, size: u16) -> bool {
-    let idx = avail.wrapping_add(2);
-    let used_end = used.saturating_add(6 + 8 * u64::from(size));
-    idx.saturating_add(2) > used && idx < used_end
-}
-
 mod api;
 mod blk;
 mod config;

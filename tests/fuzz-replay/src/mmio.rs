@@ -7,7 +7,7 @@ use crate::blk::{self, Disks};
 use crate::guest::{self, Rings};
 use crate::input::Input;
 use devices::bus::BusDevice;
-use devices::virtio::block::{Block, QUEUE_SIZE};
+use devices::virtio::block::Block;
 use devices::virtio::MmioTransport;
 use std::sync::OnceLock;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,7 +22,6 @@ const ACK: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
-const NEEDS_RESET: u32 = 0x40;
 const FAILED: u32 = 0x80;
 
 /// The registers of the version-2 layout, and the device config after them.
@@ -39,87 +38,14 @@ fn offset(inp: &mut Input<'_>) -> u64 {
     }
 }
 
-/// Queue 0 as the transport holds it, mirrored from the writes (only to step around
-/// known bug 1, see `crate::used_ring_over_avail_idx`).
-#[derive(Clone, Copy, Debug)]
-struct Mirror {
-    select: u32,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-    activated: bool,
-}
-
-impl Mirror {
-    fn fresh() -> Mirror {
-        Mirror {
-            select: 0,
-            desc: 0,
-            avail: 0,
-            used: 0,
-            size: QUEUE_SIZE,
-            activated: false,
-        }
-    }
-
-    /// Would a kick now run into known bug 1?
-    fn hang_risk(&self) -> bool {
-        self.activated && crate::used_ring_over_avail_idx(self.avail, self.used, self.size)
-    }
-}
-
-/// A register write, to the transport and the mirror.
-fn write(t: &mut MmioTransport, m: &mut Mirror, offset: u64, data: &[u8]) {
+/// A register write.
+fn write(t: &mut MmioTransport, offset: u64, data: &[u8]) {
     trace!("mmio: write {offset:#x} = {data:02x?}");
     t.write(offset, data);
-    let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-        return;
-    };
-    let v = u32::from_le_bytes(bytes);
-    let set = |current: u64, align: u64| {
-        let next = if offset & 4 == 0 {
-            (current & !0xffff_ffff) | u64::from(v)
-        } else {
-            (current & 0xffff_ffff) | (u64::from(v) << 32)
-        };
-        if next % align == 0 {
-            next
-        } else {
-            current
-        }
-    };
-    match offset {
-        0x30 => m.select = v,
-        STATUS => {
-            let now = read32(t, STATUS);
-            if v == 0 {
-                if now == 0 {
-                    *m = Mirror::fresh();
-                }
-            } else {
-                let ready = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
-                if !m.activated && v & ready == ready && v & FAILED == 0 {
-                    m.activated = now & NEEDS_RESET == 0;
-                }
-            }
-        }
-        _ if m.activated || m.select != 0 => {}
-        0x38 => {
-            let size = v as u16;
-            if size != 0 && size <= QUEUE_SIZE && size.is_power_of_two() {
-                m.size = size;
-            }
-        }
-        0x80 | 0x84 => m.desc = set(m.desc, 16),
-        0x90 | 0x94 => m.avail = set(m.avail, 2),
-        0xa0 | 0xa4 => m.used = set(m.used, 4),
-        _ => {}
-    }
 }
 
-fn write32(t: &mut MmioTransport, m: &mut Mirror, offset: u64, v: u32) {
-    write(t, m, offset, &v.to_le_bytes());
+fn write32(t: &mut MmioTransport, offset: u64, v: u32) {
+    write(t, offset, &v.to_le_bytes());
 }
 
 fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -129,28 +55,28 @@ fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
 }
 
 /// The whole driver start-up, as Linux does it, with the rings at `rings`.
-fn driver_init(inp: &mut Input<'_>, t: &mut MmioTransport, m: &mut Mirror, rings: &Rings) {
-    write32(t, m, STATUS, 0);
-    write32(t, m, STATUS, ACK);
-    write32(t, m, STATUS, ACK | DRIVER);
+fn driver_init(inp: &mut Input<'_>, t: &mut MmioTransport, rings: &Rings) {
+    write32(t, STATUS, 0);
+    write32(t, STATUS, ACK);
+    write32(t, STATUS, ACK | DRIVER);
     for sel in 0..2 {
-        write32(t, m, 0x14, sel);
+        write32(t, 0x14, sel);
         let offered = read32(t, 0x10);
-        write32(t, m, 0x24, sel);
-        write32(t, m, 0x20, offered & inp.u32());
+        write32(t, 0x24, sel);
+        write32(t, 0x20, offered & inp.u32());
     }
-    write32(t, m, STATUS, ACK | DRIVER | FEATURES_OK);
+    write32(t, STATUS, ACK | DRIVER | FEATURES_OK);
     let _ = read32(t, STATUS);
-    write32(t, m, 0x30, 0);
+    write32(t, 0x30, 0);
     let _ = read32(t, 0x34);
-    write32(t, m, 0x38, u32::from(rings.size));
+    write32(t, 0x38, u32::from(rings.size));
     for (reg, a) in [(0x80, rings.desc), (0x90, rings.avail), (0xa0, rings.used)] {
-        write32(t, m, reg, a as u32);
-        write32(t, m, reg + 4, (a >> 32) as u32);
+        write32(t, reg, a as u32);
+        write32(t, reg + 4, (a >> 32) as u32);
     }
-    write32(t, m, 0x44, 1);
+    write32(t, 0x44, 1);
     if !inp.one_in(8) {
-        write32(t, m, STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        write32(t, STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     }
 }
 
@@ -169,7 +95,6 @@ pub fn mmio(data: &[u8]) {
     let mut rings = Rings::from_input(&mut inp);
     trace!("mmio: disk {}, rings {rings:x?}", stack.device_id());
     let mut kicks = 0;
-    let mut m = Mirror::fresh();
     for _ in 0..MAX_OPS {
         if inp.is_empty() {
             break;
@@ -193,9 +118,9 @@ pub fn mmio(data: &[u8]) {
                 buf[..4].copy_from_slice(&v.to_le_bytes());
                 if at == NOTIFY && n == 4 && v == 0 {
                     // A kick of queue 0: served below, synchronously (see `kick`).
-                    kick(&stack, &m, &mut kicks);
+                    kick(&stack, &mut kicks);
                 } else {
-                    write(&mut t, &mut m, at, &buf[..n]);
+                    write(&mut t, at, &buf[..n]);
                 }
             }
             4 => {
@@ -207,21 +132,21 @@ pub fn mmio(data: &[u8]) {
                     ACK | DRIVER | FEATURES_OK | DRIVER_OK | FAILED,
                     0x40,
                 ]);
-                write32(&mut t, &mut m, STATUS, status);
+                write32(&mut t, STATUS, status);
             }
             5 => {
                 if inp.bool() {
                     rings = Rings::from_input(&mut inp);
                 }
                 trace!("mmio: driver start-up, rings {rings:x?}");
-                driver_init(&mut inp, &mut t, &mut m, &rings);
+                driver_init(&mut inp, &mut t, &rings);
             }
-            6 => kick(&stack, &m, &mut kicks),
+            6 => kick(&stack, &mut kicks),
             _ => guest::guest_write(&mut inp, &mem, &rings),
         }
     }
     // The driver resets the device: it must stop serving and forget everything.
-    write32(&mut t, &mut m, STATUS, 0);
+    write32(&mut t, STATUS, 0);
     assert_eq!(read32(&mut t, STATUS), 0, "status after a reset");
     assert_eq!(read32(&mut t, 0x60), 0, "interrupt status after a reset");
     assert_eq!(read32(&mut t, 0x44), 0, "queue ready after a reset");
@@ -232,12 +157,8 @@ pub fn mmio(data: &[u8]) {
 /// eventfd, which the device's handler watches on its I/O thread; the harness runs that
 /// handler through the thread's drain instead, which waits for it, so each input runs the
 /// same way every time and never races the guest writes that follow.
-fn kick(stack: &compat::LiveStack, m: &Mirror, kicks: &mut usize) {
-    trace!("mmio: kick ({m:x?})");
-    if crate::guarded() && m.hang_risk() {
-        trace!("mmio: known bug 1 (used ring over the avail index): not kicked");
-        return;
-    }
+fn kick(stack: &compat::LiveStack, kicks: &mut usize) {
+    trace!("mmio: kick");
     if *kicks < MAX_KICKS {
         *kicks += 1;
         stack

@@ -217,16 +217,8 @@ unsafe fn own_io(lower: *const Lower) {
         });
         let mut buf = vec![0x77u8; len as usize];
         let (ptr, len) = if null {
-            let len = feed(|i| i.u64()) % (1 << 20);
-            // Known bug 2 (compat/src/lower.rs, `LowerCtx::submit`): a write of 0 bytes from
-            // NULL while the instance is created (the ABI allows NULL for no bytes) reaches
-            // `slice::from_raw_parts(NULL, 0)`, undefined behaviour. Guard: a dangling
-            // pointer instead of NULL for no bytes.
-            if len == 0 && crate::guarded() {
-                (std::ptr::NonNull::dangling().as_ptr(), 0)
-            } else {
-                (std::ptr::null_mut(), len)
-            }
+            // NULL for no bytes is allowed; for more, the shim must refuse it.
+            (std::ptr::null_mut(), feed(|i| i.u64()) % (1 << 20))
         } else {
             (buf.as_mut_ptr(), len)
         };

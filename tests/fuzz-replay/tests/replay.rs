@@ -1,8 +1,7 @@
 //! Every committed corpus input through its target's harness, as ordinary tests: one test per
 //! target, each input in turn (a failure names the file). `fuzz/artifacts-found/<target>/`
 //! holds inputs that crashed code outside the fuzz crates when they were found; they are
-//! replayed by the ignored test `found_crashes` (`cargo test -p fuzz-replay -- --ignored`,
-//! with the harnesses' guards for known bugs off)
+//! replayed by the ignored test `found_crashes` (`cargo test -p fuzz-replay -- --ignored`)
 //! until the bug is fixed and the input moved into the corpus.
 
 use std::path::{Path, PathBuf};
@@ -117,9 +116,9 @@ fn every_target_has_a_test() {
     }
 }
 
-/// Each input of an open bug, with the harnesses' guards for known bugs off, in a child
-/// process of its own (a hang spins a disk's I/O thread for good): a failure or a hang (no
-/// end within 30 s) is reported, and every input is tried.
+/// Each input of an open bug in a child process of its own (a hang may spin a disk's I/O
+/// thread for good): a failure or a hang (no end within 30 s) is reported, and every input
+/// is tried.
 #[test]
 #[ignore = "inputs of open bugs in other crates; run with --ignored"]
 fn found_crashes() {
@@ -131,7 +130,6 @@ fn found_crashes() {
                 .args(["--ignored", "--exact", "found_crash_child", "--nocapture"])
                 .env("FUZZ_FOUND_TARGET", target)
                 .env("FUZZ_FOUND_FILE", &file)
-                .env("FUZZ_NO_GUARDS", "1")
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
