@@ -84,6 +84,12 @@ merge)
     merged="$(mktemp -d "${TMPDIR:-/tmp}/fuzz-merge.XXXXXX")"
     step "minimizing fuzz/corpus/$target + fuzz/work/$target"
     fuzz run "$target" "$merged" "fuzz/corpus/$target" "fuzz/work/$target" -- -set_cover_merge=1 -use_counters=0 -timeout=10
+    # Inputs of fixed bugs (found-*) stay, by name, whatever they cover.
+    for f in "fuzz/corpus/$target"/found-*; do
+        [[ -e "$f" ]] || continue
+        rm -f "$merged/$(sha1sum "$f" | cut -d' ' -f1)"
+        cp "$f" "$merged/"
+    done
     rm -rf "fuzz/corpus/$target"
     mkdir -p "fuzz/corpus/$target"
     cp "$merged"/* "fuzz/corpus/$target/"
