@@ -43,6 +43,8 @@ struct Chain {
     /// Instances out of the chain, destroyed on the I/O thread once nothing else (an API
     /// view rendering an older snapshot) holds them: a plugin's destroy is one of its hooks.
     retired: Mutex<Vec<Arc<Instance>>>,
+    /// `retired` is not empty: the one load a guest request pays for it.
+    any_retired: AtomicBool,
     /// Set at shutdown: the chain is empty and edits are refused.
     closed: AtomicBool,
 }
@@ -92,6 +94,7 @@ impl LiveStack {
                 capacity: stack.capacity(),
                 current: RwLock::new(stack),
                 retired: Mutex::new(Vec::new()),
+                any_retired: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
             }),
             io,
@@ -156,7 +159,7 @@ impl LiveStack {
                 let status = chain.snapshot().flush();
                 chain.closed.store(true, Relaxed);
                 let top = chain.snapshot();
-                lock(&chain.retired).extend(top.layers().iter().cloned());
+                chain.retire(top.layers());
                 chain.publish(top.driver(), &[], top.shared_counters());
                 drop(top);
                 chain.reap();
@@ -315,7 +318,7 @@ impl Chain {
             }
         }
         let mut next = layers.to_vec();
-        lock(&self.retired).push(next.remove(k));
+        self.retire(&[next.remove(k)]);
         self.publish(top.driver(), &next, top.shared_counters());
         drop(top);
         self.reap();
@@ -360,17 +363,24 @@ impl Chain {
         *current = stacks[0].clone();
     }
 
+    /// Takes instances out of the chain: destroyed by [`reap`](Self::reap) on the I/O thread.
+    fn retire(&self, instances: &[Arc<Instance>]) {
+        lock(&self.retired).extend(instances.iter().cloned());
+        self.any_retired.store(true, Relaxed);
+    }
+
     /// Destroys the retired instances nothing else holds any more (on the I/O thread). An
     /// instance above another holds it through its own lower stack, so this repeats until
     /// nothing more goes.
     fn reap(&self) {
-        let mut retired = lock(&self.retired);
-        if retired.is_empty() {
+        if !self.any_retired.load(Relaxed) {
             return;
         }
+        let mut retired = lock(&self.retired);
         loop {
             let before = retired.len();
             retired.retain(|i| Arc::strong_count(i) > 1);
+            self.any_retired.store(!retired.is_empty(), Relaxed);
             if retired.len() == before {
                 return;
             }
