@@ -241,7 +241,6 @@ pub fn run(
         I8042_PORT,
         5,
     )?;
-    spawn_stdin(serial);
 
     let mut mmio = Bus::new();
     let announce = add_block_devices(disks, &vm, &mem, &mut mmio)?;
@@ -256,6 +255,8 @@ pub fn run(
         cfg.kernel.initrd.as_deref(),
         cmdline.trim(),
     )?;
+    // Only a VM that will run reads the host's stdin.
+    spawn_stdin(serial);
 
     let count = cfg.machine.vcpus as u8;
     mptable::write(&mem, count)?;

@@ -155,6 +155,26 @@ fn child() {
                 if fd >= 0 { "a descriptor" } else { "an error" }
             );
         }),
+        "every-kind-closes-a-descriptor" => {
+            // Any thread can drop the last owner of a descriptor (the stdin thread can end
+            // holding the serial console when the VM ends); the standard
+            // library's debug check (fcntl F_GETFD) and the close run under its filter.
+            let filters = std::sync::Arc::new(Filters::build(SeccompMode::Trap).expect("filters"));
+            for kind in ThreadKind::ALL {
+                let fd = std::fs::File::open("/proc/self/stat").expect("open");
+                let filters = filters.clone();
+                std::thread::Builder::new()
+                    .name("io-test0".into())
+                    .spawn(move || {
+                        filters.apply(kind).expect("apply");
+                        drop(fd);
+                    })
+                    .expect("spawn")
+                    .join()
+                    .expect("join");
+                eprintln!("{kind:?} closed a descriptor");
+            }
+        }
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -169,6 +189,13 @@ fn a_forbidden_call_on_a_device_thread_stops_the_process_with_one_line() {
         err.ends_with(&report("io-test0", libc::SYS_socket, "socket", "device")),
         "{err}"
     );
+}
+
+#[test]
+fn every_thread_may_close_a_descriptor_it_ends_up_owning() {
+    let (code, err) = run_child("every-kind-closes-a-descriptor");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("Stdin closed a descriptor\n"), "{err}");
 }
 
 #[test]
