@@ -7,7 +7,7 @@
 //! `cargo bench -p compat --bench shim`
 
 use compat::{
-    BlockDriver, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, LiveStack, Plugin,
+    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, LiveStack, Plugin,
     RequestStatus, Segment,
 };
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -17,7 +17,7 @@ use std::sync::Arc;
 /// A driver that completes every request at once.
 struct NullDriver;
 
-impl BlockDriver for NullDriver {
+impl BlockBackend for NullDriver {
     fn capacity(&self) -> u64 {
         1 << 30
     }

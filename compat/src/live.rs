@@ -63,7 +63,7 @@ impl LiveStack {
     /// chain on it: every instance is created on the thread that will call its hooks.
     pub fn start(
         device_id: &str,
-        driver: Arc<dyn crate::BlockDriver>,
+        driver: Arc<dyn crate::BlockBackend>,
         chain: &[InstanceSpec],
         on_start: Option<ThreadStart>,
     ) -> Result<LiveStack, BuildError> {
@@ -351,7 +351,7 @@ impl Chain {
     /// flight).
     fn publish(
         &self,
-        driver: &Arc<dyn crate::BlockDriver>,
+        driver: &Arc<dyn crate::BlockBackend>,
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
     ) {

@@ -8,7 +8,7 @@
 
 use crate::instance::{Instance, InstanceSpec};
 use crate::loader::LoadError;
-use crate::{BlockDriver, BlockRequestKind, DeviceKind, IoRequest, RequestStatus, Segment};
+use crate::{BlockBackend, BlockRequestKind, DeviceKind, IoRequest, RequestStatus, Segment};
 use interceptor_abi as abi;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -44,7 +44,7 @@ pub struct BuildError {
 pub struct BlockStack {
     device_id: String,
     layers: Vec<Arc<Instance>>,
-    driver: Arc<dyn BlockDriver>,
+    driver: Arc<dyn BlockBackend>,
     capacity: u64,
     /// Shared by every rebuild of the device's top stack (see `LiveStack`).
     counters: Arc<StackCounters>,
@@ -66,7 +66,7 @@ impl BlockStack {
     /// layers below already in `create`.
     pub fn build(
         device_id: &str,
-        driver: Arc<dyn BlockDriver>,
+        driver: Arc<dyn BlockBackend>,
         chain: &[InstanceSpec],
     ) -> Result<Arc<BlockStack>, BuildError> {
         if chain.len() > MAX_CHAIN {
@@ -110,7 +110,7 @@ impl BlockStack {
     /// `layers[k..]`, the last one the driver alone. Entry 0 shares `counters`.
     pub(crate) fn assemble(
         device_id: &str,
-        driver: &Arc<dyn BlockDriver>,
+        driver: &Arc<dyn BlockBackend>,
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
     ) -> Vec<Arc<BlockStack>> {
@@ -132,7 +132,7 @@ impl BlockStack {
         stacks
     }
 
-    pub(crate) fn driver(&self) -> &Arc<dyn BlockDriver> {
+    pub(crate) fn driver(&self) -> &Arc<dyn BlockBackend> {
         &self.driver
     }
 

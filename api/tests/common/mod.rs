@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use compat::{
-    BlockDriver, BlockRequestKind, InstanceSpec, IoRequest, LiveStack, PluginRegistry,
+    BlockBackend, BlockRequestKind, InstanceSpec, IoRequest, LiveStack, PluginRegistry,
     RequestStatus,
 };
 use std::io::{Read, Write};
@@ -66,7 +66,7 @@ impl FileDisk {
     }
 }
 
-impl BlockDriver for FileDisk {
+impl BlockBackend for FileDisk {
     fn capacity(&self) -> u64 {
         self.capacity
     }

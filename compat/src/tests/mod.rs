@@ -35,7 +35,7 @@ impl MemDisk {
     }
 }
 
-impl BlockDriver for MemDisk {
+impl BlockBackend for MemDisk {
     fn capacity(&self) -> u64 {
         self.data.lock().unwrap().len() as u64
     }

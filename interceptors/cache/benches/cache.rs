@@ -4,7 +4,7 @@
 //! `cargo bench -p interceptor-cache --bench cache`
 
 use compat::{
-    BlockDriver, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus,
+    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus,
     Segment,
 };
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// A disk of zeros in memory: reads copy from it, writes are dropped.
 struct MemDisk(Vec<u8>);
 
-impl BlockDriver for MemDisk {
+impl BlockBackend for MemDisk {
     fn capacity(&self) -> u64 {
         self.0.len() as u64
     }

@@ -2,7 +2,7 @@
 //! field: through the pure check, and through the shim as the vmm and the API create it.
 
 use super::*;
-use compat::{BlockDriver, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus};
+use compat::{BlockBackend, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus};
 use interceptor_sdk::static_table;
 use std::sync::Arc;
 
@@ -36,7 +36,7 @@ fn sizes_are_bounded_by_the_hard_maximum_and_the_hosts_memory() {
 
 struct Zeros;
 
-impl BlockDriver for Zeros {
+impl BlockBackend for Zeros {
     fn capacity(&self) -> u64 {
         1 << 20
     }

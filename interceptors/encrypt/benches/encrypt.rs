@@ -6,7 +6,7 @@
 //! `cargo bench -p interceptor-encrypt --bench encrypt`
 
 use compat::{
-    BlockDriver, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus,
+    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus,
     Segment,
 };
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 struct MemDisk(Mutex<Vec<u8>>);
 
-impl BlockDriver for MemDisk {
+impl BlockBackend for MemDisk {
     fn capacity(&self) -> u64 {
         self.0.lock().map(|d| d.len() as u64).unwrap_or(0)
     }

@@ -532,7 +532,7 @@ mod config_bounds {
 
     struct Zeros;
 
-    impl compat::BlockDriver for Zeros {
+    impl compat::BlockBackend for Zeros {
         fn capacity(&self) -> u64 {
             1 << 20
         }

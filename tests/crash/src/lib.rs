@@ -7,7 +7,7 @@
 //! last completed guest flush, or contents some later write gave it. Never an error, never
 //! anything else.
 
-use compat::{BlockDriver, BlockRequestKind, BlockStack, IoRequest, RequestStatus, Segment};
+use compat::{BlockBackend, BlockRequestKind, BlockStack, IoRequest, RequestStatus, Segment};
 use std::sync::{Arc, Mutex};
 
 /// One operation that reached the disk.
@@ -48,7 +48,7 @@ impl RecordingDisk {
     }
 }
 
-impl BlockDriver for RecordingDisk {
+impl BlockBackend for RecordingDisk {
     fn capacity(&self) -> u64 {
         self.inner.lock().map(|r| r.image.len() as u64).unwrap_or(0)
     }

@@ -2,7 +2,7 @@
 //! driver contract (so a shim that hands a driver a request out of range, or segments that
 //! do not add up, is a finding), and a scratch directory of this process's own.
 
-use compat::{BlockDriver, BlockRequestKind, IoRequest, RequestStatus};
+use compat::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -34,7 +34,7 @@ impl MemDisk {
     }
 }
 
-impl BlockDriver for MemDisk {
+impl BlockBackend for MemDisk {
     fn capacity(&self) -> u64 {
         self.lock().len() as u64
     }

@@ -3,11 +3,10 @@
 //! passes the stack's pre-processing point before the driver and its post-processing point
 //! before the guest sees the status.
 
-mod backend;
 pub mod request;
 mod worker;
 
-pub use backend::RawFile;
+pub use block::RawFile;
 pub use request::{BlockRequest, Refused, RequestError};
 
 use super::{ActivateError, Interrupt, VirtioDevice};

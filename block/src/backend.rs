@@ -1,8 +1,9 @@
-//! The backend driver interface: what sits under the last interceptor of a device.
+//! The synchronous backend: what the shim's own walks (a plugin's I/O through the layers
+//! below, a flush) run on under the last interceptor.
 
 use crate::{BlockRequestKind, RequestStatus, Segment};
 
-/// A request in the driver's form: host buffers (guest memory, a bounce buffer or a
+/// A request in the backend's form: host buffers (guest memory, a bounce buffer or a
 /// plugin's own buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct IoRequest<'a> {
@@ -16,7 +17,7 @@ pub struct IoRequest<'a> {
 
 /// A block backend (raw file, io_uring, ...). Shared by the device thread and plugins'
 /// own I/O, hence `&self` and `Sync`.
-pub trait BlockDriver: Send + Sync {
+pub trait BlockBackend: Send + Sync {
     /// Bytes on the disk.
     fn capacity(&self) -> u64;
 

@@ -2,12 +2,13 @@
 //! positioned I/O straight between the file and the request's buffers (guest memory when no
 //! interceptor transforms data, so nothing is copied in between).
 
-use compat::{BlockDriver, BlockRequestKind, IoRequest, RequestStatus, Segment};
+use crate::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus, Segment};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 
-use super::request::ID_BYTES;
+/// Bytes of a virtio-blk serial (GET_ID).
+const ID_BYTES: u32 = 20;
 
 // A segment is handed to preadv/pwritev as an iovec: the ABI defines it with that layout.
 const _: () = assert!(std::mem::size_of::<Segment>() == std::mem::size_of::<libc::iovec>());
@@ -43,7 +44,7 @@ impl RawFile {
     /// transfer).
     ///
     /// # Safety
-    /// The segments must be valid for their lengths (see `BlockDriver::execute`).
+    /// The segments must be valid for their lengths (see `BlockBackend::execute`).
     unsafe fn vectored(
         &self,
         offset: u64,
@@ -102,7 +103,7 @@ impl RawFile {
     }
 }
 
-impl BlockDriver for RawFile {
+impl BlockBackend for RawFile {
     fn capacity(&self) -> u64 {
         self.capacity
     }
