@@ -8,6 +8,11 @@
 //! flush passes, when the instance is disabled, and at shutdown. Disabled, the instance writes
 //! back what is dirty, drops the cache and passes everything through.
 //!
+//! Write-back goes down in runs: dirty blocks adjacent on the disk are written with one
+//! lower write of up to [`MAX_RUN_BLOCKS`] blocks (1 MiB). A flush writes back every run in
+//! disk order; evicting a dirty block writes back the run around it, and the blocks of the
+//! run other than the evicted one stay cached, clean, where they were in the LRU order.
+//!
 //! Config: `size_mib` (default 64, at most [`MAX_SIZE_MIB`] and what the host has available),
 //! `write_back` (default false). Memory is taken as blocks are cached, never all up front,
 //! and each block's with a fallible allocation: a host out of memory fails that request.
@@ -17,11 +22,14 @@ use interceptor_sdk::{
     Request, RequestKind, Slot, Status,
 };
 use lru::LruCache;
+use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 
 const BLOCK: u64 = 4096;
+/// The most blocks one write-back request carries: 1 MiB.
+pub const MAX_RUN_BLOCKS: usize = 256;
 /// The largest cache an instance may have: 1 TiB.
 pub const MAX_SIZE_MIB: u64 = 1 << 20;
 /// What a cached block costs beyond its data, at most (its list node, its slot in the map,
@@ -83,9 +91,59 @@ fn host_available_mib() -> Option<u64> {
         .map(|kib| kib / 1024)
 }
 
-struct Cached {
-    data: Box<[u8]>,
-    dirty: bool,
+/// What the cache holds: each block's data in LRU order, and which of them are dirty (newer
+/// than the layers below), in disk order. `dirty` is always a subset of `lru`'s keys.
+struct State {
+    lru: LruCache<u64, Box<[u8]>>,
+    dirty: BTreeSet<u64>,
+}
+
+impl State {
+    /// Forgets a block, dirty or not.
+    fn remove(&mut self, block: u64) {
+        self.lru.pop(&block);
+        self.dirty.remove(&block);
+    }
+
+    fn clear(&mut self) {
+        self.lru.clear();
+        self.dirty.clear();
+    }
+
+    /// The dirty run that starts at `first` (dirty): how many adjacent dirty blocks follow
+    /// it, itself included, at most `max`.
+    fn run_from(&self, first: u64, max: usize) -> usize {
+        let mut next = Some(first);
+        self.dirty
+            .range(first..)
+            .take(max)
+            .take_while(|&&b| {
+                let adjacent = next == Some(b);
+                next = b.checked_add(1);
+                adjacent
+            })
+            .count()
+    }
+
+    /// The dirty run to write back with `block` (dirty): the adjacent dirty blocks from it
+    /// upwards, then downwards, at most [`MAX_RUN_BLOCKS`] in all. Returns (first, count).
+    fn run_around(&self, block: u64) -> (u64, usize) {
+        let up = self.run_from(block, MAX_RUN_BLOCKS);
+        let mut first = block;
+        for &b in self
+            .dirty
+            .range(..block)
+            .rev()
+            .take(MAX_RUN_BLOCKS.saturating_sub(up))
+        {
+            if b.checked_add(1) != Some(first) {
+                break;
+            }
+            first = b;
+        }
+        // first <= block, and block - first < MAX_RUN_BLOCKS.
+        (first, up + (block - first) as usize)
+    }
 }
 
 #[derive(Default)]
@@ -93,7 +151,10 @@ struct Stats {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
+    /// Blocks written back.
     write_backs: AtomicU64,
+    /// Lower writes those took (one per run).
+    write_back_requests: AtomicU64,
     absorbed_writes: AtomicU64,
     errors: AtomicU64,
 }
@@ -102,7 +163,7 @@ pub struct Cache {
     lower: Lower,
     write_back: bool,
     blocks: usize,
-    lru: Mutex<LruCache<u64, Cached>>,
+    state: Mutex<State>,
     stats: Stats,
 }
 
@@ -113,89 +174,109 @@ struct Answered;
 type Res<T> = Result<T, String>;
 
 impl Cache {
-    fn lock(&self) -> Res<MutexGuard<'_, LruCache<u64, Cached>>> {
-        self.lru
+    fn lock(&self) -> Res<MutexGuard<'_, State>> {
+        self.state
             .lock()
             .map_err(|_| "cache lock poisoned".to_string())
     }
 
-    fn write_back(&self, block: u64, data: &[u8]) -> Res<()> {
-        self.stats.write_backs.fetch_add(1, Relaxed);
+    /// Writes back the `n` dirty blocks from `first` on (all cached and dirty) with one
+    /// lower write; they stay cached, clean, where they are in the LRU order. `buf` is
+    /// scratch space for gathering a run of more than one block. On failure they stay dirty.
+    fn write_back_run(&self, st: &mut State, first: u64, n: usize, buf: &mut Vec<u8>) -> Res<()> {
+        let last = first
+            .checked_add(n as u64)
+            .ok_or("write-back run past the end")?;
+        let offset = first
+            .checked_mul(BLOCK)
+            .ok_or("write-back offset overflows")?;
+        let what = || format!("writing back blocks {first}..{last}");
+        let gathered: &[u8] = if n == 1 {
+            st.lru.peek(&first).ok_or("dirty block not cached")?
+        } else {
+            let bytes = n
+                .checked_mul(BLOCK as usize)
+                .ok_or("write-back run too large")?;
+            buf.clear();
+            buf.try_reserve_exact(bytes)
+                .map_err(|_| format!("{}: out of memory", what()))?;
+            for b in first..last {
+                buf.extend_from_slice(st.lru.peek(&b).ok_or("dirty block not cached")?);
+            }
+            buf
+        };
+        self.stats.write_back_requests.fetch_add(1, Relaxed);
+        self.stats.write_backs.fetch_add(n as u64, Relaxed);
         self.lower
-            .write(block * BLOCK, data)
-            .map_err(|e| format!("writing back block {block}: {e}"))
+            .write(offset, gathered)
+            .map_err(|e| format!("{}: {e}", what()))?;
+        for b in first..last {
+            st.dirty.remove(&b);
+        }
+        Ok(())
     }
 
-    /// Evicts until there is room for one more block; a dirty block goes down first and
-    /// stays cached if that fails.
-    fn make_room(&self, lru: &mut LruCache<u64, Cached>) -> Res<()> {
-        while lru.len() >= self.blocks {
-            if let Some((&block, c)) = lru.peek_lru() {
-                if c.dirty {
-                    self.write_back(block, &c.data)?;
+    /// Evicts until there is room for one more block. A dirty block goes down first, with
+    /// the dirty run around it (see [`State::run_around`]), and stays cached if that fails.
+    fn make_room(&self, st: &mut State) -> Res<()> {
+        let mut buf = Vec::new();
+        while st.lru.len() >= self.blocks {
+            if let Some((&block, _)) = st.lru.peek_lru() {
+                if st.dirty.contains(&block) {
+                    let (first, n) = st.run_around(block);
+                    self.write_back_run(st, first, n, &mut buf)?;
                 }
             }
-            lru.pop_lru();
+            if let Some((block, _)) = st.lru.pop_lru() {
+                st.dirty.remove(&block);
+            }
             self.stats.evictions.fetch_add(1, Relaxed);
         }
         Ok(())
     }
 
-    fn insert(
-        &self,
-        lru: &mut LruCache<u64, Cached>,
-        block: u64,
-        data: Box<[u8]>,
-        dirty: bool,
-    ) -> Res<()> {
-        if let Some(c) = lru.get_mut(&block) {
-            c.data = data;
-            c.dirty |= dirty;
-            return Ok(());
+    /// Caches `data` as `block`, which is not cached, evicting the least recently used block
+    /// first if the cache is full.
+    fn insert(&self, st: &mut State, block: u64, data: Box<[u8]>, dirty: bool) -> Res<()> {
+        self.make_room(st)?;
+        st.lru.put(block, data);
+        if dirty {
+            st.dirty.insert(block);
         }
-        self.make_room(lru)?;
-        lru.put(block, Cached { data, dirty });
         Ok(())
     }
 
-    /// Writes back every dirty block, in disk order; they stay cached, clean.
-    fn write_back_all(&self, lru: &mut LruCache<u64, Cached>) -> Res<()> {
-        let mut dirty: Vec<u64> = lru
-            .iter()
-            .filter(|(_, c)| c.dirty)
-            .map(|(&b, _)| b)
-            .collect();
-        dirty.sort_unstable();
-        for block in dirty {
-            if let Some(c) = lru.peek_mut(&block) {
-                self.write_back(block, &c.data)?;
-                c.dirty = false;
-            }
+    /// Writes back every dirty block, run by run in disk order; they stay cached, clean.
+    fn write_back_all(&self, st: &mut State) -> Res<()> {
+        let mut buf = Vec::new();
+        while let Some(&first) = st.dirty.first() {
+            let n = st.run_from(first, MAX_RUN_BLOCKS);
+            self.write_back_run(st, first, n, &mut buf)?;
         }
         Ok(())
     }
 
     /// Disabled: nothing may stay only here.
     fn drain(&self) -> Res<()> {
-        let mut lru = self.lock()?;
-        if !lru.is_empty() {
-            self.write_back_all(&mut lru)?;
-            lru.clear();
+        let mut st = self.lock()?;
+        if !st.lru.is_empty() {
+            self.write_back_all(&mut st)?;
+            st.clear();
         }
         Ok(())
     }
 
     fn pre_read(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
-        let mut lru = self.lock()?;
+        let mut st = self.lock()?;
         let all_cached =
-            block_pieces(req.offset(), req.len(), BLOCK).all(|p| lru.contains(&p.block));
+            block_pieces(req.offset(), req.len(), BLOCK).all(|p| st.lru.contains(&p.block));
         if !all_cached {
             self.stats.misses.fetch_add(1, Relaxed);
             return Ok(Decision::Continue);
         }
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let c = lru.get(&p.block).ok_or("cached block vanished")?;
-            req.write_data(p.at, &c.data[p.range()])
+            let c = st.lru.get(&p.block).ok_or("cached block vanished")?;
+            req.write_data(p.at, &c[p.range()])
                 .map_err(|e| format!("{e:?}"))?;
         }
         self.stats.hits.fetch_add(1, Relaxed);
@@ -204,55 +285,62 @@ impl Cache {
     }
 
     fn post_read(&self, req: &mut Request<'_>) -> Res<()> {
-        let mut lru = self.lock()?;
+        let mut st = self.lock()?;
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            if let Some(c) = lru.get(&p.block) {
+            if let Some(c) = st.lru.get(&p.block) {
                 // What is cached is newest (it may be dirty): it wins over what came up.
-                req.write_data(p.at, &c.data[p.range()])
+                req.write_data(p.at, &c[p.range()])
                     .map_err(|e| format!("{e:?}"))?;
             } else if p.is_whole(BLOCK) {
                 let data = Self::copy_block(req, p.at)?;
-                self.insert(&mut lru, p.block, data, false)?;
+                self.insert(&mut st, p.block, data, false)?;
             }
         }
         Ok(())
     }
 
     fn pre_write(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
-        let mut lru = self.lock()?;
+        let mut guard = self.lock()?;
+        // Through the guard once, so that the LRU and the dirty set borrow apart.
+        let st = &mut *guard;
         let whole = req.offset().is_multiple_of(BLOCK) && req.len().is_multiple_of(BLOCK);
         if self.write_back && whole {
             for p in block_pieces(req.offset(), req.len(), BLOCK) {
-                let data = Self::copy_block(req, p.at)?;
-                self.insert(&mut lru, p.block, data, true)?;
+                if let Some(c) = st.lru.get_mut(&p.block) {
+                    // Dirty before the copy: if it fails half way, the copy differs from
+                    // what is below all the same.
+                    st.dirty.insert(p.block);
+                    req.read_data(p.at, c).map_err(|e| format!("{e:?}"))?;
+                } else {
+                    let data = Self::copy_block(req, p.at)?;
+                    self.insert(st, p.block, data, true)?;
+                }
             }
             self.stats.absorbed_writes.fetch_add(1, Relaxed);
             *slot = Some(Box::new(Answered));
             return Ok(Decision::Complete);
         }
         // Going down: blocks it covers in part must reach the disk first if dirty.
+        let mut buf = Vec::new();
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            if !p.is_whole(BLOCK) {
-                if let Some(c) = lru.peek_mut(&p.block) {
-                    if c.dirty {
-                        self.write_back(p.block, &c.data)?;
-                        c.dirty = false;
-                    }
-                }
+            if !p.is_whole(BLOCK) && st.dirty.contains(&p.block) {
+                self.write_back_run(st, p.block, 1, &mut buf)?;
             }
         }
         Ok(Decision::Continue)
     }
 
     fn post_write(&self, req: &mut Request<'_>, ok: bool) -> Res<()> {
-        let mut lru = self.lock()?;
+        let mut st = self.lock()?;
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
             if !(ok && p.is_whole(BLOCK)) {
-                lru.pop(&p.block);
-            } else if let Some(c) = lru.get_mut(&p.block) {
+                st.remove(p.block);
+            } else if let Some(c) = st.lru.get_mut(&p.block) {
                 // Only blocks already cached are updated: writes do not fill the cache.
-                req.read_data(p.at, &mut c.data)
-                    .map_err(|e| format!("{e:?}"))?;
+                if let Err(e) = req.read_data(p.at, c) {
+                    st.remove(p.block);
+                    return Err(format!("{e:?}"));
+                }
             }
         }
         Ok(())
@@ -294,7 +382,10 @@ impl Interceptor for Cache {
             blocks: blocks.get(),
             // Unbounded: the map grows as blocks are cached (`make_room` keeps it to
             // `blocks`), so no memory for the whole size is taken up front.
-            lru: Mutex::new(LruCache::unbounded()),
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                dirty: BTreeSet::new(),
+            }),
             stats: Stats::default(),
         })
     }
@@ -311,7 +402,7 @@ impl Interceptor for Cache {
             RequestKind::Write => self.pre_write(req, slot),
             RequestKind::Flush => self
                 .lock()
-                .and_then(|mut lru| self.write_back_all(&mut lru))
+                .and_then(|mut st| self.write_back_all(&mut st))
                 .map(|()| Decision::Continue),
             _ => Ok(Decision::Continue),
         };
@@ -340,14 +431,9 @@ impl Interceptor for Cache {
     fn stats(&self) -> serde_json::Value {
         let s = &self.stats;
         let (cached, dirty) = self
-            .lru
+            .state
             .lock()
-            .map(|l| {
-                (
-                    l.len() as u64,
-                    l.iter().filter(|(_, c)| c.dirty).count() as u64,
-                )
-            })
+            .map(|st| (st.lru.len() as u64, st.dirty.len() as u64))
             .unwrap_or((0, 0));
         let (hits, misses) = (s.hits.load(Relaxed), s.misses.load(Relaxed));
         serde_json::json!({
@@ -360,6 +446,7 @@ impl Interceptor for Cache {
             "dirty_bytes": dirty * BLOCK,
             "evictions": s.evictions.load(Relaxed),
             "write_backs": s.write_backs.load(Relaxed),
+            "write_back_requests": s.write_back_requests.load(Relaxed),
             "absorbed_writes": s.absorbed_writes.load(Relaxed),
             "errors": s.errors.load(Relaxed),
         })
@@ -369,9 +456,9 @@ impl Interceptor for Cache {
 impl Drop for Cache {
     /// Shutdown: dirty blocks go down and are flushed.
     fn drop(&mut self) {
-        if let Ok(mut lru) = self.lru.lock() {
-            let had_dirty = lru.iter().any(|(_, c)| c.dirty);
-            if let Err(e) = self.write_back_all(&mut lru) {
+        if let Ok(mut st) = self.state.lock() {
+            let had_dirty = !st.dirty.is_empty();
+            if let Err(e) = self.write_back_all(&mut st) {
                 self.lower.log(LogLevel::Error, &format!("shutdown: {e}"));
             } else if had_dirty && self.lower.flush().is_err() {
                 self.lower.log(LogLevel::Error, "shutdown: flush failed");

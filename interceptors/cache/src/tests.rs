@@ -1,9 +1,17 @@
 //! The cache's size is bounded before anything is allocated, and the refusal names the
 //! field: through the pure check, and through the shim as the vmm and the API create it.
+//! Write-back goes down in runs of adjacent blocks, partial writes to cached blocks update
+//! them, and a seeded random workload reads back what a plain byte array holds: through a
+//! disk in memory that logs every write reaching it.
 
 use super::*;
-use compat::{BlockBackend, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus};
+use compat::{
+    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, Plugin, RequestStatus,
+    Segment,
+};
 use interceptor_sdk::static_table;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
 #[test]
@@ -77,4 +85,332 @@ fn a_size_over_the_hosts_memory_is_refused_not_allocated() {
     let e = create(serde_json::json!({ "size_mib": 0 })).unwrap_err();
     assert!(e.contains("size_mib = 0: must be at least 1"), "{e}");
     create(serde_json::json!({ "size_mib": 1 })).unwrap();
+}
+
+/// A disk in memory that logs the writes reaching it (offset, length) and counts flushes;
+/// `fail_writes` makes every write fail.
+struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    writes: Mutex<Vec<(u64, u64)>>,
+    flushes: AtomicU64,
+    fail_writes: AtomicBool,
+    capacity: u64,
+}
+
+impl MemDisk {
+    fn new(bytes: usize) -> Arc<MemDisk> {
+        Arc::new(MemDisk {
+            data: Mutex::new(vec![0; bytes]),
+            writes: Mutex::new(Vec::new()),
+            flushes: AtomicU64::new(0),
+            fail_writes: AtomicBool::new(false),
+            capacity: bytes as u64,
+        })
+    }
+
+    /// The writes logged since the last call.
+    fn take_writes(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.writes.lock().unwrap())
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let at = offset as usize;
+        self.data.lock().unwrap()[at..at + len].to_vec()
+    }
+
+    fn all(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+}
+
+impl BlockBackend for MemDisk {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    unsafe fn execute(&self, req: &IoRequest<'_>) -> RequestStatus {
+        let mut data = self.data.lock().unwrap();
+        let mut at = req.offset as usize;
+        match req.kind {
+            BlockRequestKind::Read => {
+                for s in req.segments {
+                    // SAFETY: the caller's segments are valid for their lengths.
+                    unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), s.base, s.len) };
+                    at += s.len;
+                }
+            }
+            BlockRequestKind::Write => {
+                if self.fail_writes.load(SeqCst) {
+                    return RequestStatus::IoError;
+                }
+                self.writes.lock().unwrap().push((req.offset, req.len));
+                for s in req.segments {
+                    // SAFETY: as above.
+                    let src = unsafe { std::slice::from_raw_parts(s.base, s.len) };
+                    data[at..at + s.len].copy_from_slice(src);
+                    at += s.len;
+                }
+            }
+            BlockRequestKind::Flush => {
+                self.flushes.fetch_add(1, SeqCst);
+            }
+            BlockRequestKind::GetId => return RequestStatus::Unsupported,
+        }
+        RequestStatus::Ok
+    }
+}
+
+fn cache_over(disk: &Arc<MemDisk>, config: Value) -> Arc<BlockStack> {
+    let spec = InstanceSpec {
+        id: "cache".into(),
+        plugin: Plugin::from_static("cache", static_table!(Cache)).unwrap(),
+        config_json: config.to_string(),
+        enabled: true,
+    };
+    BlockStack::build("d", disk.clone(), &[spec]).unwrap()
+}
+
+fn write_back_cache(disk: &Arc<MemDisk>, size_mib: u64) -> Arc<BlockStack> {
+    cache_over(disk, json!({ "size_mib": size_mib, "write_back": true }))
+}
+
+fn submit(
+    stack: &BlockStack,
+    kind: BlockRequestKind,
+    offset: u64,
+    buf: &mut [u8],
+) -> RequestStatus {
+    let seg = [Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    let segs: &[Segment] = if buf.is_empty() { &[] } else { &seg };
+    // SAFETY: the segment is a live buffer; tests keep requests inside the disk.
+    unsafe { stack.submit(kind, offset, segs) }
+}
+
+fn write(stack: &BlockStack, offset: u64, data: &[u8]) {
+    let mut buf = data.to_vec();
+    let st = submit(stack, BlockRequestKind::Write, offset, &mut buf);
+    assert_eq!(st, RequestStatus::Ok, "write at {offset}+{}", data.len());
+}
+
+fn read(stack: &BlockStack, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xee; len];
+    let st = submit(stack, BlockRequestKind::Read, offset, &mut buf);
+    assert_eq!(st, RequestStatus::Ok, "read at {offset}+{len}");
+    buf
+}
+
+fn flush(stack: &BlockStack) -> RequestStatus {
+    stack.flush()
+}
+
+fn stats(stack: &BlockStack) -> Value {
+    stack.instance("cache").unwrap().plugin_stats().unwrap()
+}
+
+fn stat(stack: &BlockStack, name: &str) -> u64 {
+    stats(stack)[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// A block's worth of bytes that tell blocks and versions apart.
+fn pattern(block: u64, version: u8) -> Vec<u8> {
+    (0..BLOCK)
+        .map(|i| (i as u8) ^ (block as u8).rotate_left(3) ^ version.wrapping_mul(31))
+        .collect()
+}
+
+const B: u64 = BLOCK;
+
+/// Issue 15: a guest `sync` wrote back 23,842 dirty blocks one 4 KiB request each.
+#[test]
+fn flushing_64_adjacent_dirty_blocks_takes_one_lower_write() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 4);
+    for b in 100..164 {
+        write(&stack, b * B, &pattern(b, 1));
+    }
+    assert!(disk.take_writes().is_empty(), "absorbed, nothing went down");
+    assert_eq!(stat(&stack, "dirty_bytes"), 64 * B);
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert_eq!(disk.take_writes(), [(100 * B, 64 * B)]);
+    assert_eq!(disk.flushes.load(SeqCst), 1);
+    for b in 100..164 {
+        assert_eq!(
+            disk.bytes(b * B, B as usize),
+            pattern(b, 1),
+            "block {b} on disk"
+        );
+    }
+    let s = stats(&stack);
+    assert_eq!(s["write_backs"], 64);
+    assert_eq!(s["write_back_requests"], 1);
+    assert_eq!(s["dirty_bytes"], 0);
+    assert_eq!(s["bytes_cached"], 64 * B, "written back, still cached");
+}
+
+#[test]
+fn write_back_runs_are_capped_at_1_mib_and_split_at_gaps() {
+    let disk = MemDisk::new(8 << 20);
+    let stack = write_back_cache(&disk, 8);
+    // 600 adjacent blocks in one request, then two runs with a clean block between them,
+    // and a lone block; written in no particular order.
+    write(&stack, 1000 * B, &vec![7; 600 * B as usize]);
+    for b in [1700, 1702, 1703, 1701, 1705, 1706, 1900] {
+        write(&stack, b * B, &pattern(b, 2));
+    }
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    let cap = MAX_RUN_BLOCKS as u64 * B;
+    assert_eq!(
+        disk.take_writes(),
+        [
+            (1000 * B, cap),
+            (1256 * B, cap),
+            (1512 * B, 88 * B),
+            (1700 * B, 4 * B),
+            (1705 * B, 2 * B),
+            (1900 * B, B),
+        ],
+        "in disk order, at most 1 MiB each"
+    );
+    assert_eq!(stat(&stack, "write_backs"), 607);
+    assert_eq!(stat(&stack, "write_back_requests"), 6);
+    assert_eq!(
+        disk.bytes(1000 * B, 600 * B as usize),
+        vec![7; 600 * B as usize]
+    );
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert!(disk.take_writes().is_empty(), "nothing is dirty any more");
+}
+
+/// Evicting the least recently used block, dirty, writes back the dirty run around it in one
+/// request; the rest of the run stays cached, clean, in its place in the LRU order.
+#[test]
+fn evicting_a_dirty_block_writes_back_its_run_and_keeps_the_lru_order() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 1); // 256 blocks
+    let blocks = MAX_RUN_BLOCKS as u64;
+    for b in 0..blocks {
+        write(&stack, b * B, &pattern(b, 3));
+    }
+    assert!(disk.take_writes().is_empty());
+    // Full: the next block evicts block 0, and its run (all 256) goes down at once.
+    write(&stack, 600 * B, &pattern(600, 3));
+    assert_eq!(disk.take_writes(), [(0, blocks * B)]);
+    assert_eq!(stat(&stack, "evictions"), 1);
+    assert_eq!(stat(&stack, "bytes_cached"), blocks * B);
+    assert_eq!(stat(&stack, "dirty_bytes"), B, "only block 600 is dirty");
+    // The next evictions take blocks 1, 2, ... in their order, now clean: nothing goes down.
+    for b in 601..611 {
+        write(&stack, b * B, &pattern(b, 3));
+    }
+    assert!(disk.take_writes().is_empty());
+    assert_eq!(stat(&stack, "evictions"), 11);
+    // Blocks 0..=10 are gone (a miss), 11 and 255 still cached (hits).
+    let misses = stat(&stack, "misses");
+    assert_eq!(read(&stack, 11 * B, B as usize), pattern(11, 3));
+    assert_eq!(read(&stack, 255 * B, B as usize), pattern(255, 3));
+    assert_eq!(stat(&stack, "misses"), misses);
+    assert_eq!(read(&stack, 10 * B, B as usize), pattern(10, 3));
+    assert_eq!(stat(&stack, "misses"), misses + 1);
+    assert_eq!(stat(&stack, "write_backs"), blocks);
+    assert_eq!(stat(&stack, "write_back_requests"), 1);
+}
+
+/// The run written back with an evicted block reaches below it too (blocks written later,
+/// so more recently used), and stops at a clean block.
+#[test]
+fn an_evicted_blocks_run_reaches_down_and_stops_at_clean_blocks() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 1);
+    // Block 20 first (least recently used), then 10..20 and 21..30 (dirty), 30 clean
+    // (read), then filler up to the size.
+    write(&stack, 20 * B, &pattern(20, 4));
+    for b in (10..20).chain(21..30) {
+        write(&stack, b * B, &pattern(b, 4));
+    }
+    read(&stack, 30 * B, B as usize);
+    let mut filler = 100;
+    while stat(&stack, "bytes_cached") < 256 * B {
+        read(&stack, filler * B, B as usize);
+        filler += 1;
+    }
+    read(&stack, filler * B, B as usize); // evicts block 20
+    assert_eq!(disk.take_writes(), [(10 * B, 20 * B)]);
+    for b in 10..30 {
+        assert_eq!(disk.bytes(b * B, B as usize), pattern(b, 4), "block {b}");
+    }
+    assert_eq!(stat(&stack, "dirty_bytes"), 0);
+}
+
+#[test]
+fn write_back_data_is_exact_after_flush_eviction_and_reopen() {
+    let disk = MemDisk::new(4 << 20);
+    let mut model = vec![0u8; 4 << 20];
+    let put = |model: &mut Vec<u8>, stack: &BlockStack, b: u64, v: u8| {
+        let data = pattern(b, v);
+        write(stack, b * B, &data);
+        model[(b * B) as usize..((b + 1) * B) as usize].copy_from_slice(&data);
+    };
+    let stack = write_back_cache(&disk, 1);
+    for b in 0..100 {
+        put(&mut model, &stack, b, 5);
+    }
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert_eq!(disk.all(), model, "after a flush");
+    // Rewrite some, then push everything out by filling the cache with other blocks.
+    for b in (0..100).step_by(3) {
+        put(&mut model, &stack, b, 6);
+    }
+    for b in 300..600 {
+        put(&mut model, &stack, b, 6);
+    }
+    assert_eq!(
+        disk.bytes(0, 100 * B as usize),
+        model[..100 * B as usize],
+        "after eviction"
+    );
+    for b in (0..600).step_by(7) {
+        let at = (b * B) as usize;
+        assert_eq!(
+            read(&stack, b * B, B as usize),
+            model[at..at + B as usize],
+            "block {b}"
+        );
+    }
+    // Destroyed: the rest is written back and flushed; reopened, it reads the same.
+    let flushes = disk.flushes.load(SeqCst);
+    drop(stack);
+    assert_eq!(disk.flushes.load(SeqCst), flushes + 1);
+    assert_eq!(disk.all(), model, "after destroy");
+    let stack = write_back_cache(&disk, 1);
+    assert_eq!(read(&stack, 0, 1 << 20), model[..1 << 20]);
+    assert_eq!(read(&stack, 2 << 20, 2 << 20), model[2 << 20..]);
+}
+
+/// A write-back that fails leaves its run dirty and cached: the flush fails, and once the
+/// disk is back the next flush writes the same run.
+#[test]
+fn a_failed_write_back_keeps_its_run_dirty() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 4);
+    for b in 8..16 {
+        write(&stack, b * B, &pattern(b, 7));
+    }
+    disk.fail_writes.store(true, SeqCst);
+    assert_eq!(flush(&stack), RequestStatus::IoError);
+    assert_eq!(stat(&stack, "dirty_bytes"), 8 * B);
+    assert_eq!(read(&stack, 8 * B, 8 * B as usize), disk_pattern(8..16, 7));
+    disk.fail_writes.store(false, SeqCst);
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert_eq!(disk.take_writes(), [(8 * B, 8 * B)]);
+    assert_eq!(disk.bytes(8 * B, 8 * B as usize), disk_pattern(8..16, 7));
+    assert_eq!(stat(&stack, "dirty_bytes"), 0);
+}
+
+fn disk_pattern(blocks: std::ops::Range<u64>, version: u8) -> Vec<u8> {
+    blocks.flat_map(|b| pattern(b, version)).collect()
 }
