@@ -1,12 +1,14 @@
 //! The cache interceptor: an LRU of 4 KiB blocks (the `lru` crate) in front of the layers
 //! below. A read whose blocks are all cached is answered at the pre point, without the
 //! layers below (a hit); a miss goes down and fills the cache at the post point. Writes
-//! update the cached blocks they cover whole and invalidate the ones they cover in part.
+//! update the cached blocks they touch, whole or in part, and do not fill the cache.
 //!
-//! Write-through by default. With `write_back = true`, writes of whole blocks stay in the
-//! cache (dirty) and are completed at once; dirty blocks go down when evicted, before every
-//! flush passes, when the instance is disabled, and at shutdown. Disabled, the instance writes
-//! back what is dirty, drops the cache and passes everything through.
+//! Write-through by default. With `write_back = true`, a write whose every block is either
+//! covered whole or already cached stays in the cache (dirty) and is completed at once (a
+//! partial write to cached blocks too); any other goes down. Dirty blocks go down when
+//! evicted, before every flush passes, when the instance is disabled, and at shutdown.
+//! Disabled, the instance writes back what is dirty, drops the cache and passes everything
+//! through.
 //!
 //! Write-back goes down in runs: dirty blocks adjacent on the disk are written with one
 //! lower write of up to [`MAX_RUN_BLOCKS`] blocks (1 MiB). A flush writes back every run in
@@ -155,7 +157,12 @@ struct Stats {
     write_backs: AtomicU64,
     /// Lower writes those took (one per run).
     write_back_requests: AtomicU64,
+    /// Writes completed here without going down (write-back).
     absorbed_writes: AtomicU64,
+    /// Absorbed writes that covered a block in part (a cached one).
+    partial_writes_absorbed: AtomicU64,
+    /// Cached blocks that a write going down covered in part, updated rather than dropped.
+    partial_updates: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -300,50 +307,88 @@ impl Cache {
     }
 
     fn pre_write(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
+        if !self.write_back {
+            return Ok(Decision::Continue);
+        }
         let mut guard = self.lock()?;
         // Through the guard once, so that the LRU and the dirty set borrow apart.
         let st = &mut *guard;
-        let whole = req.offset().is_multiple_of(BLOCK) && req.len().is_multiple_of(BLOCK);
-        if self.write_back && whole {
-            for p in block_pieces(req.offset(), req.len(), BLOCK) {
-                if let Some(c) = st.lru.get_mut(&p.block) {
-                    // Dirty before the copy: if it fails half way, the copy differs from
-                    // what is below all the same.
-                    st.dirty.insert(p.block);
-                    req.read_data(p.at, c).map_err(|e| format!("{e:?}"))?;
-                } else {
-                    let data = Self::copy_block(req, p.at)?;
-                    self.insert(st, p.block, data, true)?;
-                }
-            }
-            self.stats.absorbed_writes.fetch_add(1, Relaxed);
-            *slot = Some(Box::new(Answered));
-            return Ok(Decision::Complete);
+        // Absorbed if every block it covers in part is cached: the cached copy is then the
+        // whole block. Otherwise it goes down (see `post_write`).
+        let absorbable = block_pieces(req.offset(), req.len(), BLOCK)
+            .all(|p| p.is_whole(BLOCK) || st.lru.contains(&p.block));
+        if !absorbable {
+            return Ok(Decision::Continue);
         }
-        // Going down: blocks it covers in part must reach the disk first if dirty.
-        let mut buf = Vec::new();
-        for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            if !p.is_whole(BLOCK) && st.dirty.contains(&p.block) {
-                self.write_back_run(st, p.block, 1, &mut buf)?;
+        // The blocks it covers in part first: they are cached now, and caching the whole
+        // ones may evict them (they would then go down with this write's data).
+        let mut partial = false;
+        for p in block_pieces(req.offset(), req.len(), BLOCK).filter(|p| !p.is_whole(BLOCK)) {
+            let c = st.lru.get_mut(&p.block).ok_or("cached block vanished")?;
+            // Dirty before the copy: if it fails half way, the copy differs from what is
+            // below all the same.
+            st.dirty.insert(p.block);
+            req.read_data(p.at, &mut c[p.range()])
+                .map_err(|e| format!("{e:?}"))?;
+            partial = true;
+        }
+        for p in block_pieces(req.offset(), req.len(), BLOCK).filter(|p| p.is_whole(BLOCK)) {
+            if let Some(c) = st.lru.get_mut(&p.block) {
+                st.dirty.insert(p.block);
+                req.read_data(p.at, c).map_err(|e| format!("{e:?}"))?;
+            } else {
+                let data = Self::copy_block(req, p.at)?;
+                self.insert(st, p.block, data, true)?;
             }
         }
-        Ok(Decision::Continue)
+        self.stats.absorbed_writes.fetch_add(1, Relaxed);
+        if partial {
+            self.stats.partial_writes_absorbed.fetch_add(1, Relaxed);
+        }
+        *slot = Some(Box::new(Answered));
+        Ok(Decision::Complete)
     }
 
+    /// A write that went down (write-through, or write-back that could not absorb it): the
+    /// cached blocks it touched take its data, whole or in part (writes do not fill the
+    /// cache). A block it covered whole is then what is below, clean; one it covered in
+    /// part keeps its dirty state (the rest of it may be newer than below). A failed write
+    /// leaves what it covered undefined below: a clean block it touched is dropped, a
+    /// dirty one is kept as it was, to be written back over whatever the write left.
     fn post_write(&self, req: &mut Request<'_>, ok: bool) -> Res<()> {
-        let mut st = self.lock()?;
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        let mut failed = None;
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            if !(ok && p.is_whole(BLOCK)) {
-                st.remove(p.block);
-            } else if let Some(c) = st.lru.get_mut(&p.block) {
-                // Only blocks already cached are updated: writes do not fill the cache.
-                if let Err(e) = req.read_data(p.at, c) {
+            let dirty = st.dirty.contains(&p.block);
+            if !ok {
+                if !dirty {
                     st.remove(p.block);
-                    return Err(format!("{e:?}"));
+                }
+                continue;
+            }
+            let Some(c) = st.lru.get_mut(&p.block) else {
+                continue;
+            };
+            match req.read_data(p.at, &mut c[p.range()]) {
+                Ok(()) if p.is_whole(BLOCK) => {
+                    st.dirty.remove(&p.block);
+                }
+                Ok(()) => {
+                    self.stats.partial_updates.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    // Half copied: a clean copy cannot be trusted; a dirty one keeps the
+                    // rest of its data and is written back later (the guest gets an error
+                    // for this write).
+                    if !dirty {
+                        st.remove(p.block);
+                    }
+                    failed = Some(format!("{e:?}"));
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// A copy of the block-sized piece of the request's data at `at`. The memory is taken
@@ -448,6 +493,8 @@ impl Interceptor for Cache {
             "write_backs": s.write_backs.load(Relaxed),
             "write_back_requests": s.write_back_requests.load(Relaxed),
             "absorbed_writes": s.absorbed_writes.load(Relaxed),
+            "partial_writes_absorbed": s.partial_writes_absorbed.load(Relaxed),
+            "partial_updates": s.partial_updates.load(Relaxed),
             "errors": s.errors.load(Relaxed),
         })
     }
