@@ -36,6 +36,11 @@ impl RawFile {
         })
     }
 
+    /// The disk's file (an engine registers its descriptor).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn read_only(&self) -> bool {
         self.read_only
     }

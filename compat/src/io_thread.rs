@@ -16,8 +16,14 @@ use std::thread::{JoinHandle, ThreadId};
 /// Something the I/O thread serves: a device queue.
 pub trait IoSubscriber: MutEventSubscriber + Send {
     /// Serves everything the guest made available so far, without waiting for a kick (at
-    /// shutdown, once the vCPUs have stopped, so nothing the guest queued is left behind).
+    /// shutdown, once the vCPUs have stopped, so nothing the guest queued is left behind),
+    /// and waits for all of it to complete.
     fn drain(&mut self);
+
+    /// Waits for every request in flight to complete, taking no new ones: before a job from
+    /// another thread runs (a chain edit, a flush) and before the subscriber leaves the loop
+    /// (a reset), so neither ever overlaps a guest request.
+    fn quiesce(&mut self);
 }
 
 type Subscriber = Box<dyn IoSubscriber>;
@@ -90,9 +96,10 @@ impl IoThread {
         IoThreadGone(self.device_id.clone())
     }
 
-    /// Runs `f` on the I/O thread, between two guest requests, and returns its result
-    /// (called on the I/O thread itself, it just runs `f`). A panic in `f` is caught: it
-    /// becomes [`IoThreadGone`] for this call only and the thread keeps serving.
+    /// Runs `f` on the I/O thread once no guest request is in flight (every subscriber
+    /// quiesces first), and returns its result (called on the I/O thread itself, it just
+    /// runs `f`). A panic in `f` is caught: it becomes [`IoThreadGone`] for this call only
+    /// and the thread keeps serving.
     pub fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
@@ -101,8 +108,12 @@ impl IoThread {
             return catch_unwind(AssertUnwindSafe(f)).map_err(|_| self.gone());
         }
         let gone = self.gone();
+        let ids = lock(&self.subscribers).clone();
         self.endpoint
-            .call_blocking(move |_| catch_unwind(AssertUnwindSafe(f)).map_err(|_| Failed))
+            .call_blocking(move |ops| {
+                quiesce(ops, &ids)?;
+                catch_unwind(AssertUnwindSafe(f)).map_err(|_| Failed)
+            })
             .map_err(|_: Failed| gone)
     }
 
@@ -117,11 +128,14 @@ impl IoThread {
     }
 
     /// Takes a subscriber out of the loop (a device reset): when this returns, it serves
-    /// nothing more, and the request it was serving, if any, has completed.
+    /// nothing more, and every request it had in flight has completed.
     pub fn remove(&self, id: SubscriberId) -> Result<Box<dyn IoSubscriber>, IoThreadGone> {
         lock(&self.subscribers).retain(|s| *s != id);
         self.endpoint
-            .call_blocking(move |ops| ops.remove_subscriber(id).map_err(|_| Failed))
+            .call_blocking(move |ops| {
+                quiesce(ops, &[id])?;
+                ops.remove_subscriber(id).map_err(|_| Failed)
+            })
             .map_err(|_| self.gone())
     }
 
@@ -159,6 +173,19 @@ impl Drop for IoThread {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Every subscriber of `ids` still in the loop completes what it has in flight.
+fn quiesce(
+    ops: &mut dyn event_manager::SubscriberOps<Subscriber = Subscriber>,
+    ids: &[SubscriberId],
+) -> Result<(), Failed> {
+    for &id in ids {
+        if let Ok(s) = ops.subscriber_mut(id) {
+            catch_unwind(AssertUnwindSafe(|| s.quiesce())).map_err(|_| Failed)?;
+        }
+    }
+    Ok(())
 }
 
 /// A job failed (it panicked, or the subscriber was not there).

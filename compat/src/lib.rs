@@ -7,6 +7,7 @@
 //! (`instance.rs`) that each get a handle to the layers below them (`lower.rs`).
 //! With no enabled interceptor a request goes straight to the backend and nothing is copied.
 
+mod bounce;
 mod instance;
 mod io_thread;
 mod latency;
@@ -23,7 +24,7 @@ pub use io_thread::{IoSubscriber, IoThread, IoThreadGone, ThreadStart};
 pub use latency::LatencyHistogram;
 pub use live::{ChainError, LiveStack};
 pub use loader::{LoadError, Plugin, PluginRegistry};
-pub use stack::{BlockStack, BuildError, StackCounters, MAX_CHAIN};
+pub use stack::{BlockStack, BuildError, InFlight, StackCounters, Started, MAX_CHAIN};
 
 #[cfg(test)]
 mod tests;

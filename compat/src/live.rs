@@ -8,7 +8,7 @@
 use crate::instance::{Instance, InstanceSpec};
 use crate::io_thread::{IoThread, ThreadStart};
 use crate::loader::LoadError;
-use crate::stack::{BlockStack, BuildError, StackCounters, MAX_CHAIN};
+use crate::stack::{BlockStack, BuildError, InFlight, StackCounters, Started, MAX_CHAIN};
 use crate::{BlockRequestKind, DeviceKind, RequestStatus, Segment};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -140,7 +140,44 @@ impl LiveStack {
         status
     }
 
-    /// Flushes the whole chain (every layer, then the driver) on the I/O thread.
+    /// Starts one guest request on the current chain (on the I/O thread, like every hook):
+    /// its pre hooks run now. See [`BlockStack::begin`]; finish it with
+    /// [`complete`](Self::complete).
+    ///
+    /// # Safety
+    /// See [`BlockStack::begin`].
+    pub unsafe fn begin(
+        &self,
+        kind: BlockRequestKind,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> Started {
+        let started = self.chain.snapshot().begin(kind, offset, segments);
+        if matches!(started, Started::Done(_)) {
+            self.chain.reap();
+        }
+        started
+    }
+
+    /// The backend is done with `request`: its post hooks run (on the I/O thread).
+    pub fn complete(&self, request: InFlight, backend: RequestStatus) -> RequestStatus {
+        let status = request.finish(backend);
+        self.chain.reap();
+        status
+    }
+
+    /// Does a request that starts now pass any interceptor? (The device then orders
+    /// requests that overlap, so no instance sees two at once on the same blocks.)
+    pub fn intercepts(&self) -> bool {
+        self.chain.snapshot().intercepts()
+    }
+
+    /// The backend under the chain (the device opens its queues' engines over it).
+    pub fn backend(&self) -> Arc<dyn crate::BlockBackend> {
+        self.chain.snapshot().driver().clone()
+    }
+
+    /// Flushes the whole chain (every layer, then the backend) on the I/O thread.
     pub fn flush(&self) -> RequestStatus {
         let chain = self.chain.clone();
         self.io
@@ -286,6 +323,7 @@ impl Chain {
             &driver,
             &layers[position..],
             &Arc::default(),
+            top.pool(),
         )
         .swap_remove(0);
         let instance = Instance::create(spec, DeviceKind::Block, &self.device_id, below, true)
@@ -355,7 +393,8 @@ impl Chain {
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
     ) {
-        let stacks = BlockStack::assemble(&self.device_id, driver, layers, counters);
+        let pool = self.snapshot().pool().clone();
+        let stacks = BlockStack::assemble(&self.device_id, driver, layers, counters, &pool);
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         for (k, layer) in layers.iter().enumerate() {
             layer.repoint(stacks[k + 1].clone());

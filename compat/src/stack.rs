@@ -6,6 +6,7 @@
 //! the request; the driver runs only if all continued; then post hooks run bottom to top for
 //! exactly the instances whose pre hook ran.
 
+use crate::bounce::BouncePool;
 use crate::instance::{Instance, InstanceSpec};
 use crate::loader::LoadError;
 use crate::{BlockBackend, BlockRequestKind, DeviceKind, IoRequest, RequestStatus, Segment};
@@ -48,6 +49,8 @@ pub struct BlockStack {
     capacity: u64,
     /// Shared by every rebuild of the device's top stack (see `LiveStack`).
     counters: Arc<StackCounters>,
+    /// The device's bounce buffers, shared by every stack of the device.
+    pool: Arc<BouncePool>,
 }
 
 impl std::fmt::Debug for BlockStack {
@@ -84,6 +87,7 @@ impl BlockStack {
             capacity: driver.capacity(),
             driver,
             counters: Arc::default(),
+            pool: Arc::default(),
         });
         for spec in chain.iter().rev() {
             let instance = Arc::new(
@@ -101,6 +105,7 @@ impl BlockStack {
                 capacity: instance.capacity(),
                 driver: stack.driver.clone(),
                 counters: Arc::default(),
+                pool: stack.pool.clone(),
             });
         }
         Ok(stack)
@@ -113,6 +118,7 @@ impl BlockStack {
         driver: &Arc<dyn BlockBackend>,
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
+        pool: &Arc<BouncePool>,
     ) -> Vec<Arc<BlockStack>> {
         let mut stacks = Vec::with_capacity(layers.len() + 1);
         for k in (0..=layers.len()).rev() {
@@ -126,6 +132,7 @@ impl BlockStack {
                 } else {
                     Arc::default()
                 },
+                pool: pool.clone(),
             }));
         }
         stacks.reverse();
@@ -138,6 +145,10 @@ impl BlockStack {
 
     pub(crate) fn shared_counters(&self) -> &Arc<StackCounters> {
         &self.counters
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<BouncePool> {
+        &self.pool
     }
 
     pub fn device_id(&self) -> &str {
@@ -169,7 +180,8 @@ impl BlockStack {
         unsafe { self.submit(BlockRequestKind::Flush, 0, &[]) }
     }
 
-    /// Runs one request through the chain and the driver; returns the guest's status.
+    /// Runs one request through the chain and the backend, synchronously; returns the
+    /// guest's status. (A device queue uses [`begin`](Self::begin) and an engine instead.)
     ///
     /// # Safety
     /// The segments must be valid host memory for their lengths for the duration of the
@@ -181,8 +193,56 @@ impl BlockStack {
         offset: u64,
         segments: &[Segment],
     ) -> RequestStatus {
+        match self.pre(kind, offset, segments.to_vec()) {
+            Err(status) => status,
+            Ok(mut parts) => {
+                let status = self.run_backend(&parts);
+                self.post(&mut parts, status)
+            }
+        }
+    }
+
+    /// Starts one request: its pre hooks run now. If one of them completed or failed it,
+    /// its post hooks have run too and the status is final (`Started::Done`); otherwise it
+    /// waits for the backend (`Started::Backend`): run [`InFlight::io`] on an engine, then
+    /// [`InFlight::finish`] with the engine's status runs the post hooks.
+    ///
+    /// # Safety
+    /// The segments must stay valid host memory for their lengths (readable for writes,
+    /// writable for reads) until the returned request is finished or dropped, and the
+    /// request must lie within [`capacity`](Self::capacity).
+    pub unsafe fn begin(
+        self: &Arc<Self>,
+        kind: BlockRequestKind,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> Started {
+        match self.pre(kind, offset, segments) {
+            Err(status) => Started::Done(status),
+            Ok(parts) => Started::Backend(InFlight {
+                stack: self.clone(),
+                parts: Some(parts),
+            }),
+        }
+    }
+
+    /// Does a request that starts now pass any interceptor?
+    pub fn intercepts(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.enabled() || l.keeps_when_disabled())
+    }
+
+    /// The snapshot and the pre hooks. `Err` is the final status of a request the chain
+    /// answered itself (its post hooks have run).
+    unsafe fn pre(
+        &self,
+        kind: BlockRequestKind,
+        offset: u64,
+        guest: Vec<Segment>,
+    ) -> Result<Parts, RequestStatus> {
         self.counters.requests.fetch_add(1, Relaxed);
-        let len: u64 = segments.iter().map(|s| s.len as u64).sum();
+        let len: u64 = guest.iter().map(|s| s.len as u64).sum();
         // The snapshot: one atomic load per instance, the only cost of a disabled one.
         let (mut active, mut disabled, mut private) = (0u32, 0u32, false);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -193,88 +253,41 @@ impl BlockStack {
                 private |= layer.modifies_data();
             }
         }
-        let status = if active == 0 {
-            self.run_driver(kind, offset, len, segments)
-        } else {
-            self.run_chain(kind, offset, len, segments, active, disabled, private)
-        };
-        if status != RequestStatus::Ok {
-            self.counters.errors.fetch_add(1, Relaxed);
-        }
-        status
-    }
-
-    unsafe fn run_driver(
-        &self,
-        kind: BlockRequestKind,
-        offset: u64,
-        len: u64,
-        segments: &[Segment],
-    ) -> RequestStatus {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.driver.capacity())
-        {
-            return RequestStatus::IoError;
-        }
-        self.driver.execute(&IoRequest {
+        let mut parts = Parts {
             kind,
             offset,
             len,
-            segments,
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run_chain(
-        &self,
-        kind: BlockRequestKind,
-        offset: u64,
-        len: u64,
-        segments: &[Segment],
-        active: u32,
-        disabled: u32,
-        private: bool,
-    ) -> RequestStatus {
+            active,
+            disabled,
+            ran: 0,
+            slots: [std::ptr::null_mut(); MAX_CHAIN],
+            started: [None; MAX_CHAIN],
+            guest,
+            bounce: None,
+            data: Vec::new(),
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.capacity)
+        {
+            return Err(self.count(RequestStatus::IoError));
+        }
+        if active == 0 {
+            return self.backend_in_range(parts);
+        }
         // Transforming plugins never see guest memory: they get a private copy, and a read's
         // result is copied to the guest only once every post hook is done with it.
-        let mut bounce = Vec::new();
-        let bounce_segment;
-        let data: &[Segment] = if private {
-            bounce = vec![0u8; len as usize];
+        if private {
+            let mut bounce = self.pool.take(len as usize, kind.fills_buffers());
             if !kind.fills_buffers() {
-                copy_segments_to(segments, &mut bounce);
+                copy_segments_to(&parts.guest, &mut bounce);
             }
-            bounce_segment = [Segment {
+            parts.data = vec![Segment {
                 base: bounce.as_mut_ptr(),
                 len: bounce.len(),
             }];
-            &bounce_segment
-        } else {
-            segments
-        };
-        let base = abi::Request {
-            kind: kind.to_abi(),
-            flags: if private { abi::REQ_F_DATA_PRIVATE } else { 0 },
-            offset,
-            len,
-            segments: data.as_ptr(),
-            nsegments: data.len() as u32,
-            device_kind: DeviceKind::Block as u32,
-            device_id: std::ptr::null(),
-        };
-        let request_for = |i: usize, layer: &Instance| {
-            let mut r = base;
-            r.device_id = layer.device_id_ptr();
-            if disabled & (1 << i) != 0 {
-                r.flags |= abi::REQ_F_DISABLED;
-            }
-            r
-        };
-
-        let mut slots = [std::ptr::null_mut::<c_void>(); MAX_CHAIN];
-        let mut started = [None::<Instant>; MAX_CHAIN];
-        let mut last_pre = None;
+            parts.bounce = Some(bounce);
+        }
         let mut early = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if active & (1 << i) == 0 {
@@ -286,9 +299,10 @@ impl BlockStack {
             if kind == BlockRequestKind::Write {
                 c.writes.fetch_add(1, Relaxed);
             }
-            started[i] = Some(Instant::now());
-            let decision = layer.call_pre(&request_for(i, layer), &mut slots[i]);
-            last_pre = Some(i);
+            parts.started[i] = Some(Instant::now());
+            let request = parts.abi_request(i, layer);
+            let decision = layer.call_pre(&request, &mut parts.slots[i]);
+            parts.ran = i + 1;
             match decision {
                 abi::CONTINUE => continue,
                 abi::COMPLETE => {
@@ -308,14 +322,41 @@ impl BlockStack {
             }
             break;
         }
-        let mut status = match early {
-            Some(s) => s,
-            None => self.run_driver(kind, offset, len, data),
-        };
-        let ran = last_pre.map_or(0, |last| last + 1);
-        for i in (0..ran).rev().filter(|i| active & (1 << i) != 0) {
+        match early {
+            Some(status) => Err(self.post(&mut parts, status)),
+            None => self.backend_in_range(parts),
+        }
+    }
+
+    /// A request every instance let through reaches the backend only inside the backend's
+    /// capacity (an instance may expose more than the layers below it hold).
+    unsafe fn backend_in_range(&self, mut parts: Parts) -> Result<Parts, RequestStatus> {
+        if parts
+            .offset
+            .checked_add(parts.len)
+            .is_none_or(|end| end > self.driver.capacity())
+        {
+            return Err(self.post(&mut parts, RequestStatus::IoError));
+        }
+        Ok(parts)
+    }
+
+    /// The synchronous backend on the request's data.
+    unsafe fn run_backend(&self, parts: &Parts) -> RequestStatus {
+        self.driver.execute(&parts.io())
+    }
+
+    /// The post hooks, bottom to top, of every instance whose pre hook ran; then a private
+    /// read's data goes to the guest.
+    unsafe fn post(&self, parts: &mut Parts, backend: RequestStatus) -> RequestStatus {
+        let mut status = backend;
+        for i in (0..parts.ran)
+            .rev()
+            .filter(|i| parts.active & (1 << i) != 0)
+        {
             let layer = &self.layers[i];
-            let raw = layer.call_post(&request_for(i, layer), slots[i], status.to_abi());
+            let request = parts.abi_request(i, layer);
+            let raw = layer.call_post(&request, parts.slots[i], status.to_abi());
             let next = RequestStatus::from_abi(raw).unwrap_or_else(|| {
                 tracing::warn!("interceptor {}: post returned {raw}; failing", layer.id());
                 RequestStatus::IoError
@@ -323,16 +364,141 @@ impl BlockStack {
             if next != RequestStatus::Ok && status == RequestStatus::Ok {
                 layer.counters.errors.fetch_add(1, Relaxed);
             }
-            if let Some(t) = started[i] {
+            if let Some(t) = parts.started[i] {
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 layer.counters.latency.record(ns);
             }
             status = next;
         }
-        if private && kind.fills_buffers() && status == RequestStatus::Ok {
-            copy_to_segments(&bounce, segments);
+        if let Some(bounce) = parts.bounce.take() {
+            if parts.kind.fills_buffers() && status == RequestStatus::Ok {
+                copy_to_segments(&bounce, &parts.guest);
+            }
+            self.pool.give(bounce);
+        }
+        self.count(status)
+    }
+
+    fn count(&self, status: RequestStatus) -> RequestStatus {
+        if status != RequestStatus::Ok {
+            self.counters.errors.fetch_add(1, Relaxed);
         }
         status
+    }
+}
+
+/// What a request carries from its pre hooks to its post hooks.
+struct Parts {
+    kind: BlockRequestKind,
+    offset: u64,
+    len: u64,
+    /// The snapshot: instances in the request's path, and which of them are disabled.
+    active: u32,
+    disabled: u32,
+    /// Instances (from the top) whose pre hook ran.
+    ran: usize,
+    /// Each instance's per-request context, from its pre hook to its post hook.
+    slots: [*mut c_void; MAX_CHAIN],
+    started: [Option<Instant>; MAX_CHAIN],
+    /// The device's buffers (guest memory).
+    guest: Vec<Segment>,
+    /// The private copy, when an instance in the path modifies data.
+    bounce: Option<Vec<u8>>,
+    /// The bounce buffer as one segment; empty when the backend works on `guest`.
+    data: Vec<Segment>,
+}
+
+impl Parts {
+    fn segments(&self) -> &[Segment] {
+        if self.bounce.is_some() {
+            &self.data
+        } else {
+            &self.guest
+        }
+    }
+
+    fn io(&self) -> IoRequest<'_> {
+        IoRequest {
+            kind: self.kind,
+            offset: self.offset,
+            len: self.len,
+            segments: self.segments(),
+        }
+    }
+
+    fn abi_request(&self, i: usize, layer: &Instance) -> abi::Request {
+        let segments = self.segments();
+        let private = self.bounce.is_some();
+        let mut flags = if private { abi::REQ_F_DATA_PRIVATE } else { 0 };
+        if self.disabled & (1 << i) != 0 {
+            flags |= abi::REQ_F_DISABLED;
+        }
+        abi::Request {
+            kind: self.kind.to_abi(),
+            flags,
+            offset: self.offset,
+            len: self.len,
+            segments: segments.as_ptr(),
+            nsegments: segments.len() as u32,
+            device_kind: DeviceKind::Block as u32,
+            device_id: layer.device_id_ptr(),
+        }
+    }
+}
+
+/// What [`BlockStack::begin`] made of a request.
+pub enum Started {
+    /// The chain answered it: the final status (every post hook due has run).
+    Done(RequestStatus),
+    /// It waits for the backend.
+    Backend(InFlight),
+}
+
+/// A request past its pre hooks, waiting for the backend. Dropped unfinished, its post
+/// hooks run with an I/O error (so every instance's per-request state is released).
+pub struct InFlight {
+    stack: Arc<BlockStack>,
+    parts: Option<Parts>,
+}
+
+// SAFETY: the raw pointers are the request's buffers (valid until it finishes, the `begin`
+// contract) and the instances' per-request contexts, which only their hooks use; an
+// in-flight request moves with its queue's handler to the disk's I/O thread and is
+// finished there.
+unsafe impl Send for InFlight {}
+
+impl InFlight {
+    /// What the backend runs: the request's kind, offset and the buffers to transfer
+    /// (guest memory, or the private copy).
+    pub fn io(&self) -> IoRequest<'_> {
+        match &self.parts {
+            Some(p) => p.io(),
+            None => IoRequest {
+                kind: BlockRequestKind::Flush,
+                offset: 0,
+                len: 0,
+                segments: &[],
+            },
+        }
+    }
+
+    /// The backend is done with the request (`backend`): the post hooks run, bottom to
+    /// top; returns the guest's status.
+    pub fn finish(mut self, backend: RequestStatus) -> RequestStatus {
+        match self.parts.take() {
+            // SAFETY: the buffers are still valid (the `begin` contract).
+            Some(mut parts) => unsafe { self.stack.post(&mut parts, backend) },
+            None => backend,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut parts) = self.parts.take() {
+            // SAFETY: as in `finish`.
+            unsafe { self.stack.post(&mut parts, RequestStatus::IoError) };
+        }
     }
 }
 

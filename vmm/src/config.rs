@@ -94,6 +94,31 @@ pub struct BlockConfig {
     /// Interceptor instance ids, top (nearest the guest) to bottom (nearest the disk).
     #[serde(default)]
     pub interceptors: Vec<String>,
+    /// The I/O engine of the disk's queue.
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// `engine` of a `[[block]]`: `"auto"` (io_uring where the host allows it, else the
+/// synchronous engine, said once at start), `"io_uring"` (an error where the host refuses
+/// it) or `"sync"` (blocking preadv/pwritev on the disk's thread).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Auto,
+    IoUring,
+    Sync,
+}
+
+impl Engine {
+    pub fn choice(self) -> block::EngineChoice {
+        match self {
+            Engine::Auto => block::EngineChoice::Auto,
+            Engine::IoUring => block::EngineChoice::IoUring,
+            Engine::Sync => block::EngineChoice::Sync,
+        }
+    }
 }
 
 /// One interceptor instance: a plugin loaded by path, with its own config.

@@ -4,7 +4,7 @@
 
 use crate::config::{ConfigError, InterceptorConfig, VmConfig};
 use compat::{InstanceSpec, LiveStack, PluginRegistry, ThreadStart};
-use devices::virtio::block::RawFile;
+use devices::virtio::block::{RawFile, QUEUE_SIZE};
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
 use std::path::Path;
@@ -15,6 +15,8 @@ pub struct Disk {
     pub id: String,
     pub read_only: bool,
     pub stack: Arc<LiveStack>,
+    /// The queue's I/O engine, until the device model takes it.
+    pub engine: std::sync::Mutex<Option<Box<dyn block::AsyncIo>>>,
 }
 
 fn instance_spec(
@@ -80,6 +82,7 @@ pub fn open_disks(
         specs.insert(ic.id.as_str(), (i, spec));
     }
     let mut disks = Vec::new();
+    let mut engines = Vec::new();
     for (i, b) in cfg.block.iter().enumerate() {
         let opened = open_image(&b.path, b.read_only)
             .and_then(|f| {
@@ -87,6 +90,16 @@ pub fn open_disks(
                     .map_err(|e| format!("{}: {e}", b.path.display()))
             })
             .map_err(|m| invalid(format!("block[{i}].path"), m))?;
+        // Opened here, before any thread's seccomp filter: setting a ring up takes calls
+        // the disk's thread may not make.
+        let opened = Arc::new(opened);
+        let backend: Arc<dyn compat::BlockBackend> = opened.clone();
+        let engine = b
+            .engine
+            .choice()
+            .open(opened.file(), b.read_only, QUEUE_SIZE, &backend)
+            .map_err(|m| invalid(format!("block[{i}].engine"), m))?;
+        engines.push(engine.name());
         let mut chain = Vec::new();
         for id in &b.interceptors {
             // validate() guarantees every id names an [[interceptor]].
@@ -95,22 +108,29 @@ pub fn open_disks(
             }
         }
         // The chain is built on the disk's I/O thread, which calls every hook from then on.
-        let stack =
-            LiveStack::start(&b.id, Arc::new(opened), &chain, on_start.clone()).map_err(|e| {
-                let at = e
-                    .instance
-                    .as_deref()
-                    .and_then(|id| specs.get(id))
-                    .map_or(format!("block[{i}].interceptors"), |(n, s)| {
-                        format!("interceptor[{n}] ({})", s.id)
-                    });
-                invalid(at, e.to_string())
-            })?;
+        let stack = LiveStack::start(&b.id, backend, &chain, on_start.clone()).map_err(|e| {
+            let at = e
+                .instance
+                .as_deref()
+                .and_then(|id| specs.get(id))
+                .map_or(format!("block[{i}].interceptors"), |(n, s)| {
+                    format!("interceptor[{n}] ({})", s.id)
+                });
+            invalid(at, e.to_string())
+        })?;
         disks.push(Disk {
             id: b.id.clone(),
             read_only: b.read_only,
             stack: Arc::new(stack),
+            engine: std::sync::Mutex::new(Some(engine)),
         });
+    }
+    if let Some(first) = engines.first() {
+        if engines.iter().all(|e| e == first) {
+            eprintln!("vmm: block I/O engine: {first}");
+        } else {
+            eprintln!("vmm: block I/O engines: {}", engines.join(", "));
+        }
     }
     Ok(disks)
 }

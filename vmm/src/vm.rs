@@ -164,7 +164,13 @@ fn add_block_devices(
             NoDatamatch,
         )
         .context("KVM_IOEVENTFD")?;
-        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only));
+        let engine = b
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("block {}: its engine is taken", b.id))?;
+        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only, engine));
         let transport = MmioTransport::new(
             device,
             mem.clone(),

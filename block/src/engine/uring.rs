@@ -16,6 +16,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The registered file's index.
 const DISK: types::Fixed = types::Fixed(0);
+/// io_uring_register's opcode that drops the registered files.
+const IORING_UNREGISTER_FILES: u8 = 3;
 /// Segments one readv/writev takes (the kernel's IOV_MAX).
 const MAX_IOVECS: usize = 1024;
 
@@ -64,6 +66,8 @@ impl UringEngine {
             // Every entry names the registered file, never a descriptor of its own.
             Restriction::sqe_flags_required(fixed),
             Restriction::sqe_flags_allowed(fixed),
+            // Letting go of the disk file when the engine goes (see `Drop`).
+            Restriction::register_op(IORING_UNREGISTER_FILES),
         ])?;
         submitter.register_enable_rings()?;
         let depth = usize::from(depth.max(1));
@@ -175,6 +179,15 @@ impl UringEngine {
         let token = self.slots[i].take().map(|s| s.token)?;
         self.free.push(i);
         Some((token, status))
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The kernel frees a closed ring (and its reference to the disk file, which holds
+        // the image's lock) later, on a work queue; dropping the file here lets a disk be
+        // reopened at once (a config refused at start, a test).
+        let _ = self.ring.submitter().unregister_files();
     }
 }
 

@@ -218,7 +218,12 @@ pub fn blk_queue(data: &[u8]) {
         q.next_avail(),
         q.is_valid(&mem)
     );
-    let mut block = Block::new(stack.device_id(), stack.clone(), ro);
+    let mut block = Block::new(
+        stack.device_id(),
+        stack.clone(),
+        ro,
+        Box::new(block::SyncEngine::new(stack.backend()).expect("an eventfd")),
+    );
     let features = block.features() & inp.u64();
     let (line, irq) = interrupt();
     let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");

@@ -88,7 +88,12 @@ pub fn mmio(data: &[u8]) {
     let mem = guest::memory();
     let (line, irq) = blk::interrupt();
     let queue_kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let block = Block::new(stack.device_id(), stack.clone(), ro);
+    let block = Block::new(
+        stack.device_id(),
+        stack.clone(),
+        ro,
+        Box::new(block::SyncEngine::new(stack.backend()).expect("an eventfd")),
+    );
     let mut t = MmioTransport::new(Box::new(block), mem.clone(), line, vec![queue_kick])
         .expect("transport");
     // Where the guest puts its rings (it may move them with register writes too).

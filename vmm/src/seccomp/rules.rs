@@ -244,6 +244,11 @@ pub(super) fn device(r: &mut Rules, pid: u64) -> Result<(), String> {
     file_io(r);
     event_loop(r);
     open_read_only(r)?;
+    // The io_uring engine: submitting to and waiting on its ring, and dropping its file
+    // when it goes. Rings are set up and restricted at start on the main thread, before any
+    // filter: one runs only reads, writes and fsync on its disk, and its only registration
+    // call left is that drop; no thread may set up another.
+    allow(r, &[libc::SYS_io_uring_enter, libc::SYS_io_uring_register]);
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! passes the stack's pre-processing point before the driver and its post-processing point
 //! before the guest sees the status.
 
+mod order;
 pub mod request;
 mod worker;
 
@@ -10,16 +11,18 @@ pub use block::RawFile;
 pub use request::{BlockRequest, Refused, RequestError};
 
 use super::{ActivateError, Interrupt, VirtioDevice};
+use block::AsyncIo;
 use compat::event_manager::SubscriberId;
 use compat::LiveStack;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use worker::Worker;
+use worker::{EngineHome, Worker};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const QUEUE_SIZE: u16 = 256;
@@ -37,11 +40,19 @@ pub struct Block {
     /// Set by the handler when the guest broke the queue (the transport then shows
     /// DEVICE_NEEDS_RESET); cleared by a reset.
     broken: Arc<AtomicBool>,
+    /// The queue's I/O engine, while no handler holds it.
+    engine: EngineHome,
 }
 
 impl Block {
-    /// A disk serving `stack` (whose top decides the capacity the guest sees).
-    pub fn new(id: &str, stack: Arc<LiveStack>, read_only: bool) -> Block {
+    /// A disk serving `stack` (whose top decides the capacity the guest sees), its queue's
+    /// requests run by `engine`.
+    pub fn new(
+        id: &str,
+        stack: Arc<LiveStack>,
+        read_only: bool,
+        engine: Box<dyn AsyncIo>,
+    ) -> Block {
         Block {
             id: id.to_string(),
             capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
@@ -50,6 +61,7 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             serving: None,
             broken: Arc::new(AtomicBool::new(false)),
+            engine: Arc::new(Mutex::new(Some(engine))),
         }
     }
 }
@@ -101,6 +113,11 @@ impl VirtioDevice for Block {
         let (Some(queue), Some(kick)) = (queues.pop(), kicks.pop()) else {
             return Err(ActivateError("virtio-blk needs one queue".into()));
         };
+        let Some(engine) = self.engine.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(ActivateError(
+                "the queue's I/O engine is still in use".into(),
+            ));
+        };
         self.broken.store(false, Ordering::SeqCst);
         let worker = Worker::new(
             &self.id,
@@ -111,6 +128,8 @@ impl VirtioDevice for Block {
             self.capacity_sectors,
             interrupt,
             self.broken.clone(),
+            engine,
+            self.engine.clone(),
         );
         let id = self
             .stack
@@ -125,8 +144,8 @@ impl VirtioDevice for Block {
         let Some(id) = self.serving.take() else {
             return true;
         };
-        // When this returns the handler has finished the request it was serving, if any,
-        // and serves no more: the queue goes with it.
+        // When this returns every request the handler had in flight has completed and it
+        // serves no more: the queue goes with it, its engine waits for the next activation.
         match self.stack.io_thread().remove(id) {
             Ok(_) => {
                 self.broken.store(false, Ordering::SeqCst);

@@ -12,7 +12,7 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub const SECTOR_SIZE: u64 = 512;
+pub use compat::SECTOR_SIZE;
 /// Bytes of the serial number a GET_ID request returns.
 pub const ID_BYTES: u32 = 20;
 /// Longest chain accepted (descriptors); the queue size bounds it too.

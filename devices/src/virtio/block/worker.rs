@@ -1,16 +1,24 @@
 //! The queue's handler: an event-manager subscriber on the disk's I/O thread, woken by the
-//! queue's ioeventfd. It pops each chain, validates it (`request.rs`), hands it to the
-//! disk's stack and completes it. A guest that breaks the queue itself (a ring index that
-//! runs ahead of the ring, a ring outside its memory) gets DEVICE_NEEDS_RESET and nothing
-//! more is served until its driver resets the device.
+//! queue's ioeventfd and by its I/O engine's completion eventfd. It pops each chain,
+//! validates it (`request.rs`), starts it on the disk's stack (the pre hooks run) and hands
+//! it to the engine; up to the queue's size are in flight at once, and each completes (post
+//! hooks, status, used ring) when the engine says so, in whatever order. Through
+//! interceptors, requests on the same blocks are ordered (`order.rs`). A guest that breaks
+//! the queue itself (a ring index that runs ahead of the ring, a ring outside its memory)
+//! gets DEVICE_NEEDS_RESET and nothing more is served until its driver resets the device.
 
+use super::order::Footprint;
 use super::request::{self, BlockRequest, Refused, RequestError};
 use crate::logger::LogLimiter;
 use crate::virtio::Interrupt;
+use block::AsyncIo;
 use compat::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use compat::{BlockRequestKind, IoSubscriber, LiveStack, RequestStatus, Segment};
+use compat::{
+    BlockRequestKind, InFlight, IoSubscriber, LiveStack, RequestStatus, Segment, Started,
+};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
@@ -19,6 +27,24 @@ use vmm_sys_util::eventfd::EventFd;
 /// Lines a guest can cause: a few per window, then a count of the ones left out.
 static REFUSED_LOG: LogLimiter = LogLimiter::with_defaults();
 static BROKEN_LOG: LogLimiter = LogLimiter::with_defaults();
+
+/// The event-manager data of the two eventfds.
+const KICK: u32 = 0;
+const COMPLETION: u32 = 1;
+
+/// Where a queue's engine waits while the device is not active (between a reset and the
+/// next activation): the engine outlives its handler.
+pub(super) type EngineHome = Arc<Mutex<Option<Box<dyn AsyncIo>>>>;
+
+/// A request between its start and its completion.
+struct Pending {
+    head: u16,
+    req: BlockRequest,
+    /// Its blocks, when the disk orders requests (it has interceptors).
+    footprint: Option<Footprint>,
+    /// At the engine; `None` while held back behind an overlapping request.
+    at_engine: Option<InFlight>,
+}
 
 pub(super) struct Worker {
     id: String,
@@ -29,6 +55,17 @@ pub(super) struct Worker {
     capacity_sectors: u64,
     interrupt: Arc<Interrupt>,
     broken: Arc<AtomicBool>,
+    serial: [u8; request::ID_BYTES as usize],
+    /// `Some` for the handler's whole life; handed back to `home` when it goes.
+    engine: Option<Box<dyn AsyncIo>>,
+    home: EngineHome,
+    /// Requests at the engine, by token (the index).
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Requests held back, oldest first, behind an overlapping one (see `order.rs`).
+    held: VecDeque<Pending>,
+    /// Used-ring entries added since the guest was last signalled.
+    unsignalled: bool,
 }
 
 fn status_byte(s: RequestStatus) -> u8 {
@@ -37,6 +74,14 @@ fn status_byte(s: RequestStatus) -> u8 {
         RequestStatus::IoError => VIRTIO_BLK_S_IOERR,
         RequestStatus::Unsupported => VIRTIO_BLK_S_UNSUPP,
     }) as u8
+}
+
+/// The serial a GET_ID returns: the disk's id, NUL-padded (cut at 20 bytes).
+pub(super) fn serial_of(id: &str) -> [u8; request::ID_BYTES as usize] {
+    let mut serial = [0u8; request::ID_BYTES as usize];
+    let n = id.len().min(serial.len());
+    serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+    serial
 }
 
 impl Worker {
@@ -50,7 +95,10 @@ impl Worker {
         capacity_sectors: u64,
         interrupt: Arc<Interrupt>,
         broken: Arc<AtomicBool>,
+        engine: Box<dyn AsyncIo>,
+        home: EngineHome,
     ) -> Worker {
+        let depth = usize::from(queue.size());
         Worker {
             id: id.to_string(),
             mem,
@@ -60,10 +108,21 @@ impl Worker {
             capacity_sectors,
             interrupt,
             broken,
+            serial: serial_of(id),
+            engine: Some(engine),
+            home,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            held: VecDeque::new(),
+            unsignalled: false,
         }
     }
 
-    /// Serves the available requests, then signals the guest once if anything was used.
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts the available requests, then signals the guest once if anything was used.
     /// At most a few queues' worth per call: past that, the handler kicks itself and
     /// returns, so a guest that keeps its queue full still lets the I/O thread's other work
     /// (chain edits, a reset, the shutdown) run between batches.
@@ -89,10 +148,9 @@ impl Worker {
                     Err(e) => return self.fail(&format!("the avail ring is invalid ({e})")),
                 };
                 let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let written = self.handle(chain);
-                if self.queue.add_used(&mem, head, written).is_err() {
-                    return self.fail("cannot write the used ring");
+                self.handle(chain);
+                if self.broken.load(Ordering::SeqCst) {
+                    return;
                 }
                 served += 1;
             }
@@ -113,8 +171,88 @@ impl Worker {
                 Err(_) => return self.fail("cannot access the avail ring"),
             }
         }
-        if served > 0 {
+        // Hands the batch to the engine; what already finished (all of it, on the
+        // synchronous engine) completes now rather than one loop turn later.
+        self.engine_mut().commit();
+        self.collect();
+    }
+
+    fn engine_mut(&mut self) -> &mut dyn AsyncIo {
+        // `engine` is `Some` from `new` until `drop`.
+        match self.engine.as_deref_mut() {
+            Some(e) => e,
+            None => unreachable!("a queue handler without its engine"),
+        }
+    }
+
+    fn signal(&mut self) {
+        if std::mem::take(&mut self.unsignalled) {
             self.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Completes what the engine has finished, then starts held requests that no longer
+    /// wait for anything.
+    fn collect(&mut self) {
+        while let Some((token, backend)) = self.engine_mut().next_completion() {
+            let Some(p) = usize::try_from(token)
+                .ok()
+                .and_then(|i| self.slots.get_mut(i))
+                .and_then(Option::take)
+            else {
+                tracing::error!(
+                    "blk-{}: the engine completed unknown token {token}",
+                    self.id
+                );
+                continue;
+            };
+            self.free.push(token as usize);
+            let status = match p.at_engine {
+                Some(f) => self.stack.complete(f, backend),
+                None => backend,
+            };
+            self.used(p.head, &p.req, status);
+        }
+        self.start_held();
+        self.engine_mut().commit();
+        self.signal();
+    }
+
+    /// Starts the held requests, oldest first, that overlap nothing in flight or held
+    /// before them.
+    fn start_held(&mut self) {
+        let mut k = 0;
+        while k < self.held.len() {
+            let fp = self.held[k].footprint;
+            let blocked = fp.is_some_and(|fp| {
+                self.held
+                    .iter()
+                    .take(k)
+                    .any(|h| h.footprint.is_some_and(|o| fp.conflicts(o)))
+                    || self.conflicts_in_flight(fp)
+            });
+            if blocked {
+                k += 1;
+                continue;
+            }
+            if let Some(p) = self.held.remove(k) {
+                self.start(p);
+            }
+        }
+    }
+
+    fn conflicts_in_flight(&self, fp: Footprint) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|p| p.footprint.is_some_and(|o| fp.conflicts(o)))
+    }
+
+    /// Waits for every request in flight or held to complete.
+    fn settle(&mut self) {
+        while self.in_flight() > 0 || !self.held.is_empty() {
+            self.engine_mut().wait();
+            self.collect();
         }
     }
 
@@ -133,8 +271,33 @@ impl Worker {
         self.interrupt.signal_config_change();
     }
 
-    /// Serves one chain; returns the bytes written into guest buffers (status included).
-    fn handle(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    /// Writes `status` and puts `head` in the used ring (unless the guest broke the queue).
+    fn used(&mut self, head: u16, req: &BlockRequest, status: RequestStatus) {
+        let written = if self
+            .mem
+            .write_obj(status_byte(status), req.status_addr)
+            .is_ok()
+        {
+            req.used_len(status)
+        } else {
+            0
+        };
+        self.add_used(head, written);
+    }
+
+    fn add_used(&mut self, head: u16, written: u32) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.queue.add_used(&self.mem, head, written).is_err() {
+            return self.fail("cannot write the used ring");
+        }
+        self.unsignalled = true;
+    }
+
+    /// Takes one chain: refused, answered here (GET_ID), or started.
+    fn handle(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) {
+        let head = chain.head_index();
         let req = match BlockRequest::parse(chain, &self.mem, self.capacity_sectors) {
             Ok(r) => r,
             Err(Refused { error, status_addr }) => {
@@ -147,65 +310,126 @@ impl Worker {
                     RequestError::Unsupported(_) => RequestStatus::Unsupported,
                     _ => RequestStatus::IoError,
                 };
-                return match status_addr {
+                let written = match status_addr {
                     Some(addr) if self.mem.write_obj(status_byte(status), addr).is_ok() => 1,
                     _ => 0,
                 };
+                return self.add_used(head, written);
             }
         };
-        let status = self.submit(&req);
-        if self
-            .mem
-            .write_obj(status_byte(status), req.status_addr)
-            .is_err()
-        {
-            return 0;
+        if req.kind == BlockRequestKind::GetId {
+            // The device's own serial: no interceptor or backend is asked.
+            let status = match req.segments.first() {
+                Some(&(addr, _)) if self.mem.write_slice(&self.serial, addr).is_ok() => {
+                    RequestStatus::Ok
+                }
+                _ => RequestStatus::IoError,
+            };
+            return self.used(head, &req, status);
         }
-        req.used_len(status)
+        let footprint = self.stack.intercepts().then(|| match req.kind {
+            BlockRequestKind::Flush => Footprint::All,
+            kind => Footprint::of(kind == BlockRequestKind::Write, req.offset, req.data_len),
+        });
+        let p = Pending {
+            head,
+            req,
+            footprint,
+            at_engine: None,
+        };
+        let wait = footprint.is_some_and(|fp| {
+            self.held
+                .iter()
+                .any(|h| h.footprint.is_some_and(|o| fp.conflicts(o)))
+                || self.conflicts_in_flight(fp)
+        });
+        if wait {
+            self.held.push_back(p);
+        } else {
+            self.start(p);
+        }
     }
 
-    /// Hands a validated request to the stack, with guest buffers as host segments.
-    fn submit(&self, req: &BlockRequest) -> RequestStatus {
-        let mut segments = Vec::with_capacity(req.segments.len());
-        for &(addr, len) in &req.segments {
-            // GET_ID fills exactly the serial; the rest of its buffer is left alone.
-            let len = match req.kind {
-                BlockRequestKind::GetId => request::ID_BYTES,
-                _ => len,
-            } as usize;
-            let Ok(slice) = self.mem.get_slice(addr, len) else {
-                return RequestStatus::IoError;
-            };
-            segments.push(Segment {
-                base: slice.ptr_guard_mut().as_ptr(),
-                len,
-            });
-            if req.kind == BlockRequestKind::GetId {
-                break;
-            }
-        }
+    /// Runs the pre hooks and hands the request to the engine (or completes it, when the
+    /// chain answered it).
+    fn start(&mut self, mut p: Pending) {
+        let Some(segments) = self.segments(&p.req) else {
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        };
         // SAFETY: every segment was checked to lie in guest memory, which stays mapped for
         // the VM's life; the request was checked against the capacity by `parse`, which
-        // also computed its byte offset with checked arithmetic.
-        unsafe { self.stack.submit(req.kind, req.offset, &segments) }
+        // also computed its byte offset with checked arithmetic. The request finishes
+        // before the handler goes (`settle` on reset and drop).
+        let started = unsafe { self.stack.begin(p.req.kind, p.req.offset, segments) };
+        let inflight = match started {
+            Started::Done(status) => return self.used(p.head, &p.req, status),
+            Started::Backend(f) => f,
+        };
+        let Some(token) = self.free.pop() else {
+            // More in flight than the queue holds cannot happen (each is a distinct head);
+            // fail it rather than overwrite a slot.
+            let status = self.stack.complete(inflight, RequestStatus::IoError);
+            return self.used(p.head, &p.req, status);
+        };
+        let engine = match self.engine.as_deref_mut() {
+            Some(e) => e,
+            None => unreachable!("a queue handler without its engine"),
+        };
+        // SAFETY: the buffers are guest memory or the request's private copy, both valid
+        // until the request is finished, which happens only after the engine returns the
+        // token (`collect`).
+        unsafe { engine.submit(&inflight.io(), token as u64) };
+        p.at_engine = Some(inflight);
+        self.slots[token] = Some(p);
+    }
+
+    /// The request's guest buffers as host segments.
+    fn segments(&self, req: &BlockRequest) -> Option<Vec<Segment>> {
+        let mut segments = Vec::with_capacity(req.segments.len());
+        for &(addr, len) in &req.segments {
+            let slice = self.mem.get_slice(addr, len as usize).ok()?;
+            segments.push(Segment {
+                base: slice.ptr_guard_mut().as_ptr(),
+                len: len as usize,
+            });
+        }
+        Some(segments)
     }
 }
 
 impl MutEventSubscriber for Worker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let which = events.data();
         if !events.event_set().contains(EventSet::IN) {
-            tracing::error!("blk-{}: queue eventfd failed; the device stops", self.id);
-            let _ = ops.remove(Events::new(&self.kick, EventSet::IN));
+            tracing::error!(
+                "blk-{}: an eventfd of the queue failed; the device stops",
+                self.id
+            );
+            let _ = ops.remove(Events::with_data(&self.kick, KICK, EventSet::IN));
+            if let Some(e) = self.engine.as_deref() {
+                let _ = ops.remove(Events::with_data(e.notifier(), COMPLETION, EventSet::IN));
+            }
             return;
         }
-        // Reading the count resets it; a failed read (nothing pending) is harmless.
-        let _ = self.kick.read();
-        self.process_queue();
+        if which == COMPLETION {
+            // Reading the count resets it; a failed read (nothing pending) is harmless.
+            let _ = self.engine_mut().notifier().read();
+            self.collect();
+        } else {
+            let _ = self.kick.read();
+            self.process_queue();
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(&self.kick, KICK, EventSet::IN)) {
             tracing::error!("blk-{}: cannot watch the queue eventfd: {e}", self.id);
+        }
+        if let Some(engine) = self.engine.as_deref() {
+            let completions = Events::with_data(engine.notifier(), COMPLETION, EventSet::IN);
+            if let Err(e) = ops.add(completions) {
+                tracing::error!("blk-{}: cannot watch the engine's eventfd: {e}", self.id);
+            }
         }
     }
 }
@@ -213,6 +437,21 @@ impl MutEventSubscriber for Worker {
 impl IoSubscriber for Worker {
     fn drain(&mut self) {
         self.process_queue();
+        self.settle();
+    }
+
+    fn quiesce(&mut self) {
+        self.settle();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // The kernel may still be writing into guest memory for a request in flight.
+        self.settle();
+        if let Some(engine) = self.engine.take() {
+            *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
+        }
     }
 }
 
@@ -267,6 +506,8 @@ mod tests {
                 2048,
                 self.interrupt.clone(),
                 self.broken.clone(),
+                Box::new(block::SyncEngine::new(self.stack.backend()).unwrap()),
+                Arc::default(),
             )
         }
     }
