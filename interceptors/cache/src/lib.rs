@@ -291,14 +291,28 @@ impl Cache {
         Ok(Decision::Complete)
     }
 
+    /// A read that went down. What is cached is newest (it may be dirty): it wins over what
+    /// came up, and is copied over the data first, before anything is cached, since caching
+    /// a block may evict (and write back) another block of the same read, which would then
+    /// look uncached with the disk's older data in the request. Then the whole blocks that
+    /// were not cached are: their newest data is what came up (a dirty block is cached).
     fn post_read(&self, req: &mut Request<'_>) -> Res<()> {
         let mut st = self.lock()?;
+        let mut fill = Vec::new();
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
             if let Some(c) = st.lru.get(&p.block) {
-                // What is cached is newest (it may be dirty): it wins over what came up.
                 req.write_data(p.at, &c[p.range()])
                     .map_err(|e| format!("{e:?}"))?;
             } else if p.is_whole(BLOCK) {
+                fill.try_reserve(1)
+                    .map_err(|_| "out of memory for a read's blocks".to_string())?;
+                fill.push(p);
+            }
+        }
+        for p in fill {
+            // The read's blocks are distinct, so none of these is cached yet (checked all
+            // the same: `insert` takes a block that is not).
+            if !st.lru.contains(&p.block) {
                 let data = Self::copy_block(req, p.at)?;
                 self.insert(&mut st, p.block, data, false)?;
             }

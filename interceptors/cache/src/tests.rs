@@ -239,10 +239,10 @@ fn flushing_64_adjacent_dirty_blocks_takes_one_lower_write() {
     assert_eq!(disk.take_writes(), [(100 * B, 64 * B)]);
     assert_eq!(disk.flushes.load(SeqCst), 1);
     for b in 100..164 {
-        assert_eq!(
-            disk.bytes(b * B, B as usize),
-            pattern(b, 1),
-            "block {b} on disk"
+        assert_same(
+            &disk.bytes(b * B, B as usize),
+            &pattern(b, 1),
+            &format!("block {b} on disk"),
         );
     }
     let s = stats(&stack);
@@ -278,9 +278,10 @@ fn write_back_runs_are_capped_at_1_mib_and_split_at_gaps() {
     );
     assert_eq!(stat(&stack, "write_backs"), 607);
     assert_eq!(stat(&stack, "write_back_requests"), 6);
-    assert_eq!(
-        disk.bytes(1000 * B, 600 * B as usize),
-        vec![7; 600 * B as usize]
+    assert_same(
+        &disk.bytes(1000 * B, 600 * B as usize),
+        &vec![7; 600 * B as usize],
+        "disk.bytes(1000 * B, 600 * B as usize)",
     );
     assert_eq!(flush(&stack), RequestStatus::Ok);
     assert!(disk.take_writes().is_empty(), "nothing is dirty any more");
@@ -311,10 +312,22 @@ fn evicting_a_dirty_block_writes_back_its_run_and_keeps_the_lru_order() {
     assert_eq!(stat(&stack, "evictions"), 11);
     // Blocks 0..=10 are gone (a miss), 11 and 255 still cached (hits).
     let misses = stat(&stack, "misses");
-    assert_eq!(read(&stack, 11 * B, B as usize), pattern(11, 3));
-    assert_eq!(read(&stack, 255 * B, B as usize), pattern(255, 3));
+    assert_same(
+        &read(&stack, 11 * B, B as usize),
+        &pattern(11, 3),
+        "read(&stack, 11 * B, B as usize)",
+    );
+    assert_same(
+        &read(&stack, 255 * B, B as usize),
+        &pattern(255, 3),
+        "read(&stack, 255 * B, B as usize)",
+    );
     assert_eq!(stat(&stack, "misses"), misses);
-    assert_eq!(read(&stack, 10 * B, B as usize), pattern(10, 3));
+    assert_same(
+        &read(&stack, 10 * B, B as usize),
+        &pattern(10, 3),
+        "read(&stack, 10 * B, B as usize)",
+    );
     assert_eq!(stat(&stack, "misses"), misses + 1);
     assert_eq!(stat(&stack, "write_backs"), blocks);
     assert_eq!(stat(&stack, "write_back_requests"), 1);
@@ -341,7 +354,11 @@ fn an_evicted_blocks_run_reaches_down_and_stops_at_clean_blocks() {
     read(&stack, filler * B, B as usize); // evicts block 20
     assert_eq!(disk.take_writes(), [(10 * B, 20 * B)]);
     for b in 10..30 {
-        assert_eq!(disk.bytes(b * B, B as usize), pattern(b, 4), "block {b}");
+        assert_same(
+            &disk.bytes(b * B, B as usize),
+            &pattern(b, 4),
+            &format!("block {b}"),
+        );
     }
     assert_eq!(stat(&stack, "dirty_bytes"), 0);
 }
@@ -360,7 +377,7 @@ fn write_back_data_is_exact_after_flush_eviction_and_reopen() {
         put(&mut model, &stack, b, 5);
     }
     assert_eq!(flush(&stack), RequestStatus::Ok);
-    assert_eq!(disk.all(), model, "after a flush");
+    assert_same(&disk.all(), &model, "after a flush");
     // Rewrite some, then push everything out by filling the cache with other blocks.
     for b in (0..100).step_by(3) {
         put(&mut model, &stack, b, 6);
@@ -368,27 +385,35 @@ fn write_back_data_is_exact_after_flush_eviction_and_reopen() {
     for b in 300..600 {
         put(&mut model, &stack, b, 6);
     }
-    assert_eq!(
-        disk.bytes(0, 100 * B as usize),
-        model[..100 * B as usize],
-        "after eviction"
+    assert_same(
+        &disk.bytes(0, 100 * B as usize),
+        &model[..100 * B as usize],
+        "after eviction",
     );
     for b in (0..600).step_by(7) {
         let at = (b * B) as usize;
-        assert_eq!(
-            read(&stack, b * B, B as usize),
-            model[at..at + B as usize],
-            "block {b}"
+        assert_same(
+            &read(&stack, b * B, B as usize),
+            &model[at..at + B as usize],
+            &format!("block {b}"),
         );
     }
     // Destroyed: the rest is written back and flushed; reopened, it reads the same.
     let flushes = disk.flushes.load(SeqCst);
     drop(stack);
     assert_eq!(disk.flushes.load(SeqCst), flushes + 1);
-    assert_eq!(disk.all(), model, "after destroy");
+    assert_same(&disk.all(), &model, "after destroy");
     let stack = write_back_cache(&disk, 1);
-    assert_eq!(read(&stack, 0, 1 << 20), model[..1 << 20]);
-    assert_eq!(read(&stack, 2 << 20, 2 << 20), model[2 << 20..]);
+    assert_same(
+        &read(&stack, 0, 1 << 20),
+        &model[..1 << 20],
+        "read(&stack, 0, 1 << 20)",
+    );
+    assert_same(
+        &read(&stack, 2 << 20, 2 << 20),
+        &model[2 << 20..],
+        "read(&stack, 2 << 20, 2 << 20)",
+    );
 }
 
 /// A write-back that fails leaves its run dirty and cached: the flush fails, and once the
@@ -403,12 +428,33 @@ fn a_failed_write_back_keeps_its_run_dirty() {
     disk.fail_writes.store(true, SeqCst);
     assert_eq!(flush(&stack), RequestStatus::IoError);
     assert_eq!(stat(&stack, "dirty_bytes"), 8 * B);
-    assert_eq!(read(&stack, 8 * B, 8 * B as usize), disk_pattern(8..16, 7));
+    assert_same(
+        &read(&stack, 8 * B, 8 * B as usize),
+        &disk_pattern(8..16, 7),
+        "read(&stack, 8 * B, 8 * B as usize)",
+    );
     disk.fail_writes.store(false, SeqCst);
     assert_eq!(flush(&stack), RequestStatus::Ok);
     assert_eq!(disk.take_writes(), [(8 * B, 8 * B)]);
-    assert_eq!(disk.bytes(8 * B, 8 * B as usize), disk_pattern(8..16, 7));
+    assert_same(
+        &disk.bytes(8 * B, 8 * B as usize),
+        &disk_pattern(8..16, 7),
+        "disk.bytes(8 * B, 8 * B as usize)",
+    );
     assert_eq!(stat(&stack, "dirty_bytes"), 0);
+}
+
+/// Compares byte strings without printing megabytes: the first difference.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: {} bytes, {} wanted; first difference at {at:?} (block {:?})",
+            got.len(),
+            want.len(),
+            at.map(|i| i as u64 / B)
+        );
+    }
 }
 
 fn disk_pattern(blocks: std::ops::Range<u64>, version: u8) -> Vec<u8> {
@@ -467,18 +513,69 @@ fn partial_writes_to_cached_blocks_are_absorbed_in_write_back() {
     assert_eq!(s["dirty_bytes"], 5 * B);
     // Through the cache (hits), then from the disk after a flush: the same bytes.
     let hits = stat(&stack, "hits");
-    assert_eq!(
-        read(&stack, 10 * B, 5 * B as usize),
-        model.at(10 * B, 5 * B as usize)
+    assert_same(
+        &read(&stack, 10 * B, 5 * B as usize),
+        model.at(10 * B, 5 * B as usize),
+        "read(&stack, 10 * B, 5 * B as usize)",
     );
-    assert_eq!(
-        read(&stack, 11 * B + 512, 1024),
-        model.at(11 * B + 512, 1024)
+    assert_same(
+        &read(&stack, 11 * B + 512, 1024),
+        model.at(11 * B + 512, 1024),
+        "read(&stack, 11 * B + 512, 1024)",
     );
     assert_eq!(stat(&stack, "hits"), hits + 2);
     assert_eq!(flush(&stack), RequestStatus::Ok);
     assert_eq!(disk.take_writes(), [(10 * B, 5 * B)], "one run");
-    assert_eq!(disk.all(), model.0);
+    assert_same(&disk.all(), &model.0, "the disk");
+}
+
+/// A write larger than the whole cache, over blocks whose first and last it covers in part
+/// and the cache holds: absorbed, though caching its whole blocks evicts those two (they go
+/// down with its data).
+#[test]
+fn a_write_larger_than_the_cache_with_cached_partial_ends_is_absorbed() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 1); // 256 blocks
+    let mut model = Model(disk.all());
+    read(&stack, 0, B as usize);
+    read(&stack, 300 * B, B as usize);
+    // The tail of block 0, blocks 1..300 whole (299 of them), the head of block 300.
+    model.write(&stack, 512, &bytes(5, 300 * B as usize));
+    assert_eq!(stat(&stack, "partial_writes_absorbed"), 1);
+    assert_same(
+        &read(&stack, 0, 301 * B as usize),
+        model.at(0, 301 * B as usize),
+        "read(&stack, 0, 301 * B as usize)",
+    );
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert_same(&disk.all(), &model.0, "the disk");
+}
+
+/// A read that misses, over a full cache whose least recently used block is dirty and in
+/// the read: caching the read's first block used to evict that dirty block (written back),
+/// and the read then returned, and cached as clean, what the disk held when it went down.
+/// It returns the dirty block's data.
+#[test]
+fn a_read_that_evicts_a_dirty_block_it_covers_returns_its_data() {
+    let disk = MemDisk::new(4 << 20);
+    let stack = write_back_cache(&disk, 1); // 256 blocks
+    write(&stack, B, &pattern(1, 6)); // dirty, least recently used
+    read(&stack, 100 * B, 255 * B as usize); // full
+    assert_eq!(stat(&stack, "bytes_cached"), 256 * B);
+    let mut want = vec![0; B as usize];
+    want.extend(pattern(1, 6));
+    assert_same(&read(&stack, 0, 2 * B as usize), &want, "blocks 0 and 1");
+    assert_same(
+        &read(&stack, B, B as usize),
+        &pattern(1, 6),
+        "block 1 again",
+    );
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert_same(
+        &disk.bytes(B, B as usize),
+        &pattern(1, 6),
+        "block 1 on disk",
+    );
 }
 
 /// Write-through: a partial write still goes down, and the cached blocks it touches take its
@@ -500,12 +597,13 @@ fn partial_writes_to_cached_blocks_update_the_cache_in_write_through() {
     assert_eq!(s["absorbed_writes"], 0);
     assert_eq!(s["bytes_cached"], 2 * B);
     let hits = stat(&stack, "hits");
-    assert_eq!(
-        read(&stack, 20 * B, 2 * B as usize),
-        model.at(20 * B, 2 * B as usize)
+    assert_same(
+        &read(&stack, 20 * B, 2 * B as usize),
+        model.at(20 * B, 2 * B as usize),
+        "read(&stack, 20 * B, 2 * B as usize)",
     );
     assert_eq!(stat(&stack, "hits"), hits + 1);
-    assert_eq!(disk.all(), model.0);
+    assert_same(&disk.all(), &model.0, "the disk");
 }
 
 /// A write that covers in part a block the cache does not hold goes down as it is, even in
@@ -534,13 +632,14 @@ fn a_partial_write_to_a_block_not_cached_goes_down() {
         B,
         "41 is what is below now; 40 is not"
     );
-    assert_eq!(
-        read(&stack, 40 * B, 3 * B as usize),
-        model.at(40 * B, 3 * B as usize)
+    assert_same(
+        &read(&stack, 40 * B, 3 * B as usize),
+        model.at(40 * B, 3 * B as usize),
+        "read(&stack, 40 * B, 3 * B as usize)",
     );
     assert_eq!(flush(&stack), RequestStatus::Ok);
     assert_eq!(disk.take_writes(), [(40 * B, B)]);
-    assert_eq!(disk.all(), model.0);
+    assert_same(&disk.all(), &model.0, "the disk");
 }
 
 /// A write that goes down and fails leaves what it covered undefined below: the clean cached
@@ -560,8 +659,200 @@ fn a_failed_write_keeps_dirty_blocks_and_drops_clean_ones() {
     disk.fail_writes.store(false, SeqCst);
     assert_eq!(stat(&stack, "bytes_cached"), B, "51 dropped");
     assert_eq!(stat(&stack, "dirty_bytes"), B, "50 kept");
-    assert_eq!(read(&stack, 50 * B, B as usize), pattern(50, 1));
+    assert_same(
+        &read(&stack, 50 * B, B as usize),
+        &pattern(50, 1),
+        "read(&stack, 50 * B, B as usize)",
+    );
     assert_eq!(flush(&stack), RequestStatus::Ok);
     assert_eq!(disk.take_writes(), [(50 * B, B)]);
-    assert_eq!(disk.bytes(50 * B, B as usize), pattern(50, 1));
+    assert_same(
+        &disk.bytes(50 * B, B as usize),
+        &pattern(50, 1),
+        "disk.bytes(50 * B, B as usize)",
+    );
+}
+
+/// xorshift64*: a seeded generator, so that a failing seed replays the same run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform enough in `0..n` for a test.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A block to touch: mostly in a hot range a little larger than the cache (so partial
+    /// writes find their blocks cached and evictions happen), sometimes anywhere.
+    fn block(&mut self, hot: u64, all: u64) -> u64 {
+        if self.below(10) < 8 {
+            self.below(hot)
+        } else {
+            self.below(all)
+        }
+    }
+}
+
+/// What a seeded run of the random workload did, summed for the checks that it exercised
+/// each path.
+#[derive(Default)]
+struct Exercised {
+    partial_writes_absorbed: u64,
+    partial_updates: u64,
+    write_backs: u64,
+    write_back_requests: u64,
+    evictions: u64,
+}
+
+/// Aligned and partial writes, reads of any sector range, flushes, disables and re-enables,
+/// and reopens (destroy, then a new instance over the same disk), against a plain byte
+/// array: every read returns what the array holds, after every flush and destroy the disk
+/// holds exactly the array, and the stats stay consistent.
+fn random_workload(seed: u64, write_back: bool, ops: usize) -> Exercised {
+    const SECTOR: u64 = 512;
+    let all_blocks: u64 = 768; // 3 MiB
+    let hot = 300; // the cache holds 256
+    let disk = MemDisk::new((all_blocks * B) as usize);
+    let mut model = Model(disk.all());
+    let config = json!({ "size_mib": 1, "write_back": write_back });
+    let mut stack = cache_over(&disk, config.clone());
+    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut seen = Exercised::default();
+    let mut enable_after = None;
+    let add_stats = |stack: &BlockStack, seen: &mut Exercised| {
+        let s = stats(stack);
+        let n = |k: &str| s[k].as_u64().unwrap();
+        seen.partial_writes_absorbed += n("partial_writes_absorbed");
+        seen.partial_updates += n("partial_updates");
+        seen.write_backs += n("write_backs");
+        seen.write_back_requests += n("write_back_requests");
+        seen.evictions += n("evictions");
+    };
+    let ctx =
+        |op: usize, what: &str| format!("seed {seed}, write_back {write_back}, op {op}: {what}");
+    for op in 0..ops {
+        match rng.below(100) {
+            // Whole blocks: mostly a few, now and then more than the cache holds.
+            0..=29 => {
+                let n = if rng.below(50) == 0 {
+                    200 + rng.below(200)
+                } else {
+                    1 + rng.below(16)
+                };
+                let first = rng.block(hot, all_blocks).min(all_blocks - n);
+                let data = bytes(rng.next() as u8, (n * B) as usize);
+                model.write(&stack, first * B, &data);
+            }
+            // Partial: any sectors, 1 to 24 of them, inside a block or across blocks.
+            30..=59 => {
+                let sectors = 1 + rng.below(24);
+                let at = rng.block(hot, all_blocks) * B + rng.below(8) * SECTOR;
+                let at = at.min(all_blocks * B - sectors * SECTOR);
+                let data = bytes(rng.next() as u8, (sectors * SECTOR) as usize);
+                model.write(&stack, at, &data);
+            }
+            60..=84 => {
+                let (at, len) = if rng.below(40) == 0 {
+                    // More than the cache holds: caching its blocks evicts others of it.
+                    let n = 200 + rng.below(200);
+                    (rng.block(hot, all_blocks).min(all_blocks - n) * B, n * B)
+                } else if rng.below(2) == 0 {
+                    let n = 1 + rng.below(8);
+                    (rng.block(hot, all_blocks).min(all_blocks - n) * B, n * B)
+                } else {
+                    let sectors = 1 + rng.below(40);
+                    let at = rng.block(hot, all_blocks) * B + rng.below(8) * SECTOR;
+                    (at.min(all_blocks * B - sectors * SECTOR), sectors * SECTOR)
+                };
+                let got = read(&stack, at, len as usize);
+                assert!(
+                    got == model.at(at, len as usize),
+                    "{}",
+                    ctx(op, &format!("read {at}+{len}"))
+                );
+            }
+            85..=96 => {
+                assert_eq!(flush(&stack), RequestStatus::Ok, "{}", ctx(op, "flush"));
+                assert!(
+                    disk.all() == model.0,
+                    "{}",
+                    ctx(op, "the disk after a flush")
+                );
+            }
+            // Disabled for a few requests (it writes back and drops everything), then on again.
+            97..=98 => {
+                stack.instance("cache").unwrap().set_enabled(false);
+                enable_after = Some(op as u64 + 1 + rng.below(20));
+            }
+            _ => {
+                add_stats(&stack, &mut seen);
+                drop(stack);
+                assert!(
+                    disk.all() == model.0,
+                    "{}",
+                    ctx(op, "the disk after destroy")
+                );
+                stack = cache_over(&disk, config.clone());
+                enable_after = None;
+            }
+        }
+        if enable_after == Some(op as u64) {
+            stack.instance("cache").unwrap().set_enabled(true);
+            enable_after = None;
+        }
+        if op % 64 == 0 {
+            let s = stats(&stack);
+            let n = |k: &str| s[k].as_u64().unwrap();
+            assert!(
+                n("dirty_bytes") <= n("bytes_cached"),
+                "{}",
+                ctx(op, "dirty <= cached")
+            );
+            assert!(
+                n("bytes_cached") <= n("capacity_bytes"),
+                "{}",
+                ctx(op, "cached <= capacity")
+            );
+            assert!(
+                write_back || n("dirty_bytes") == 0,
+                "{}",
+                ctx(op, "write-through is clean")
+            );
+            assert_eq!(n("errors"), 0, "{}", ctx(op, "no errors"));
+        }
+    }
+    assert_eq!(flush(&stack), RequestStatus::Ok);
+    assert!(disk.all() == model.0, "{}", ctx(ops, "the disk at the end"));
+    add_stats(&stack, &mut seen);
+    seen
+}
+
+#[test]
+fn random_workloads_read_back_what_a_byte_array_holds() {
+    for seed in 1..=4 {
+        let wb = random_workload(seed, true, 3000);
+        assert!(
+            wb.partial_writes_absorbed > 50,
+            "seed {seed}: partial writes absorbed"
+        );
+        assert!(wb.evictions > 500, "seed {seed}: evictions");
+        assert!(
+            wb.write_back_requests * 2 < wb.write_backs,
+            "seed {seed}: runs of more than two blocks on average ({} blocks in {} writes)",
+            wb.write_backs,
+            wb.write_back_requests
+        );
+        let wt = random_workload(seed, false, 3000);
+        assert!(wt.partial_updates > 20, "seed {seed}: partial updates");
+        assert_eq!(wt.write_backs, 0);
+    }
 }
