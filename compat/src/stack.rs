@@ -447,6 +447,8 @@ impl Parts {
 }
 
 /// What [`BlockStack::begin`] made of a request.
+// A request in flight is moved once, into its queue's slot: no box per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Started {
     /// The chain answered it: the final status (every post hook due has run).
     Done(RequestStatus),

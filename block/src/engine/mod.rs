@@ -101,3 +101,6 @@ fn note_fallback(e: &std::io::Error) {
         eprintln!("vmm: io_uring is not available ({e}); disks use the synchronous engine");
     });
 }
+
+#[cfg(test)]
+mod tests;

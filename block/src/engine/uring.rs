@@ -182,6 +182,17 @@ impl UringEngine {
     }
 }
 
+#[cfg(test)]
+impl UringEngine {
+    /// Test only: pushes `entry` as it is and returns its result.
+    pub(super) fn raw_single(&mut self, entry: squeue::Entry) -> i32 {
+        // SAFETY: the caller's entry names memory that outlives the call.
+        unsafe { self.ring.submission().push(&entry) }.expect("room in the ring");
+        self.ring.submit_and_wait(1).expect("io_uring_enter");
+        self.ring.completion().next().map_or(0, |c| c.result())
+    }
+}
+
 impl Drop for UringEngine {
     fn drop(&mut self) {
         // The kernel frees a closed ring (and its reference to the disk file, which holds
