@@ -98,6 +98,9 @@ fn host_available_mib() -> Option<u64> {
 struct State {
     lru: LruCache<u64, Box<[u8]>>,
     dirty: BTreeSet<u64>,
+    /// Where a run is gathered for its one lower write: kept (at most 1 MiB) so that
+    /// write-back does not allocate and fault in a new buffer per run.
+    gather: Vec<u8>,
 }
 
 impl State {
@@ -110,6 +113,7 @@ impl State {
     fn clear(&mut self) {
         self.lru.clear();
         self.dirty.clear();
+        self.gather = Vec::new();
     }
 
     /// The dirty run that starts at `first` (dirty): how many adjacent dirty blocks follow
@@ -188,9 +192,9 @@ impl Cache {
     }
 
     /// Writes back the `n` dirty blocks from `first` on (all cached and dirty) with one
-    /// lower write; they stay cached, clean, where they are in the LRU order. `buf` is
-    /// scratch space for gathering a run of more than one block. On failure they stay dirty.
-    fn write_back_run(&self, st: &mut State, first: u64, n: usize, buf: &mut Vec<u8>) -> Res<()> {
+    /// lower write; they stay cached, clean, where they are in the LRU order. On failure
+    /// they stay dirty.
+    fn write_back_run(&self, st: &mut State, first: u64, n: usize) -> Res<()> {
         let last = first
             .checked_add(n as u64)
             .ok_or("write-back run past the end")?;
@@ -204,6 +208,7 @@ impl Cache {
             let bytes = n
                 .checked_mul(BLOCK as usize)
                 .ok_or("write-back run too large")?;
+            let buf = &mut st.gather;
             buf.clear();
             buf.try_reserve_exact(bytes)
                 .map_err(|_| format!("{}: out of memory", what()))?;
@@ -226,12 +231,11 @@ impl Cache {
     /// Evicts until there is room for one more block. A dirty block goes down first, with
     /// the dirty run around it (see [`State::run_around`]), and stays cached if that fails.
     fn make_room(&self, st: &mut State) -> Res<()> {
-        let mut buf = Vec::new();
         while st.lru.len() >= self.blocks {
             if let Some((&block, _)) = st.lru.peek_lru() {
                 if st.dirty.contains(&block) {
                     let (first, n) = st.run_around(block);
-                    self.write_back_run(st, first, n, &mut buf)?;
+                    self.write_back_run(st, first, n)?;
                 }
             }
             if let Some((block, _)) = st.lru.pop_lru() {
@@ -255,10 +259,9 @@ impl Cache {
 
     /// Writes back every dirty block, run by run in disk order; they stay cached, clean.
     fn write_back_all(&self, st: &mut State) -> Res<()> {
-        let mut buf = Vec::new();
         while let Some(&first) = st.dirty.first() {
             let n = st.run_from(first, MAX_RUN_BLOCKS);
-            self.write_back_run(st, first, n, &mut buf)?;
+            self.write_back_run(st, first, n)?;
         }
         Ok(())
     }
@@ -444,6 +447,7 @@ impl Interceptor for Cache {
             state: Mutex::new(State {
                 lru: LruCache::unbounded(),
                 dirty: BTreeSet::new(),
+                gather: Vec::new(),
             }),
             stats: Stats::default(),
         })
