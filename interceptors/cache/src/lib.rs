@@ -1,7 +1,7 @@
 //! The cache interceptor: an LRU of 4 KiB blocks (the `lru` crate) in front of the layers
 //! below. A read whose blocks are all cached is answered at the pre point, without the
-//! layers below (a hit); a miss goes down and fills the cache at the post point. Writes
-//! update the cached blocks they touch, whole or in part, and do not fill the cache.
+//! layers below (a hit); a miss goes down and fills the cache at the post point. A write that
+//! goes down updates the cached blocks it touches, whole or in part, and fills nothing.
 //!
 //! Write-through by default. With `write_back = true`, a write whose every block is either
 //! covered whole or already cached stays in the cache (dirty) and is completed at once (a
