@@ -14,6 +14,9 @@
 //! lower write of up to [`MAX_RUN_BLOCKS`] blocks (1 MiB). A flush writes back every run in
 //! disk order; evicting a dirty block writes back the run around it, and the blocks of the
 //! run other than the evicted one stay cached, clean, where they were in the LRU order.
+//! A request that goes down first writes back the dirty blocks it touches: the device queue
+//! runs requests on other blocks while it is in flight, and their evictions and write-backs
+//! must find its blocks clean.
 //!
 //! Config: `size_mib` (default 64, at most [`MAX_SIZE_MIB`] and what the host has available),
 //! `write_back` (default false). Memory is taken as blocks are cached, never all up front,
@@ -266,6 +269,27 @@ impl Cache {
         Ok(())
     }
 
+    /// Before a request goes down (a read that misses, a write not absorbed): the dirty
+    /// blocks it touches are written back, in runs. The device queue runs other requests, on
+    /// other blocks, while this one is in flight, and their hooks may evict blocks and write
+    /// back runs; it holds back any that touches this one's blocks. So, clean from here to
+    /// the post hook, this request's blocks are never written back over what it writes, and
+    /// a read never misses the newest data of a block evicted meanwhile (what it reads below
+    /// is that data).
+    fn write_back_touched(&self, st: &mut State, req: &Request<'_>) -> Res<()> {
+        let end = req
+            .offset()
+            .checked_add(req.len())
+            .ok_or("request past the end")?
+            .div_ceil(BLOCK);
+        let first = req.offset() / BLOCK;
+        while let Some(&block) = st.dirty.range(first..end).next() {
+            let n = st.run_from(block, MAX_RUN_BLOCKS);
+            self.write_back_run(st, block, n)?;
+        }
+        Ok(())
+    }
+
     /// Disabled: nothing may stay only here.
     fn drain(&self) -> Res<()> {
         let mut st = self.lock()?;
@@ -282,6 +306,7 @@ impl Cache {
             block_pieces(req.offset(), req.len(), BLOCK).all(|p| st.lru.contains(&p.block));
         if !all_cached {
             self.stats.misses.fetch_add(1, Relaxed);
+            self.write_back_touched(&mut st, req)?;
             return Ok(Decision::Continue);
         }
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
@@ -294,11 +319,12 @@ impl Cache {
         Ok(Decision::Complete)
     }
 
-    /// A read that went down. What is cached is newest (it may be dirty): it wins over what
-    /// came up, and is copied over the data first, before anything is cached, since caching
-    /// a block may evict (and write back) another block of the same read, which would then
-    /// look uncached with the disk's older data in the request. Then the whole blocks that
-    /// were not cached are: their newest data is what came up (a dirty block is cached).
+    /// A read that went down. What is cached is newest: it wins over what came up, and is
+    /// copied over the data first, before anything is cached, since caching a block may
+    /// evict another block of the same read, which would then look uncached. (Its blocks
+    /// were written back before it went down, so what came up is their data anyway: this
+    /// order keeps it right without relying on that.) Then the whole blocks that were not
+    /// cached are: their newest data is what came up.
     fn post_read(&self, req: &mut Request<'_>) -> Res<()> {
         let mut st = self.lock()?;
         let mut fill = Vec::new();
@@ -335,6 +361,7 @@ impl Cache {
         let absorbable = block_pieces(req.offset(), req.len(), BLOCK)
             .all(|p| p.is_whole(BLOCK) || st.lru.contains(&p.block));
         if !absorbable {
+            self.write_back_touched(st, req)?;
             return Ok(Decision::Continue);
         }
         // The blocks it covers in part first: they are cached now, and caching the whole
@@ -368,10 +395,11 @@ impl Cache {
 
     /// A write that went down (write-through, or write-back that could not absorb it): the
     /// cached blocks it touched take its data, whole or in part (writes do not fill the
-    /// cache). A block it covered whole is then what is below, clean; one it covered in
-    /// part keeps its dirty state (the rest of it may be newer than below). A failed write
-    /// leaves what it covered undefined below: a clean block it touched is dropped, a
-    /// dirty one is kept as it was, to be written back over whatever the write left.
+    /// cache). They are clean (written back before it went down, see
+    /// [`Cache::write_back_touched`]); should one be dirty, a block it covered whole is
+    /// then what is below, clean, and one it covered in part stays dirty. A failed write
+    /// leaves what it covered undefined below: a clean block it touched is dropped, a dirty
+    /// one kept as it was, to be written back over whatever the write left.
     fn post_write(&self, req: &mut Request<'_>, ok: bool) -> Res<()> {
         let mut guard = self.lock()?;
         let st = &mut *guard;
