@@ -94,9 +94,22 @@ pub struct BlockConfig {
     /// Interceptor instance ids, top (nearest the guest) to bottom (nearest the disk).
     #[serde(default)]
     pub interceptors: Vec<String>,
-    /// The I/O engine of the disk's queue.
+    /// The I/O engine of the disk's queues.
     #[serde(default)]
     pub engine: Engine,
+    /// Request queues the guest sees (VIRTIO_BLK_F_MQ): 1 to 16; unset, the vCPU count
+    /// (at most 16). Every queue is served on the disk's one I/O thread.
+    pub num_queues: Option<u16>,
+}
+
+impl BlockConfig {
+    /// The queues this disk offers on a machine of `vcpus`.
+    pub fn queues(&self, vcpus: u32) -> u16 {
+        self.num_queues.unwrap_or_else(|| {
+            u16::try_from(vcpus.clamp(1, u32::from(devices::virtio::block::MAX_QUEUES)))
+                .unwrap_or(1)
+        })
+    }
 }
 
 /// `engine` of a `[[block]]`: `"auto"` (io_uring where the host allows it, else the
@@ -319,6 +332,13 @@ impl VmConfig {
                 ));
             }
             require_file(&b.path).map_err(|e| invalid(&field("path"), e))?;
+            let max_queues = devices::virtio::block::MAX_QUEUES;
+            if b.num_queues.is_some_and(|n| n == 0 || n > max_queues) {
+                return Err(invalid(
+                    &field("num_queues"),
+                    format!("must be 1 to {max_queues}"),
+                ));
+            }
             if b.interceptors.len() > compat::MAX_CHAIN {
                 return Err(invalid(
                     &field("interceptors"),

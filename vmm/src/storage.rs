@@ -15,8 +15,8 @@ pub struct Disk {
     pub id: String,
     pub read_only: bool,
     pub stack: Arc<LiveStack>,
-    /// The queue's I/O engine, until the device model takes it.
-    pub engine: std::sync::Mutex<Option<Box<dyn block::AsyncIo>>>,
+    /// One I/O engine per queue, until the device model takes them.
+    pub engines: std::sync::Mutex<Vec<Box<dyn block::AsyncIo>>>,
 }
 
 fn instance_spec(
@@ -94,12 +94,18 @@ pub fn open_disks(
         // the disk's thread may not make.
         let opened = Arc::new(opened);
         let backend: Arc<dyn compat::BlockBackend> = opened.clone();
-        let engine = b
-            .engine
-            .choice()
-            .open(opened.file(), b.read_only, QUEUE_SIZE, &backend)
-            .map_err(|m| invalid(format!("block[{i}].engine"), m))?;
-        engines.push(engine.name());
+        let mut queue_engines = Vec::new();
+        for _ in 0..b.queues(cfg.machine.vcpus) {
+            let engine = b
+                .engine
+                .choice()
+                .open(opened.file(), b.read_only, QUEUE_SIZE, &backend)
+                .map_err(|m| invalid(format!("block[{i}].engine"), m))?;
+            queue_engines.push(engine);
+        }
+        if let Some(e) = queue_engines.first() {
+            engines.push(e.name());
+        }
         let mut chain = Vec::new();
         for id in &b.interceptors {
             // validate() guarantees every id names an [[interceptor]].
@@ -122,7 +128,7 @@ pub fn open_disks(
             id: b.id.clone(),
             read_only: b.read_only,
             stack: Arc::new(stack),
-            engine: std::sync::Mutex::new(Some(engine)),
+            engines: std::sync::Mutex::new(queue_engines),
         });
     }
     if let Some(first) = engines.first() {

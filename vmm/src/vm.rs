@@ -11,7 +11,7 @@ use devices::legacy::{SerialConsole, I8042, I8042_PORT, SERIAL_IRQ, SERIAL_PORT}
 use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, MmioTransport, MMIO_SIZE};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -157,27 +157,22 @@ fn add_block_devices(
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE;
         let irq = eventfd()?;
         vm.register_irqfd(&irq, gsi).context("KVM_IRQFD")?;
-        let kick = eventfd()?;
-        vm.register_ioevent(
-            &kick,
-            &IoEventAddress::Mmio(base + VIRTIO_MMIO_NOTIFY),
-            NoDatamatch,
-        )
-        .context("KVM_IOEVENTFD")?;
-        let engine = b
-            .engine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("block {}: its engine is taken", b.id))?;
-        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only, engine));
-        let transport = MmioTransport::new(
-            device,
-            mem.clone(),
-            Arc::new(Interrupt::new(irq)),
-            vec![kick],
-        )
-        .map_err(|e| anyhow::anyhow!("block {}: queue setup: {e:?}", b.id))?;
+        let engines = std::mem::take(&mut *b.engines.lock().unwrap_or_else(|p| p.into_inner()));
+        if engines.is_empty() {
+            bail!("block {}: its engines are taken", b.id);
+        }
+        // One ioeventfd per queue: the guest writes the queue's index to QueueNotify.
+        let mut kicks = Vec::with_capacity(engines.len());
+        for q in 0..engines.len() as u32 {
+            let kick = eventfd()?;
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(base + VIRTIO_MMIO_NOTIFY), q)
+                .context("KVM_IOEVENTFD")?;
+            kicks.push(kick);
+        }
+        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only, engines));
+        let transport =
+            MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irq)), kicks)
+                .map_err(|e| anyhow::anyhow!("block {}: queue setup: {e:?}", b.id))?;
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
         announce.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }

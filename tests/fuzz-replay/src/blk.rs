@@ -222,7 +222,9 @@ pub fn blk_queue(data: &[u8]) {
         stack.device_id(),
         stack.clone(),
         ro,
-        Box::new(block::SyncEngine::new(stack.backend()).expect("an eventfd")),
+        vec![Box::new(
+            block::SyncEngine::new(stack.backend()).expect("an eventfd"),
+        )],
     );
     let features = block.features() & inp.u64();
     let (line, irq) = interrupt();

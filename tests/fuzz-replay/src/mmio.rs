@@ -92,7 +92,9 @@ pub fn mmio(data: &[u8]) {
         stack.device_id(),
         stack.clone(),
         ro,
-        Box::new(block::SyncEngine::new(stack.backend()).expect("an eventfd")),
+        vec![Box::new(
+            block::SyncEngine::new(stack.backend()).expect("an eventfd"),
+        )],
     );
     let mut t = MmioTransport::new(Box::new(block), mem.clone(), line, vec![queue_kick])
         .expect("transport");

@@ -76,6 +76,12 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
             toml_str(&id),
             toml_str(&path.to_string_lossy())
         ));
+        if let Some(engine) = &spec.engine {
+            t.push_str(&format!("engine = {}\n", toml_str(engine)));
+        }
+        if let (Some(n), true) = (spec.num_queues, id.starts_with("data")) {
+            t.push_str(&format!("num_queues = {n}\n"));
+        }
         if let (Some(chain), "data0") = (&spec.interceptors, id.as_str()) {
             let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
             t.push_str(&format!("interceptors = [{}]\n", ids.join(", ")));
@@ -148,6 +154,11 @@ pub struct GuestSpec {
     pub interceptors: Option<InterceptorChain>,
     /// Steps a client of the vmm's REST API runs while the guest runs (`control.rs`).
     pub control: Option<String>,
+    /// The block I/O engine of every disk (`engine` in vmm's `[[block]]`; vmm backend).
+    pub engine: Option<String>,
+    /// Queues of the data disks (`num_queues`; vmm backend: its `[[block]]`, QEMU:
+    /// virtio-blk's `num-queues`). Unset: each VMM's default.
+    pub num_queues: Option<u16>,
 }
 
 /// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
@@ -287,9 +298,11 @@ fn qemu_command(spec: &GuestSpec) -> Command {
             cmd.arg("-initrd").arg(&spec.image.initramfs);
         }
     }
+    let first_data = drives.len();
     for d in &spec.data_disks {
         drives.push((d.path.to_string_lossy().into_owned(), d.read_only));
     }
+    let data = first_data..drives.len();
     if let Some(results) = &spec.results_disk {
         drives.push((results.to_string_lossy().into_owned(), false));
     }
@@ -302,8 +315,11 @@ fn qemu_command(spec: &GuestSpec) -> Command {
         if *ro {
             drive.push_str(",readonly=on");
         }
-        cmd.args(["-drive", &drive])
-            .args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
+        let mut device = format!("virtio-blk-pci,drive=d{i}");
+        if let (Some(n), true) = (spec.num_queues, data.contains(&i)) {
+            device.push_str(&format!(",num-queues={n}"));
+        }
+        cmd.args(["-drive", &drive]).args(["-device", &device]);
     }
     cmd
 }
@@ -628,6 +644,8 @@ mod tests {
             elf_kernel: false,
             interceptors: None,
             control: None,
+            engine: None,
+            num_queues: None,
         }
     }
 

@@ -93,6 +93,13 @@ struct GuestOpts {
     /// Guest time limit in seconds, per boot.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// vmm's block I/O engine for every disk: `auto`, `io_uring` or `sync` (vmm backend;
+    /// unset: vmm's default, `auto`).
+    #[arg(long)]
+    engine: Option<String>,
+    /// Queues of the data disks (unset: each VMM's default).
+    #[arg(long)]
+    num_queues: Option<u16>,
     #[command(flatten)]
     lab: LabArgs,
 }
@@ -104,7 +111,8 @@ struct GuestArgs {
     /// disk, report the sha256 at B+2000; B is `hostcheck.base=`), `readcheck=N[,N..]` (read
     /// 4 KiB blocks, report each one's sha256 or EIO), `rocheck=/dev/vdX` (try to write a
     /// read-only disk), `rebind` (unbind and rebind the data disk's driver through sysfs),
-    /// `stamp` (write numbered blocks until stopped). guest-kernel/rootfs/init has them all.
+    /// `stamp` (write numbered blocks until stopped), `queues` (how many request queues the
+    /// data disk has). guest-kernel/rootfs/init has them all.
     #[arg(long, default_value = "selftest")]
     task: String,
     /// Write the run's report as JSON to this file.
@@ -288,6 +296,8 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             .map(guest::InterceptorChain::from_file)
             .transpose()?,
         control: o.control.clone(),
+        engine: o.engine.clone(),
+        num_queues: o.num_queues,
     };
     guest::check_spec(&spec)?;
     Ok(spec)

@@ -92,7 +92,8 @@ fn write_back_holds_writes_until_a_flush_and_disabling_writes_them_back() {
         "written back by the flush"
     );
     assert_eq!(stats(&stack)["dirty_bytes"], 0);
-    // A partial write over a dirty block: the block goes down first, then the piece.
+    // A partial write over a dirty cached block is absorbed; the next flush writes the
+    // block back whole.
     let mut whole = vec![0x77u8; BLOCK];
     assert_eq!(
         io(&stack, BlockRequestKind::Write, 4 * BLOCK, &mut whole),
@@ -105,6 +106,12 @@ fn write_back_holds_writes_until_a_flush_and_disabling_writes_them_back() {
     );
     let mut want = whole.clone();
     want[512..1024].fill(0x99);
+    assert_eq!(on_disk(&path, 4), vec![0u8; BLOCK], "absorbed");
+    assert_eq!(stats(&stack)["partial_writes_absorbed"], 1);
+    assert_eq!(
+        io(&stack, BlockRequestKind::Flush, 0, &mut []),
+        RequestStatus::Ok
+    );
     assert_eq!(on_disk(&path, 4), want);
     // Disabled: dirty blocks are written back, the cache is dropped, requests pass through.
     let mut late = vec![0x55u8; BLOCK];

@@ -6,7 +6,8 @@ mod common;
 
 use common::{out_file, output, run_vmm_config};
 use compat::{
-    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, PluginRegistry, RequestStatus, Segment,
+    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, PluginRegistry, RequestStatus,
+    Segment,
 };
 use devices::virtio::block::RawFile;
 use std::path::{Path, PathBuf};

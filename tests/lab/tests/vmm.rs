@@ -130,6 +130,24 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "vcpus = 1\nturbo = true",
             "turbo",
         ),
+        (
+            "no-queues.toml",
+            "id = \"data\"",
+            "id = \"data\"\nnum_queues = 0",
+            "block[0].num_queues",
+        ),
+        (
+            "many-queues.toml",
+            "id = \"data\"",
+            "id = \"data\"\nnum_queues = 17",
+            "block[0].num_queues",
+        ),
+        (
+            "bad-engine.toml",
+            "id = \"data\"",
+            "id = \"data\"\nengine = \"posix-aio\"",
+            "engine",
+        ),
     ] {
         let body = good.replace(from, to);
         assert_ne!(body, good, "{name}");

@@ -17,15 +17,21 @@ use compat::LiveStack;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::Queue;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::ByteValued;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use worker::{EngineHome, Worker};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const QUEUE_SIZE: u16 = 256;
+/// Most queues one disk offers (VIRTIO_BLK_F_MQ).
+pub const MAX_QUEUES: u16 = 16;
 /// Segments per request we announce (VIRTIO_BLK_F_SEG_MAX).
 const SEG_MAX: u32 = 128;
 
@@ -34,34 +40,49 @@ pub struct Block {
     stack: Arc<LiveStack>,
     capacity_sectors: u64,
     read_only: bool,
-    queue_sizes: [u16; 1],
-    /// The queue's handler on the disk's I/O thread, while the device is active.
-    serving: Option<SubscriberId>,
+    queue_sizes: Vec<u16>,
+    /// The queues' handlers on the disk's I/O thread, while the device is active.
+    serving: Vec<SubscriberId>,
     /// Set by the handler when the guest broke the queue (the transport then shows
     /// DEVICE_NEEDS_RESET); cleared by a reset.
     broken: Arc<AtomicBool>,
-    /// The queue's I/O engine, while no handler holds it.
-    engine: EngineHome,
+    /// Each queue's I/O engine, while no handler holds it.
+    engines: Vec<EngineHome>,
 }
 
+/// The device's configuration space, as the virtio spec lays it out.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_blk_config);
+
+// SAFETY: a packed plain-data struct of integers: any bytes are a valid value.
+unsafe impl ByteValued for ConfigSpace {}
+
 impl Block {
-    /// A disk serving `stack` (whose top decides the capacity the guest sees), its queue's
-    /// requests run by `engine`.
+    /// A disk serving `stack` (whose top decides the capacity the guest sees), with one
+    /// queue per engine (each queue's requests run on its own engine; at least one, at most
+    /// [`MAX_QUEUES`] are used). Every queue is served on the disk's I/O thread, so a
+    /// disk's hooks never run concurrently.
     pub fn new(
         id: &str,
         stack: Arc<LiveStack>,
         read_only: bool,
-        engine: Box<dyn AsyncIo>,
+        engines: Vec<Box<dyn AsyncIo>>,
     ) -> Block {
+        let engines: Vec<EngineHome> = engines
+            .into_iter()
+            .take(usize::from(MAX_QUEUES))
+            .map(|e| Arc::new(Mutex::new(Some(e))))
+            .collect();
         Block {
             id: id.to_string(),
             capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
             read_only,
             stack,
-            queue_sizes: [QUEUE_SIZE],
-            serving: None,
+            queue_sizes: vec![QUEUE_SIZE; engines.len()],
+            serving: Vec::new(),
             broken: Arc::new(AtomicBool::new(false)),
-            engine: Arc::new(Mutex::new(Some(engine))),
+            engines,
         }
     }
 }
@@ -76,19 +97,27 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f =
-            (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_RING_F_EVENT_IDX);
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.queue_sizes.len() > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
         }
         f
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // capacity (le64) at 0, size_max (le32) at 8, seg_max (le32) at 12
-        let mut config = [0u8; 16];
-        config[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
-        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let config = ConfigSpace(virtio_blk_config {
+            capacity: self.capacity_sectors.to_le(),
+            seg_max: SEG_MAX.to_le(),
+            num_queues: (self.queue_sizes.len() as u16).to_le(),
+            ..Default::default()
+        });
+        let config = config.as_slice();
         data.fill(0);
         let Ok(start) = usize::try_from(offset) else {
             return;
@@ -102,63 +131,123 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        _acked_features: u64,
-        mut queues: Vec<Queue>,
-        mut kicks: Vec<EventFd>,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if self.serving.is_some() {
+        if !self.serving.is_empty() {
             return Err(ActivateError("already activated".into()));
         }
-        let (Some(queue), Some(kick)) = (queues.pop(), kicks.pop()) else {
-            return Err(ActivateError("virtio-blk needs one queue".into()));
-        };
-        let Some(engine) = self.engine.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return Err(ActivateError(
-                "the queue's I/O engine is still in use".into(),
-            ));
-        };
+        if queues.len() != self.engines.len() || kicks.len() != queues.len() {
+            return Err(ActivateError(format!(
+                "virtio-blk has {} queues, got {} (and {} kicks)",
+                self.engines.len(),
+                queues.len(),
+                kicks.len()
+            )));
+        }
+        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         self.broken.store(false, Ordering::SeqCst);
-        let worker = Worker::new(
-            &self.id,
-            mem,
-            queue,
-            kick,
-            self.stack.clone(),
-            self.capacity_sectors,
-            interrupt,
-            self.broken.clone(),
-            engine,
-            self.engine.clone(),
-        );
-        let id = self
-            .stack
-            .io_thread()
-            .add(Box::new(worker))
-            .map_err(|e| ActivateError(e.to_string()))?;
-        self.serving = Some(id);
+        for (q, (mut queue, kick)) in queues.into_iter().zip(kicks).enumerate() {
+            let home = self.engines[q].clone();
+            let taken = home.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some(engine) = taken else {
+                self.reset();
+                return Err(ActivateError(format!("queue {q}'s I/O engine is in use")));
+            };
+            queue.set_event_idx(event_idx);
+            let worker = Worker::new(
+                &self.id,
+                mem.clone(),
+                queue,
+                kick,
+                self.stack.clone(),
+                self.capacity_sectors,
+                interrupt.clone(),
+                self.broken.clone(),
+                engine,
+                home,
+            );
+            match self.stack.io_thread().add(Box::new(worker)) {
+                Ok(id) => self.serving.push(id),
+                Err(e) => {
+                    self.reset();
+                    return Err(ActivateError(e.to_string()));
+                }
+            }
+        }
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        let Some(id) = self.serving.take() else {
-            return true;
-        };
-        // When this returns every request the handler had in flight has completed and it
-        // serves no more: the queue goes with it, its engine waits for the next activation.
-        match self.stack.io_thread().remove(id) {
-            Ok(_) => {
-                self.broken.store(false, Ordering::SeqCst);
-                true
-            }
-            Err(e) => {
+        let mut ok = true;
+        for id in std::mem::take(&mut self.serving) {
+            // When this returns every request the handler had in flight has completed and
+            // it serves no more: the queue goes with it, and its engine waits at home for
+            // the next activation.
+            if let Err(e) = self.stack.io_thread().remove(id) {
                 tracing::error!("blk-{}: cannot reset: {e}", self.id);
-                false
+                ok = false;
             }
         }
+        if ok {
+            self.broken.store(false, Ordering::SeqCst);
+        }
+        ok
     }
-
     fn needs_reset(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker::tests::{post_write, rig};
+    use super::*;
+    use virtio_queue::mock::MockSplitQueue;
+
+    /// Two queues, each with its own engine, served at once on the disk's I/O thread: a
+    /// write on each lands, each queue's used ring gets its own, and the config space and
+    /// features say two queues.
+    #[test]
+    fn two_queues_serve_at_once() {
+        let r = rig("two-queues");
+        let engines: Vec<Box<dyn AsyncIo>> = (0..2)
+            .map(|_| Box::new(block::SyncEngine::new(r.stack.backend()).unwrap()) as _)
+            .collect();
+        let mut dev = Block::new("vdt", r.stack.clone(), false, engines);
+        assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+        let mut nq = [0u8; 2];
+        dev.read_config(34, &mut nq);
+        assert_eq!(u16::from_le_bytes(nq), 2, "num_queues in the config space");
+        // Two rings in different parts of guest memory.
+        let q0 = MockSplitQueue::create(&r.mem, vm_memory::GuestAddress(0x8_0000), 16);
+        let q1 = MockSplitQueue::create(&r.mem, vm_memory::GuestAddress(0xa_0000), 16);
+        post_write(&r, &q0, 0, 8, 0x61);
+        post_write(&r, &q1, 4, 16, 0x62);
+        let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+        let queues = vec![q0.create_queue().unwrap(), q1.create_queue().unwrap()];
+        dev.activate(
+            r.mem.clone(),
+            1 << VIRTIO_RING_F_EVENT_IDX,
+            queues,
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        )
+        .unwrap();
+        for k in &kicks {
+            k.write(1).unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        while q0.used().idx().load() < 1 || q1.used().idx().load() < 1 {
+            assert!(t0.elapsed().as_secs() < 10, "both queues should complete");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(dev.reset());
+        let disk = std::fs::read(&r.file).unwrap();
+        assert!(disk[8 * 512..9 * 512].iter().all(|&b| b == 0x61));
+        assert!(disk[16 * 512..17 * 512].iter().all(|&b| b == 0x62));
     }
 }

@@ -185,9 +185,16 @@ impl Worker {
         }
     }
 
+    /// Signals the guest if it used entries since the last signal and, with
+    /// VIRTIO_RING_F_EVENT_IDX, if it asked to hear about them (its used_event).
     fn signal(&mut self) {
-        if std::mem::take(&mut self.unsignalled) {
-            self.interrupt.signal_used_queue();
+        if !std::mem::take(&mut self.unsignalled) {
+            return;
+        }
+        match self.queue.needs_notification(&self.mem) {
+            Ok(false) => {}
+            // An unreadable used_event signals: a lost interrupt would hang the guest.
+            Ok(true) | Err(_) => self.interrupt.signal_used_queue(),
         }
     }
 
@@ -456,7 +463,7 @@ impl Drop for Worker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::virtio::block::RawFile;
     use crate::virtio::INTERRUPT_CONFIG;
@@ -467,15 +474,15 @@ mod tests {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
 
-    struct Rig {
-        mem: GuestMemoryMmap,
-        file: std::path::PathBuf,
+    pub(in crate::virtio::block) struct Rig {
+        pub(in crate::virtio::block) mem: GuestMemoryMmap,
+        pub(in crate::virtio::block) file: std::path::PathBuf,
         broken: Arc<AtomicBool>,
         interrupt: Arc<Interrupt>,
-        stack: Arc<LiveStack>,
+        pub(in crate::virtio::block) stack: Arc<LiveStack>,
     }
 
-    fn rig(tag: &str) -> Rig {
+    pub(in crate::virtio::block) fn rig(tag: &str) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let file = std::env::temp_dir().join(format!("worker-{tag}-{}", std::process::id()));
         std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
@@ -631,7 +638,13 @@ mod tests {
     }
 
     /// Puts a one-sector write of `byte` at `sector` in the avail ring at `slot`.
-    fn post_write(r: &Rig, mq: &MockSplitQueue<GuestMemoryMmap>, slot: u16, sector: u64, byte: u8) {
+    pub(in crate::virtio::block) fn post_write(
+        r: &Rig,
+        mq: &MockSplitQueue<GuestMemoryMmap>,
+        slot: u16,
+        sector: u64,
+        byte: u8,
+    ) {
         let base = 0x2_0000 + u64::from(slot) * 0x1000;
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
