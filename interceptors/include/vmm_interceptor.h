@@ -22,8 +22,12 @@
  *     VMM_INTERCEPTOR_F_MODIFIES_DATA: its segments are then a private bounce buffer, never
  *     guest memory, which the hook may transform in place (both directions).
  *   - Offsets and lengths are bytes, multiples of VMM_SECTOR_SIZE.
- *   - Hooks see every kind: READ, WRITE, FLUSH (no segments) and GET_ID (one segment: the
- *     20-byte serial). A data transform transforms READ and WRITE only.
+ *   - Hooks see READ, WRITE and FLUSH (no segments); the device answers GET_ID itself. A
+ *     data transform transforms READ and WRITE only (kinds may be added).
+ *   - Up to a queue's size of requests are in flight: pre runs at submission, post at
+ *     completion, in any order, so other requests' hooks run in between. A later request
+ *     that touches a 4 KiB block an earlier one in flight touches waits for it (unless both
+ *     read); a flush waits for all before it, and all after it wait for the flush.
  *   - In post, a status other than VMM_STATUS_OK means the read data is not valid: do not
  *     decode or keep it.
  *   - create's err buffer is 1024 bytes; stats gets 4096 and, if it returns a length of
