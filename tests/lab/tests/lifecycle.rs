@@ -1,6 +1,7 @@
 //! The device's and the VMM's life cycle with a real guest: the guest's driver resets the
 //! disk and starts over (sysfs unbind and bind), and SIGTERM stops the VMM with every
-//! acknowledged write on the disk, through a write-back cache over encryption.
+//! acknowledged write on the disk, through a write-back cache over encryption; at exit every
+//! instance is destroyed after the flush, with the layers below still working.
 
 mod common;
 
@@ -141,4 +142,65 @@ fn sigterm_during_writes_keeps_every_acknowledged_write() {
     }
     let s = stats(&stack, "enc");
     assert_eq!(s["fallbacks"], 0, "{s}");
+}
+
+/// The ordered teardown after the guest's reset: the vCPUs stop, each disk's queues settle,
+/// its chain is flushed, then every instance is destroyed on the disk's I/O thread while the
+/// layers below still work. The counter's destroy writes its counts to the image through
+/// them; the record is there after vmm exits, with every request it saw counted.
+#[test]
+fn at_exit_every_instance_is_destroyed_after_the_flush_and_its_last_write_lands() {
+    let p = plugins().expect("building the plugins");
+    let disk = fresh_disk("teardown");
+    const STAMP_AT: u64 = 200 << 20;
+    let chain = out_file("teardown.toml");
+    std::fs::write(
+        &chain,
+        format!(
+            "[[interceptor]]\nid = \"count\"\npath = {:?}\nconfig = {{ stamp_on_destroy = {STAMP_AT} }}\n",
+            p.counter
+        ),
+    )
+    .unwrap();
+    let (disk_arg, chain_arg) = (
+        disk.to_string_lossy().into_owned(),
+        chain.to_string_lossy().into_owned(),
+    );
+    let args = [
+        "--backend",
+        "vmm",
+        "--task",
+        "fio=verify-crc32c",
+        "--data-disk",
+        &disk_arg,
+        "--interceptors",
+        &chain_arg,
+    ];
+    let Some((out, r)) = common::guest_run("teardown", &args) else {
+        return;
+    };
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(r["console"]["exit_rc"], 0, "{r}");
+    use std::os::unix::fs::FileExt;
+    let mut record = [0u8; 512];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut record, STAMP_AT)
+        .unwrap();
+    let text = String::from_utf8_lossy(&record);
+    let line = text.trim_end_matches('\0');
+    assert!(line.starts_with("counter destroyed: "), "{line:?}");
+    let count = |key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // fio verify wrote 16 MiB in 4 KiB blocks and read them back.
+    assert!(count("writes=") >= 4096, "{line}");
+    assert!(count("reads=") >= 4096, "{line}");
+    assert!(
+        count("flushes=") >= 1,
+        "the guest's sync and the shutdown flush: {line}"
+    );
 }
