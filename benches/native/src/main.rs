@@ -1,0 +1,320 @@
+//! `engine-bench`: natively, no guest. A disk's interceptor stack and I/O engine, driven
+//! directly with 4 KiB random reads and writes at a few queue depths on a file on the
+//! host's disk, and in the same run fio's own io_uring engine on the same file at the same
+//! depth. Prints IOPS and CPU time per request for both; the last line is the IOPS ratio
+//! at QD32 (the project's target: at least 0.9).
+
+mod fio;
+mod ours;
+mod rng;
+mod sys;
+
+use block::EngineChoice;
+use clap::{Parser, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Bytes per request.
+pub const BS: u64 = 4096;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "engine-bench",
+    about = "4 KiB random I/O through a disk's stack and engine, against fio's io_uring engine on the same file"
+)]
+struct Args {
+    /// The test file (default: /var/tmp/engine-bench-<size>m.img, or next to this binary
+    /// if /var/tmp is tmpfs). Created and fully written, or reused if it has the size.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The test file's size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Seconds per job (each side, each depth, each of randread and randwrite).
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// Queue depths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+    depths: Vec<usize>,
+    /// Our engine (fio always runs its io_uring engine).
+    #[arg(long, value_enum, default_value_t = Engine::IoUring)]
+    engine: Engine,
+    /// The fio binary.
+    #[arg(long, default_value = "fio")]
+    fio: String,
+    /// Let fio submit and reap up to the depth in one system call
+    /// (--iodepth_batch_submit/--iodepth_batch_complete_max = depth), as our loop does;
+    /// by default fio runs with its own defaults (one request per submission).
+    #[arg(long)]
+    fio_batch: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    #[value(name = "io_uring")]
+    IoUring,
+    Sync,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::IoUring => "io_uring",
+            Engine::Sync => "sync",
+        }
+    }
+
+    fn choice(self) -> EngineChoice {
+        match self {
+            Engine::IoUring => EngineChoice::IoUring,
+            Engine::Sync => EngineChoice::Sync,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rw {
+    RandRead,
+    RandWrite,
+}
+
+impl Rw {
+    /// fio's `--rw`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rw::RandRead => "randread",
+            Rw::RandWrite => "randwrite",
+        }
+    }
+
+    /// The side of fio's report that counts this job.
+    pub fn fio_direction(self) -> &'static str {
+        match self {
+            Rw::RandRead => "read",
+            Rw::RandWrite => "write",
+        }
+    }
+}
+
+/// One side of one job.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    pub iops: f64,
+    /// The whole process's CPU time (user + system) over the run, the kernel's io_uring
+    /// workers included, per completed request.
+    pub cpu_us_per_req: f64,
+    /// The submitting thread's alone, per completed request.
+    pub thread_us_per_req: f64,
+    pub engine: &'static str,
+}
+
+struct Row {
+    rw: Rw,
+    depth: usize,
+    ours: Outcome,
+    fio: Outcome,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.ours.iops / self.fio.iops
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        let _ = std::io::stdout().flush();
+        eprintln!("engine-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.size_mib == 0 || args.runtime == 0 {
+        return Err("--size-mib and --runtime must be at least 1".into());
+    }
+    if args.depths.is_empty() || args.depths.iter().any(|&d| d == 0 || d > 65535) {
+        return Err("--depths: each depth must be 1 to 65535".into());
+    }
+    let bytes = args
+        .size_mib
+        .checked_mul(1 << 20)
+        .ok_or("--size-mib is too large")?;
+    let runtime = Duration::from_secs(args.runtime);
+    let fio_version = fio::version(&args.fio)?;
+    let path = match args.file {
+        Some(p) => p,
+        None => sys::default_file(args.size_mib)?,
+    };
+    eprintln!(
+        "engine-bench: preparing {} ({} MiB)",
+        path.display(),
+        args.size_mib
+    );
+    let written =
+        sys::prepare_file(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    sys::warm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let fs = sys::filesystem(&path).unwrap_or("unknown");
+    if fs == "tmpfs" || fs == "ramfs" {
+        eprintln!(
+            "engine-bench: warning: {} is on {fs}, not a disk",
+            path.display()
+        );
+    }
+
+    println!(
+        "engine-bench: 4 KiB random I/O, no guest; {} s per job and side",
+        args.runtime
+    );
+    println!(
+        "file: {} ({} MiB, {fs}, {}); kernel {}; {} CPUs; {fio_version}",
+        path.display(),
+        args.size_mib,
+        if written { "written now" } else { "reused" },
+        sys::kernel_release(),
+        sys::cpus(),
+    );
+    println!(
+        "buffered I/O on both sides (no O_DIRECT; fio --direct=0 --invalidate=0): the file \
+         is read once first, so requests are served by the host page cache for both equally"
+    );
+    println!(
+        "ours: the disk's LiveStack (no interceptors) + our {} engine, on one thread, one \
+         commit per batch of completions; fio: its io_uring engine, {}",
+        args.engine.name(),
+        if args.fio_batch {
+            "submitting and reaping up to the depth per call (--fio-batch)"
+        } else {
+            "its default batching (one request per submission)"
+        }
+    );
+    println!(
+        "CPU µs/req: the whole process's user+sys time per request, the kernel's io_uring \
+         workers included (ours: getrusage SELF; fio: getrusage CHILDREN around the fio run); \
+         thread µs/req: the submitting thread's alone (ours: getrusage THREAD; fio: its JSON \
+         usr_cpu+sys_cpu, which fio reads with RUSAGE_THREAD)"
+    );
+    let _ = std::io::stdout().flush();
+
+    let mut rows = Vec::new();
+    for &depth in &args.depths {
+        for rw in [Rw::RandRead, Rw::RandWrite] {
+            let seed = 0x0123_4567_89ab_cdef ^ ((depth as u64) << 8) ^ rw as u64;
+            let ours = ours::run(&path, args.engine.choice(), rw, depth, runtime, bytes, seed)
+                .map_err(|e| format!("ours {} qd{depth}: {e}", rw.name()))?;
+            let settle = |p: &std::path::Path| {
+                sys::settle(p).map_err(|e| format!("{}: fdatasync: {e}", p.display()))
+            };
+            settle(&path)?;
+            let fio = fio::run(&args.fio, &path, rw, depth, runtime, bytes, args.fio_batch)?;
+            settle(&path)?;
+            let row = Row {
+                rw,
+                depth,
+                ours,
+                fio,
+            };
+            eprintln!(
+                "{} qd{depth}: ours ({}) {:.0} IOPS {:.2} µs/req ({:.2} thread), \
+                 fio {:.0} IOPS {:.2} µs/req ({:.2} thread), ratio {:.2}",
+                rw.name(),
+                ours.engine,
+                ours.iops,
+                ours.cpu_us_per_req,
+                ours.thread_us_per_req,
+                fio.iops,
+                fio.cpu_us_per_req,
+                fio.thread_us_per_req,
+                row.ratio()
+            );
+            rows.push(row);
+        }
+    }
+
+    println!();
+    println!(
+        "| job | depth | ours IOPS | fio IOPS | ratio | ours CPU µs/req | fio CPU µs/req \
+         | ours thread µs/req | fio thread µs/req |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.rw.name(),
+            r.depth,
+            r.ours.iops,
+            r.fio.iops,
+            r.ratio(),
+            r.ours.cpu_us_per_req,
+            r.fio.cpu_us_per_req,
+            r.ours.thread_us_per_req,
+            r.fio.thread_us_per_req
+        );
+    }
+    println!();
+    println!("{}", last_line(&rows));
+    Ok(())
+}
+
+/// The geometric mean of the randread and randwrite IOPS ratios at QD32.
+fn last_line(rows: &[Row]) -> String {
+    let at32: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.depth == 32)
+        .map(Row::ratio)
+        .collect();
+    if at32.is_empty() {
+        return "engine/fio iops ratio qd32: not measured (32 is not among --depths)".into();
+    }
+    let g = (at32.iter().map(|r| r.ln()).sum::<f64>() / at32.len() as f64).exp();
+    format!("engine/fio iops ratio qd32: {g:.2}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(rw: Rw, depth: usize, ours: f64, fio: f64) -> Row {
+        let o = |iops| Outcome {
+            iops,
+            cpu_us_per_req: 1.0,
+            thread_us_per_req: 1.0,
+            engine: "io_uring",
+        };
+        Row {
+            rw,
+            depth,
+            ours: o(ours),
+            fio: o(fio),
+        }
+    }
+
+    #[test]
+    fn the_last_line_is_the_geometric_mean_at_qd32() {
+        let rows = [
+            row(Rw::RandRead, 1, 10.0, 100.0),
+            row(Rw::RandRead, 32, 80.0, 100.0),
+            row(Rw::RandWrite, 32, 125.0, 100.0),
+        ];
+        // sqrt(0.8 × 1.25) = 1.
+        assert_eq!(last_line(&rows), "engine/fio iops ratio qd32: 1.00");
+        assert!(last_line(&rows[..1]).contains("not among --depths"));
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let a =
+            Args::try_parse_from(["engine-bench", "--depths", "1,32", "--engine", "sync"]).unwrap();
+        assert_eq!(a.depths, [1, 32]);
+        assert_eq!(a.engine, Engine::Sync);
+        assert_eq!(a.runtime, 10);
+        assert_eq!(a.size_mib, 1024);
+        assert!(!a.fio_batch);
+        assert_eq!(
+            Args::try_parse_from(["engine-bench"]).unwrap().depths,
+            [1, 32, 128]
+        );
+        assert!(Args::try_parse_from(["engine-bench", "--engine", "aio"]).is_err());
+    }
+}
