@@ -26,6 +26,11 @@ pub enum BlockRequestKind {
     Write,
     Flush,
     GetId,
+    /// The guest no longer needs the range (no segments; the range is the request's offset
+    /// and length). Later reads of it may return anything the disk held or zeros.
+    Discard,
+    /// The range reads back as zeros (no segments).
+    WriteZeroes,
 }
 
 impl BlockRequestKind {
@@ -37,7 +42,25 @@ impl BlockRequestKind {
             BlockRequestKind::Write => abi::REQ_WRITE,
             BlockRequestKind::Flush => abi::REQ_FLUSH,
             BlockRequestKind::GetId => abi::REQ_GET_ID,
+            BlockRequestKind::Discard => abi::REQ_DISCARD,
+            BlockRequestKind::WriteZeroes => abi::REQ_WRITE_ZEROES,
         }
+    }
+
+    /// Does the request carry data buffers (rather than a bare range, or nothing)?
+    pub fn has_data(self) -> bool {
+        matches!(
+            self,
+            BlockRequestKind::Read | BlockRequestKind::Write | BlockRequestKind::GetId
+        )
+    }
+
+    /// Does the request change what the disk holds?
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            BlockRequestKind::Write | BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+        )
     }
 
     /// Does the request fill its buffers (so a bounce buffer is copied back)?

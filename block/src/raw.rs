@@ -108,6 +108,41 @@ impl RawFile {
     }
 }
 
+/// Deallocates `[offset, offset + len)` of `file` (a hole: it reads back as zeros, and a
+/// sparse image shrinks). Where the filesystem cannot punch holes, a discard is a no-op
+/// (the guest only said it no longer needs the data) and a write-zeroes writes zeros.
+pub(crate) fn deallocate(file: &File, offset: u64, len: u64, zeroes: bool) -> std::io::Result<()> {
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    loop {
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, at, n) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) if !zeroes => return Ok(()),
+            Some(libc::EOPNOTSUPP) => return write_zeros(file, offset, len),
+            _ => return Err(e),
+        }
+    }
+}
+
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 impl BlockBackend for RawFile {
     fn capacity(&self) -> u64 {
         self.capacity
@@ -126,6 +161,11 @@ impl BlockBackend for RawFile {
             BlockRequestKind::Write => self.vectored(req.offset, req.segments, true),
             BlockRequestKind::Flush if self.read_only => Ok(()),
             BlockRequestKind::Flush => self.file.sync_data(),
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes if self.read_only => {
+                return RequestStatus::IoError
+            }
+            BlockRequestKind::Discard => deallocate(&self.file, req.offset, req.len, false),
+            BlockRequestKind::WriteZeroes => deallocate(&self.file, req.offset, req.len, true),
             BlockRequestKind::GetId => {
                 let mut at = 0;
                 for s in req.segments {
@@ -269,6 +309,43 @@ mod tests {
             run(&be, BlockRequestKind::Flush, 0, &mut []),
             RequestStatus::Ok
         );
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A discard punches a hole (the sparse file gives its blocks back) and reads back as
+    /// zeros; so does a write-zeroes; the data around them stays.
+    #[test]
+    fn discard_and_write_zeroes_deallocate_their_range() {
+        use std::os::unix::fs::MetadataExt;
+        let path = disk("discard", &vec![0x5au8; 1 << 20]);
+        let be = open_rw(&path);
+        let before = std::fs::metadata(&path).unwrap().blocks();
+        let range = |kind, offset, len| {
+            // SAFETY: a range request carries no buffers.
+            unsafe {
+                be.execute(&IoRequest {
+                    kind,
+                    offset,
+                    len,
+                    segments: &[],
+                })
+            }
+        };
+        assert_eq!(
+            range(BlockRequestKind::Discard, 0, 512 << 10),
+            RequestStatus::Ok
+        );
+        assert_eq!(
+            range(BlockRequestKind::WriteZeroes, 768 << 10, 4096),
+            RequestStatus::Ok
+        );
+        let after = std::fs::metadata(&path).unwrap().blocks();
+        assert!(after < before, "{after} blocks after, {before} before");
+        let d = std::fs::read(&path).unwrap();
+        assert!(d[..512 << 10].iter().all(|&b| b == 0));
+        assert!(d[512 << 10..768 << 10].iter().all(|&b| b == 0x5a));
+        assert!(d[768 << 10..(768 << 10) + 4096].iter().all(|&b| b == 0));
+        assert!(d[(768 << 10) + 4096..].iter().all(|&b| b == 0x5a));
         let _ = std::fs::remove_file(path);
     }
 }

@@ -222,6 +222,11 @@ impl Instance {
         self.flags & abi::F_KEEP_WHEN_DISABLED != 0
     }
 
+    /// The plugin handles discard and write-zeroes requests.
+    pub fn handles_discard(&self) -> bool {
+        self.flags & abi::F_HANDLES_DISCARD != 0
+    }
+
     /// What the plugin writes reads back only through it.
     pub fn owns_format(&self) -> bool {
         self.flags & abi::F_OWNS_FORMAT != 0

@@ -47,6 +47,9 @@ struct Chain {
     any_retired: AtomicBool,
     /// Set at shutdown: the chain is empty and edits are refused.
     closed: AtomicBool,
+    /// Every instance of the chain at start handled discard and write-zeroes, so the device
+    /// offers them (while one that does not is in the path, they are answered UNSUPP).
+    discard: bool,
 }
 
 impl std::fmt::Debug for LiveStack {
@@ -88,6 +91,7 @@ impl LiveStack {
                 })
             }
         };
+        let discard = stack.handles_discard();
         Ok(LiveStack {
             chain: Arc::new(Chain {
                 device_id: stack.device_id().to_string(),
@@ -96,6 +100,7 @@ impl LiveStack {
                 retired: Mutex::new(Vec::new()),
                 any_retired: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
+                discard,
             }),
             io,
         })
@@ -150,9 +155,10 @@ impl LiveStack {
         &self,
         kind: BlockRequestKind,
         offset: u64,
+        len: u64,
         segments: Vec<Segment>,
     ) -> Started {
-        let started = self.chain.snapshot().begin(kind, offset, segments);
+        let started = self.chain.snapshot().begin(kind, offset, len, segments);
         if matches!(started, Started::Done(_)) {
             self.chain.reap();
         }
@@ -170,6 +176,13 @@ impl LiveStack {
     /// requests that overlap, so no instance sees two at once on the same blocks.)
     pub fn intercepts(&self) -> bool {
         self.chain.snapshot().intercepts()
+    }
+
+    /// Does the device offer discard and write-zeroes? Fixed at start, when every instance
+    /// of the chain handled them; one loaded later that does not makes them UNSUPP while it
+    /// is in the path.
+    pub fn handles_discard(&self) -> bool {
+        self.chain.discard
     }
 
     /// The backend under the chain (the device opens its queues' engines over it).

@@ -154,7 +154,10 @@ fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
     if t.create.is_none() || t.pre.is_none() || t.post.is_none() || t.destroy.is_none() {
         return Err(bad("create, pre, post and destroy are required"));
     }
-    let known = abi::F_MODIFIES_DATA | abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT;
+    let known = abi::F_MODIFIES_DATA
+        | abi::F_KEEP_WHEN_DISABLED
+        | abi::F_OWNS_FORMAT
+        | abi::F_HANDLES_DISCARD;
     if t.flags & !known != 0 {
         return Err(bad(&format!("unknown flags {:#x}", t.flags & !known)));
     }

@@ -193,7 +193,8 @@ impl BlockStack {
         offset: u64,
         segments: &[Segment],
     ) -> RequestStatus {
-        match self.pre(kind, offset, segments.to_vec()) {
+        let len = segments.iter().map(|s| s.len as u64).sum();
+        match self.pre(kind, offset, len, segments.to_vec()) {
             Err(status) => status,
             Ok(mut parts) => {
                 let status = self.run_backend(&parts);
@@ -202,7 +203,9 @@ impl BlockStack {
         }
     }
 
-    /// Starts one request: its pre hooks run now. If one of them completed or failed it,
+    /// Starts one request of `len` bytes at `offset`: its pre hooks run now. For a read or a
+    /// write `len` is the segments' total; a discard or write-zeroes has no segments and
+    /// `len` is its range. If one of them completed or failed it,
     /// its post hooks have run too and the status is final (`Started::Done`); otherwise it
     /// waits for the backend (`Started::Backend`): run [`InFlight::io`] on an engine, then
     /// [`InFlight::finish`] with the engine's status runs the post hooks.
@@ -215,15 +218,21 @@ impl BlockStack {
         self: &Arc<Self>,
         kind: BlockRequestKind,
         offset: u64,
+        len: u64,
         segments: Vec<Segment>,
     ) -> Started {
-        match self.pre(kind, offset, segments) {
+        match self.pre(kind, offset, len, segments) {
             Err(status) => Started::Done(status),
             Ok(parts) => Started::Backend(InFlight {
                 stack: self.clone(),
                 parts: Some(parts),
             }),
         }
+    }
+
+    /// Does every instance of the chain handle discard and write-zeroes?
+    pub fn handles_discard(&self) -> bool {
+        self.layers.iter().all(|l| l.handles_discard())
     }
 
     /// Does a request that starts now pass any interceptor?
@@ -239,10 +248,21 @@ impl BlockStack {
         &self,
         kind: BlockRequestKind,
         offset: u64,
+        len: u64,
         guest: Vec<Segment>,
     ) -> Result<Parts, RequestStatus> {
         self.counters.requests.fetch_add(1, Relaxed);
-        let len: u64 = guest.iter().map(|s| s.len as u64).sum();
+        let carried: u64 = guest.iter().map(|s| s.len as u64).sum();
+        let consistent = if kind.has_data() {
+            carried == len
+        } else {
+            carried == 0
+        };
+        if !consistent {
+            // A read or write whose length is not its buffers', or a flush or range request
+            // with data: a caller's bug, never sent down.
+            return Err(self.count(RequestStatus::IoError));
+        }
         // The snapshot: one atomic load per instance, the only cost of a disabled one.
         let (mut active, mut disabled, mut private) = (0u32, 0u32, false);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -253,12 +273,16 @@ impl BlockStack {
                 private |= layer.modifies_data();
             }
         }
+        // A flush or range request carries no buffers (empty ones a caller passed are
+        // dropped here).
+        let guest = if kind.has_data() { guest } else { Vec::new() };
         let mut parts = Parts {
             kind,
             offset,
             len,
             active,
             disabled,
+            private,
             ran: 0,
             slots: [std::ptr::null_mut(); MAX_CHAIN],
             started: [None; MAX_CHAIN],
@@ -272,12 +296,27 @@ impl BlockStack {
         {
             return Err(self.count(RequestStatus::IoError));
         }
+        // A discard or write-zeroes never reaches an instance that did not say it handles
+        // one (it could leave the instance's view of the range wrong): answered UNSUPP.
+        let ranged = matches!(
+            kind,
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+        );
+        if ranged
+            && self
+                .layers
+                .iter()
+                .enumerate()
+                .any(|(i, l)| active & (1 << i) != 0 && !l.handles_discard())
+        {
+            return Err(self.count(RequestStatus::Unsupported));
+        }
         if active == 0 {
             return self.backend_in_range(parts);
         }
         // Transforming plugins never see guest memory: they get a private copy, and a read's
         // result is copied to the guest only once every post hook is done with it.
-        if private {
+        if private && kind.has_data() {
             let mut bounce = self.pool.take(len as usize, kind.fills_buffers());
             if !kind.fills_buffers() {
                 copy_segments_to(&parts.guest, &mut bounce);
@@ -395,6 +434,9 @@ struct Parts {
     /// The snapshot: instances in the request's path, and which of them are disabled.
     active: u32,
     disabled: u32,
+    /// An instance in the path modifies data: every request it sees is marked private
+    /// (those with data carry the bounce buffer).
+    private: bool,
     /// Instances (from the top) whose pre hook ran.
     ran: usize,
     /// Each instance's per-request context, from its pre hook to its post hook.
@@ -428,8 +470,11 @@ impl Parts {
 
     fn abi_request(&self, i: usize, layer: &Instance) -> abi::Request {
         let segments = self.segments();
-        let private = self.bounce.is_some();
-        let mut flags = if private { abi::REQ_F_DATA_PRIVATE } else { 0 };
+        let mut flags = if self.private {
+            abi::REQ_F_DATA_PRIVATE
+        } else {
+            0
+        };
         if self.disabled & (1 << i) != 0 {
             flags |= abi::REQ_F_DISABLED;
         }

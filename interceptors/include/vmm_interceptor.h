@@ -60,6 +60,7 @@ extern "C" {
 #define VMM_REQ_FLUSH 3u
 #define VMM_REQ_DISCARD 4u
 #define VMM_REQ_GET_ID 5u
+#define VMM_REQ_WRITE_ZEROES 6u
 
 /* Request flags. */
 #define VMM_REQ_F_DATA_PRIVATE 1u /* segments are a bounce buffer the hook may modify */
@@ -88,6 +89,13 @@ extern "C" {
  * declares fresh. Requires VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED (the loader refuses the
  * table otherwise). */
 #define VMM_INTERCEPTOR_F_OWNS_FORMAT 4u
+/* The plugin handles VMM_REQ_DISCARD and VMM_REQ_WRITE_ZEROES (no segments; offset and len
+ * are the range): it passes them down or answers them so that what it reads back stays
+ * right (after a write-zeroes the range reads back as zeros through it). A disk offers the
+ * guest discard and write-zeroes only when every instance of its chain at start declares
+ * this; they never reach an instance that does not (one loaded at run time): while such an
+ * instance is in the path, they are answered VMM_STATUS_UNSUPP. */
+#define VMM_INTERCEPTOR_F_HANDLES_DISCARD 8u
 
 /* Log levels for vmm_lower.log. */
 #define VMM_LOG_ERROR 1u

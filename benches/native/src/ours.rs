@@ -72,7 +72,10 @@ impl Queue<'_> {
         // SAFETY: the slot's buffer lives (in `bufs`) until the queue is dropped, which is
         // after every request has completed (the loop drains before returning), and the
         // request is one block inside the disk.
-        let started = unsafe { self.stack.begin(self.kind, offset, vec![self.bufs.slot(i)]) };
+        let started = unsafe {
+            self.stack
+                .begin(self.kind, offset, BS, vec![self.bufs.slot(i)])
+        };
         let inflight = match started {
             Started::Backend(f) => f,
             // An empty chain never answers a request itself; this would be a bug here.

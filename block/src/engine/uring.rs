@@ -44,6 +44,8 @@ pub struct UringEngine {
     in_flight: usize,
     read_only: bool,
     notifier: EventFd,
+    /// The disk file, for discard and write-zeroes (a fallocate, run at submission).
+    file: File,
 }
 
 impl UringEngine {
@@ -79,6 +81,7 @@ impl UringEngine {
             in_flight: 0,
             read_only,
             notifier,
+            file: file.try_clone()?,
         })
     }
 
@@ -219,6 +222,20 @@ impl AsyncIo for UringEngine {
             }
             BlockRequestKind::Flush => false,
             BlockRequestKind::GetId => return self.done_now(token, RequestStatus::Unsupported),
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes if self.read_only => {
+                return self.done_now(token, RequestStatus::IoError)
+            }
+            kind @ (BlockRequestKind::Discard | BlockRequestKind::WriteZeroes) => {
+                let zeroes = kind == BlockRequestKind::WriteZeroes;
+                let status = match crate::raw::deallocate(&self.file, req.offset, req.len, zeroes) {
+                    Ok(()) => RequestStatus::Ok,
+                    Err(e) => {
+                        tracing::warn!("block backend (io_uring): {kind:?}: {e}");
+                        RequestStatus::IoError
+                    }
+                };
+                return self.done_now(token, status);
+            }
         };
         let fsync = req.kind == BlockRequestKind::Flush;
         if req.segments.len() > MAX_IOVECS {

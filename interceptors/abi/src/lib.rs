@@ -42,6 +42,8 @@ pub const REQ_WRITE: u32 = 2;
 pub const REQ_FLUSH: u32 = 3;
 pub const REQ_DISCARD: u32 = 4;
 pub const REQ_GET_ID: u32 = 5;
+/// Zero a range (no segments; `offset` and `len` are the range).
+pub const REQ_WRITE_ZEROES: u32 = 6;
 
 /// The segments are a private bounce buffer the hook may modify.
 pub const REQ_F_DATA_PRIVATE: u32 = 1;
@@ -63,6 +65,9 @@ pub const F_KEEP_WHEN_DISABLED: u32 = 2;
 /// What the plugin writes reads back only through it: never removed from a running chain,
 /// loaded at run time only onto layers declared fresh.
 pub const F_OWNS_FORMAT: u32 = 4;
+/// The plugin handles `REQ_DISCARD` and `REQ_WRITE_ZEROES`: a disk offers them to the guest
+/// only when every instance of its chain declares this.
+pub const F_HANDLES_DISCARD: u32 = 8;
 
 pub const LOG_ERROR: u32 = 1;
 pub const LOG_WARN: u32 = 2;

@@ -30,11 +30,12 @@ int main(void) {
     O(vmm_interceptor_table, capacity)
     C(VMM_INTERCEPTOR_ABI_VERSION) C(VMM_SECTOR_SIZE) C(VMM_DEVICE_BLOCK) C(VMM_DEVICE_NET)
     C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
+    C(VMM_REQ_WRITE_ZEROES)
     C(VMM_REQ_F_DATA_PRIVATE) C(VMM_REQ_F_DISABLED)
     C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP)
     C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL)
     C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
-    C(VMM_INTERCEPTOR_F_OWNS_FORMAT)
+    C(VMM_INTERCEPTOR_F_OWNS_FORMAT) C(VMM_INTERCEPTOR_F_HANDLES_DISCARD)
     C(VMM_LOG_ERROR) C(VMM_LOG_WARN) C(VMM_LOG_INFO) C(VMM_LOG_DEBUG)
     printf("entry %s\n", VMM_INTERCEPTOR_ENTRY_SYMBOL);
     return 0;
@@ -115,7 +116,7 @@ fn rust_view() -> BTreeMap<String, String> {
     ] {
         put(&k, v);
     }
-    let consts: [(&str, u64); 24] = [
+    let consts: [(&str, u64); 26] = [
         ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
         ("VMM_SECTOR_SIZE", SECTOR_SIZE),
         ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
@@ -125,6 +126,7 @@ fn rust_view() -> BTreeMap<String, String> {
         ("VMM_REQ_FLUSH", REQ_FLUSH.into()),
         ("VMM_REQ_DISCARD", REQ_DISCARD.into()),
         ("VMM_REQ_GET_ID", REQ_GET_ID.into()),
+        ("VMM_REQ_WRITE_ZEROES", REQ_WRITE_ZEROES.into()),
         ("VMM_REQ_F_DATA_PRIVATE", REQ_F_DATA_PRIVATE.into()),
         ("VMM_REQ_F_DISABLED", REQ_F_DISABLED.into()),
         ("VMM_STATUS_OK", STATUS_OK.into()),
@@ -134,6 +136,10 @@ fn rust_view() -> BTreeMap<String, String> {
         ("VMM_COMPLETE", COMPLETE.into()),
         ("VMM_FAIL", FAIL.into()),
         ("VMM_INTERCEPTOR_F_MODIFIES_DATA", F_MODIFIES_DATA.into()),
+        (
+            "VMM_INTERCEPTOR_F_HANDLES_DISCARD",
+            F_HANDLES_DISCARD.into(),
+        ),
         (
             "VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED",
             F_KEEP_WHEN_DISABLED.into(),

@@ -158,7 +158,9 @@ impl BlockBackend for MemDisk {
             BlockRequestKind::Flush => {
                 self.flushes.fetch_add(1, SeqCst);
             }
-            BlockRequestKind::GetId => return RequestStatus::Unsupported,
+            BlockRequestKind::GetId | BlockRequestKind::Discard | BlockRequestKind::WriteZeroes => {
+                return RequestStatus::Unsupported
+            }
         }
         RequestStatus::Ok
     }
@@ -590,7 +592,8 @@ fn begin(stack: &Arc<BlockStack>, kind: BlockRequestKind, offset: u64, buf: &mut
         len: buf.len(),
     }];
     // SAFETY: the buffer outlives the request (the callers finish it before dropping it).
-    match unsafe { stack.begin(kind, offset, seg) } {
+    let len = buf.len() as u64;
+    match unsafe { stack.begin(kind, offset, len, seg) } {
         Started::Backend(r) => r,
         Started::Done(st) => panic!("{kind:?} at {offset} was answered above the disk: {st:?}"),
     }
@@ -967,7 +970,8 @@ fn random_workload(seed: u64, write_back: bool, ops: usize) -> Exercised {
                         len: buf.len(),
                     }];
                     // SAFETY: `buf` lives in `pending` until the request is finished.
-                    match unsafe { stack.begin(BlockRequestKind::Write, at, seg) } {
+                    let len = buf.len() as u64;
+                    match unsafe { stack.begin(BlockRequestKind::Write, at, len, seg) } {
                         Started::Done(st) => {
                             assert_eq!(st, RequestStatus::Ok, "{}", ctx(op, "write"))
                         }
@@ -996,7 +1000,8 @@ fn random_workload(seed: u64, write_back: bool, ops: usize) -> Exercised {
                         len: buf.len(),
                     }];
                     // SAFETY: as for writes.
-                    match unsafe { stack.begin(BlockRequestKind::Read, at, seg) } {
+                    let len = buf.len() as u64;
+                    match unsafe { stack.begin(BlockRequestKind::Read, at, len, seg) } {
                         Started::Done(st) => {
                             assert_eq!(st, RequestStatus::Ok, "{}", ctx(op, "read"));
                             assert!(buf == model.at(at, len as usize), "{}", ctx(op, "read hit"));

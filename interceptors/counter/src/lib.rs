@@ -33,6 +33,8 @@ struct Counts {
     reads: AtomicU64,
     writes: AtomicU64,
     flushes: AtomicU64,
+    /// Discards and write-zeroes.
+    discards: AtomicU64,
     other: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
@@ -49,6 +51,9 @@ pub struct Counter {
 
 impl Interceptor for Counter {
     const NAME: &'static std::ffi::CStr = c"counter";
+    // Counted and passed down like everything else: a disk with only counters on it offers
+    // the guest discard and write-zeroes.
+    const FLAGS: u32 = interceptor_sdk::abi::F_HANDLES_DISCARD;
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
@@ -77,6 +82,7 @@ impl Interceptor for Counter {
             RequestKind::Read => c.reads.fetch_add(1, Relaxed),
             RequestKind::Write => c.writes.fetch_add(1, Relaxed),
             RequestKind::Flush => c.flushes.fetch_add(1, Relaxed),
+            RequestKind::Discard | RequestKind::WriteZeroes => c.discards.fetch_add(1, Relaxed),
             _ => c.other.fetch_add(1, Relaxed),
         };
         Decision::Continue
@@ -110,6 +116,7 @@ impl Interceptor for Counter {
             "reads": c.reads.load(Relaxed),
             "writes": c.writes.load(Relaxed),
             "flushes": c.flushes.load(Relaxed),
+            "discards": c.discards.load(Relaxed),
             "other": c.other.load(Relaxed),
             "bytes_read": c.bytes_read.load(Relaxed),
             "bytes_written": c.bytes_written.load(Relaxed),

@@ -147,7 +147,8 @@ impl CreateContext<'_> {
 pub trait Interceptor: Sized + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static CStr;
-    /// `abi::F_MODIFIES_DATA`, `abi::F_KEEP_WHEN_DISABLED`, `abi::F_OWNS_FORMAT`.
+    /// `abi::F_MODIFIES_DATA`, `abi::F_KEEP_WHEN_DISABLED`, `abi::F_OWNS_FORMAT`,
+    /// `abi::F_HANDLES_DISCARD`.
     const FLAGS: u32 = 0;
     /// Mask of the device kinds the plugin serves.
     const DEVICES: u32 = DeviceKind::Block.mask();

@@ -10,6 +10,7 @@ pub enum RequestKind {
     Flush,
     Discard,
     GetId,
+    WriteZeroes,
     /// A kind newer than this SDK.
     Other(u32),
 }
@@ -41,6 +42,7 @@ impl<'a> Request<'a> {
             abi::REQ_FLUSH => RequestKind::Flush,
             abi::REQ_DISCARD => RequestKind::Discard,
             abi::REQ_GET_ID => RequestKind::GetId,
+            abi::REQ_WRITE_ZEROES => RequestKind::WriteZeroes,
             k => RequestKind::Other(k),
         }
     }

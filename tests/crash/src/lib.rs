@@ -77,6 +77,16 @@ impl BlockBackend for RecordingDisk {
                 });
             }
             BlockRequestKind::Flush => r.log.push(DiskOp::Flush),
+            // Recorded as the zeros a punched hole reads back as (a discard may read back
+            // anything; zeros are one of those things).
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes => {
+                let data = vec![0u8; req.len as usize];
+                r.image[at..at + data.len()].copy_from_slice(&data);
+                r.log.push(DiskOp::Write {
+                    offset: req.offset,
+                    data,
+                });
+            }
             BlockRequestKind::GetId => return RequestStatus::Unsupported,
         }
         RequestStatus::Ok

@@ -104,6 +104,34 @@ fn check_accepted(req: &BlockRequest, mem: &GuestMemoryMmap, capacity: u64) {
             assert_eq!((req.sector, req.offset), (0, 0), "{req:?}");
         }
         BlockRequestKind::Flush => assert_eq!((req.sector, req.offset), (0, 0), "{req:?}"),
+        BlockRequestKind::Discard | BlockRequestKind::WriteZeroes => {
+            assert_eq!(req.data_len, 16, "one range: {req:?}");
+            assert!(
+                req.io_len > 0 && req.io_len.is_multiple_of(SECTOR_SIZE),
+                "{req:?}"
+            );
+            assert_eq!(
+                u128::from(req.offset),
+                u128::from(req.sector) * u128::from(SECTOR_SIZE),
+                "{req:?}"
+            );
+            let end = u128::from(req.offset) + u128::from(req.io_len);
+            assert!(
+                end <= u128::from(capacity) * u128::from(SECTOR_SIZE),
+                "{req:?} runs past a disk of {capacity} sectors"
+            );
+        }
+    }
+    if !matches!(
+        req.kind,
+        BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+    ) {
+        let covered = if matches!(req.kind, BlockRequestKind::Read | BlockRequestKind::Write) {
+            req.data_len
+        } else {
+            0
+        };
+        assert_eq!(req.io_len, covered, "{req:?}");
     }
 }
 

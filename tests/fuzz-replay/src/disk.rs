@@ -55,6 +55,18 @@ impl BlockBackend for MemDisk {
             req.len,
             data.len()
         );
+        if matches!(
+            req.kind,
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+        ) {
+            assert!(
+                req.segments.is_empty(),
+                "driver: a range request with buffers"
+            );
+            let at = req.offset as usize;
+            data[at..at + req.len as usize].fill(0);
+            return RequestStatus::Ok;
+        }
         let mut at = req.offset as usize;
         for s in req.segments {
             assert!(s.len == 0 || !s.base.is_null(), "driver: a NULL segment");
@@ -74,7 +86,9 @@ impl BlockBackend for MemDisk {
                     unsafe { std::ptr::copy_nonoverlapping(self.serial.as_ptr(), s.base, n) };
                     return RequestStatus::Ok;
                 }
-                BlockRequestKind::Flush => {}
+                BlockRequestKind::Flush
+                | BlockRequestKind::Discard
+                | BlockRequestKind::WriteZeroes => {}
             }
             at += s.len;
         }

@@ -236,6 +236,9 @@ pub struct GuestRun {
     pub console: GuestConsole,
     /// fio results, one row per job and direction.
     pub fio: Vec<FioRow>,
+    /// Bytes each data disk's file holds on the host after the run (its allocated blocks:
+    /// a guest's discard shrinks a sparse image).
+    pub data_allocated: Vec<u64>,
     /// What the API client of `--control` saw, step by step.
     pub control: Option<serde_json::Value>,
     /// Everything that went wrong, in words; empty when the run is a success.
@@ -526,6 +529,14 @@ fn judge(
         vmm_exit,
         console,
         fio: rows,
+        data_allocated: spec
+            .data_disks
+            .iter()
+            .map(|d| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(&d.path).map_or(0, |m| m.blocks() * 512)
+            })
+            .collect(),
         control: None,
         problems,
         transcript,

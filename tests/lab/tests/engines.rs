@@ -110,3 +110,61 @@ fn a_two_queue_disk_is_set_up_with_both_queues_by_the_guest() {
         "{markers:?}"
     );
 }
+
+/// `blkdiscard` in the guest punches holes in the sparse image: fio verify wrote 16 MiB
+/// into it, and after the discard the host file holds almost nothing. Through a plugin
+/// that does not handle discard (xor), the device does not offer it: the guest's discard
+/// is refused and the image keeps its blocks. The data disk is the lab's own fresh one (on
+/// the lab's tmpfs, which punches holes; the repository's 9p share does not).
+#[test]
+fn a_guest_discard_shrinks_the_sparse_image_unless_a_plugin_cannot_handle_it() {
+    let p = plugins().expect("building the plugins");
+    let chain = out_file("engine-discard-xor.toml");
+    std::fs::write(
+        &chain,
+        format!(
+            "[[interceptor]]\nid = \"xor\"\npath = {:?}\nconfig = {{ key = 90 }}\n",
+            p.xor
+        ),
+    )
+    .unwrap();
+    let chain = chain.to_string_lossy().into_owned();
+    for (name, extra, offered) in [
+        ("engine-discard", vec![], true),
+        (
+            "engine-discard-xor",
+            vec!["--interceptors", chain.as_str()],
+            false,
+        ),
+    ] {
+        let mut args = vec![
+            "--backend",
+            "vmm",
+            "--disk-mib",
+            "256",
+            "--task",
+            "fio=verify-crc32c discard",
+        ];
+        args.extend_from_slice(&extra);
+        let Some((out, r)) = common::guest_run(name, &args) else {
+            return;
+        };
+        assert!(out.status.success(), "{}", output(&out));
+        assert_eq!(r["console"]["exit_rc"], 0, "{r}");
+        let markers = r["console"]["markers"].to_string();
+        let held = r["data_allocated"][0].as_u64().unwrap();
+        if offered {
+            assert!(markers.contains("\"discard ok\""), "{markers}");
+            assert!(
+                held < 1 << 20,
+                "{held} bytes still allocated after the discard"
+            );
+        } else {
+            assert!(markers.contains("\"discard refused"), "{markers}");
+            assert!(
+                held >= 16 << 20,
+                "{held} bytes: fio's 16 MiB are still there"
+            );
+        }
+    }
+}

@@ -249,6 +249,8 @@ pub(super) fn device(r: &mut Rules, pid: u64) -> Result<(), String> {
     // filter: one runs only reads, writes and fsync on its disk, and its only registration
     // call left is that drop; no thread may set up another.
     allow(r, &[libc::SYS_io_uring_enter, libc::SYS_io_uring_register]);
+    // Discard and write-zeroes punch holes in the disk file (on a descriptor already open).
+    allow(r, &[libc::SYS_fallocate]);
     Ok(())
 }
 

@@ -9,7 +9,12 @@
 
 use compat::{BlockRequestKind, RequestStatus};
 use std::ops::Deref;
+use virtio_bindings::virtio_blk::{
+    virtio_blk_discard_write_zeroes, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use virtio_queue::DescriptorChain;
+use vm_memory::ByteValued;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub use compat::SECTOR_SIZE;
@@ -22,6 +27,20 @@ pub const MAX_DESCRIPTORS: usize = 258;
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
 const _: () = assert!(MAX_REQUEST_BYTES < u32::MAX as u64 && (ID_BYTES as u64) < MAX_REQUEST_BYTES);
+
+/// Most sectors one discard covers (announced as max_discard_sectors), and one
+/// write-zeroes (max_write_zeroes_sectors): a write-zeroes may have to write its zeros where
+/// the file system cannot punch holes, on the disk's I/O thread.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 16;
+
+/// One range of a discard or write-zeroes request, as the guest lays it out.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct Range(virtio_blk_discard_write_zeroes);
+
+// SAFETY: plain integers: any bytes are a valid value.
+unsafe impl ByteValued for Range {}
 
 /// Bytes of the request header (type, reserved, sector).
 const HEADER_BYTES: u32 = 16;
@@ -58,6 +77,11 @@ pub enum RequestError {
     Unsupported(u32),
     #[error("GET_ID buffer is shorter than {ID_BYTES} bytes")]
     ShortIdBuffer,
+    /// Discard and write-zeroes carry exactly one 16-byte range (max_*_seg is 1).
+    #[error("a discard or write-zeroes request carries {0} bytes, not one 16-byte range")]
+    BadRange(u64),
+    #[error("a discard or write-zeroes range of {0} sectors is empty or too long")]
+    RangeLength(u32),
 }
 
 /// A validated request.
@@ -75,6 +99,10 @@ pub struct BlockRequest {
     pub segments: Vec<(GuestAddress, u32)>,
     /// The sum of the segments' lengths, at most [`MAX_REQUEST_BYTES`].
     pub data_len: u64,
+    /// The bytes the request covers on the disk from `offset`: `data_len` for a read or
+    /// write, the range for a discard or write-zeroes (whose data is the range's
+    /// description), 0 for the others.
+    pub io_len: u64,
     pub status_addr: GuestAddress,
 }
 
@@ -121,6 +149,28 @@ fn disk_offset(sector: u64, len: u64, capacity_sectors: u64) -> Result<u64, Requ
         _ => return Err(out_of_range),
     }
     sector.checked_mul(SECTOR_SIZE).ok_or(out_of_range)
+}
+
+/// The one range of a discard or write-zeroes request, gathered from its buffers (already
+/// checked to lie in guest memory).
+fn read_range(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, u32)],
+    data_len: u64,
+) -> Result<Range, RequestError> {
+    let mut range = Range::default();
+    let bytes = range.as_mut_slice();
+    if data_len != bytes.len() as u64 {
+        return Err(RequestError::BadRange(data_len));
+    }
+    let mut at = 0usize;
+    for &(addr, len) in segments {
+        let end = at.saturating_add(len as usize).min(bytes.len());
+        mem.read_slice(&mut bytes[at..end], addr)
+            .map_err(|_| RequestError::BadRange(data_len))?;
+        at = end;
+    }
+    Ok(range)
 }
 
 impl BlockRequest {
@@ -181,6 +231,8 @@ impl BlockRequest {
             VIRTIO_BLK_T_OUT => BlockRequestKind::Write,
             VIRTIO_BLK_T_FLUSH => BlockRequestKind::Flush,
             VIRTIO_BLK_T_GET_ID => BlockRequestKind::GetId,
+            VIRTIO_BLK_T_DISCARD => BlockRequestKind::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => BlockRequestKind::WriteZeroes,
             other => return Err(refuse(RequestError::Unsupported(other))),
         };
         let device_writes = matches!(kind, BlockRequestKind::Read | BlockRequestKind::GetId);
@@ -200,14 +252,37 @@ impl BlockRequest {
             segments.push((d.addr(), d.len()));
         }
 
-        let (sector, offset) = match kind {
+        let (sector, offset, io_len) = match kind {
             BlockRequestKind::Read | BlockRequestKind::Write => {
                 if !data_len.is_multiple_of(SECTOR_SIZE) {
                     return Err(refuse(RequestError::Unaligned(data_len)));
                 }
                 let offset =
                     disk_offset(guest_sector, data_len, capacity_sectors).map_err(refuse)?;
-                (guest_sector, offset)
+                (guest_sector, offset, data_len)
+            }
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes => {
+                // The header's sector is reserved here: the range says where.
+                let range = read_range(mem, &segments, data_len).map_err(refuse)?;
+                let (first, sectors, flags) = (
+                    u64::from_le(range.0.sector),
+                    u32::from_le(range.0.num_sectors),
+                    u32::from_le(range.0.flags),
+                );
+                let (max, allowed_flags) = if kind == BlockRequestKind::Discard {
+                    (MAX_DISCARD_SECTORS, 0)
+                } else {
+                    (MAX_WRITE_ZEROES_SECTORS, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+                };
+                if flags & !allowed_flags != 0 {
+                    return Err(refuse(RequestError::Unsupported(req_type)));
+                }
+                if sectors == 0 || sectors > max {
+                    return Err(refuse(RequestError::RangeLength(sectors)));
+                }
+                let len = u64::from(sectors) * SECTOR_SIZE;
+                let offset = disk_offset(first, len, capacity_sectors).map_err(refuse)?;
+                (first, offset, len)
             }
             BlockRequestKind::GetId => {
                 // The id goes into the first buffer only.
@@ -215,9 +290,9 @@ impl BlockRequest {
                     return Err(refuse(RequestError::ShortIdBuffer));
                 }
                 // The sector field is reserved: never used, never in arithmetic.
-                (0, 0)
+                (0, 0, 0)
             }
-            BlockRequestKind::Flush => (0, 0),
+            BlockRequestKind::Flush => (0, 0, 0),
         };
         Ok(BlockRequest {
             kind,
@@ -225,6 +300,7 @@ impl BlockRequest {
             offset,
             segments,
             data_len,
+            io_len,
             status_addr: status,
         })
     }
@@ -279,8 +355,19 @@ mod tests {
         hdr: [u8; 16],
         capacity: u64,
     ) -> Result<BlockRequest, Refused> {
+        parse_with(descs, hdr, capacity, &[])
+    }
+
+    /// As `parse_on`, with `data` in guest memory at `DATA`.
+    fn parse_with(
+        descs: &[(u64, u32, u16, u16)],
+        hdr: [u8; 16],
+        capacity: u64,
+        data: &[u8],
+    ) -> Result<BlockRequest, Refused> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        mem.write_slice(data, GuestAddress(DATA)).unwrap();
         let mq = MockSplitQueue::new(&mem, 16);
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let d = SplitDescriptor::new(addr, len, flags, next);
@@ -618,5 +705,86 @@ mod tests {
             big.used_len(RequestStatus::Ok),
             MAX_REQUEST_BYTES as u32 + 1
         );
+    }
+
+    /// One discard or write-zeroes range, as the guest lays it out.
+    fn range(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+        let mut r = [0u8; 16];
+        r[..8].copy_from_slice(&sector.to_le_bytes());
+        r[8..12].copy_from_slice(&sectors.to_le_bytes());
+        r[12..].copy_from_slice(&flags.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_carry_one_checked_range() {
+        let (discard, zeroes) = (header(11, 0), header(13, 0));
+        // A valid discard: the range says where, the header's sector is ignored.
+        let r = parse_with(&three(16, 0), header(11, 999), CAPACITY, &range(8, 16, 0)).unwrap();
+        assert_eq!(r.kind, BlockRequestKind::Discard);
+        assert_eq!(
+            (r.sector, r.offset, r.io_len, r.data_len),
+            (8, 4096, 8192, 16)
+        );
+        assert_eq!(
+            r.used_len(RequestStatus::Ok),
+            1,
+            "the device writes only the status"
+        );
+        // Write-zeroes may ask to unmap; a discard may not, and unknown flags are refused.
+        let r = parse_with(&three(16, 0), zeroes, CAPACITY, &range(0, 8, 1)).unwrap();
+        assert_eq!((r.kind, r.io_len), (BlockRequestKind::WriteZeroes, 4096));
+        for (hdr, flags) in [(discard, 1), (zeroes, 2), (discard, 1 << 31)] {
+            let e = parse_with(&three(16, 0), hdr, CAPACITY, &range(0, 8, flags)).unwrap_err();
+            assert!(matches!(e.error, RequestError::Unsupported(_)), "{e:?}");
+        }
+        // The last sector is in range; one past it, an empty range, a range past the end,
+        // a wild sector, more than one range or a device-writable range are not.
+        assert!(parse_with(&three(16, 0), discard, CAPACITY, &range(CAPACITY - 1, 1, 0)).is_ok());
+        let bad = |data: [u8; 16], descs: Vec<(u64, u32, u16, u16)>| {
+            parse_with(&descs, discard, CAPACITY, &data)
+                .expect_err("refused")
+                .error
+        };
+        assert!(matches!(
+            bad(range(CAPACITY, 1, 0), three(16, 0)),
+            RequestError::OutOfRange { .. }
+        ));
+        assert_eq!(
+            bad(range(0, 0, 0), three(16, 0)),
+            RequestError::RangeLength(0)
+        );
+        assert!(matches!(
+            bad(range(CAPACITY - 8, 16, 0), three(16, 0)),
+            RequestError::OutOfRange { .. }
+        ));
+        for sector in WILD_SECTORS {
+            assert!(matches!(
+                bad(range(sector, 8, 0), three(16, 0)),
+                RequestError::OutOfRange { .. }
+            ));
+        }
+        assert_eq!(
+            bad(range(0, MAX_DISCARD_SECTORS + 1, 0), three(16, 0)),
+            RequestError::RangeLength(MAX_DISCARD_SECTORS + 1)
+        );
+        assert_eq!(
+            bad(range(0, 8, 0), three(32, 0)),
+            RequestError::BadRange(32)
+        );
+        assert_eq!(bad(range(0, 8, 0), three(8, 0)), RequestError::BadRange(8));
+        assert_eq!(
+            bad(range(0, 8, 0), three(16, WRITE)),
+            RequestError::WrongDirection
+        );
+        // A range split over two buffers is gathered.
+        let split = vec![
+            (HDR, 16, NEXT, 1),
+            (DATA, 10, NEXT, 2),
+            (DATA + 10, 6, NEXT, 3),
+            (STATUS, 1, WRITE, 0),
+        ];
+        let r = parse_with(&split, discard, CAPACITY, &range(16, 8, 0)).unwrap();
+        assert_eq!((r.offset, r.io_len), (16 * 512, 4096));
     }
 }

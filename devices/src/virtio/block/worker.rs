@@ -56,6 +56,8 @@ pub(super) struct Worker {
     interrupt: Arc<Interrupt>,
     broken: Arc<AtomicBool>,
     serial: [u8; request::ID_BYTES as usize],
+    /// The device offers discard and write-zeroes.
+    discard: bool,
     /// `Some` for the handler's whole life; handed back to `home` when it goes.
     engine: Option<Box<dyn AsyncIo>>,
     home: EngineHome,
@@ -109,6 +111,7 @@ impl Worker {
             interrupt,
             broken,
             serial: serial_of(id),
+            discard: false,
             engine: Some(engine),
             home,
             slots: (0..depth).map(|_| None).collect(),
@@ -116,6 +119,12 @@ impl Worker {
             held: VecDeque::new(),
             unsignalled: false,
         }
+    }
+
+    /// Serves discard and write-zeroes (the device offered them).
+    pub(super) fn with_discard(mut self, discard: bool) -> Worker {
+        self.discard = discard;
+        self
     }
 
     fn in_flight(&self) -> usize {
@@ -334,9 +343,17 @@ impl Worker {
             };
             return self.used(head, &req, status);
         }
+        let ranged = matches!(
+            req.kind,
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+        );
+        if ranged && !self.discard {
+            // Not offered (a feature the guest did not negotiate): the spec's answer.
+            return self.used(head, &req, RequestStatus::Unsupported);
+        }
         let footprint = self.stack.intercepts().then(|| match req.kind {
             BlockRequestKind::Flush => Footprint::All,
-            kind => Footprint::of(kind == BlockRequestKind::Write, req.offset, req.data_len),
+            kind => Footprint::of(kind.writes(), req.offset, req.io_len),
         });
         let p = Pending {
             head,
@@ -367,7 +384,8 @@ impl Worker {
         // the VM's life; the request was checked against the capacity by `parse`, which
         // also computed its byte offset with checked arithmetic. The request finishes
         // before the handler goes (`settle` on reset and drop).
-        let started = unsafe { self.stack.begin(p.req.kind, p.req.offset, segments) };
+        let (kind, offset, len) = (p.req.kind, p.req.offset, p.req.io_len);
+        let started = unsafe { self.stack.begin(kind, offset, len, segments) };
         let inflight = match started {
             Started::Done(status) => return self.used(p.head, &p.req, status),
             Started::Backend(f) => f,
@@ -390,8 +408,12 @@ impl Worker {
         self.slots[token] = Some(p);
     }
 
-    /// The request's guest buffers as host segments.
+    /// The request's guest buffers as host segments (none for a discard or write-zeroes,
+    /// whose buffers only describe the range).
     fn segments(&self, req: &BlockRequest) -> Option<Vec<Segment>> {
+        if !req.kind.has_data() {
+            return Some(Vec::new());
+        }
         let mut segments = Vec::with_capacity(req.segments.len());
         for &(addr, len) in &req.segments {
             let slice = self.mem.get_slice(addr, len as usize).ok()?;
@@ -866,5 +888,78 @@ pub(super) mod tests {
         assert!(disk[..512].iter().all(|&b| b == 0x11));
         assert!(disk[512..1024].iter().all(|&b| b == 0x22));
         assert!(disk[64 * 512..65 * 512].iter().all(|&b| b == 0x33));
+    }
+
+    /// Puts a discard (type 11) or write-zeroes (13) of `sectors` from `sector` in the avail
+    /// ring at `slot`.
+    fn post_range(
+        r: &Rig,
+        mq: &MockSplitQueue<GuestMemoryMmap>,
+        slot: u16,
+        req_type: u32,
+        sector: u64,
+        sectors: u32,
+    ) {
+        let base = 0x2_0000 + u64::from(slot) * 0x1000;
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&req_type.to_le_bytes());
+        r.mem.write_slice(&hdr, GuestAddress(base)).unwrap();
+        let mut range = [0u8; 16];
+        range[..8].copy_from_slice(&sector.to_le_bytes());
+        range[8..12].copy_from_slice(&sectors.to_le_bytes());
+        r.mem
+            .write_slice(&range, GuestAddress(base + 0x100))
+            .unwrap();
+        r.mem.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
+        let first = slot * 3;
+        for (i, (addr, len, flags)) in [
+            (base, 16u32, NEXT),
+            (base + 0x100, 16, NEXT),
+            (base + 0x400, 1, WRITE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = first + i as u16;
+            let d = SplitDescriptor::new(addr, len, flags, at + 1);
+            mq.desc_table().store(at, RawDescriptor::from(d)).unwrap();
+        }
+        mq.avail()
+            .ring()
+            .ref_at(usize::from(slot))
+            .unwrap()
+            .store(first);
+        mq.avail().idx().store(slot + 1);
+    }
+
+    /// A write-zeroes through the queue zeros its range on the disk and nothing else; on a
+    /// device that does not offer it, it is answered UNSUPP and the disk keeps its data.
+    #[test]
+    fn write_zeroes_through_the_queue_zeros_its_range_only_where_offered() {
+        let r = rig("zeroes");
+        std::fs::write(&r.file, vec![0xeeu8; 1 << 20]).unwrap();
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        post_range(&r, &mq, 0, 13, 8, 16);
+        let mut w = r.worker(mq.create_queue().unwrap()).with_discard(true);
+        w.process_queue();
+        assert_eq!(mq.used().idx().load(), 1);
+        assert_eq!(r.mem.read_obj::<u8>(GuestAddress(0x2_0400)).unwrap(), 0);
+        let disk = std::fs::read(&r.file).unwrap();
+        assert!(disk[..8 * 512].iter().all(|&b| b == 0xee));
+        assert!(disk[8 * 512..24 * 512].iter().all(|&b| b == 0), "zeroed");
+        assert!(disk[24 * 512..].iter().all(|&b| b == 0xee));
+
+        let r = rig("zeroes-off");
+        std::fs::write(&r.file, vec![0xeeu8; 1 << 20]).unwrap();
+        let mq = MockSplitQueue::new(&r.mem, 16);
+        post_range(&r, &mq, 0, 11, 0, 8);
+        let mut w = r.worker(mq.create_queue().unwrap());
+        w.process_queue();
+        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
+        assert_eq!(
+            r.mem.read_obj::<u8>(GuestAddress(0x2_0400)).unwrap(),
+            unsupp
+        );
+        assert!(std::fs::read(&r.file).unwrap().iter().all(|&b| b == 0xee));
     }
 }
