@@ -18,8 +18,14 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// QEMU with `-enable-kvm`, the peer our VMM is compared against.
+    /// QEMU with `-enable-kvm`, the peer our VMM is compared against: data disks with
+    /// `aio=threads` (QEMU's thread pool), served from QEMU's main loop.
     Qemu,
+    /// The same QEMU with the data disks on `aio=io_uring`, each served by its own iothread
+    /// (`-object iothread` and virtio-blk's `iothread=`).
+    #[value(name = "qemu-io_uring")]
+    #[serde(rename = "qemu-io_uring")]
+    QemuIoUring,
     /// Our `vmm` (built next to this harness binary).
     Vmm,
 }
@@ -28,8 +34,14 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Qemu => "qemu",
+            Backend::QemuIoUring => "qemu-io_uring",
             Backend::Vmm => "vmm",
         }
+    }
+
+    /// Whether this is one of the QEMU configurations.
+    pub fn is_qemu(self) -> bool {
+        matches!(self, Backend::Qemu | Backend::QemuIoUring)
     }
 }
 
@@ -287,13 +299,23 @@ fn read_results(path: &Path) -> Option<String> {
     (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
+/// QEMU's command line for a spec. The root and results disks always use `aio=threads`;
+/// the data disks use the backend's configuration.
 fn qemu_command(spec: &GuestSpec) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-cpu", "host"])
-        .args(crate::qemu_base_args(spec.vcpus, spec.mem_mib))
-        .arg("-kernel")
-        .arg(&spec.image.bzimage)
-        .args(["-append", &kernel_cmdline(spec)]);
+    // debug-threads: named threads (`CPU 0/KVM`, `worker`, `IO io1`), so that the bench's
+    // CPU figures can say which of QEMU's threads did the work.
+    cmd.args([
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-name",
+        "guest,debug-threads=on",
+    ])
+    .args(crate::qemu_base_args(spec.vcpus, spec.mem_mib))
+    .arg("-kernel")
+    .arg(&spec.image.bzimage)
+    .args(["-append", &kernel_cmdline(spec)]);
     let mut drives: Vec<(String, bool)> = Vec::new();
     match spec.rootfs {
         RootFs::Ext4 => drives.push((spec.image.rootfs_ext4.to_string_lossy().into_owned(), true)),
@@ -310,17 +332,24 @@ fn qemu_command(spec: &GuestSpec) -> Command {
         drives.push((results.to_string_lossy().into_owned(), false));
     }
     for (i, (path, ro)) in drives.iter().enumerate() {
+        let is_data = data.contains(&i);
+        let uring = is_data && spec.backend == Backend::QemuIoUring;
         // Buffered I/O: the lab's disk images live on tmpfs, which has no O_DIRECT.
         let mut drive = format!(
-            "file={},if=none,id=d{i},format=raw,cache=writeback,aio=threads",
-            path.replace(',', ",,")
+            "file={},if=none,id=d{i},format=raw,cache=writeback,aio={}",
+            path.replace(',', ",,"),
+            if uring { "io_uring" } else { "threads" }
         );
         if *ro {
             drive.push_str(",readonly=on");
         }
         let mut device = format!("virtio-blk-pci,drive=d{i}");
-        if let (Some(n), true) = (spec.num_queues, data.contains(&i)) {
+        if let (Some(n), true) = (spec.num_queues, is_data) {
             device.push_str(&format!(",num-queues={n}"));
+        }
+        if uring {
+            cmd.args(["-object", &format!("iothread,id=io{i}")]);
+            device.push_str(&format!(",iothread=io{i}"));
         }
         cmd.args(["-drive", &drive]).args(["-device", &device]);
     }
@@ -376,7 +405,7 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         f.set_len(RESULTS_DISK_BYTES)?;
     }
     let mut cmd = match spec.backend {
-        Backend::Qemu => qemu_command(spec),
+        Backend::Qemu | Backend::QemuIoUring => qemu_command(spec),
         Backend::Vmm => vmm_command(spec)?,
     };
     cmd.stdin(if spec.interactive {
@@ -666,6 +695,46 @@ mod tests {
         assert!(kernel_cmdline(&spec(RootFs::Ext4, 2, true)).ends_with("results=/dev/vdd"));
         assert!(kernel_cmdline(&spec(RootFs::Initramfs, 1, true)).ends_with("results=/dev/vdb"));
         assert!(!kernel_cmdline(&spec(RootFs::Ext4, 1, false)).contains("results="));
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn qemu_io_uring_puts_only_the_data_disks_on_io_uring_and_an_iothread() {
+        let mut s = spec(RootFs::Ext4, 1, true);
+        s.num_queues = Some(2);
+        let threads = args(&qemu_command(&s)).join(" ");
+        assert!(!threads.contains("io_uring") && !threads.contains("iothread"));
+        assert!(
+            threads.contains("virtio-blk-pci,drive=d1,num-queues=2"),
+            "{threads}"
+        );
+        s.backend = Backend::QemuIoUring;
+        let a = args(&qemu_command(&s));
+        let drives: Vec<&String> = a.iter().filter(|x| x.starts_with("file=")).collect();
+        assert_eq!(drives.len(), 3, "{a:?}");
+        assert!(
+            drives[0].ends_with("aio=threads,readonly=on"),
+            "root: {}",
+            drives[0]
+        );
+        assert!(
+            drives[1].ends_with("cache=writeback,aio=io_uring"),
+            "data: {}",
+            drives[1]
+        );
+        assert!(drives[2].ends_with("aio=threads"), "results: {}", drives[2]);
+        let joined = a.join(" ");
+        assert!(joined.contains("-object iothread,id=io1 "), "{joined}");
+        assert!(
+            joined.contains("virtio-blk-pci,drive=d1,num-queues=2,iothread=io1"),
+            "{joined}"
+        );
+        assert_eq!(joined.matches("iothread=").count(), 1, "{joined}");
     }
 
     #[test]
