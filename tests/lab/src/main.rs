@@ -6,8 +6,12 @@
 //!   lab guest --task "selftest"      boot the guest once and check its report
 //!   lab bench                        boot time (median of N) and the fio table
 
+mod chart;
+mod cpu;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmm_lab::detect::{self, KvmMode};
 use vmm_lab::fio;
@@ -147,8 +151,36 @@ struct BenchArgs {
     /// difference between them; figures are means over the rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// With --compare: the QEMU configurations to run, comma-separated: `threads` (label
+    /// `qemu`: `aio=threads`) and `io_uring` (label `qemu-io_uring`: `aio=io_uring` and an
+    /// iothread per data disk). vmm's ratios are to the better of them, row by row.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "threads")]
+    qemu_aio: Vec<QemuAio>,
+    /// With --compare: write an SVG chart of vmm's IOPS over each QEMU configuration's, per
+    /// job, to this file (default: build/bench/vmm-vs-qemu.svg).
+    #[arg(long)]
+    chart: Option<PathBuf>,
     #[command(flatten)]
     opts: GuestOpts,
+}
+
+/// QEMU's configurations for `bench --compare --qemu-aio`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum QemuAio {
+    /// `aio=threads`, requests on QEMU's thread pool (the `qemu` backend).
+    Threads,
+    /// `aio=io_uring` with an iothread (the `qemu-io_uring` backend).
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+impl QemuAio {
+    fn backend(self) -> Backend {
+        match self {
+            QemuAio::Threads => Backend::Qemu,
+            QemuAio::IoUring => Backend::QemuIoUring,
+        }
+    }
 }
 
 fn main() {
@@ -370,37 +402,89 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The VMM's CPU while one fio job ran.
+#[derive(serde::Serialize)]
+struct JobCpu {
+    job: String,
+    /// The window measured: from `runtime` seconds before the guest's marker that the job
+    /// ended (`fio-begin`, printed once fio exits) to `JOB_TAIL` before it.
+    cpu: cpu::ProcessCpu,
+}
+
+/// The end of a job's window before its end marker arrives: fio's report and exit, and the
+/// marker's way out, are not I/O.
+const JOB_TAIL: Duration = Duration::from_millis(500);
+
 #[derive(serde::Serialize)]
 struct BenchReport {
-    /// What ran: `qemu`, `vmm`, or `vmm+interceptors`.
+    /// What ran: `qemu`, `qemu-io_uring`, `vmm`, or `vmm+interceptors`.
     label: String,
     /// Which round of `--rounds` this run was, from 1.
     round: usize,
     backend: Backend,
     /// The `--interceptors` file stacked on the data disk, if any.
-    interceptors: Option<std::path::PathBuf>,
+    interceptors: Option<PathBuf>,
     rootfs: RootFs,
     vcpus: u32,
     mem_mib: u32,
+    num_queues: Option<u16>,
     boot_wall_to_init_ms: Vec<f64>,
     boot_uptime_at_init_s: Vec<f64>,
     median_wall_to_init_ms: f64,
     median_uptime_at_init_s: f64,
     fio_runtime_s: u32,
     fio: Vec<fio::FioRow>,
+    /// Wall time to init of the fio boot (the boot figure when --boots is 0).
+    fio_wall_to_init_ms: Option<f64>,
+    /// fio's own CPU use in the guest, per job.
+    fio_cpu: Vec<cpu::FioCpu>,
+    /// The VMM process's CPU over the whole fio boot.
+    fio_boot_cpu: cpu::ProcessCpu,
+    /// The VMM process's and the machine's CPU while each job ran.
+    job_cpu: Vec<JobCpu>,
+}
+
+impl BenchReport {
+    fn iops(&self, job: &str, dir: &str) -> Option<f64> {
+        self.fio
+            .iter()
+            .find(|p| p.job == job && p.dir == dir)
+            .map(|p| p.iops)
+    }
+
+    /// The VMM's CPU per I/O of `job` in microseconds, the machine's CPUs busy meanwhile
+    /// (percent), and KVM's exits per I/O (NaN without KVM's counters).
+    fn job_cpu_per_io(&self, job: &str) -> Option<(f64, f64, f64)> {
+        let c = &self.job_cpu.iter().find(|c| c.job == job)?.cpu;
+        let iops: f64 = self
+            .fio
+            .iter()
+            .filter(|r| r.job == job)
+            .map(|r| r.iops)
+            .sum();
+        let ios = iops * c.wall_s;
+        let exits = c.kvm.get("exits").map_or(f64::NAN, |e| e / ios);
+        (ios > 0.0).then(|| (c.total_s() / ios * 1e6, c.machine_busy_pct(), exits))
+    }
 }
 
 /// The configurations a bench runs, in order, each with its label.
 fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
-    let with = |backend: Backend, chain: Option<&std::path::Path>| {
+    let with = |backend: Backend, chain: Option<&Path>| {
         let mut o = a.opts.clone();
         o.backend = backend;
-        o.interceptors = chain.map(std::path::Path::to_path_buf);
+        o.interceptors = chain.map(Path::to_path_buf);
         o
     };
     if !a.compare {
         if !a.also_interceptors.is_empty() {
             bail!("--also-interceptors needs --compare");
+        }
+        if a.chart.is_some() {
+            bail!("--chart needs --compare");
+        }
+        if a.qemu_aio != [QemuAio::Threads] {
+            bail!("--qemu-aio needs --compare (one QEMU alone: --backend qemu-io_uring)");
         }
         let label = match (&a.opts.interceptors, a.opts.backend) {
             (Some(_), b) => format!("{}+interceptors", b.name()),
@@ -408,10 +492,14 @@ fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
         };
         return Ok(vec![(label, a.opts.clone())]);
     }
-    let mut v = vec![
-        ("qemu".to_string(), with(Backend::Qemu, None)),
-        ("vmm".to_string(), with(Backend::Vmm, None)),
-    ];
+    let mut v: Vec<(String, GuestOpts)> = Vec::new();
+    for q in &a.qemu_aio {
+        let b = q.backend();
+        if !v.iter().any(|(_, o)| o.backend == b) {
+            v.push((b.name().to_string(), with(b, None)));
+        }
+    }
+    v.push(("vmm".to_string(), with(Backend::Vmm, None)));
     if let Some(chain) = &a.opts.interceptors {
         v.push((
             "vmm+interceptors".to_string(),
@@ -423,6 +511,25 @@ fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
         v.push((format!("vmm+{stem}"), with(Backend::Vmm, Some(chain))));
     }
     Ok(v)
+}
+
+/// The fio jobs of `--jobs`, with `all` read from benches/fio/all.list.
+fn job_list(jobs: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for j in jobs.split(',').map(str::trim).filter(|j| !j.is_empty()) {
+        if j == "all" {
+            let path = paths::repo_root().join("benches/fio/all.list");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            out.extend(text.split_whitespace().map(String::from));
+        } else {
+            out.push(j.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("--jobs names no fio job");
+    }
+    Ok(out)
 }
 
 /// The order of the variants in round `round` (from 0): forward, then reversed, and so on.
@@ -439,6 +546,7 @@ fn cmd_bench(a: BenchArgs) -> Result<i32> {
         bail!("--rounds must be at least 1");
     }
     let variants = bench_variants(&a)?;
+    let jobs = job_list(&a.jobs)?;
     // runs[variant][round]
     let mut runs: Vec<Vec<BenchReport>> = variants.iter().map(|_| Vec::new()).collect();
     let mut code = 0;
@@ -449,31 +557,302 @@ fn cmd_bench(a: BenchArgs) -> Result<i32> {
                 println!();
                 println!("== round {}/{}: {label}", round + 1, a.rounds);
             }
-            let (report, ok) = bench_one(&a, label, opts, round + 1)?;
+            let (report, ok) = bench_one(&a, &jobs, label, opts, round + 1)?;
             if !ok {
                 code = 1;
             }
             runs[i].push(report);
         }
     }
-    if let [q, v, rest @ ..] = runs.as_slice() {
-        print_ratios("vmm / QEMU", q, v);
-        for i in rest {
-            print_ratios(&format!("{} / vmm", i[0].label), v, i);
+    let mut compared = None;
+    if a.compare {
+        let qemus: Vec<&[BenchReport]> = variants
+            .iter()
+            .zip(&runs)
+            .filter(|((_, o), _)| o.backend.is_qemu())
+            .map(|(_, r)| r.as_slice())
+            .collect();
+        let vmm_at = variants
+            .iter()
+            .position(|(l, _)| l == "vmm")
+            .context("--compare without a plain vmm variant")?;
+        let vmm = &runs[vmm_at];
+        let rows = compare_rows(&qemus, vmm);
+        print_compare(&qemus, vmm, &rows);
+        for r in &runs[vmm_at + 1..] {
+            print_ratios(&format!("{} / vmm", r[0].label), vmm, r);
+        }
+        print_cpu_compare(&runs, &jobs);
+        let labels: Vec<String> = qemus.iter().map(|q| q[0].label.clone()).collect();
+        compared = Some((labels, rows));
+    }
+    write_json(&a.json, &runs.iter().flatten().collect::<Vec<_>>())?;
+    if let Some((labels, rows)) = compared {
+        let path = a
+            .chart
+            .clone()
+            .unwrap_or_else(|| paths::build_dir().join("bench/vmm-vs-qemu.svg"));
+        match write_compare_chart(&path, &labels, &rows, &a) {
+            Ok(()) => println!("chart: {}", path.display()),
+            Err(e) => {
+                eprintln!("lab: error: the chart: {e:#}");
+                code = 1;
+            }
         }
     }
-    write_json(&a.json, &runs.into_iter().flatten().collect::<Vec<_>>())?;
     Ok(code)
 }
 
 /// Mean IOPS of one job direction over the rounds of one variant.
 fn mean_iops(reports: &[BenchReport], job: &str, dir: &str) -> Option<f64> {
-    let v: Vec<f64> = reports
-        .iter()
-        .filter_map(|r| r.fio.iter().find(|p| p.job == job && p.dir == dir))
-        .map(|p| p.iops)
-        .collect();
+    let v: Vec<f64> = reports.iter().filter_map(|r| r.iops(job, dir)).collect();
     (v.len() == reports.len() && !v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Lowest and highest of several figures, when there are several.
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    (v.len() > 1).then(|| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    })
+}
+
+/// One row of vmm against the QEMU configurations.
+#[derive(Debug, PartialEq)]
+struct CompareRow {
+    job: String,
+    dir: String,
+    /// Mean IOPS over the rounds: vmm's, and each QEMU's (None: it has no such row).
+    vmm: f64,
+    qemu: Vec<Option<f64>>,
+    /// vmm over the better QEMU (the one with more mean IOPS on this row).
+    to_better: Option<f64>,
+    /// vmm over the better QEMU of each round: lowest and highest.
+    round_range: Option<(f64, f64)>,
+}
+
+fn compare_rows(qemus: &[&[BenchReport]], vmm: &[BenchReport]) -> Vec<CompareRow> {
+    let Some(v0) = vmm.first() else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for r in &v0.fio {
+        let Some(v) = mean_iops(vmm, &r.job, &r.dir) else {
+            continue;
+        };
+        let qemu: Vec<Option<f64>> = qemus.iter().map(|q| mean_iops(q, &r.job, &r.dir)).collect();
+        let better = qemu
+            .iter()
+            .flatten()
+            .copied()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        let per_round: Vec<f64> = vmm
+            .iter()
+            .enumerate()
+            .filter_map(|(k, rep)| {
+                let best = qemus
+                    .iter()
+                    .filter_map(|q| q.get(k)?.iops(&r.job, &r.dir))
+                    .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))?;
+                Some(rep.iops(&r.job, &r.dir)? / best)
+            })
+            .collect();
+        rows.push(CompareRow {
+            job: r.job.clone(),
+            dir: r.dir.clone(),
+            vmm: v,
+            qemu,
+            to_better: better.map(|b| v / b),
+            round_range: range(&per_round),
+        });
+    }
+    rows
+}
+
+/// Median wall time to init over the boot-only boots, or over the fio boots with --boots 0.
+fn boots_median(r: &[BenchReport]) -> f64 {
+    let boots: Vec<f64> = r
+        .iter()
+        .flat_map(|r| r.boot_wall_to_init_ms.iter().copied())
+        .collect();
+    if boots.is_empty() {
+        median(r.iter().filter_map(|r| r.fio_wall_to_init_ms).collect())
+    } else {
+        median(boots)
+    }
+}
+
+fn print_compare(qemus: &[&[BenchReport]], vmm: &[BenchReport], rows: &[CompareRow]) {
+    let Some(v0) = vmm.first() else {
+        return;
+    };
+    let labels: Vec<&str> = qemus.iter().map(|q| q[0].label.as_str()).collect();
+    println!();
+    println!(
+        "vmm against QEMU ({}), same lab session, {} round(s) (above 1.00: vmm faster for \
+         IOPS, slower for boot; \"better\": the QEMU with more IOPS on the row)",
+        labels.join(", "),
+        v0.round.max(vmm.len())
+    );
+    let vb = boots_median(vmm);
+    let boots: Vec<String> = qemus
+        .iter()
+        .map(|q| {
+            let b = boots_median(q);
+            format!(
+                "{} {b:.0} ms (vmm/{} {:.2})",
+                q[0].label,
+                q[0].label,
+                vb / b
+            )
+        })
+        .collect();
+    println!(
+        "boot to init (wall, median): vmm {vb:.0} ms; {}",
+        boots.join("; ")
+    );
+    let mut head = format!("{:<20} {:<5} {:>9}", "job", "dir", "vmm IOPS");
+    for l in &labels {
+        head.push_str(&format!(
+            " {:>w$}",
+            format!("{l} IOPS"),
+            w = l.len().max(4) + 5
+        ));
+    }
+    for l in &labels {
+        head.push_str(&format!(" {:>w$}", format!("vmm/{l}"), w = l.len() + 4));
+    }
+    if labels.len() > 1 {
+        head.push_str(&format!(" {:>10}", "vmm/better"));
+    }
+    head.push_str(&format!(" {:>12}", "round range"));
+    println!("{head}");
+    for r in rows {
+        let mut line = format!("{:<20} {:<5} {:>9.0}", r.job, r.dir, r.vmm);
+        for (l, q) in labels.iter().zip(&r.qemu) {
+            let w = l.len().max(4) + 5;
+            match q {
+                Some(q) => line.push_str(&format!(" {q:>w$.0}")),
+                None => line.push_str(&format!(" {:>w$}", "-")),
+            }
+        }
+        for (l, q) in labels.iter().zip(&r.qemu) {
+            let w = l.len() + 4;
+            match q {
+                Some(q) => line.push_str(&format!(" {:>w$.2}", r.vmm / q)),
+                None => line.push_str(&format!(" {:>w$}", "-")),
+            }
+        }
+        if labels.len() > 1 {
+            match r.to_better {
+                Some(b) => line.push_str(&format!(" {b:>10.2}")),
+                None => line.push_str(&format!(" {:>10}", "-")),
+            }
+        }
+        let range = r
+            .round_range
+            .map(|(lo, hi)| format!("{lo:.2}..{hi:.2}"))
+            .unwrap_or_default();
+        line.push_str(&format!(" {range:>12}"));
+        println!("{line}");
+    }
+}
+
+/// CPU per I/O, per job and variant, means over the rounds: fio's own in the guest, the
+/// VMM process's while the job ran, and the share of the machine's CPUs busy meanwhile.
+fn print_cpu_compare(runs: &[Vec<BenchReport>], jobs: &[String]) {
+    let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    println!();
+    println!(
+        "CPU per I/O in microseconds, means over the rounds: guest = fio's own user+system \
+         time in the guest; VMM = the VMM process's (every thread, guest mode included) \
+         while the job ran; busy = the lab's CPUs busy meanwhile (all of them: 100%); exits = \
+         KVM's VM exits per I/O"
+    );
+    let mut head = format!("{:<20}", "job");
+    for r in runs {
+        head.push_str(&format!(" | {:<w$}", r[0].label, w = 26));
+    }
+    println!("{head}");
+    let mut sub = format!("{:<20}", "");
+    for _ in runs {
+        sub.push_str(&format!(
+            " | {:>6} {:>7} {:>5} {:>5}",
+            "guest", "VMM", "busy", "exits"
+        ));
+    }
+    println!("{sub}");
+    for job in jobs {
+        let mut line = format!("{job:<20}");
+        for r in runs {
+            let guest = mean(
+                r.iter()
+                    .filter_map(|rep| rep.fio_cpu.iter().find(|c| &c.job == job))
+                    .filter(|c| c.ios > 0.0)
+                    .map(|c| {
+                        let (u, s) = c.cpu_s();
+                        (u + s) / c.ios * 1e6
+                    })
+                    .collect(),
+            );
+            let per: Vec<(f64, f64, f64)> =
+                r.iter().filter_map(|rep| rep.job_cpu_per_io(job)).collect();
+            let vmm = mean(per.iter().map(|p| p.0).collect());
+            let busy = mean(per.iter().map(|p| p.1).collect());
+            let exits = mean(per.iter().map(|p| p.2).filter(|e| e.is_finite()).collect());
+            let f = |v: Option<f64>, w: usize, p: usize| match v {
+                Some(v) => format!("{v:>w$.p$}"),
+                None => format!("{:>w$}", "-"),
+            };
+            line.push_str(&format!(
+                " | {} {} {}% {}",
+                f(guest, 6, 1),
+                f(vmm, 7, 1),
+                f(busy, 4, 0),
+                f(exits, 5, 1)
+            ));
+        }
+        println!("{line}");
+    }
+}
+
+fn write_compare_chart(
+    path: &Path,
+    labels: &[String],
+    rows: &[CompareRow],
+    a: &BenchArgs,
+) -> Result<()> {
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {}", r.job, r.dir))
+        .collect();
+    let series: Vec<chart::Series> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| chart::Series {
+            name: format!("vmm / {l} ({})", qemu_words(l)),
+            values: rows
+                .iter()
+                .map(|r| r.qemu.get(i).copied().flatten().map(|q| r.vmm / q))
+                .collect(),
+        })
+        .collect();
+    let title = format!(
+        "vmm IOPS / QEMU IOPS, {} vCPU, {} round(s), fio {} s per job",
+        a.opts.vcpus, a.rounds, a.opts.fio_runtime
+    );
+    chart::write_ratio_chart(path, &title, "vmm IOPS / QEMU IOPS", &names, &series, 1.0)
+}
+
+/// How a QEMU configuration's data disk is set up, in words for the chart's legend.
+fn qemu_words(label: &str) -> &'static str {
+    if label == Backend::QemuIoUring.name() {
+        "aio=io_uring, iothread"
+    } else {
+        "aio=threads"
+    }
 }
 
 /// `new` against `base`, same lab session: boot time and IOPS ratios, with the lowest and
@@ -482,14 +861,7 @@ fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport]) {
     let (Some(b0), Some(n0)) = (base.first(), new.first()) else {
         return;
     };
-    let boots = |r: &[BenchReport]| {
-        median(
-            r.iter()
-                .flat_map(|r| r.boot_wall_to_init_ms.iter().copied())
-                .collect(),
-        )
-    };
-    let (bb, nb) = (boots(base), boots(new));
+    let (bb, nb) = (boots_median(base), boots_median(new));
     println!();
     println!(
         "{title}, same lab session, {} round(s) (above 1.00: faster for IOPS, slower for boot)",
@@ -520,23 +892,11 @@ fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport]) {
         let per_round: Vec<f64> = new
             .iter()
             .zip(base)
-            .filter_map(|(x, y)| {
-                let f = |rep: &BenchReport| {
-                    rep.fio
-                        .iter()
-                        .find(|p| p.job == r.job && p.dir == r.dir)
-                        .map(|p| p.iops)
-                };
-                Some(f(x)? / f(y)?)
-            })
+            .filter_map(|(x, y)| Some(x.iops(&r.job, &r.dir)? / y.iops(&r.job, &r.dir)?))
             .collect();
-        let range = if per_round.len() > 1 {
-            let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            format!("{lo:.2}..{hi:.2}")
-        } else {
-            String::new()
-        };
+        let range = range(&per_round)
+            .map(|(lo, hi)| format!("{lo:.2}..{hi:.2}"))
+            .unwrap_or_default();
         println!(
             "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2} {:>12}",
             r.job,
@@ -549,9 +909,68 @@ fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport]) {
     }
 }
 
+/// Prints the VMM process's CPU over a stretch of a run, by thread, and the machine's.
+fn print_cpu(what: &str, process: &str, c: &cpu::ProcessCpu, iops: f64) {
+    let ios = iops * c.wall_s;
+    let per_io = if ios > 0.0 {
+        format!(" = {:.1} us per I/O", c.total_s() / ios * 1e6)
+    } else {
+        String::new()
+    };
+    println!(
+        "cpu {what}: {:.1} s, the lab's {} CPUs {:.0}% busy ({:.0}% in their kernel); \
+         {process} {:.2} s (user {:.2}, system {:.2}){per_io}",
+        c.wall_s,
+        c.cpus,
+        c.machine_busy_pct(),
+        c.machine_kernel_pct(),
+        c.total_s(),
+        c.user_s,
+        c.sys_s
+    );
+    for t in &c.threads {
+        if t.user_s + t.sys_s + t.guest_s < 0.005 {
+            continue;
+        }
+        println!(
+            "    {:<16} x{:<3} guest {:>6.2} s  system {:>6.2} s  user {:>6.2} s",
+            t.name, t.count, t.guest_s, t.sys_s, t.user_s
+        );
+    }
+    if !c.kvm.is_empty() && ios > 0.0 {
+        let k = |name: &str| c.kvm.get(name).copied().unwrap_or(0.0) / ios;
+        println!(
+            "    KVM per I/O: {:.2} exits (mmio {:.2}, io {:.2}, irq {:.2}, halt {:.2}), {:.2} \
+             interrupts injected, {:.2} shadow page faults fixed, {:.2} guest page faults, \
+             {:.2} instructions emulated",
+            k("exits"),
+            k("mmio_exits"),
+            k("io_exits"),
+            k("irq_exits"),
+            k("halt_exits"),
+            k("irq_injections"),
+            k("pf_fixed"),
+            k("pf_guest"),
+            k("insn_emulation")
+        );
+    }
+    if c.unsampled_s.abs() >= 0.005 {
+        println!(
+            "    not sampled (threads' last 250 ms, short-lived threads): {:.2} s",
+            c.unsampled_s
+        );
+    }
+}
+
+/// A guest console line, as `guest::boot` prints it, saying that a fio job has ended.
+fn is_fio_end_marker(line: &str) -> bool {
+    line.contains(vmm_lab::console::GUEST_MARKER) && line.contains(" fio-begin job=")
+}
+
 /// Boots and fio for one configuration; everything about the guest comes from `opts`.
 fn bench_one(
     a: &BenchArgs,
+    jobs: &[String],
     label: &str,
     opts: &GuestOpts,
     round: usize,
@@ -574,15 +993,48 @@ fn bench_one(
         walls.push(wall);
         uptimes.push(up);
     }
-    let spec = spec_for(opts, &format!("fio={}", a.jobs), &scratch)?;
+    let jobs = jobs.join(",");
+    let spec = spec_for(opts, &format!("fio={jobs}"), &scratch)?;
     eprintln!(
-        "lab: {label}: running fio jobs {} ({} s each)",
-        a.jobs, opts.fio_runtime
+        "lab: {label}: running fio jobs {jobs} ({} s each)",
+        opts.fio_runtime
     );
-    let run = guest::boot(&spec)?;
+    let tap = cpu::StderrTap::start(is_fio_end_marker)?;
+    let sampler = cpu::Sampler::start();
+    let run = guest::boot(&spec);
+    let (whole, trace) = sampler.finish();
+    let marks = tap.finish();
+    let run = run?;
     if run.backend != opts.backend {
         bail!("{label}: fio ran under {} instead", run.backend.name());
     }
+    let runtime = Duration::from_secs(opts.fio_runtime.into());
+    let length = runtime.saturating_sub(JOB_TAIL).max(JOB_TAIL);
+    let job_cpu = marks
+        .iter()
+        .filter_map(|(at, line)| {
+            let rest = &line[line.find(vmm_lab::console::GUEST_MARKER)?..];
+            let job = vmm_lab::console::field(rest, "job")?;
+            let to = at.checked_sub(JOB_TAIL)?;
+            Some(JobCpu {
+                job: job.to_string(),
+                cpu: trace.window(to.checked_sub(length)?, to),
+            })
+        })
+        .collect();
+    let fio_cpu = run
+        .console
+        .fio
+        .iter()
+        .filter_map(|block| match cpu::fio_cpu(&block.job, &block.json) {
+            Ok(c) => Some(c),
+            // A bad JSON is already one of the run's problems (guest::judge).
+            Err(e) => {
+                eprintln!("lab: {label}: no CPU figures for {}: {e:#}", block.job);
+                None
+            }
+        })
+        .collect();
     let report = BenchReport {
         label: label.to_string(),
         round,
@@ -591,30 +1043,81 @@ fn bench_one(
         rootfs: opts.rootfs,
         vcpus: opts.vcpus,
         mem_mib: opts.mem_mib,
+        num_queues: opts.num_queues,
         median_wall_to_init_ms: median(walls.clone()),
         median_uptime_at_init_s: median(uptimes.clone()),
         boot_wall_to_init_ms: walls,
         boot_uptime_at_init_s: uptimes,
         fio_runtime_s: opts.fio_runtime,
         fio: run.fio.clone(),
+        fio_wall_to_init_ms: run.wall_to_init_ms,
+        fio_cpu,
+        fio_boot_cpu: whole,
+        job_cpu,
     };
     println!();
     println!(
-        "{label}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs{}",
+        "{label}: {} vCPU, {} MiB, {:?} root; data disk {} MiB raw file on tmpfs{}{}",
         opts.vcpus,
         opts.mem_mib,
         opts.rootfs,
         opts.disk_mib,
+        opts.num_queues
+            .map(|n| format!(", {n} queues"))
+            .unwrap_or_default(),
         opts.interceptors
             .as_ref()
             .map(|p| format!(", interceptors from {}", p.display()))
             .unwrap_or_default()
     );
-    println!(
-        "boot to init, median of {}: {:.0} ms wall (VMM start to init), guest uptime {:.2} s",
-        a.boots, report.median_wall_to_init_ms, report.median_uptime_at_init_s
-    );
+    if a.boots > 0 {
+        println!(
+            "boot to init, median of {}: {:.0} ms wall (VMM start to init), guest uptime {:.2} s",
+            a.boots, report.median_wall_to_init_ms, report.median_uptime_at_init_s
+        );
+    } else {
+        println!(
+            "boot to init of the fio boot: {:.0} ms wall (VMM start to init)",
+            report.fio_wall_to_init_ms.unwrap_or(f64::NAN)
+        );
+    }
     print!("{}", fio::render_table(&report.fio));
+    let process = if opts.backend.is_qemu() {
+        "qemu"
+    } else {
+        "vmm"
+    };
+    for c in &report.fio_cpu {
+        let (u, s) = c.cpu_s();
+        println!(
+            "guest cpu {}: fio {:.0}% user + {:.0}% system of a CPU, {:.1} us per I/O, {:.0} \
+             context switches",
+            c.job,
+            c.usr_pct,
+            c.sys_pct,
+            if c.ios > 0.0 {
+                (u + s) / c.ios * 1e6
+            } else {
+                f64::NAN
+            },
+            c.ctx
+        );
+        if let Some(j) = report.job_cpu.iter().find(|j| j.job == c.job) {
+            let iops = report
+                .fio
+                .iter()
+                .filter(|r| r.job == c.job)
+                .map(|r| r.iops)
+                .sum();
+            print_cpu(
+                &format!("{} (last {:.1} s)", c.job, j.cpu.wall_s),
+                process,
+                &j.cpu,
+                iops,
+            );
+        }
+    }
+    print_cpu("the whole fio boot", process, &report.fio_boot_cpu, 0.0);
     for line in run
         .transcript
         .lines()
@@ -665,5 +1168,149 @@ mod tests {
             Some("y/count.toml".as_ref())
         );
         assert!(bench_variants(&bench_args(&["--also-interceptors", "y.toml"])).is_err());
+    }
+
+    #[test]
+    fn compare_with_both_qemu_configurations_runs_them_before_vmm() {
+        let a = bench_args(&[
+            "--compare",
+            "--qemu-aio",
+            "threads,io_uring",
+            "--also-interceptors",
+            "y/encrypt.toml",
+        ]);
+        let v = bench_variants(&a).unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["qemu", "qemu-io_uring", "vmm", "vmm+encrypt"]);
+        let backends: Vec<Backend> = v.iter().map(|(_, o)| o.backend).collect();
+        assert_eq!(
+            backends,
+            [
+                Backend::Qemu,
+                Backend::QemuIoUring,
+                Backend::Vmm,
+                Backend::Vmm
+            ]
+        );
+        // io_uring alone, and a name given twice runs once.
+        let v = bench_variants(&bench_args(&[
+            "--compare",
+            "--qemu-aio",
+            "io_uring,io_uring",
+        ]))
+        .unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["qemu-io_uring", "vmm"]);
+        // One QEMU configuration alone is a backend; the compare options need --compare.
+        let v = bench_variants(&bench_args(&["--backend", "qemu-io_uring"])).unwrap();
+        assert_eq!(v[0].0, "qemu-io_uring");
+        assert_eq!(v[0].1.backend, Backend::QemuIoUring);
+        assert!(bench_variants(&bench_args(&["--qemu-aio", "io_uring"])).is_err());
+        assert!(bench_variants(&bench_args(&["--chart", "x.svg"])).is_err());
+        assert!(Cli::try_parse_from(["lab", "bench", "--qemu-aio", "native"]).is_err());
+    }
+
+    fn report(label: &str, backend: Backend, rows: &[(&str, f64)]) -> BenchReport {
+        BenchReport {
+            label: label.into(),
+            round: 1,
+            backend,
+            interceptors: None,
+            rootfs: RootFs::Ext4,
+            vcpus: 1,
+            mem_mib: 512,
+            num_queues: None,
+            boot_wall_to_init_ms: vec![1000.0],
+            boot_uptime_at_init_s: vec![1.0],
+            median_wall_to_init_ms: 1000.0,
+            median_uptime_at_init_s: 1.0,
+            fio_runtime_s: 5,
+            fio: rows
+                .iter()
+                .map(|(job, iops)| fio::FioRow {
+                    job: job.to_string(),
+                    dir: "read".into(),
+                    iops: *iops,
+                    mb_s: 0.0,
+                    lat_mean_us: 0.0,
+                    lat_p99_us: 0.0,
+                })
+                .collect(),
+            fio_wall_to_init_ms: Some(1000.0),
+            fio_cpu: Vec::new(),
+            fio_boot_cpu: cpu::ProcessCpu::default(),
+            job_cpu: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn vmm_is_compared_with_the_better_qemu_row_by_row() {
+        let q1 = [
+            report("qemu", Backend::Qemu, &[("a", 100.0), ("b", 50.0)]),
+            report("qemu", Backend::Qemu, &[("a", 300.0), ("b", 50.0)]),
+        ];
+        let q2 = [
+            report(
+                "qemu-io_uring",
+                Backend::QemuIoUring,
+                &[("a", 150.0), ("b", 100.0)],
+            ),
+            report(
+                "qemu-io_uring",
+                Backend::QemuIoUring,
+                &[("a", 150.0), ("b", 100.0)],
+            ),
+        ];
+        let vmm = [
+            report(
+                "vmm",
+                Backend::Vmm,
+                &[("a", 200.0), ("b", 50.0), ("c", 1.0)],
+            ),
+            report(
+                "vmm",
+                Backend::Vmm,
+                &[("a", 200.0), ("b", 150.0), ("c", 1.0)],
+            ),
+        ];
+        let rows = compare_rows(&[&q1, &q2], &vmm);
+        assert_eq!(rows.len(), 3);
+        // a: QEMU threads is better on the means (200 against 150).
+        assert_eq!(rows[0].qemu, [Some(200.0), Some(150.0)]);
+        assert_eq!(rows[0].to_better, Some(1.0));
+        let (lo, hi) = rows[0].round_range.unwrap();
+        assert!((lo - 200.0 / 300.0).abs() < 1e-9 && (hi - 200.0 / 150.0).abs() < 1e-9);
+        // b: io_uring is better (100 against 50); vmm's mean is 100.
+        assert_eq!(rows[1].vmm, 100.0);
+        assert_eq!(rows[1].to_better, Some(1.0));
+        assert_eq!(rows[1].round_range, Some((0.5, 1.5)));
+        // c: no QEMU ran it.
+        assert_eq!(rows[2].qemu, [None, None]);
+        assert_eq!(rows[2].to_better, None);
+        // The chart of it names every row.
+        let dir = Scratch::new("compare-chart-test").unwrap();
+        let path = dir.path().join("c.svg");
+        let a = bench_args(&["--compare", "--qemu-aio", "threads,io_uring"]);
+        let labels = ["qemu".to_string(), "qemu-io_uring".to_string()];
+        write_compare_chart(&path, &labels, &rows, &a).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for name in [
+            "a read",
+            "b read",
+            "c read",
+            "vmm / qemu-io_uring (aio=io_uring, iothread)",
+        ] {
+            assert!(svg.contains(&format!("\n{name}\n")), "{name}");
+        }
+    }
+
+    #[test]
+    fn all_in_the_job_list_is_the_fio_set() {
+        let jobs = job_list("all,randrw-4k-2jobs").unwrap();
+        assert_eq!(jobs.first().map(String::as_str), Some("randread-4k-qd1"));
+        assert_eq!(jobs.last().map(String::as_str), Some("randrw-4k-2jobs"));
+        assert!(jobs.len() >= 3, "{jobs:?}");
+        assert_eq!(job_list(" x , y ").unwrap(), ["x", "y"]);
+        assert!(job_list(",").is_err());
     }
 }
