@@ -16,14 +16,18 @@ use std::thread::{JoinHandle, ThreadId};
 /// Something the I/O thread serves: a device queue.
 pub trait IoSubscriber: MutEventSubscriber + Send {
     /// Serves everything the guest made available so far, without waiting for a kick (at
-    /// shutdown, once the vCPUs have stopped, so nothing the guest queued is left behind),
-    /// and waits for all of it to complete.
+    /// shutdown, once the vCPUs have stopped, so nothing the guest queued is left behind).
+    /// The I/O thread then quiesces, so all of it completes.
     fn drain(&mut self);
 
-    /// Waits for every request in flight to complete, taking no new ones: before a job from
-    /// another thread runs (a chain edit, a flush) and before the subscriber leaves the loop
-    /// (a reset), so neither ever overlaps a guest request.
-    fn quiesce(&mut self);
+    /// One step towards having nothing in flight, taking no new requests: completes what
+    /// finished, starts what no longer waits, and blocks for a completion if its own engine
+    /// has requests in flight. Returns `true` once it has nothing in flight or waiting. The
+    /// I/O thread steps every subscriber until all are idle (a request of one queue may wait
+    /// for one of another queue of the same disk): before a job from another thread runs
+    /// (a chain edit, a flush) and before a subscriber leaves the loop (a reset), so neither
+    /// ever overlaps a guest request.
+    fn quiesce_step(&mut self) -> bool;
 }
 
 type Subscriber = Box<dyn IoSubscriber>;
@@ -128,30 +132,37 @@ impl IoThread {
     }
 
     /// Takes a subscriber out of the loop (a device reset): when this returns, it serves
-    /// nothing more, and every request it had in flight has completed.
+    /// nothing more, and every request it (or any other subscriber) had in flight has
+    /// completed.
     pub fn remove(&self, id: SubscriberId) -> Result<Box<dyn IoSubscriber>, IoThreadGone> {
-        lock(&self.subscribers).retain(|s| *s != id);
+        let ids = {
+            let mut subs = lock(&self.subscribers);
+            let all = subs.clone();
+            subs.retain(|s| *s != id);
+            all
+        };
         self.endpoint
             .call_blocking(move |ops| {
-                quiesce(ops, &[id])?;
+                quiesce(ops, &ids)?;
                 ops.remove_subscriber(id).map_err(|_| Failed)
             })
             .map_err(|_| self.gone())
     }
 
-    /// Every subscriber serves what is pending now (see [`IoSubscriber::drain`]).
+    /// Every subscriber serves what is pending now (see [`IoSubscriber::drain`]) and all
+    /// of it completes.
     pub fn drain(&self) -> Result<(), IoThreadGone> {
         let ids = lock(&self.subscribers).clone();
         self.endpoint
             .call_blocking(move |ops| {
-                for id in ids {
+                for &id in &ids {
                     if let Ok(s) = ops.subscriber_mut(id) {
                         if catch_unwind(AssertUnwindSafe(|| s.drain())).is_err() {
                             return Err(Failed);
                         }
                     }
                 }
-                Ok(())
+                quiesce(ops, &ids)
             })
             .map_err(|_| self.gone())
     }
@@ -175,17 +186,22 @@ impl Drop for IoThread {
     }
 }
 
-/// Every subscriber of `ids` still in the loop completes what it has in flight.
+/// Steps every subscriber of `ids` still in the loop until none has anything in flight.
 fn quiesce(
     ops: &mut dyn event_manager::SubscriberOps<Subscriber = Subscriber>,
     ids: &[SubscriberId],
 ) -> Result<(), Failed> {
-    for &id in ids {
-        if let Ok(s) = ops.subscriber_mut(id) {
-            catch_unwind(AssertUnwindSafe(|| s.quiesce())).map_err(|_| Failed)?;
+    loop {
+        let mut idle = true;
+        for &id in ids {
+            if let Ok(s) = ops.subscriber_mut(id) {
+                idle &= catch_unwind(AssertUnwindSafe(|| s.quiesce_step())).map_err(|_| Failed)?;
+            }
+        }
+        if idle {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// A job failed (it panicked, or the subscriber was not there).

@@ -27,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use worker::{EngineHome, Worker};
+use worker::{DiskOrder, EngineHome, Worker};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const QUEUE_SIZE: u16 = 256;
@@ -167,6 +167,9 @@ impl VirtioDevice for Block {
             )));
         }
         let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let wakes: Result<Vec<EventFd>, _> = kicks.iter().map(|k| k.try_clone()).collect();
+        let wakes = wakes.map_err(|e| ActivateError(format!("cloning a queue's kick: {e}")))?;
+        let order = Arc::new(DiskOrder::new(wakes));
         self.broken.store(false, Ordering::SeqCst);
         for (q, (mut queue, kick)) in queues.into_iter().zip(kicks).enumerate() {
             let home = self.engines[q].clone();
@@ -188,7 +191,8 @@ impl VirtioDevice for Block {
                 engine,
                 home,
             )
-            .with_discard(self.discard());
+            .with_discard(self.discard())
+            .in_disk(order.clone(), q);
             match self.stack.io_thread().add(Box::new(worker)) {
                 Ok(id) => self.serving.push(id),
                 Err(e) => {

@@ -36,6 +36,35 @@ const COMPLETION: u32 = 1;
 /// next activation): the engine outlives its handler.
 pub(super) type EngineHome = Arc<Mutex<Option<Box<dyn AsyncIo>>>>;
 
+/// What the queues of one disk share to order their requests (`order.rs`): the footprints
+/// of every request in flight on any of them, and each queue's kick, to wake a queue whose
+/// held request waited for another queue's. All the queues run on the disk's I/O thread, so
+/// the lock is never contended.
+#[derive(Default)]
+pub(super) struct DiskOrder {
+    /// (queue, token, footprint) of each request in flight through the chain.
+    in_flight: Mutex<Vec<(usize, usize, Footprint)>>,
+    kicks: Vec<EventFd>,
+}
+
+impl DiskOrder {
+    /// The order of a disk whose queues are kicked by `kicks` (clones of them).
+    pub(super) fn new(kicks: Vec<EventFd>) -> DiskOrder {
+        DiskOrder {
+            in_flight: Mutex::default(),
+            kicks,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize, Footprint)>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conflicts(&self, fp: Footprint) -> bool {
+        self.lock().iter().any(|&(_, _, o)| fp.conflicts(o))
+    }
+}
+
 /// A request between its start and its completion.
 struct Pending {
     head: u16,
@@ -66,6 +95,9 @@ pub(super) struct Worker {
     free: Vec<usize>,
     /// Requests held back, oldest first, behind an overlapping one (see `order.rs`).
     held: VecDeque<Pending>,
+    /// Shared with the disk's other queues; `queue` is this one's index.
+    order: Arc<DiskOrder>,
+    queue_index: usize,
     /// Used-ring entries added since the guest was last signalled.
     unsignalled: bool,
 }
@@ -117,8 +149,17 @@ impl Worker {
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             held: VecDeque::new(),
+            order: Arc::default(),
+            queue_index: 0,
             unsignalled: false,
         }
+    }
+
+    /// Queue `index` of a disk whose queues share `order`.
+    pub(super) fn in_disk(mut self, order: Arc<DiskOrder>, index: usize) -> Worker {
+        self.order = order;
+        self.queue_index = index;
+        self
     }
 
     /// Serves discard and write-zeroes (the device offered them).
@@ -210,6 +251,7 @@ impl Worker {
     /// Completes what the engine has finished, then starts held requests that no longer
     /// wait for anything.
     fn collect(&mut self) {
+        let mut released = false;
         while let Some((token, backend)) = self.engine_mut().next_completion() {
             let Some(p) = usize::try_from(token)
                 .ok()
@@ -223,6 +265,11 @@ impl Worker {
                 continue;
             };
             self.free.push(token as usize);
+            if p.footprint.is_some() {
+                let (q, t) = (self.queue_index, token as usize);
+                self.order.lock().retain(|&(oq, ot, _)| (oq, ot) != (q, t));
+                released = true;
+            }
             let status = match p.at_engine {
                 Some(f) => self.stack.complete(f, backend),
                 None => backend,
@@ -232,6 +279,14 @@ impl Worker {
         self.start_held();
         self.engine_mut().commit();
         self.signal();
+        if released && self.order.kicks.len() > 1 {
+            // Another queue's held request may have waited for one of these.
+            for (q, kick) in self.order.kicks.iter().enumerate() {
+                if q != self.queue_index {
+                    let _ = kick.write(1);
+                }
+            }
+        }
     }
 
     /// Starts the held requests, oldest first, that overlap nothing in flight or held
@@ -257,19 +312,19 @@ impl Worker {
         }
     }
 
+    /// Does `fp` overlap a request in flight on any queue of the disk?
     fn conflicts_in_flight(&self, fp: Footprint) -> bool {
-        self.slots
-            .iter()
-            .flatten()
-            .any(|p| p.footprint.is_some_and(|o| fp.conflicts(o)))
+        self.order.conflicts(fp)
     }
 
-    /// Waits for every request in flight or held to complete.
-    fn settle(&mut self) {
-        while self.in_flight() > 0 || !self.held.is_empty() {
+    /// See [`IoSubscriber::quiesce_step`].
+    fn step(&mut self) -> bool {
+        self.collect();
+        if self.engine_mut().in_flight() > 0 {
             self.engine_mut().wait();
             self.collect();
         }
+        self.in_flight() == 0 && self.held.is_empty()
     }
 
     /// The guest broke the queue: DEVICE_NEEDS_RESET, and a config interrupt to say so.
@@ -404,6 +459,9 @@ impl Worker {
         // until the request is finished, which happens only after the engine returns the
         // token (`collect`).
         unsafe { engine.submit(&inflight.io(), token as u64) };
+        if let Some(fp) = p.footprint {
+            self.order.lock().push((self.queue_index, token, fp));
+        }
         p.at_engine = Some(inflight);
         self.slots[token] = Some(p);
     }
@@ -466,18 +524,22 @@ impl MutEventSubscriber for Worker {
 impl IoSubscriber for Worker {
     fn drain(&mut self) {
         self.process_queue();
-        self.settle();
     }
 
-    fn quiesce(&mut self) {
-        self.settle();
+    fn quiesce_step(&mut self) -> bool {
+        self.step()
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // The kernel may still be writing into guest memory for a request in flight.
-        self.settle();
+        // The kernel may still be writing into guest memory for a request in flight. (The
+        // I/O thread quiesced before this handler left it; held requests, if any, never
+        // started and hold nothing.)
+        while self.engine.is_some() && self.engine_mut().in_flight() > 0 {
+            self.engine_mut().wait();
+            self.collect();
+        }
         if let Some(engine) = self.engine.take() {
             *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
         }
@@ -667,7 +729,20 @@ pub(super) mod tests {
         sector: u64,
         byte: u8,
     ) {
-        let base = 0x2_0000 + u64::from(slot) * 0x1000;
+        post_write_in(r, mq, slot, slot, sector, byte)
+    }
+
+    /// As `post_write`, with its buffers in guest memory area `area` (so two queues' first
+    /// requests do not share buffers).
+    fn post_write_in(
+        r: &Rig,
+        mq: &MockSplitQueue<GuestMemoryMmap>,
+        slot: u16,
+        area: u16,
+        sector: u64,
+        byte: u8,
+    ) {
+        let base = 0x2_0000 + u64::from(area) * 0x1000;
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
         hdr[8..].copy_from_slice(&sector.to_le_bytes());
@@ -961,5 +1036,90 @@ pub(super) mod tests {
             unsupp
         );
         assert!(std::fs::read(&r.file).unwrap().iter().all(|&b| b == 0xee));
+    }
+
+    /// Through an interceptor, a write on one queue to a block a write on another queue of
+    /// the same disk has in flight waits for it; when that one completes, the other queue is
+    /// kicked and starts it. The plugin never has both open at once.
+    #[test]
+    fn overlapping_requests_on_two_queues_wait_for_each_other() {
+        let mut r = rig("overlap-queues");
+        let plugin =
+            compat::Plugin::from_static("overlap2", interceptor_sdk::static_table!(Overlap2))
+                .unwrap();
+        let spec = compat::InstanceSpec {
+            id: "overlap2".into(),
+            plugin,
+            config_json: "{}".into(),
+            enabled: true,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&r.file)
+            .unwrap();
+        let backend = Arc::new(RawFile::new(f, false, "vdt").unwrap());
+        r.stack = Arc::new(LiveStack::start("vdt", backend, &[spec], None).unwrap());
+        let q0 = MockSplitQueue::create(&r.mem, GuestAddress(0x8_0000), 16);
+        let q1 = MockSplitQueue::create(&r.mem, GuestAddress(0xa_0000), 16);
+        post_write_in(&r, &q0, 0, 0, 0, 0x11);
+        post_write_in(&r, &q1, 0, 1, 1, 0x22); // the same 4 KiB block
+        let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+        let order = Arc::new(DiskOrder::new(
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+        ));
+        let (h0, h1) = (Held::default(), Held::default());
+        let mut w0 = held_worker(&r, q0.create_queue().unwrap(), &h0, Arc::default())
+            .in_disk(order.clone(), 0);
+        let mut w1 = held_worker(&r, q1.create_queue().unwrap(), &h1, Arc::default())
+            .in_disk(order.clone(), 1);
+        w0.process_queue();
+        w1.process_queue();
+        assert_eq!(h0.0.lock().unwrap().done.len(), 1);
+        assert_eq!(h1.0.lock().unwrap().done.len(), 0, "queue 1's write waits");
+        assert_eq!(OPEN2.load(Ordering::SeqCst), 1);
+        h0.release_newest_first();
+        w0.collect();
+        assert_eq!(q0.used().idx().load(), 1);
+        assert_eq!(kicks[1].read().unwrap(), 1, "queue 1 is woken");
+        w1.process_queue();
+        assert_eq!(h1.0.lock().unwrap().done.len(), 1, "and starts its write");
+        h1.release_newest_first();
+        w1.collect();
+        assert_eq!(q1.used().idx().load(), 1);
+        assert_eq!(MOST_OPEN2.load(Ordering::SeqCst), 1);
+        let disk = std::fs::read(&r.file).unwrap();
+        assert!(disk[..512].iter().all(|&b| b == 0x11));
+        assert!(disk[512..1024].iter().all(|&b| b == 0x22));
+    }
+
+    /// `Overlap` for the two-queue test (its own counters: tests run in parallel).
+    struct Overlap2;
+    static OPEN2: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static MOST_OPEN2: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    impl interceptor_sdk::Interceptor for Overlap2 {
+        const NAME: &'static std::ffi::CStr = c"overlap2";
+        fn create(_: interceptor_sdk::CreateContext<'_>) -> Result<Self, String> {
+            Ok(Overlap2)
+        }
+        fn pre(
+            &self,
+            _: &mut interceptor_sdk::Request<'_>,
+            _: &mut interceptor_sdk::Slot,
+        ) -> interceptor_sdk::Decision {
+            let open = OPEN2.fetch_add(1, Ordering::SeqCst) + 1;
+            MOST_OPEN2.fetch_max(open, Ordering::SeqCst);
+            interceptor_sdk::Decision::Continue
+        }
+        fn post(
+            &self,
+            _: &mut interceptor_sdk::Request<'_>,
+            _: interceptor_sdk::Slot,
+            status: interceptor_sdk::Status,
+        ) -> interceptor_sdk::Status {
+            OPEN2.fetch_sub(1, Ordering::SeqCst);
+            status
+        }
     }
 }
