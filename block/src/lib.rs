@@ -11,10 +11,12 @@
 //! [`RawFile`] (`raw.rs`) is the disk file itself (or a host block device).
 
 mod backend;
+pub mod direct;
 pub mod engine;
 mod raw;
 
 pub use backend::{BlockBackend, IoRequest};
+pub use direct::DirectAlign;
 pub use engine::{AsyncIo, EngineChoice, SyncEngine};
 pub use interceptor_abi::{Segment, SECTOR_SIZE};
 pub use raw::RawFile;

@@ -2,6 +2,7 @@
 //! positioned I/O straight between the file and the request's buffers (guest memory when no
 //! interceptor transforms data, so nothing is copied in between).
 
+use crate::direct::{AlignedBuf, DirectAlign};
 use crate::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus, Segment};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -18,6 +19,8 @@ pub struct RawFile {
     read_only: bool,
     capacity: u64,
     id: [u8; ID_BYTES as usize],
+    /// Set when the file was opened with O_DIRECT.
+    direct: Option<DirectAlign>,
 }
 
 impl RawFile {
@@ -33,7 +36,50 @@ impl RawFile {
             // Whole sectors only; a trailing partial sector is not exposed.
             capacity: bytes / 512 * 512,
             id: serial,
+            direct: None,
         })
+    }
+
+    /// The file was opened with O_DIRECT: transfers that do not line up go through an
+    /// aligned copy, and the capacity is cut to whole aligned blocks.
+    pub fn with_direct(mut self) -> RawFile {
+        let align = DirectAlign::of(&self.file);
+        self.capacity = self.capacity / align.offset as u64 * align.offset as u64;
+        self.direct = Some(align);
+        self
+    }
+
+    /// The O_DIRECT alignment, when the file was opened with it.
+    pub fn direct(&self) -> Option<DirectAlign> {
+        self.direct
+    }
+
+    /// A transfer that O_DIRECT cannot take as it is: through an aligned copy.
+    unsafe fn bounced(
+        &self,
+        align: DirectAlign,
+        offset: u64,
+        segments: &[Segment],
+        write: bool,
+    ) -> std::io::Result<()> {
+        let len: usize = segments.iter().map(|s| s.len).sum();
+        if !align.range_fits(offset, len as u64) {
+            // The guest was told the block size: only a caller that ignores it gets here.
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut buf = AlignedBuf::new(len, align)?;
+        let one = [Segment {
+            base: buf.as_mut_ptr(),
+            len,
+        }];
+        if write {
+            buf.gather(segments);
+            self.vectored_raw(offset, &one, true)
+        } else {
+            self.vectored_raw(offset, &one, false)?;
+            buf.scatter(segments);
+            Ok(())
+        }
     }
 
     /// The disk's file (an engine registers its descriptor).
@@ -51,6 +97,20 @@ impl RawFile {
     /// # Safety
     /// The segments must be valid for their lengths (see `BlockBackend::execute`).
     unsafe fn vectored(
+        &self,
+        offset: u64,
+        segments: &[Segment],
+        write: bool,
+    ) -> std::io::Result<()> {
+        match self.direct {
+            Some(align) if !align.fits(offset, segments) => {
+                self.bounced(align, offset, segments, write)
+            }
+            _ => self.vectored_raw(offset, segments, write),
+        }
+    }
+
+    unsafe fn vectored_raw(
         &self,
         offset: u64,
         segments: &[Segment],
@@ -133,7 +193,14 @@ pub(crate) fn deallocate(file: &File, offset: u64, len: u64, zeroes: bool) -> st
 
 fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let zeros = vec![0u8; 1 << 20];
+    // Aligned for O_DIRECT too (the range itself is, in whole blocks of the disk).
+    let align = DirectAlign {
+        mem: 4096,
+        offset: 4096,
+    };
+    let mut zeros = AlignedBuf::new(1 << 20, align)?;
+    // SAFETY: the buffer is valid (and zeroed) for its length.
+    let zeros = unsafe { std::slice::from_raw_parts(zeros.as_mut_ptr(), zeros.len()) };
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;

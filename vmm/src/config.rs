@@ -100,6 +100,10 @@ pub struct BlockConfig {
     /// Request queues the guest sees (VIRTIO_BLK_F_MQ): 1 to 16; unset, the vCPU count
     /// (at most 16). Every queue is served on the disk's one I/O thread.
     pub num_queues: Option<u16>,
+    /// Open the image with O_DIRECT, past the host's page cache (refused where the file
+    /// system cannot, e.g. tmpfs).
+    #[serde(default)]
+    pub direct: bool,
 }
 
 impl BlockConfig {

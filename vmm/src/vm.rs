@@ -169,7 +169,9 @@ fn add_block_devices(
                 .context("KVM_IOEVENTFD")?;
             kicks.push(kick);
         }
-        let device = Box::new(Block::new(&b.id, b.stack.clone(), b.read_only, engines));
+        let device = Box::new(
+            Block::new(&b.id, b.stack.clone(), b.read_only, engines).with_block_size(b.block_size),
+        );
         let transport =
             MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irq)), kicks)
                 .map_err(|e| anyhow::anyhow!("block {}: queue setup: {e:?}", b.id))?;

@@ -7,7 +7,8 @@
 //! resubmitted for the rest.
 
 use super::AsyncIo;
-use crate::{BlockRequestKind, IoRequest, RequestStatus};
+use crate::direct::{AlignedBuf, DirectAlign};
+use crate::{BlockRequestKind, IoRequest, RequestStatus, Segment};
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,6 +30,9 @@ struct Slot {
     /// The rest still to transfer, as iovecs (advanced after a short transfer). The ring
     /// reads them at submission; they stay here until completion all the same.
     iovecs: Vec<libc::iovec>,
+    /// O_DIRECT: the aligned copy the kernel transfers instead of the request's buffers,
+    /// and (a read) the buffers to copy it to when it completes.
+    bounce: Option<(AlignedBuf, Vec<Segment>)>,
 }
 
 // SAFETY: the iovecs point at memory the queue keeps valid until completion (the
@@ -46,6 +50,15 @@ pub struct UringEngine {
     notifier: EventFd,
     /// The disk file, for discard and write-zeroes (a fallocate, run at submission).
     file: File,
+    /// The file was opened with O_DIRECT.
+    direct: Option<DirectAlign>,
+}
+
+/// Was `file` opened with O_DIRECT?
+fn opened_direct(file: &File) -> bool {
+    // SAFETY: plain fcntl on a descriptor we hold.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
 }
 
 impl UringEngine {
@@ -82,6 +95,7 @@ impl UringEngine {
             read_only,
             notifier,
             file: file.try_clone()?,
+            direct: opened_direct(file).then(|| DirectAlign::of(file)),
         })
     }
 
@@ -179,9 +193,14 @@ impl UringEngine {
                 return None;
             }
         };
-        let token = self.slots[i].take().map(|s| s.token)?;
+        let slot = self.slots[i].take()?;
+        if let (Some((buf, back)), RequestStatus::Ok) = (&slot.bounce, status) {
+            // SAFETY: the request's buffers are still valid (they are until its completion
+            // is returned) and add up to the copy's transfer.
+            unsafe { buf.scatter(back) };
+        }
         self.free.push(i);
-        Some((token, status))
+        Some((slot.token, status))
     }
 }
 
@@ -257,12 +276,46 @@ impl AsyncIo for UringEngine {
         if !fsync && iovecs.is_empty() {
             return self.done_now(token, RequestStatus::Ok);
         }
+        let (mut iovecs, mut bounce) = (iovecs, None);
+        if let Some(align) = self
+            .direct
+            .filter(|a| !fsync && !a.fits(req.offset, req.segments))
+        {
+            if !align.range_fits(req.offset, req.len) {
+                tracing::warn!(
+                    "block backend (io_uring): {:?} at {}+{} is not aligned for O_DIRECT",
+                    req.kind,
+                    req.offset,
+                    req.len
+                );
+                return self.done_now(token, RequestStatus::IoError);
+            }
+            let Ok(mut buf) = AlignedBuf::new(req.len as usize, align) else {
+                return self.done_now(token, RequestStatus::IoError);
+            };
+            if write {
+                // SAFETY: the segments are valid for reading (the `submit` contract) and add
+                // up to the request's length.
+                unsafe { buf.gather(req.segments) };
+            }
+            iovecs = vec![libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: req.len as usize,
+            }];
+            let back = if write {
+                Vec::new()
+            } else {
+                req.segments.to_vec()
+            };
+            bounce = Some((buf, back));
+        }
         let i = self.slot_index();
         self.slots[i] = Some(Slot {
             token,
             write,
             offset: req.offset,
             iovecs,
+            bounce,
         });
         self.in_flight += 1;
         self.push(i, fsync);
