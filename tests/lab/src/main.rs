@@ -954,6 +954,12 @@ fn print_cpu(what: &str, process: &str, c: &cpu::ProcessCpu, iops: f64) {
             k("insn_emulation")
         );
     }
+    if iops > 0.0 && c.total_s() < 0.3 * c.wall_s {
+        println!(
+            "    (under 30% of a CPU: the job's end marker may have come late on the guest's \
+             console, so this window may have missed the job)"
+        );
+    }
     if c.unsampled_s.abs() >= 0.005 {
         println!(
             "    not sampled (threads' last 250 ms, short-lived threads): {:.2} s",
