@@ -121,15 +121,31 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mem = &self.mem;
-        if let Some(i) = self.queues.iter().position(|q| !q.is_valid(mem)) {
-            crate::limited_warn!(
-                GUEST_LOG,
-                "virtio-mmio: queue {i} is not valid at DRIVER_OK; device failed"
-            );
+        // A driver may set up fewer queues than the device offers (Linux's virtio_blk uses
+        // one per CPU at most): the ones it made ready, from the first, are served.
+        let used = self.queues.iter().take_while(|q| q.ready()).count();
+        let trailing = self.queues.iter().skip(used).position(|q| q.ready());
+        let invalid = self.queues[..used].iter().position(|q| !q.is_valid(mem));
+        let problem = match (used, trailing, invalid) {
+            (0, _, _) => Some("no queue is ready at DRIVER_OK".to_string()),
+            (_, Some(i), _) => Some(format!(
+                "queue {} is ready but queue {used} is not",
+                used + i
+            )),
+            (_, _, Some(i)) => Some(format!("queue {i} is not valid at DRIVER_OK")),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            crate::limited_warn!(GUEST_LOG, "virtio-mmio: {problem}; device failed");
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
-        let kicks: Result<Vec<EventFd>, _> = self.kicks.iter().map(|e| e.try_clone()).collect();
+        let kicks: Result<Vec<EventFd>, _> = self
+            .kicks
+            .iter()
+            .take(used)
+            .map(|e| e.try_clone())
+            .collect();
         let kicks = match kicks {
             Ok(k) => k,
             Err(e) => {
@@ -138,7 +154,8 @@ impl MmioTransport {
                 return;
             }
         };
-        let queues = std::mem::take(&mut self.queues);
+        let mut queues = std::mem::take(&mut self.queues);
+        queues.truncate(used);
         match self.device.activate(
             self.mem.clone(),
             self.driver_features,

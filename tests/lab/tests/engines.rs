@@ -90,6 +90,26 @@ fn two_fio_jobs_at_once_verify_on_the_io_uring_engine() {
     );
 }
 
+/// A disk offering more queues than the guest has CPUs: the guest's driver sets up one per
+/// CPU, and the disk serves those.
+#[test]
+fn a_two_queue_disk_on_one_vcpu_is_used_with_one_queue() {
+    let Some(markers) = run(
+        "engine-2queues-1cpu",
+        &["--num-queues", "2"],
+        "queues fio=verify-crc32c",
+        "io_uring",
+    ) else {
+        return;
+    };
+    assert!(
+        markers
+            .iter()
+            .any(|m| m.starts_with("queues ") && m.ends_with(" n=1")),
+        "{markers:?}"
+    );
+}
+
 /// Booting only: in the lab, I/O on a 2-vCPU guest can crash the emulated SVM stack
 /// (docs/lab.md), so the two queues serving fio at once are checked by the device's unit
 /// tests and, on hardware KVM, by `lab bench --num-queues 2`.

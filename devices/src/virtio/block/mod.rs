@@ -174,7 +174,8 @@ impl VirtioDevice for Block {
         if !self.serving.is_empty() {
             return Err(ActivateError("already activated".into()));
         }
-        if queues.len() != self.engines.len() || kicks.len() != queues.len() {
+        // The driver may use fewer queues than offered (the first ones).
+        if queues.is_empty() || queues.len() > self.engines.len() || kicks.len() != queues.len() {
             return Err(ActivateError(format!(
                 "virtio-blk has {} queues, got {} (and {} kicks)",
                 self.engines.len(),
@@ -289,5 +290,36 @@ mod tests {
         let disk = std::fs::read(&r.file).unwrap();
         assert!(disk[8 * 512..9 * 512].iter().all(|&b| b == 0x61));
         assert!(disk[16 * 512..17 * 512].iter().all(|&b| b == 0x62));
+    }
+
+    /// A driver that sets up fewer queues than offered (Linux: one per CPU at most) gets
+    /// those served.
+    #[test]
+    fn a_driver_may_use_fewer_queues_than_offered() {
+        let r = rig("fewer-queues");
+        let engines: Vec<Box<dyn AsyncIo>> = (0..4)
+            .map(|_| Box::new(block::SyncEngine::new(r.stack.backend()).unwrap()) as _)
+            .collect();
+        let mut dev = Block::new("vdt", r.stack.clone(), false, engines);
+        let q0 = MockSplitQueue::create(&r.mem, vm_memory::GuestAddress(0x8_0000), 16);
+        post_write(&r, &q0, 0, 8, 0x63);
+        let kick = EventFd::new(0).unwrap();
+        dev.activate(
+            r.mem.clone(),
+            0,
+            vec![q0.create_queue().unwrap()],
+            vec![kick.try_clone().unwrap()],
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+        let t0 = std::time::Instant::now();
+        while q0.used().idx().load() < 1 {
+            assert!(t0.elapsed().as_secs() < 10, "the one queue should complete");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(dev.reset());
+        let disk = std::fs::read(&r.file).unwrap();
+        assert!(disk[8 * 512..9 * 512].iter().all(|&b| b == 0x63));
     }
 }
