@@ -105,7 +105,6 @@ pub fn open_disks(
         specs.insert(ic.id.as_str(), (i, spec));
     }
     let mut disks = Vec::new();
-    let mut engines = Vec::new();
     for (i, b) in cfg.block.iter().enumerate() {
         let opened = open_image_with(&b.path, b.read_only, b.direct)
             .and_then(|f| {
@@ -129,9 +128,6 @@ pub fn open_disks(
                 .open(opened.file(), b.read_only, QUEUE_SIZE, &backend)
                 .map_err(|m| invalid(format!("block[{i}].engine"), m))?;
             queue_engines.push(engine);
-        }
-        if let Some(e) = queue_engines.first() {
-            engines.push(e.name());
         }
         let mut chain = Vec::new();
         for id in &b.interceptors {
@@ -159,14 +155,24 @@ pub fn open_disks(
             block_size,
         });
     }
-    if let Some(first) = engines.first() {
-        if engines.iter().all(|e| e == first) {
-            eprintln!("vmm: block I/O engine: {first}");
-        } else {
-            eprintln!("vmm: block I/O engines: {}", engines.join(", "));
-        }
-    }
     Ok(disks)
+}
+
+/// The line saying which I/O engine the disks use, printed once when the VM starts.
+pub fn engine_line(disks: &[Disk]) -> Option<String> {
+    let names: Vec<&'static str> = disks
+        .iter()
+        .filter_map(|d| {
+            let engines = d.engines.lock().unwrap_or_else(|p| p.into_inner());
+            engines.first().map(|e| e.name())
+        })
+        .collect();
+    let first = names.first()?;
+    Some(if names.iter().all(|n| n == first) {
+        format!("vmm: block I/O engine: {first}")
+    } else {
+        format!("vmm: block I/O engines: {}", names.join(", "))
+    })
 }
 
 /// One line per instance: its counters and the plugin's own stats.

@@ -246,6 +246,8 @@ pub fn run(
     )?;
 
     let mut mmio = Bus::new();
+    // Said once the VM will run (before the devices take the engines).
+    let engine_line = crate::storage::engine_line(disks);
     let announce = add_block_devices(disks, &vm, &mem, &mut mmio)?;
     let mut cmdline = cfg.kernel.cmdline.clone();
     for word in announce {
@@ -258,7 +260,10 @@ pub fn run(
         cfg.kernel.initrd.as_deref(),
         cmdline.trim(),
     )?;
-    // Only a VM that will run reads the host's stdin.
+    // Only a VM that will run reads the host's stdin, and says which engine its disks use.
+    if let Some(line) = engine_line {
+        eprintln!("{line}");
+    }
     spawn_stdin(serial);
 
     let count = cfg.machine.vcpus as u8;

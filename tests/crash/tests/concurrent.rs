@@ -4,7 +4,9 @@
 //! checked against what the guest may see (linearizable: the value of a write that was not
 //! superseded before the read was posted, and posted before it completed), every request
 //! must succeed, and after the chain is closed and reopened every sector reads back as the
-//! last read through the queues saw it. (cache over encrypt runs on both engines.)
+//! last read through the queues saw it. (cache over encrypt runs on both engines.) A disk
+//! without interceptors promises no such thing, like a real disk: overlapping writes in
+//! flight together may land mixed within a sector, so it is not checked here.
 
 use block::EngineChoice;
 use compat::{BlockRequestKind, InstanceSpec, LiveStack, PluginRegistry, RequestStatus, Segment};
@@ -573,9 +575,4 @@ fn two_queues_hammering_overlapping_blocks_through_a_write_through_cache() {
         serde_json::json!({ "size_mib": 1 }),
     )];
     hammer("cache-wt", layers, 1 << 20, 0, 10, EngineChoice::IoUring);
-}
-
-#[test]
-fn two_queues_hammering_overlapping_blocks_with_no_plugin() {
-    hammer("plain", vec![], 1 << 20, 0, 11, EngineChoice::IoUring);
 }
