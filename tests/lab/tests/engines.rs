@@ -49,6 +49,22 @@ fn run(name: &str, extra: &[&str], task: &str, engine: &str) -> Option<Vec<Strin
     )
 }
 
+/// Writes chain file `name`: the C xor plugin (a data transform that does not handle
+/// discard); returns its path.
+fn xor_chain(name: &str) -> String {
+    let p = plugins().expect("building the plugins");
+    let chain = out_file(name);
+    std::fs::write(
+        &chain,
+        format!(
+            "[[interceptor]]\nid = \"xor\"\npath = {:?}\nconfig = {{ key = 90 }}\n",
+            p.xor
+        ),
+    )
+    .unwrap();
+    chain.to_string_lossy().into_owned()
+}
+
 #[test]
 fn fio_verify_passes_on_the_synchronous_engine() {
     run(
@@ -61,17 +77,7 @@ fn fio_verify_passes_on_the_synchronous_engine() {
 
 #[test]
 fn fio_verify_passes_through_an_interceptor_on_the_synchronous_engine() {
-    let p = plugins().expect("building the plugins");
-    let chain = out_file("engine-sync-xor.toml");
-    std::fs::write(
-        &chain,
-        format!(
-            "[[interceptor]]\nid = \"xor\"\npath = {:?}\nconfig = {{ key = 90 }}\n",
-            p.xor
-        ),
-    )
-    .unwrap();
-    let chain = chain.to_string_lossy().into_owned();
+    let chain = xor_chain("engine-sync-xor.toml");
     run(
         "engine-sync-xor",
         &["--engine", "sync", "--interceptors", &chain],
@@ -138,17 +144,7 @@ fn a_two_queue_disk_is_set_up_with_both_queues_by_the_guest() {
 /// the lab's tmpfs, which punches holes; the repository's 9p share does not).
 #[test]
 fn a_guest_discard_shrinks_the_sparse_image_unless_a_plugin_cannot_handle_it() {
-    let p = plugins().expect("building the plugins");
-    let chain = out_file("engine-discard-xor.toml");
-    std::fs::write(
-        &chain,
-        format!(
-            "[[interceptor]]\nid = \"xor\"\npath = {:?}\nconfig = {{ key = 90 }}\n",
-            p.xor
-        ),
-    )
-    .unwrap();
-    let chain = chain.to_string_lossy().into_owned();
+    let chain = xor_chain("engine-discard-xor.toml");
     for (name, extra, offered) in [
         ("engine-discard", vec![], true),
         (

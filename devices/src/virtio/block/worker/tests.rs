@@ -195,19 +195,32 @@ fn post_write_in(
     sector: u64,
     byte: u8,
 ) {
+    post_chain(r, mq, slot, area, 1, sector, &[byte; 512]); // VIRTIO_BLK_T_OUT
+}
+
+/// Puts a request of `req_type` (header sector `sector`) whose one device-readable buffer
+/// holds `data` in the avail ring at `slot`: descriptors `3 * slot..`, buffers in guest
+/// memory area `area`, status byte preset to 0xff.
+fn post_chain(
+    r: &Rig,
+    mq: &MockSplitQueue<GuestMemoryMmap>,
+    slot: u16,
+    area: u16,
+    req_type: u32,
+    sector: u64,
+    data: &[u8],
+) {
     let base = 0x2_0000 + u64::from(area) * 0x1000;
     let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+    hdr[..4].copy_from_slice(&req_type.to_le_bytes());
     hdr[8..].copy_from_slice(&sector.to_le_bytes());
     r.mem.write_slice(&hdr, GuestAddress(base)).unwrap();
-    r.mem
-        .write_slice(&[byte; 512], GuestAddress(base + 0x100))
-        .unwrap();
+    r.mem.write_slice(data, GuestAddress(base + 0x100)).unwrap();
     r.mem.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
     let first = slot * 3;
     for (i, (addr, len, flags)) in [
         (base, 16u32, NEXT),
-        (base + 0x100, 512, NEXT),
+        (base + 0x100, data.len() as u32, NEXT),
         (base + 0x400, 1, WRITE),
     ]
     .into_iter()
@@ -437,36 +450,10 @@ fn post_range(
     sector: u64,
     sectors: u32,
 ) {
-    let base = 0x2_0000 + u64::from(slot) * 0x1000;
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&req_type.to_le_bytes());
-    r.mem.write_slice(&hdr, GuestAddress(base)).unwrap();
     let mut range = [0u8; 16];
     range[..8].copy_from_slice(&sector.to_le_bytes());
     range[8..12].copy_from_slice(&sectors.to_le_bytes());
-    r.mem
-        .write_slice(&range, GuestAddress(base + 0x100))
-        .unwrap();
-    r.mem.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
-    let first = slot * 3;
-    for (i, (addr, len, flags)) in [
-        (base, 16u32, NEXT),
-        (base + 0x100, 16, NEXT),
-        (base + 0x400, 1, WRITE),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let at = first + i as u16;
-        let d = SplitDescriptor::new(addr, len, flags, at + 1);
-        mq.desc_table().store(at, RawDescriptor::from(d)).unwrap();
-    }
-    mq.avail()
-        .ring()
-        .ref_at(usize::from(slot))
-        .unwrap()
-        .store(first);
-    mq.avail().idx().store(slot + 1);
+    post_chain(r, mq, slot, slot, req_type, 0, &range);
 }
 
 /// A write-zeroes through the queue zeros its range on the disk and nothing else; on a
