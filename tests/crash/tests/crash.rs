@@ -1,8 +1,18 @@
 //! Crash points through real plugin libraries: a seeded workload of writes (whole and
 //! partial blocks), flushes, reads and (for encrypt) enable/disable toggles, then at least
 //! 1,000 crashes, each reopened and checked block by block. Seeds are printed on failure.
+//! Odd seeds run one request at a time; even ones keep up to 8 in flight, as a
+//! device queue does: each starts (pre hooks), reaches the disk and finishes (post hooks)
+//! in its own random order, a request waits for those in flight on the same 4 KiB blocks
+//! (the device's ordering, `devices/src/virtio/block/order.rs`), a flush waits for all,
+//! and the workload ends with requests still in flight. (Through encrypt and remap, which
+//! complete each request in their pre hooks with their own I/O, none is ever at the disk
+//! with another; through the write-back cache they are.)
 
-use compat::{BlockRequestKind, BlockStack, InstanceSpec, PluginRegistry, RequestStatus};
+use compat::{
+    BlockBackend, BlockRequestKind, BlockStack, InFlight, InstanceSpec, PluginRegistry,
+    RequestStatus, Segment, Started,
+};
 use crash_harness::{check, crash_image, submit, Model, RecordingDisk, Rng};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,32 +55,88 @@ struct Workload<'a> {
     unit: usize,
     blocks: usize,
     seed: u64,
+    /// Requests in flight at most (1: one at a time, through `submit`).
+    depth: usize,
+    /// The most that were at once (a chain that completes every request in its pre hooks,
+    /// as encrypt does with its own I/O, never has any).
+    most_in_flight: std::cell::Cell<usize>,
+}
+
+/// A request of the concurrent workload between its start and its finish.
+struct Pending {
+    io: InFlight,
+    /// Its buffer (the segment points into it; a `Vec`'s heap block does not move).
+    buf: Vec<u8>,
+    kind: BlockRequestKind,
+    offset: u64,
+    /// Has the disk run it (the engine completed it; its post hooks are still due)?
+    at_disk: Option<RequestStatus>,
+    op: usize,
+}
+
+impl Pending {
+    /// The 4 KiB blocks it touches.
+    fn blocks(&self) -> std::ops::Range<u64> {
+        block_range(self.offset, self.buf.len())
+    }
+}
+
+fn block_range(offset: u64, len: usize) -> std::ops::Range<u64> {
+    let first = offset / BLOCK as u64;
+    let end = (offset + len.max(1) as u64).div_ceil(BLOCK as u64);
+    first..end
 }
 
 impl Workload<'_> {
+    /// A write's range: a partial one (512-byte aligned, 1 to 8 sectors) one time in four,
+    /// else 1 to 4 whole blocks, inside the workload's range.
+    fn write_range(&self, rng: &mut Rng) -> (usize, usize) {
+        let blocks = self.blocks;
+        if rng.below(4) == 0 {
+            let sectors = blocks * BLOCK / 512;
+            let len = 1 + rng.below(8) as usize;
+            let first = rng.below((sectors - len) as u64) as usize;
+            (first * 512, len * 512)
+        } else {
+            let n = 1 + rng.below(4) as usize;
+            let first = rng.below((blocks - n) as u64 + 1) as usize;
+            (first * BLOCK, n * BLOCK)
+        }
+    }
+
+    /// What the model says block `block` holds now.
+    fn expected(&self, model: &Model, block: usize) -> Vec<u8> {
+        let per = BLOCK / self.unit;
+        (block * per..(block + 1) * per)
+            .flat_map(|u| model.current(u).to_vec())
+            .collect()
+    }
+
+    fn toggle(&self, stack: &BlockStack, rng: &mut Rng) {
+        let toggles = &self.chain.toggles;
+        if let Some(&id) = toggles.get(rng.below(toggles.len().max(1) as u64) as usize) {
+            if let Some(i) = stack.instance(id) {
+                i.set_enabled(!i.enabled());
+            }
+        }
+    }
+
     fn drive(
         &self,
-        stack: &BlockStack,
+        stack: &Arc<BlockStack>,
         disk: &RecordingDisk,
         model: &mut Model,
         rng: &mut Rng,
         ops: usize,
     ) {
-        let (seed, blocks, unit) = (self.seed, self.blocks, self.unit);
+        if self.depth > 1 {
+            return self.drive_concurrent(stack, disk, model, rng, ops);
+        }
+        let (seed, blocks) = (self.seed, self.blocks);
         for op in 0..ops {
             match rng.below(100) {
                 0..=59 => {
-                    let (offset, len) = if rng.below(4) == 0 {
-                        // Partial: 512-byte aligned, 1 to 8 sectors, inside the workload's range.
-                        let sectors = blocks * BLOCK / 512;
-                        let len = 1 + rng.below(8) as usize;
-                        let first = rng.below((sectors - len) as u64) as usize;
-                        (first * 512, len * 512)
-                    } else {
-                        let n = 1 + rng.below(4) as usize;
-                        let first = rng.below((blocks - n) as u64 + 1) as usize;
-                        (first * BLOCK, n * BLOCK)
-                    };
+                    let (offset, len) = self.write_range(rng);
                     let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                     model.before_write(disk.position(), offset as u64, &data);
                     let st = submit(stack, BlockRequestKind::Write, offset as u64, &mut data);
@@ -91,22 +157,129 @@ impl Workload<'_> {
                         &mut buf,
                     );
                     assert_eq!(st, RequestStatus::Ok, "seed {seed}: read {op}");
-                    let per = BLOCK / unit;
-                    let want: Vec<u8> = (block * per..(block + 1) * per)
-                        .flat_map(|u| model.current(u).to_vec())
-                        .collect();
+                    let want = self.expected(model, block);
                     assert!(buf == want, "seed {seed}: read {op} of block {block}");
                 }
-                _ => {
-                    let toggles = &self.chain.toggles;
-                    if let Some(&id) = toggles.get(rng.below(toggles.len().max(1) as u64) as usize)
-                    {
-                        if let Some(i) = stack.instance(id) {
-                            i.set_enabled(!i.enabled());
+                _ => self.toggle(stack, rng),
+            }
+        }
+    }
+
+    /// The workload with up to `depth` requests in flight. Ends with some still in flight
+    /// (forgotten, as a crash leaves them).
+    fn drive_concurrent(
+        &self,
+        stack: &Arc<BlockStack>,
+        disk: &RecordingDisk,
+        model: &mut Model,
+        rng: &mut Rng,
+        ops: usize,
+    ) {
+        let seed = self.seed;
+        let mut flight: Vec<Pending> = Vec::new();
+        for op in 0..ops {
+            let roll = rng.below(100);
+            if flight.len() >= self.depth || (80..95).contains(&roll) {
+                if !flight.is_empty() {
+                    let i = rng.below(flight.len() as u64) as usize;
+                    self.advance(&mut flight, i, disk, model);
+                }
+                continue;
+            }
+            match roll {
+                0..=54 | 65..=79 => {
+                    let write = roll <= 54;
+                    let (offset, len) = if write {
+                        self.write_range(rng)
+                    } else {
+                        let block = rng.below(self.blocks as u64) as usize;
+                        (block * BLOCK, BLOCK)
+                    };
+                    let (offset, blocks) = (offset as u64, block_range(offset as u64, len));
+                    // The device holds it back until whatever it overlaps is done.
+                    while let Some(i) = flight.iter().position(|p| {
+                        (write || p.kind == BlockRequestKind::Write)
+                            && p.blocks().start < blocks.end
+                            && blocks.start < p.blocks().end
+                    }) {
+                        if flight[i].at_disk.is_none() {
+                            self.advance(&mut flight, i, disk, model);
+                        }
+                        self.advance(&mut flight, i, disk, model);
+                    }
+                    let mut buf: Vec<u8> = if write {
+                        (0..len).map(|_| rng.next_u64() as u8).collect()
+                    } else {
+                        vec![0u8; len]
+                    };
+                    let kind = if write {
+                        model.before_write(disk.position(), offset, &buf);
+                        BlockRequestKind::Write
+                    } else {
+                        BlockRequestKind::Read
+                    };
+                    let seg = vec![Segment {
+                        base: buf.as_mut_ptr(),
+                        len: buf.len(),
+                    }];
+                    // SAFETY: `buf` lives in the request until it finishes (or is
+                    // forgotten with it), and the range is inside the disk.
+                    match unsafe { stack.begin(kind, offset, len as u64, seg) } {
+                        Started::Done(st) => {
+                            assert_eq!(st, RequestStatus::Ok, "seed {seed}: op {op} ({kind:?})");
+                            if !write {
+                                let want = self.expected(model, offset as usize / BLOCK);
+                                assert!(buf == want, "seed {seed}: read {op} at {offset}");
+                            }
+                        }
+                        Started::Backend(io) => {
+                            flight.push(Pending {
+                                io,
+                                buf,
+                                kind,
+                                offset,
+                                at_disk: None,
+                                op,
+                            });
+                            let most = self.most_in_flight.get().max(flight.len());
+                            self.most_in_flight.set(most);
                         }
                     }
                 }
+                55..=64 => {
+                    // A flush waits for everything in flight, in whatever order it ends.
+                    while !flight.is_empty() {
+                        let i = rng.below(flight.len() as u64) as usize;
+                        self.advance(&mut flight, i, disk, model);
+                    }
+                    let st = submit(stack, BlockRequestKind::Flush, 0, &mut []);
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: flush {op}");
+                    model.after_flush(disk.position());
+                }
+                _ => self.toggle(stack, rng),
             }
+        }
+        // A crash comes with requests in flight: none of their post hooks runs.
+        std::mem::forget(flight);
+    }
+
+    /// Moves request `i` one step: to the disk, or (already there) through its post hooks,
+    /// after which a read is checked against the model.
+    fn advance(&self, flight: &mut Vec<Pending>, i: usize, disk: &RecordingDisk, model: &Model) {
+        let seed = self.seed;
+        let p = &mut flight[i];
+        if p.at_disk.is_none() {
+            // SAFETY: the request's buffers are its `buf`, alive while it is.
+            p.at_disk = Some(unsafe { disk.execute(&p.io.io()) });
+            return;
+        }
+        let p = flight.swap_remove(i);
+        let (op, kind, offset) = (p.op, p.kind, p.offset);
+        let st = p.io.finish(p.at_disk.unwrap_or(RequestStatus::IoError));
+        assert_eq!(st, RequestStatus::Ok, "seed {seed}: op {op} ({kind:?})");
+        if kind == BlockRequestKind::Read {
+            let want = self.expected(model, offset as usize / BLOCK);
+            assert!(p.buf == want, "seed {seed}: read {op} at {offset}");
         }
     }
 }
@@ -129,9 +302,14 @@ fn crash(
     (image, model.expectation_at(at), what)
 }
 
+/// What a run found: its violations, and the most requests that were in flight at once.
+struct Outcome {
+    violations: Vec<String>,
+    most_in_flight: usize,
+}
+
 /// Runs the workload with `seed`, then `points` crashes; every third crashed image is
-/// reopened, worked on and crashed again (recovery itself must be crash-safe). Returns the
-/// violations.
+/// reopened, worked on and crashed again (recovery itself must be crash-safe).
 fn run(
     chain: &Chain,
     unit: usize,
@@ -140,7 +318,9 @@ fn run(
     seed: u64,
     ops: usize,
     points: usize,
-) -> Vec<String> {
+) -> Outcome {
+    // Odd seeds one request at a time, even ones up to 8 in flight.
+    let depth = if seed.is_multiple_of(2) { 8 } else { 1 };
     let reg = PluginRegistry::new();
     let disk = RecordingDisk::new(vec![0u8; disk_bytes]);
     let stack = build(&reg, chain, disk.clone()).expect("the first open");
@@ -151,6 +331,8 @@ fn run(
         unit,
         blocks,
         seed,
+        depth,
+        most_in_flight: Default::default(),
     };
     let mut model = Model::new(blocks * BLOCK / unit, unit);
     let mut rng = Rng(seed);
@@ -191,7 +373,10 @@ fn run(
             ));
         }
     }
-    violations
+    Outcome {
+        violations,
+        most_in_flight: work.most_in_flight.get(),
+    }
 }
 
 fn key_file() -> PathBuf {
@@ -213,6 +398,20 @@ fn encrypt_chain(path: &Path) -> Chain {
     }
 }
 
+/// Runs each seed, and asserts no crash point of any was violated; returns the most
+/// requests in flight at once in any.
+fn run_seeds(seeds: &[u64], points_each: usize, one: impl Fn(u64, usize) -> Outcome) -> usize {
+    let mut all = Vec::new();
+    let mut most = 0;
+    for &seed in seeds {
+        let o = one(seed, points_each);
+        all.extend(o.violations);
+        most = most.max(o.most_in_flight);
+    }
+    report(all, seeds.len() * points_each);
+    most
+}
+
 fn report(violations: Vec<String>, points: usize) {
     assert!(
         violations.is_empty(),
@@ -226,12 +425,10 @@ fn report(violations: Vec<String>, points: usize) {
 fn encrypt_survives_a_thousand_crash_points() {
     let p = plugins().expect("building the plugins");
     let chain = encrypt_chain(&p.encrypt);
-    let mut all = Vec::new();
     // 131 blocks of 4 KiB: 64 guest blocks in two slots plus header and metadata.
-    for seed in [1, 2, 3, 4] {
-        all.extend(run(&chain, BLOCK, 131 * BLOCK, 64, seed, 300, 300));
-    }
-    report(all, 1200);
+    run_seeds(&[1, 2, 3, 4], 300, |seed, points| {
+        run(&chain, BLOCK, 131 * BLOCK, 64, seed, 300, points)
+    });
 }
 
 #[test]
@@ -249,11 +446,14 @@ fn write_back_cache_survives_a_thousand_crash_points() {
         )],
         toggles: vec!["cache"],
     };
-    let mut all = Vec::new();
-    for seed in [21, 22, 23, 24] {
-        all.extend(run(&chain, SECTOR, 320 * BLOCK, 320, seed, 400, 300));
-    }
-    report(all, 1200);
+    let most = run_seeds(&[21, 22, 23, 24], 300, |seed, points| {
+        run(&chain, SECTOR, 320 * BLOCK, 320, seed, 400, points)
+    });
+    // Its misses and write-backs reach the disk: requests were there together.
+    assert!(
+        most >= 4,
+        "at most {most} requests were ever in flight at once"
+    );
 }
 
 #[test]
@@ -269,12 +469,10 @@ fn write_back_cache_over_encrypt_survives_a_thousand_crash_points() {
         ),
     );
     chain.toggles.push("cache");
-    let mut all = Vec::new();
     // 320 guest blocks: 1 + 10 + 640 blocks of disk.
-    for seed in [31, 32, 33, 34] {
-        all.extend(run(&chain, BLOCK, 651 * BLOCK, 320, seed, 400, 300));
-    }
-    report(all, 1200);
+    run_seeds(&[31, 32, 33, 34], 300, |seed, points| {
+        run(&chain, BLOCK, 651 * BLOCK, 320, seed, 400, points)
+    });
 }
 
 #[test]
@@ -284,11 +482,9 @@ fn remap_survives_a_thousand_crash_points() {
         layers: vec![("remap", p.remap.clone(), serde_json::json!({}))],
         toggles: vec![],
     };
-    let mut all = Vec::new();
-    for seed in [11, 12, 13, 14] {
-        all.extend(run(&chain, SECTOR, 2 << 20, 64, seed, 300, 300));
-    }
-    report(all, 1200);
+    run_seeds(&[11, 12, 13, 14], 300, |seed, points| {
+        run(&chain, SECTOR, 2 << 20, 64, seed, 300, points)
+    });
 }
 
 #[test]
