@@ -132,9 +132,10 @@ impl IoThread {
     }
 
     /// Takes a subscriber out of the loop (a device reset): when this returns, it serves
-    /// nothing more, and every request it (or any other subscriber) had in flight has
-    /// completed.
-    pub fn remove(&self, id: SubscriberId) -> Result<Box<dyn IoSubscriber>, IoThreadGone> {
+    /// nothing more, every request it (or any other subscriber) had in flight has
+    /// completed, and it is dropped. It is dropped on the I/O thread, under that thread's
+    /// seccomp filter, whatever thread asked (a reset comes from a vCPU).
+    pub fn remove(&self, id: SubscriberId) -> Result<(), IoThreadGone> {
         let ids = {
             let mut subs = lock(&self.subscribers);
             let all = subs.clone();
@@ -144,7 +145,7 @@ impl IoThread {
         self.endpoint
             .call_blocking(move |ops| {
                 quiesce(ops, &ids)?;
-                ops.remove_subscriber(id).map_err(|_| Failed)
+                ops.remove_subscriber(id).map(drop).map_err(|_| Failed)
             })
             .map_err(|_| self.gone())
     }

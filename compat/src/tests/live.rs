@@ -363,3 +363,39 @@ fn a_write_in_flight_counts_before_a_removal_decides() {
     live_io(&stack, BlockRequestKind::Read, 0, &mut back);
     assert_eq!(back, [9u8; 512]);
 }
+
+/// A device reset comes from a vCPU thread, whose seccomp filter allows none of the calls
+/// a queue handler makes when it goes (its engine, its timer): the handler is dropped on
+/// the I/O thread, before `remove` returns.
+#[test]
+fn a_removed_subscriber_is_dropped_on_the_io_thread() {
+    struct Handler(Arc<std::sync::Mutex<Option<String>>>);
+    impl crate::event_manager::MutEventSubscriber for Handler {
+        fn process(
+            &mut self,
+            _: crate::event_manager::Events,
+            _: &mut crate::event_manager::EventOps,
+        ) {
+        }
+        fn init(&mut self, _: &mut crate::event_manager::EventOps) {}
+    }
+    impl crate::IoSubscriber for Handler {
+        fn drain(&mut self) {}
+        fn quiesce_step(&mut self) -> bool {
+            true
+        }
+    }
+    impl Drop for Handler {
+        fn drop(&mut self) {
+            let name = std::thread::current().name().map(str::to_string);
+            *self.0.lock().unwrap() = name;
+        }
+    }
+    let disk = MemDisk::new(1 << 20);
+    let stack = live(&disk, &[]);
+    let dropped_on = Arc::new(std::sync::Mutex::new(None));
+    let io = stack.io_thread();
+    let id = io.add(Box::new(Handler(dropped_on.clone()))).unwrap();
+    io.remove(id).unwrap();
+    assert_eq!(dropped_on.lock().unwrap().as_deref(), Some("io-vdb"));
+}
