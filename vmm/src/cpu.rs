@@ -4,7 +4,7 @@
 use crate::layout::*;
 use anyhow::{Context, Result};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -24,12 +24,20 @@ pub fn set_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<()> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
+    // KVM emulates the TSC-deadline timer but leaves its bit out of the supported list
+    // (it is a capability). Without it the guest calibrates its local APIC timer against
+    // the PIT at boot; where the host's timing jitters (a nested host) that check can fail,
+    // and the guest then ticks on the PIT, a port I/O exit per timer event all its life.
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 // Initial APIC ID, logical processor count, and the hypervisor bit.
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= 1 << 31;
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
                 if count > 1 {
                     e.edx |= 1 << 28; // HTT: the count above is valid
                 }
