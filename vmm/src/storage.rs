@@ -19,6 +19,8 @@ pub struct Disk {
     pub block_size: u32,
     /// One I/O engine per queue, until the device model takes them.
     pub engines: std::sync::Mutex<Vec<Box<dyn block::AsyncIo>>>,
+    /// Interrupt coalescing (`coalesce_us`).
+    pub coalesce: std::time::Duration,
 }
 
 fn instance_spec(
@@ -153,6 +155,7 @@ pub fn open_disks(
             stack: Arc::new(stack),
             engines: std::sync::Mutex::new(queue_engines),
             block_size,
+            coalesce: std::time::Duration::from_micros(u64::from(b.coalesce_us)),
         });
     }
     Ok(disks)

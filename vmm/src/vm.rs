@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use devices::bus::Bus;
 use devices::legacy::{SerialConsole, I8042, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use devices::virtio::block::Block;
-use devices::virtio::{Interrupt, MmioTransport, MMIO_SIZE};
+use devices::virtio::{
+    Interrupt, MmioTransport, INTERRUPT_ACK_OFFSET, INTERRUPT_USED_RING, MMIO_SIZE,
+};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::io::Read;
@@ -169,12 +171,23 @@ fn add_block_devices(
                 .context("KVM_IOEVENTFD")?;
             kicks.push(kick);
         }
-        let device = Box::new(
-            Block::new(&b.id, b.stack.clone(), b.read_only, engines).with_block_size(b.block_size),
-        );
+        let device = Block::new(&b.id, b.stack.clone(), b.read_only, engines)
+            .with_block_size(b.block_size)
+            .with_interrupt_coalescing(b.coalesce)
+            .with_context(|| format!("block {}: interrupt coalescing timers", b.id))?;
+        let device = Box::new(device);
+        // The guest's acknowledgement of a used-ring interrupt stays in KVM.
+        let ack = eventfd()?;
+        vm.register_ioevent(
+            &ack,
+            &IoEventAddress::Mmio(base + INTERRUPT_ACK_OFFSET),
+            INTERRUPT_USED_RING,
+        )
+        .context("KVM_IOEVENTFD")?;
         let transport =
             MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irq)), kicks)
-                .map_err(|e| anyhow::anyhow!("block {}: queue setup: {e:?}", b.id))?;
+                .map_err(|e| anyhow::anyhow!("block {}: queue setup: {e:?}", b.id))?
+                .with_kernel_ack(ack);
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
         announce.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }

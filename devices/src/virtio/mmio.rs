@@ -14,6 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register, where the VMM places the ioeventfds.
 pub const NOTIFY_OFFSET: u64 = 0x50;
+/// Offset of the InterruptACK register (see [`MmioTransport::with_kernel_ack`]).
+pub const INTERRUPT_ACK_OFFSET: u64 = 0x64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x554d_4551; // any fixed vendor id
@@ -39,6 +41,9 @@ pub struct MmioTransport {
     queue_select: u32,
     status: u32,
     activated: bool,
+    /// The ioeventfd that takes used-ring acknowledgements in KVM, kept open with the
+    /// transport.
+    _kernel_ack: Option<EventFd>,
 }
 
 impl MmioTransport {
@@ -66,7 +71,21 @@ impl MmioTransport {
             queue_select: 0,
             status: 0,
             activated: false,
+            _kernel_ack: None,
         })
+    }
+
+    /// The VMM registered `ack` as an ioeventfd on InterruptACK matching the value
+    /// [`INTERRUPT_USED_RING`](super::INTERRUPT_USED_RING): the guest's acknowledgement of
+    /// a used-ring interrupt alone then ends in KVM, one exit to the VMM fewer per
+    /// interrupt (its handler still reads InterruptStatus). The used-ring bit then stays
+    /// set until an acknowledgement that does reach the transport (one that names the
+    /// configuration bit too) or a reset, so an interrupt for a configuration change also
+    /// has the driver look at its rings, which costs it a scan that finds nothing. Nothing
+    /// is lost: the device raises the line for every notification regardless of the bit.
+    pub fn with_kernel_ack(mut self, ack: EventFd) -> MmioTransport {
+        self._kernel_ack = Some(ack);
+        self
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {

@@ -3,7 +3,7 @@
 pub mod block;
 mod mmio;
 
-pub use mmio::{MmioTransport, MMIO_SIZE};
+pub use mmio::{MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_SIZE};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use virtio_queue::Queue;

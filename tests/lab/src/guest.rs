@@ -94,6 +94,11 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
         if let (Some(n), true) = (spec.num_queues, id.starts_with("data")) {
             t.push_str(&format!("num_queues = {n}\n"));
         }
+        if id.starts_with("data") {
+            for (k, v) in &spec.block_options {
+                t.push_str(&format!("{k} = {v}\n"));
+            }
+        }
         if let (Some(chain), "data0") = (&spec.interceptors, id.as_str()) {
             let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
             t.push_str(&format!("interceptors = [{}]\n", ids.join(", ")));
@@ -171,6 +176,8 @@ pub struct GuestSpec {
     /// Queues of the data disks (`num_queues`; vmm backend: its `[[block]]`, QEMU:
     /// virtio-blk's `num-queues`). Unset: each VMM's default.
     pub num_queues: Option<u16>,
+    /// More `[[block]]` settings of the data disks, `(key, TOML value)` (vmm backend).
+    pub block_options: Vec<(String, String)>,
 }
 
 /// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
@@ -611,6 +618,9 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     if spec.control.is_some() && spec.backend != Backend::Vmm {
         bail!("--control is for the vmm backend");
     }
+    if !spec.block_options.is_empty() && spec.backend != Backend::Vmm {
+        bail!("--block-option is for the vmm backend");
+    }
     if spec.interceptors.is_some() && spec.backend != Backend::Vmm {
         bail!("--interceptors is for the vmm backend");
     }
@@ -686,6 +696,7 @@ mod tests {
             control: None,
             engine: None,
             num_queues: None,
+            block_options: Vec::new(),
         }
     }
 

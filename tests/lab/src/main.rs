@@ -104,8 +104,26 @@ struct GuestOpts {
     /// Queues of the data disks (unset: each VMM's default).
     #[arg(long)]
     num_queues: Option<u16>,
+    /// A `[[block]]` setting of vmm's data disks, `KEY=VALUE` with VALUE in TOML (e.g.
+    /// `coalesce_us=200`); repeatable (vmm backend).
+    #[arg(long = "block-option", value_parser = parse_block_option)]
+    block_options: Vec<(String, String)>,
     #[command(flatten)]
     lab: LabArgs,
+}
+
+/// `KEY=VALUE` of `--block-option`: a lower-case TOML key, and a value TOML accepts.
+fn parse_block_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    let (k, v) = (k.trim(), v.trim());
+    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return Err(format!("{k:?}: a key is lower-case letters and _"));
+    }
+    toml::from_str::<toml::Table>(&format!("k = {v}"))
+        .map_err(|e| format!("{v:?} is not a TOML value: {e}"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Args, Debug)]
@@ -151,6 +169,10 @@ struct BenchArgs {
     /// difference between them; figures are means over the rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// With --compare: vmm again with this `[[block]]` setting on its data disks
+    /// (`KEY=VALUE`, as --block-option), as its own variant `vmm[KEY=VALUE]` (repeatable).
+    #[arg(long = "also-block-option", value_parser = parse_block_option)]
+    also_block_options: Vec<(String, String)>,
     /// With --compare: the QEMU configurations to run, comma-separated: `threads` (label
     /// `qemu`: `aio=threads`) and `io_uring` (label `qemu-io_uring`: `aio=io_uring` and an
     /// iothread per data disk). vmm's ratios are to the better of them, row by row.
@@ -330,6 +352,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
         control: o.control.clone(),
         engine: o.engine.clone(),
         num_queues: o.num_queues,
+        block_options: o.block_options.clone(),
     };
     guest::check_spec(&spec)?;
     Ok(spec)
@@ -474,11 +497,15 @@ fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
         let mut o = a.opts.clone();
         o.backend = backend;
         o.interceptors = chain.map(Path::to_path_buf);
+        if backend.is_qemu() {
+            // vmm's settings; QEMU has none of them.
+            o.block_options.clear();
+        }
         o
     };
     if !a.compare {
-        if !a.also_interceptors.is_empty() {
-            bail!("--also-interceptors needs --compare");
+        if !a.also_interceptors.is_empty() || !a.also_block_options.is_empty() {
+            bail!("--also-interceptors and --also-block-option need --compare");
         }
         if a.chart.is_some() {
             bail!("--chart needs --compare");
@@ -509,6 +536,12 @@ fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> {
     for chain in &a.also_interceptors {
         let stem = chain.file_stem().unwrap_or_default().to_string_lossy();
         v.push((format!("vmm+{stem}"), with(Backend::Vmm, Some(chain))));
+    }
+    for (k, val) in &a.also_block_options {
+        let mut o = with(Backend::Vmm, None);
+        o.block_options.retain(|(ok, _)| ok != k);
+        o.block_options.push((k.clone(), val.clone()));
+        v.push((format!("vmm[{k}={val}]"), o));
     }
     Ok(v)
 }
@@ -1174,6 +1207,29 @@ mod tests {
             Some("y/count.toml".as_ref())
         );
         assert!(bench_variants(&bench_args(&["--also-interceptors", "y.toml"])).is_err());
+    }
+
+    #[test]
+    fn compare_runs_vmm_again_with_each_block_option() {
+        let a = bench_args(&[
+            "--compare",
+            "--block-option",
+            "coalesce_us=0",
+            "--also-block-option",
+            "coalesce_us=200",
+        ]);
+        let v = bench_variants(&a).unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["qemu", "vmm", "vmm[coalesce_us=200]"]);
+        let opt = |s: &str| (s.to_string(), "200".to_string());
+        assert_eq!(
+            v[1].1.block_options,
+            [(String::from("coalesce_us"), "0".into())]
+        );
+        assert_eq!(v[2].1.block_options, [opt("coalesce_us")]);
+        assert!(Cli::try_parse_from(["lab", "bench", "--block-option", "Bad=1"]).is_err());
+        assert!(Cli::try_parse_from(["lab", "bench", "--block-option", "k=[1"]).is_err());
+        assert!(bench_variants(&bench_args(&["--also-block-option", "a=1"])).is_err());
     }
 
     #[test]

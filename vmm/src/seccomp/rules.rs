@@ -251,6 +251,8 @@ pub(super) fn device(r: &mut Rules, pid: u64) -> Result<(), String> {
     allow(r, &[libc::SYS_io_uring_enter, libc::SYS_io_uring_register]);
     // Discard and write-zeroes punch holes in the disk file (on a descriptor already open).
     allow(r, &[libc::SYS_fallocate]);
+    // Interrupt coalescing arms and stops each queue's timer (created at start).
+    allow(r, &[libc::SYS_timerfd_settime]);
     Ok(())
 }
 

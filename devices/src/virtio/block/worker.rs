@@ -7,6 +7,7 @@
 //! the queue itself (a ring index that runs ahead of the ring, a ring outside its memory)
 //! gets DEVICE_NEEDS_RESET and nothing more is served until its driver resets the device.
 
+use super::coalesce::{Coalescer, QueueTimer, Signal};
 use super::order::Footprint;
 use super::request::{self, BlockRequest, Refused, RequestError};
 use crate::logger::LogLimiter;
@@ -28,9 +29,10 @@ use vmm_sys_util::eventfd::EventFd;
 static REFUSED_LOG: LogLimiter = LogLimiter::with_defaults();
 static BROKEN_LOG: LogLimiter = LogLimiter::with_defaults();
 
-/// The event-manager data of the two eventfds.
+/// The event-manager data of the queue's descriptors.
 const KICK: u32 = 0;
 const COMPLETION: u32 = 1;
+const COALESCE_TIMER: u32 = 2;
 
 /// Where a queue's engine waits while the device is not active (between a reset and the
 /// next activation): the engine outlives its handler.
@@ -100,6 +102,8 @@ pub(super) struct Worker {
     queue_index: usize,
     /// Used-ring entries added since the guest was last signalled.
     unsignalled: bool,
+    /// Interrupt coalescing, when the disk sets a delay (`coalesce.rs`).
+    coalescer: Option<Coalescer>,
 }
 
 fn status_byte(s: RequestStatus) -> u8 {
@@ -152,6 +156,7 @@ impl Worker {
             order: Arc::default(),
             queue_index: 0,
             unsignalled: false,
+            coalescer: None,
         }
     }
 
@@ -159,6 +164,16 @@ impl Worker {
     pub(super) fn in_disk(mut self, order: Arc<DiskOrder>, index: usize) -> Worker {
         self.order = order;
         self.queue_index = index;
+        self
+    }
+
+    /// Interrupts the guest at most once per `delay` (`coalesce.rs`), waiting on `timer`.
+    pub(super) fn with_coalescing(
+        mut self,
+        timer: QueueTimer,
+        delay: std::time::Duration,
+    ) -> Worker {
+        self.coalescer = Some(Coalescer::new(timer, delay));
         self
     }
 
@@ -235,9 +250,23 @@ impl Worker {
         }
     }
 
+    /// Signals the guest of the entries used since the last signal: now or, coalescing,
+    /// when the delay since the queue's last interrupt is over.
+    fn signal(&mut self) {
+        if !self.unsignalled {
+            return;
+        }
+        if let Some(c) = self.coalescer.as_mut() {
+            if c.decide(std::time::Instant::now()) == Signal::Later {
+                return;
+            }
+        }
+        self.signal_now();
+    }
+
     /// Signals the guest if it used entries since the last signal and, with
     /// VIRTIO_RING_F_EVENT_IDX, if it asked to hear about them (its used_event).
-    fn signal(&mut self) {
+    fn signal_now(&mut self) {
         if !std::mem::take(&mut self.unsignalled) {
             return;
         }
@@ -245,6 +274,14 @@ impl Worker {
             Ok(false) => {}
             // An unreadable used_event signals: a lost interrupt would hang the guest.
             Ok(true) | Err(_) => self.interrupt.signal_used_queue(),
+        }
+    }
+
+    /// The coalescing timer's descriptor is readable: signal what waited.
+    fn coalescing_timer_fired(&mut self) {
+        let now = std::time::Instant::now();
+        if self.coalescer.as_mut().is_some_and(|c| c.fired(now)) {
+            self.signal_now();
         }
     }
 
@@ -496,9 +533,17 @@ impl MutEventSubscriber for Worker {
             if let Some(e) = self.engine.as_deref() {
                 let _ = ops.remove(Events::with_data(e.notifier(), COMPLETION, EventSet::IN));
             }
+            if let Some(c) = &self.coalescer {
+                let timer = Events::with_data_raw(c.raw_fd(), COALESCE_TIMER, EventSet::IN);
+                let _ = ops.remove(timer);
+            }
+            // What is used but unsignalled must still reach the guest.
+            self.signal_now();
             return;
         }
-        if which == COMPLETION {
+        if which == COALESCE_TIMER {
+            self.coalescing_timer_fired();
+        } else if which == COMPLETION {
             // Reading the count resets it; a failed read (nothing pending) is harmless.
             let _ = self.engine_mut().notifier().read();
             self.collect();
@@ -516,6 +561,14 @@ impl MutEventSubscriber for Worker {
             let completions = Events::with_data(engine.notifier(), COMPLETION, EventSet::IN);
             if let Err(e) = ops.add(completions) {
                 tracing::error!("blk-{}: cannot watch the engine's eventfd: {e}", self.id);
+            }
+        }
+        if let Some(c) = &self.coalescer {
+            let timer = Events::with_data_raw(c.raw_fd(), COALESCE_TIMER, EventSet::IN);
+            if let Err(e) = ops.add(timer) {
+                // Without its timer the queue signals every completion at once.
+                tracing::error!("blk-{}: cannot watch the coalescing timer: {e}", self.id);
+                self.coalescer = None;
             }
         }
     }

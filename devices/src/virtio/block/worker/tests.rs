@@ -137,6 +137,14 @@ struct HeldEngine {
 }
 
 impl Held {
+    fn release_oldest(&self) {
+        let mut s = self.0.lock().unwrap();
+        if !s.done.is_empty() {
+            let d = s.done.remove(0);
+            s.released.push(d);
+        }
+    }
+
     fn release_newest_first(&self) {
         let mut s = self.0.lock().unwrap();
         while let Some(d) = s.done.pop() {
@@ -338,13 +346,12 @@ fn a_reset_with_requests_in_flight_completes_them_first() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert_eq!(mq.used().idx().load(), 0);
-    let gone = io.remove(id).unwrap();
+    io.remove(id).unwrap();
     assert_eq!(
         mq.used().idx().load(),
         4,
         "every request completed before the reset"
     );
-    drop(gone);
     assert!(
         home.lock().unwrap().is_some(),
         "the engine is back for the next activation"
@@ -524,4 +531,47 @@ fn overlapping_requests_on_two_queues_wait_for_each_other() {
     let disk = std::fs::read(&r.file).unwrap();
     assert!(disk[..512].iter().all(|&b| b == 0x11));
     assert!(disk[512..1024].iter().all(|&b| b == 0x22));
+}
+
+fn used_ring_signalled(r: &Rig) -> bool {
+    r.interrupt.status() & crate::virtio::INTERRUPT_USED_RING != 0
+}
+
+/// Coalescing: the first completion interrupts at once; one that comes within the delay
+/// after that interrupt waits for the timer, and the timer's expiry signals it.
+#[test]
+fn a_completion_soon_after_an_interrupt_waits_for_the_delay() {
+    let r = rig("coalesce");
+    let mq = MockSplitQueue::new(&r.mem, 16);
+    for slot in 0..3u16 {
+        post_write(&r, &mq, slot, u64::from(slot), 0x33);
+    }
+    let held = Held::default();
+    let timer = super::super::coalesce::timers(1).unwrap().remove(0);
+    let mut w = held_worker(&r, mq.create_queue().unwrap(), &held, Arc::default())
+        .with_coalescing(timer, std::time::Duration::from_millis(30));
+    w.process_queue();
+    held.release_oldest();
+    w.collect();
+    assert!(
+        used_ring_signalled(&r),
+        "the first completion is told at once"
+    );
+    r.interrupt.ack(crate::virtio::INTERRUPT_USED_RING);
+    held.release_oldest();
+    w.collect();
+    held.release_oldest();
+    w.collect();
+    assert_eq!(mq.used().idx().load(), 3, "used at once");
+    w.coalescing_timer_fired();
+    assert!(
+        !used_ring_signalled(&r),
+        "within the delay: no interrupt yet"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    w.coalescing_timer_fired();
+    assert!(
+        used_ring_signalled(&r),
+        "the delay is over: one interrupt for both"
+    );
 }
