@@ -55,6 +55,10 @@ fn toggles_under_fio_verify_and_garbage_change_nothing_the_guest_sees() {
             &toml_arg,
             "--task",
             "fio=verify-crc32c,verify-crc32c,verify-crc32c",
+            // Three verify runs through the debug build's cache and encryption, beside 20 s
+            // of toggles, take 250-300 s on a 2-core CI machine: more than the default.
+            "--timeout",
+            "600",
         ],
         "garbage:1000; toggle:cache,enc:20",
     ) else {
