@@ -33,6 +33,9 @@ pub struct LabOptions {
     /// Silence (no line, no heartbeat) after which the lab counts as wedged and the run is
     /// repeated (`VMM_LAB_SILENCE_S` overrides the default of 60 s).
     pub silence_limit: Duration,
+    /// Files the command changes (writable data disks): copied before the first attempt and
+    /// put back before a retry, so a repeated run starts from what the first one saw.
+    pub restore_on_retry: Vec<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -49,6 +52,7 @@ impl Default for LabOptions {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(60),
             ),
+            restore_on_retry: Vec::new(),
         }
     }
 }
@@ -99,14 +103,19 @@ pub fn shell_quote(word: &str) -> String {
 }
 
 fn run_dir() -> Result<PathBuf> {
-    // Under build/ (host disk), where the host sees what the lab wrote.
+    run_dir_named("")
+}
+
+/// A fresh directory under build/lab-runs (host disk, where the host sees what the lab
+/// wrote), its name a time stamp, our PID and `suffix`.
+fn run_dir_named(suffix: &str) -> Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let dir = paths::build_dir()
         .join("lab-runs")
-        .join(format!("{stamp}-{}", std::process::id()));
+        .join(format!("{stamp}-{}{suffix}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::canonicalize(&dir).context("canonicalizing the lab run directory")
 }
@@ -127,26 +136,96 @@ fn write_script(dir: &Path, argv: &[String], env: &[(String, String)]) -> Result
 }
 
 /// Runs `argv` inside the lab VM and waits for it (or for the time limit). When the lab
-/// VM's own kernel faults, the run is repeated (up to LAB_ATTEMPTS), loudly; a command that
-/// fails is never repeated.
+/// VM's own kernel faults before the command has finished, the run is repeated (up to
+/// LAB_ATTEMPTS), loudly, from the same files (`restore_on_retry`); a command that fails,
+/// or one that finished before the fault, is never repeated.
 pub fn run_in_lab(
     argv: &[String],
     env: &[(String, String)],
     opts: &LabOptions,
 ) -> Result<LabOutcome> {
+    let snapshot = Snapshot::take(&opts.restore_on_retry)?;
     for attempt in 1..=LAB_ATTEMPTS {
+        if attempt > 1 {
+            snapshot.restore()?;
+        }
         let out = run_once(argv, env, opts)?;
         let Some(fault) = &out.lab_fault else {
             return Ok(out);
         };
         eprintln!(
             "lab: RETRY: the lab VM's own kernel faulted ({fault}) on attempt {attempt} of \
-             {LAB_ATTEMPTS}; a fault of the emulated SVM stack (docs/lab.md), not of the \
-             command. Console: {}",
+             {LAB_ATTEMPTS}, before the command finished; a fault of the emulated SVM stack \
+             (docs/lab.md), not of the command. {}Console: {}",
+            if snapshot.files.is_empty() || attempt == LAB_ATTEMPTS {
+                String::new()
+            } else {
+                format!(
+                    "Its {} changed file(s) are put back as they were. ",
+                    snapshot.files.len()
+                )
+            },
             out.console_log.display()
         );
     }
     bail!("lab: the lab VM's kernel faulted on all {LAB_ATTEMPTS} attempts")
+}
+
+/// Copies of files taken before a command's first attempt; removed when dropped.
+struct Snapshot {
+    dir: Option<PathBuf>,
+    /// (the file, its copy)
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Snapshot {
+    fn take(paths: &[PathBuf]) -> Result<Snapshot> {
+        let mut snap = Snapshot {
+            dir: None,
+            files: Vec::new(),
+        };
+        if paths.is_empty() {
+            return Ok(snap);
+        }
+        // Named so that no attempt's own directory can be it.
+        let dir = run_dir_named("-before-retry")?;
+        snap.dir = Some(dir.clone());
+        for (i, p) in paths.iter().enumerate() {
+            let copy = dir.join(format!("{i}.img"));
+            sparse_copy(p, &copy)?;
+            snap.files.push((p.clone(), copy));
+        }
+        Ok(snap)
+    }
+
+    fn restore(&self) -> Result<()> {
+        for (p, copy) in &self.files {
+            sparse_copy(copy, p)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Copies `from` over `to` keeping holes (images are sparse; a plain copy would fill them).
+fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("running cp")?;
+    if !status.success() {
+        bail!("cp {} {}: {status}", from.display(), to.display());
+    }
+    Ok(())
 }
 
 fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Result<LabOutcome> {
@@ -234,6 +313,11 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
                 // Nothing printed, not even the heartbeat: the lab kernel is stuck, and waiting
                 // for the time limit would only waste it.
                 if outcome.ready_uptime_s.is_some() && last_line.elapsed() > opts.silence_limit {
+                    if outcome.rc.is_some() {
+                        // The command had finished; only the lab's shutdown is stuck.
+                        let _ = child.kill();
+                        break;
+                    }
                     outcome.lab_fault = Some(format!(
                         "no output for {} s, not even its heartbeat: its kernel is wedged",
                         opts.silence_limit.as_secs()
@@ -250,7 +334,15 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
         }
         let _ = writeln!(log, "{line}");
         if is_lab_kernel_fault(&line) {
-            outcome.lab_fault = Some(line.clone());
+            // After the command's end marker its result is whole: keep it, do not repeat it.
+            if outcome.rc.is_some() {
+                eprintln!(
+                    "lab: the lab VM's kernel faulted ({line}) after the command had finished; \
+                     its result stands"
+                );
+            } else {
+                outcome.lab_fault = Some(line.clone());
+            }
             let _ = child.kill();
             break;
         }

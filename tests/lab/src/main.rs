@@ -46,6 +46,10 @@ struct LabArgs {
     /// Lab VM memory in MiB (its tmpfs for disk images takes up to 75% of it).
     #[arg(long, default_value_t = 4096)]
     lab_mem_mib: u32,
+    /// A file the command changes, put back as it was before a retry after a lab fault
+    /// (repeatable; `guest` and `bench` add their writable `--data-disk` files themselves).
+    #[arg(long = "restore-on-retry")]
+    restore_on_retry: Vec<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -236,13 +240,13 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Guest(a) => {
             let shell = a.task.split_whitespace().any(|w| w == "shell");
-            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab, shell)? {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts, shell)? {
                 return Ok(code);
             }
             cmd_guest(a)
         }
         Cmd::Bench(a) => {
-            if let Some(code) = maybe_reexec_in_lab(&a.opts.lab, false)? {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
                 return Ok(code);
             }
             cmd_bench(a)
@@ -254,6 +258,7 @@ fn lab_options(a: &LabArgs) -> LabOptions {
     LabOptions {
         timeout: Duration::from_secs(a.lab_timeout),
         mem_mib: a.lab_mem_mib,
+        restore_on_retry: a.restore_on_retry.clone(),
         ..LabOptions::default()
     }
 }
@@ -269,7 +274,8 @@ fn forwarded_env() -> Vec<(String, String)> {
 /// On a host without usable hardware KVM, runs this same command inside the lab VM and
 /// returns its exit status; on a host with hardware KVM (the lab VM included), returns None.
 /// `interactive` connects our stdin through the lab's console to the guest (`shell`).
-fn maybe_reexec_in_lab(lab: &LabArgs, interactive: bool) -> Result<Option<i32>> {
+fn maybe_reexec_in_lab(o: &GuestOpts, interactive: bool) -> Result<Option<i32>> {
+    let lab = &o.lab;
     let d = detect::detect();
     let inside = std::env::var_os(labvm::INSIDE_ENV).is_some();
     match (d.mode, inside) {
@@ -293,10 +299,17 @@ fn maybe_reexec_in_lab(lab: &LabArgs, interactive: bool) -> Result<Option<i32>> 
             let exe = std::env::current_exe().context("locating the lab binary")?;
             let mut argv = vec![exe.to_string_lossy().into_owned()];
             argv.extend(std::env::args().skip(1));
-            let opts = LabOptions {
+            let mut opts = LabOptions {
                 interactive,
                 ..lab_options(lab)
             };
+            // A retry after a lab fault must see the disks as this run found them.
+            opts.restore_on_retry.extend(
+                o.data_disks
+                    .iter()
+                    .filter(|d| !d.ends_with(":ro"))
+                    .map(std::path::PathBuf::from),
+            );
             let out = labvm::run_in_lab(&argv, &forwarded_env(), &opts)?;
             eprintln!(
                 "lab: lab VM finished in {:.1} s (ready after {:.1} s)",

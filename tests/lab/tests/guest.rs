@@ -66,18 +66,26 @@ fn lab_time_limit_stops_a_hung_command() {
 }
 
 #[test]
-fn a_lab_vm_that_falls_silent_is_retried_not_waited_for() {
+fn a_lab_vm_that_falls_silent_is_retried_from_the_same_files_not_waited_for() {
     if common::images_or_skip().is_none() {
         return;
     }
     // Freeze the lab's heartbeat (as a wedged lab kernel would): the harness must notice the
-    // silence and repeat the run, three times, long before the 10-minute time limit.
+    // silence and repeat the run, three times, long before the 10-minute time limit. Each
+    // attempt first appends to a file the harness was told to put back before a retry: it
+    // must end with one line, not three (a retried guest session must see its data disk as
+    // the first attempt found it).
+    let file = common::out_file("lab-retry-restores.txt");
+    std::fs::write(&file, "before\n").unwrap();
     let freeze = format!(
-        "kill -STOP $(cat {}); sleep 600",
+        "echo attempt >> {}; kill -STOP $(cat {}); sleep 600",
+        file.display(),
         vmm_lab::labvm::LAB_HEARTBEAT_PID
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
-        .args(["exec", "--lab-timeout", "600", "--", "sh", "-c", &freeze])
+        .args(["exec", "--lab-timeout", "600", "--restore-on-retry"])
+        .arg(&file)
+        .args(["--", "sh", "-c", &freeze])
         .env("VMM_LAB_SILENCE_S", "15")
         .current_dir(common::repo())
         .output()
@@ -85,8 +93,10 @@ fn a_lab_vm_that_falls_silent_is_retried_not_waited_for() {
     let text = output(&out);
     assert!(!out.status.success(), "{text}");
     assert_eq!(text.matches("not even its heartbeat").count(), 3, "{text}");
+    assert_eq!(text.matches("put back as they were").count(), 2, "{text}");
     assert!(text.contains("faulted on all 3 attempts"), "{text}");
     assert!(!text.contains("timed out"), "{text}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "before\nattempt\n");
 }
 
 #[test]
