@@ -102,7 +102,7 @@ struct GuestOpts {
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// vmm's block I/O engine for every disk: `auto`, `io_uring` or `sync` (vmm backend;
-    /// unset: vmm's default, `auto`).
+    /// unset: `VMM_LAB_ENGINE` if set, else vmm's default, `auto`).
     #[arg(long)]
     engine: Option<String>,
     /// Queues of the data disks (unset: each VMM's default).
@@ -363,7 +363,12 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             .map(guest::InterceptorChain::from_file)
             .transpose()?,
         control: o.control.clone(),
-        engine: o.engine.clone(),
+        // VMM_LAB_ENGINE: the same for a whole test suite (tests pass VMM_* into the lab).
+        engine: o.engine.clone().or_else(|| {
+            std::env::var("VMM_LAB_ENGINE")
+                .ok()
+                .filter(|e| !e.is_empty())
+        }),
         num_queues: o.num_queues,
         block_options: o.block_options.clone(),
     };
