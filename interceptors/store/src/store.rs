@@ -1,0 +1,626 @@
+//! The store: the map of guest blocks to stored extents, kept in memory, made durable by a
+//! journal of map changes and by checkpoints of the whole map (docs/store.md).
+//!
+//! Ordering, which is the whole of crash consistency here:
+//! - data is written to free units only, never over anything the durable map references;
+//! - a commit flushes the data first, then writes the journal blocks that point at it, then
+//!   flushes again; only then are units freed by that commit reused (`Space::release_held`);
+//! - a checkpoint writes the map to the slot the superblock does not name, flushes, then
+//!   writes the older superblock copy naming it, and flushes.
+
+use crate::format::{
+    decode_journal_block, encode_checkpoint_header, encode_journal_block, verify_checkpoint, Codec,
+    Entry, Geometry, JournalBlock, Superblock, ENTRY_BYTES, RECORDS_PER_BLOCK,
+};
+use crate::space::Space;
+use crate::{Device, StoreError, BLOCK, SECTOR};
+use std::collections::BTreeMap;
+
+/// Journal records kept in memory before a commit is forced without a flush from above.
+const MAX_DIRTY: usize = 64 * RECORDS_PER_BLOCK;
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// The layer's name, written at format and required at open.
+    pub owner: String,
+    /// Guest blocks of a store formatted now (ignored for an existing store).
+    pub logical_blocks: u64,
+    /// Journal blocks of a store formatted now.
+    pub journal_blocks: u64,
+    /// The owner's settings, written at format and returned at open.
+    pub owner_config: [u8; 16],
+    /// Format a device that holds something other than a store (never needed for a blank
+    /// device).
+    pub format: bool,
+    /// Serve it without writing anything (no replay checkpoint, writes refused).
+    pub read_only: bool,
+}
+
+/// One extent to store: `blocks` guest blocks from `first_block`, as `bytes` in `codec`,
+/// with the check of each block.
+pub struct NewExtent {
+    pub first_block: u64,
+    pub codec: Codec,
+    pub bytes: Vec<u8>,
+    pub checks: Vec<u32>,
+}
+
+/// Counters of what the store did since it was opened, and what it holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub commits: u64,
+    pub journal_blocks_written: u64,
+    pub checkpoints: u64,
+    pub extents_written: u64,
+    pub bytes_written: u64,
+    /// Units freed (all their extents gone) and reusable since open.
+    pub units_reclaimed: u64,
+    pub no_space: u64,
+}
+
+pub struct Store<D: Device> {
+    dev: D,
+    sb: Superblock,
+    g: Geometry,
+    map: Vec<Entry>,
+    space: Space,
+    /// Map changes not yet in the journal (a block's latest change only).
+    dirty: BTreeMap<u64, Entry>,
+    /// Where the next journal block goes, its sequence number, and journal blocks used
+    /// since the last checkpoint.
+    journal_pos: u64,
+    journal_seq: u64,
+    journal_used: u64,
+    read_only: bool,
+    stats: StoreStats,
+    /// Extents whose last reference went since the caller last asked (`take_freed`).
+    freed: Vec<u64>,
+}
+
+fn io<T>(r: Result<T, crate::IoError>, what: &str) -> Result<T, StoreError> {
+    r.map_err(|_| StoreError::Io(what.to_string()))
+}
+
+impl<D: Device> Store<D> {
+    /// Opens the store on `dev`, formatting a blank device. An existing store is replayed
+    /// and, unless read-only, checkpointed at once (so the journal starts clean).
+    pub fn open(dev: D, opts: &OpenOptions) -> Result<Store<D>, StoreError> {
+        let blocks = dev.capacity() / BLOCK;
+        let mut first = vec![0u8; 2 * BLOCK as usize];
+        io(dev.read(0, &mut first), "reading the superblocks")?;
+        let copies = [
+            Superblock::decode(&first[..BLOCK as usize]),
+            Superblock::decode(&first[BLOCK as usize..]),
+        ];
+        let newest = copies
+            .iter()
+            .filter_map(|c| c.as_ref().ok().and_then(|s| s.as_ref()))
+            .max_by_key(|s| s.generation)
+            .cloned();
+        let Some(sb) = newest else {
+            let blank = copies.iter().all(|c| matches!(c, Ok(None)));
+            // A format writes one superblock copy and nothing else: copy A blank, copy B
+            // torn and every other byte zero is a format that did not finish.
+            let unfinished = matches!(&copies, [Ok(None), Err(_)])
+                && first_nonzero(&dev, 2 * BLOCK, blocks * BLOCK)?.is_none();
+            if blank && !opts.format {
+                if let Some(at) = first_nonzero(&dev, 0, blocks * BLOCK)? {
+                    return Err(StoreError::NotBlank(at));
+                }
+            } else if !blank && !unfinished && !opts.format {
+                let why = copies
+                    .iter()
+                    .filter_map(|c| c.as_ref().err())
+                    .next()
+                    .cloned()
+                    .unwrap_or_default();
+                return Err(StoreError::Damaged(format!("no valid superblock: {why}")));
+            }
+            if opts.read_only {
+                return Err(StoreError::Config(
+                    "a blank device cannot be formatted read-only".into(),
+                ));
+            }
+            return Self::format(dev, opts, blocks);
+        };
+        if sb.owner != opts.owner {
+            return Err(StoreError::Damaged(format!(
+                "the store was formatted by `{}`, not `{}`",
+                sb.owner, opts.owner
+            )));
+        }
+        if sb.geometry.physical_blocks > blocks {
+            return Err(StoreError::Damaged(format!(
+                "the store spans {} blocks, the device below has {blocks}",
+                sb.geometry.physical_blocks
+            )));
+        }
+        let g = sb.geometry;
+        let map = Self::load_checkpoint(&dev, &g, &sb)?;
+        let mut s = Store {
+            dev,
+            space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
+            g,
+            map,
+            dirty: BTreeMap::new(),
+            journal_pos: sb.journal_pos,
+            journal_seq: sb.journal_seq,
+            journal_used: 0,
+            read_only: opts.read_only,
+            stats: StoreStats::default(),
+            freed: Vec::new(),
+            sb,
+        };
+        s.replay()?;
+        for e in &s.map {
+            s.space
+                .add_ref(e, true)
+                .map_err(|d| StoreError::Damaged(d.0))?;
+        }
+        s.space
+            .check_disjoint()
+            .map_err(|d| StoreError::Damaged(d.0))?;
+        if !s.read_only {
+            // A clean journal: nothing written after the cut can ever be replayed.
+            s.checkpoint()?;
+        }
+        Ok(s)
+    }
+
+    /// Writes a superblock naming no checkpoint (an empty map) and nothing else, so that a
+    /// crash leaves either no store or a valid one.
+    fn format(dev: D, opts: &OpenOptions, blocks: u64) -> Result<Store<D>, StoreError> {
+        let g = Geometry::new(opts.logical_blocks, blocks, opts.journal_blocks.max(1))?;
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key)
+            .map_err(|e| StoreError::Io(format!("no random key for the store: {e}")))?;
+        // A random first sequence number: journal blocks a store formatted over an old one
+        // finds are not its own (`format = true` does not wipe the device).
+        let mut seq = [0u8; 8];
+        getrandom::fill(&mut seq)
+            .map_err(|e| StoreError::Io(format!("no random sequence number: {e}")))?;
+        let journal_seq = (u64::from_le_bytes(seq) >> 2) | 1;
+        let sb = Superblock {
+            owner: opts.owner.clone(),
+            geometry: g,
+            generation: 1,
+            checkpoint_slot: 1,
+            checkpoint_seq: 0,
+            journal_pos: 0,
+            journal_seq,
+            key,
+            owner_config: opts.owner_config,
+        };
+        io(dev.write(BLOCK, &sb.encode()), "writing the superblock")?;
+        io(dev.flush(), "flushing the superblock")?;
+        let logical = usize::try_from(g.logical_blocks)
+            .map_err(|_| StoreError::Config("logical size too large".into()))?;
+        Ok(Store {
+            dev,
+            space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
+            g,
+            map: vec![Entry::Hole; logical],
+            dirty: BTreeMap::new(),
+            journal_pos: 0,
+            journal_seq,
+            journal_used: 0,
+            read_only: false,
+            stats: StoreStats::default(),
+            freed: Vec::new(),
+            sb,
+        })
+    }
+
+    fn load_checkpoint(dev: &D, g: &Geometry, sb: &Superblock) -> Result<Vec<Entry>, StoreError> {
+        let n = usize::try_from(g.logical_blocks)
+            .map_err(|_| StoreError::Damaged("logical size too large".into()))?;
+        if sb.checkpoint_seq == 0 {
+            // Formatted, never checkpointed: every block a hole (and the journal).
+            return Ok(vec![Entry::Hole; n]);
+        }
+        let start = g.slot_start(sb.checkpoint_slot) * BLOCK;
+        let mut header = vec![0u8; BLOCK as usize];
+        io(dev.read(start, &mut header), "reading the checkpoint")?;
+        let bytes = n
+            .checked_mul(ENTRY_BYTES)
+            .ok_or(StoreError::Damaged("logical size too large".into()))?;
+        let mut raw = vec![0u8; bytes.next_multiple_of(BLOCK as usize)];
+        io(dev.read(start + BLOCK, &mut raw), "reading the map")?;
+        verify_checkpoint(&header, sb.checkpoint_seq, &raw[..bytes])
+            .map_err(StoreError::Damaged)?;
+        raw[..bytes]
+            .chunks(ENTRY_BYTES)
+            .enumerate()
+            .map(|(i, c)| {
+                Entry::decode(c).ok_or_else(|| {
+                    StoreError::Damaged(format!("map entry {i} is not a valid entry"))
+                })
+            })
+            .collect()
+    }
+
+    /// Applies the journal from the superblock's position until the first block that is not
+    /// the next in sequence.
+    fn replay(&mut self) -> Result<(), StoreError> {
+        let mut buf = vec![0u8; BLOCK as usize];
+        for _ in 0..self.g.journal_blocks {
+            let at = (self.g.journal_start() + self.journal_pos) * BLOCK;
+            io(self.dev.read(at, &mut buf), "reading the journal")?;
+            match decode_journal_block(&buf) {
+                JournalBlock::Records(seq, records) if seq == self.journal_seq => {
+                    for (block, e) in records {
+                        let slot = usize::try_from(block)
+                            .ok()
+                            .filter(|&b| b < self.map.len())
+                            .ok_or_else(|| {
+                                StoreError::Damaged(format!(
+                                    "journal block {seq} maps block {block}, past the end"
+                                ))
+                            })?;
+                        self.map[slot] = e;
+                    }
+                }
+                JournalBlock::Damaged(why) => return Err(StoreError::Damaged(why)),
+                _ => break,
+            }
+            self.journal_seq += 1;
+            self.journal_pos = (self.journal_pos + 1) % self.g.journal_blocks;
+            self.journal_used += 1;
+        }
+        Ok(())
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    pub fn key(&self) -> &[u8; 32] {
+        &self.sb.key
+    }
+
+    pub fn owner_config(&self) -> [u8; 16] {
+        self.sb.owner_config
+    }
+
+    pub fn logical_blocks(&self) -> u64 {
+        self.g.logical_blocks
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    pub fn space(&self) -> &Space {
+        &self.space
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Bytes of data area that is neither used nor held.
+    pub fn free_bytes(&self) -> u64 {
+        self.space.free_units() * BLOCK
+    }
+
+    pub fn entry(&self, block: u64) -> Option<Entry> {
+        self.map.get(usize::try_from(block).ok()?).copied()
+    }
+
+    /// Guest blocks that are not holes.
+    pub fn mapped_blocks(&self) -> u64 {
+        self.map.iter().filter(|e| **e != Entry::Hole).count() as u64
+    }
+
+    /// The stored bytes of `e`'s extent.
+    pub fn read_extent(&self, e: &Entry) -> Result<Vec<u8>, StoreError> {
+        let Entry::Stored {
+            sector, stored_len, ..
+        } = *e
+        else {
+            return Ok(Vec::new());
+        };
+        let len = u64::from(stored_len).next_multiple_of(SECTOR);
+        let mut buf = vec![0u8; len as usize];
+        io(
+            self.dev.read(sector * SECTOR, &mut buf),
+            "reading an extent",
+        )?;
+        buf.truncate(stored_len as usize);
+        Ok(buf)
+    }
+
+    /// Reads stored bytes `from..from + buf.len()` of the extent at `sector` (a raw block
+    /// without reading its whole extent); the range must be sector-aligned.
+    pub fn read_extent_part(
+        &self,
+        sector: u64,
+        from: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        io(
+            self.dev.read(sector * SECTOR + from, buf),
+            "reading an extent",
+        )
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, block: u64, e: Entry) -> Result<(), StoreError> {
+        let i = usize::try_from(block)
+            .ok()
+            .filter(|&i| i < self.map.len())
+            .ok_or(StoreError::Range(block))?;
+        self.space
+            .add_ref(&e, false)
+            .map_err(|d| StoreError::Damaged(d.0))?;
+        let old = std::mem::replace(&mut self.map[i], e);
+        if let Some(sector) = self.space.drop_ref(&old) {
+            self.freed.push(sector);
+        }
+        self.dirty.insert(block, e);
+        Ok(())
+    }
+
+    /// Stores `extents` (together where one run of free units holds them all) and points
+    /// their blocks at them. `NoSpace` leaves everything as it was.
+    pub fn write(&mut self, extents: Vec<NewExtent>) -> Result<(), StoreError> {
+        self.check_writable()?;
+        for x in &extents {
+            let blocks = x.checks.len() as u64;
+            if blocks == 0
+                || blocks > crate::format::MAX_EXTENT_BLOCKS
+                || x.bytes.is_empty()
+                || x.bytes.len() as u64 > u64::from(crate::format::MAX_STORED_LEN)
+                || (x.codec == Codec::Raw && x.bytes.len() as u64 != blocks * BLOCK)
+                || x.first_block
+                    .checked_add(blocks)
+                    .is_none_or(|e| e > self.g.logical_blocks)
+            {
+                return Err(StoreError::Range(x.first_block));
+            }
+        }
+        let sectors: Vec<u64> = extents
+            .iter()
+            .map(|x| (x.bytes.len() as u64).div_ceil(SECTOR))
+            .collect();
+        let total: u64 = sectors.iter().sum();
+        let units = (total * SECTOR).div_ceil(BLOCK);
+        let places = match self.alloc(units) {
+            Some(first) => {
+                let mut at = first * BLOCK / SECTOR;
+                sectors
+                    .iter()
+                    .map(|s| {
+                        let p = at;
+                        at += s;
+                        p
+                    })
+                    .collect::<Vec<u64>>()
+            }
+            // No run holds them all: each extent on its own.
+            None => {
+                let mut places = Vec::with_capacity(extents.len());
+                for s in &sectors {
+                    match self.alloc((s * SECTOR).div_ceil(BLOCK)) {
+                        Some(b) => {
+                            let sector = b * BLOCK / SECTOR;
+                            // Reserve it so the next extent's search skips it.
+                            self.space
+                                .place(sector, (s * SECTOR) as u32, 255)
+                                .map_err(|d| StoreError::Damaged(d.0))?;
+                            places.push(sector);
+                        }
+                        None => {
+                            for p in &places {
+                                self.space.unplace(*p);
+                            }
+                            self.stats.no_space += 1;
+                            return Err(StoreError::NoSpace);
+                        }
+                    }
+                }
+                for p in &places {
+                    self.space.unplace(*p);
+                }
+                places
+            }
+        };
+        // The data, one write per contiguous stretch.
+        let mut i = 0;
+        while i < extents.len() {
+            let mut j = i + 1;
+            while j < extents.len() && places[j] == places[j - 1] + sectors[j - 1] {
+                j += 1;
+            }
+            let mut buf = Vec::with_capacity(
+                ((places[j - 1] + sectors[j - 1] - places[i]) * SECTOR) as usize,
+            );
+            for x in &extents[i..j] {
+                buf.extend_from_slice(&x.bytes);
+                buf.resize(buf.len().next_multiple_of(SECTOR as usize), 0);
+            }
+            buf.resize(buf.len().next_multiple_of(BLOCK as usize), 0);
+            io(self.dev.write(places[i] * SECTOR, &buf), "writing data")?;
+            self.stats.bytes_written += buf.len() as u64;
+            i = j;
+        }
+        for (x, &sector) in extents.iter().zip(&places) {
+            let stored_len = x.bytes.len() as u32;
+            self.space
+                .place(sector, stored_len, x.codec as u8)
+                .map_err(|d| StoreError::Damaged(d.0))?;
+            for (k, &check) in x.checks.iter().enumerate() {
+                let e = Entry::Stored {
+                    sector,
+                    stored_len,
+                    index: k as u8,
+                    codec: x.codec,
+                    check,
+                };
+                self.set(x.first_block + k as u64, e)?;
+            }
+            self.stats.extents_written += 1;
+        }
+        self.maybe_commit()
+    }
+
+    /// `units` contiguous free units, committing first to free held ones if need be.
+    fn alloc(&mut self, units: u64) -> Option<u64> {
+        if let Some(b) = self.space.find_free(units) {
+            return Some(b);
+        }
+        if self.space.held_units() > 0 && self.commit().is_ok() {
+            return self.space.find_free(units);
+        }
+        None
+    }
+
+    /// Points `block` at the extent `e` already names (a dedup hit).
+    pub fn share(&mut self, block: u64, e: Entry) -> Result<(), StoreError> {
+        self.check_writable()?;
+        if matches!(e, Entry::Stored { sector, .. } if self.space.extent(sector).is_none()) {
+            return Err(StoreError::Damaged("sharing an extent that is gone".into()));
+        }
+        self.set(block, e)?;
+        self.maybe_commit()
+    }
+
+    /// Makes `blocks` blocks from `first` holes (discard, zeroes).
+    pub fn punch(&mut self, first: u64, blocks: u64) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let end = first
+            .checked_add(blocks)
+            .filter(|&e| e <= self.g.logical_blocks)
+            .ok_or(StoreError::Range(first))?;
+        for b in first..end {
+            if self.map[b as usize] != Entry::Hole {
+                self.set(b, Entry::Hole)?;
+            }
+        }
+        self.maybe_commit()
+    }
+
+    /// Extents whose last reference went since the last call.
+    pub fn take_freed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.freed)
+    }
+
+    fn maybe_commit(&mut self) -> Result<(), StoreError> {
+        if self.dirty.len() >= MAX_DIRTY {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every change so far durable: data, then the journal (or a checkpoint when the
+    /// journal is full), each followed by a flush. Then held units become free.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if self.read_only {
+            return io(self.dev.flush(), "flushing");
+        }
+        io(self.dev.flush(), "flushing data")?;
+        if self.dirty.is_empty() {
+            self.space.release_held();
+            return Ok(());
+        }
+        let records: Vec<(u64, Entry)> = self.dirty.iter().map(|(&b, &e)| (b, e)).collect();
+        let need = records.len().div_ceil(RECORDS_PER_BLOCK) as u64;
+        if self.journal_used + need > self.g.journal_blocks {
+            return self.checkpoint();
+        }
+        for chunk in records.chunks(RECORDS_PER_BLOCK) {
+            let b = encode_journal_block(self.journal_seq, chunk);
+            let at = (self.g.journal_start() + self.journal_pos) * BLOCK;
+            io(self.dev.write(at, &b), "writing the journal")?;
+            self.journal_seq += 1;
+            self.journal_pos = (self.journal_pos + 1) % self.g.journal_blocks;
+            self.journal_used += 1;
+            self.stats.journal_blocks_written += 1;
+        }
+        io(self.dev.flush(), "flushing the journal")?;
+        self.dirty.clear();
+        self.stats.commits += 1;
+        self.release();
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.stats.units_reclaimed += self.space.held_units();
+        self.space.release_held();
+    }
+
+    /// Writes the whole map to the other slot and a superblock naming it; the journal then
+    /// starts over, with sequence numbers no earlier block can have.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        io(self.dev.flush(), "flushing data")?;
+        let slot = 1 - self.sb.checkpoint_slot;
+        let seq = self.sb.checkpoint_seq + 1;
+        let mut raw = Vec::with_capacity(self.map.len() * ENTRY_BYTES);
+        for e in &self.map {
+            raw.extend_from_slice(&e.encode());
+        }
+        let header = encode_checkpoint_header(seq, &raw);
+        raw.resize(raw.len().next_multiple_of(BLOCK as usize), 0);
+        let start = self.g.slot_start(slot) * BLOCK;
+        io(self.dev.write(start, &header), "writing the checkpoint")?;
+        for (k, piece) in raw.chunks(1 << 20).enumerate() {
+            io(
+                self.dev
+                    .write(start + BLOCK + (k as u64) * (1 << 20), piece),
+                "writing the checkpoint",
+            )?;
+        }
+        io(self.dev.flush(), "flushing the checkpoint")?;
+        let mut sb = self.sb.clone();
+        sb.generation += 1;
+        sb.checkpoint_slot = slot;
+        sb.checkpoint_seq = seq;
+        sb.journal_pos = 0;
+        // Past every sequence number a journal block of the last pass can hold.
+        sb.journal_seq = self
+            .journal_seq
+            .checked_add(self.g.journal_blocks + 1)
+            .ok_or(StoreError::Damaged("journal sequence overflow".into()))?;
+        let copy = sb.generation % 2;
+        io(
+            self.dev.write(copy * BLOCK, &sb.encode()),
+            "writing the superblock",
+        )?;
+        io(self.dev.flush(), "flushing the superblock")?;
+        self.journal_pos = 0;
+        self.journal_seq = sb.journal_seq;
+        self.journal_used = 0;
+        self.sb = sb;
+        self.dirty.clear();
+        self.stats.checkpoints += 1;
+        self.stats.commits += 1;
+        self.release();
+        Ok(())
+    }
+}
+
+/// The first non-zero byte of the device in `from..to`, read 1 MiB at a time.
+fn first_nonzero<D: Device>(dev: &D, from: u64, to: u64) -> Result<Option<u64>, StoreError> {
+    const PIECE: u64 = 1 << 20;
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(PIECE) as usize;
+        io(dev.read(at, &mut buf[..n]), "reading the device")?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}

@@ -1,0 +1,337 @@
+use super::*;
+use std::collections::HashMap;
+
+fn opts(logical_blocks: u64) -> OpenOptions {
+    OpenOptions {
+        owner: "test".into(),
+        logical_blocks,
+        journal_blocks: 4,
+        owner_config: [3; 16],
+        format: false,
+        read_only: false,
+    }
+}
+
+fn block(seed: u64) -> Vec<u8> {
+    (0..BLOCK as usize)
+        .map(|i| (seed as usize).wrapping_mul(31).wrapping_add(i * 7) as u8 | 1)
+        .collect()
+}
+
+fn write_raw<D: Device>(
+    s: &mut Store<D>,
+    first: u64,
+    blocks: &[Vec<u8>],
+) -> Result<(), StoreError> {
+    let mut bytes = Vec::new();
+    let mut checks = Vec::new();
+    for b in blocks {
+        checks.push(block_check(s.key(), b));
+        bytes.extend_from_slice(b);
+    }
+    s.write(vec![NewExtent {
+        first_block: first,
+        codec: Codec::Raw,
+        bytes,
+        checks,
+    }])
+}
+
+/// What a raw store says block `b` holds: `None` for a hole, an error for a bad check.
+fn read_raw<D: Device>(s: &Store<D>, b: u64) -> Result<Option<Vec<u8>>, String> {
+    match s.entry(b).ok_or("no such block")? {
+        Entry::Hole => Ok(None),
+        Entry::Stored {
+            sector,
+            index,
+            check,
+            ..
+        } => {
+            let mut buf = vec![0u8; BLOCK as usize];
+            s.read_extent_part(sector, u64::from(index) * BLOCK, &mut buf)
+                .map_err(|e| e.to_string())?;
+            if block_check(s.key(), &buf) != check {
+                return Err(format!("block {b}: check mismatch"));
+            }
+            Ok(Some(buf))
+        }
+    }
+}
+
+#[test]
+fn data_survives_a_reopen_and_a_journal_that_wraps_into_checkpoints() {
+    let dev = MemDevice::new(2 << 20);
+    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    for round in 0..40u64 {
+        for b in 0..8 {
+            write_raw(&mut s, b * 3, &[block(round * 100 + b)]).unwrap();
+        }
+        s.commit().unwrap();
+    }
+    assert!(s.stats().checkpoints >= 2, "{:?}", s.stats());
+    drop(s);
+    let s = Store::open(dev, &opts(64)).unwrap();
+    for b in 0..8 {
+        assert_eq!(read_raw(&s, b * 3).unwrap(), Some(block(3900 + b)));
+    }
+    assert_eq!(read_raw(&s, 1).unwrap(), None);
+    assert_eq!(s.owner_config(), [3; 16]);
+}
+
+#[test]
+fn overwritten_space_comes_back_after_the_commit_and_a_full_store_refuses_without_harm() {
+    let dev = MemDevice::new(1 << 20);
+    // Thin: 1024 guest blocks (4 MiB) on 1 MiB.
+    let mut s = Store::open(dev.clone(), &opts(1024)).unwrap();
+    let free0 = s.free_bytes();
+    let units = free0 / BLOCK;
+    for b in 0..units {
+        write_raw(&mut s, b, &[block(b)]).unwrap();
+    }
+    assert_eq!(s.free_bytes(), 0);
+    assert_eq!(
+        write_raw(&mut s, units + 1, &[block(9)]),
+        Err(StoreError::NoSpace)
+    );
+    assert_eq!(s.stats().no_space, 1);
+    // An overwrite of a held block needs the commit that frees the old copy first; the
+    // store commits by itself to find the space.
+    s.commit().unwrap();
+    s.punch(0, 4).unwrap();
+    assert_eq!(s.free_bytes(), 0, "held until the commit");
+    write_raw(&mut s, 0, &[block(1000)]).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.free_bytes(), 3 * BLOCK);
+    for b in 1..4 {
+        assert_eq!(read_raw(&s, b).unwrap(), None);
+    }
+    for b in 4..units {
+        assert_eq!(read_raw(&s, b).unwrap(), Some(block(b)), "block {b}");
+    }
+    assert_eq!(read_raw(&s, 0).unwrap(), Some(block(1000)));
+    assert_eq!(s.stats().units_reclaimed, 4);
+}
+
+#[test]
+fn damage_is_refused_with_a_reason_and_a_foreign_device_is_not_formatted() {
+    let dev = MemDevice::new(1 << 20);
+    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    write_raw(&mut s, 5, &[block(5)]).unwrap();
+    s.checkpoint().unwrap();
+    let g = s.geometry();
+    drop(s);
+    let good = dev.snapshot();
+
+    // Another owner.
+    let mut other = opts(64);
+    other.owner = "other".into();
+    let e = Store::open(MemDevice::from_bytes(good.clone()), &other)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("formatted by `test`"), "{e}");
+
+    // A bit of the map in the named checkpoint slot (slot of the newest superblock): the
+    // store has alternated slots, so damage both to be sure one is the named one.
+    let mut bad = good.clone();
+    for slot in 0..2 {
+        bad[(g.slot_start(slot) * BLOCK + BLOCK + 80) as usize] ^= 0x10;
+    }
+    let e = Store::open(MemDevice::from_bytes(bad), &opts(64))
+        .err()
+        .unwrap();
+    assert!(matches!(e, StoreError::Damaged(_)), "{e}");
+
+    // Both superblocks.
+    let mut bad = good.clone();
+    bad[20] ^= 1;
+    bad[4096 + 20] ^= 1;
+    let e = Store::open(MemDevice::from_bytes(bad), &opts(64))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("superblock"), "{e}");
+
+    // A device with data and no store.
+    let mut foreign = vec![0u8; 1 << 20];
+    foreign[700_000] = 1;
+    let e = Store::open(MemDevice::from_bytes(foreign.clone()), &opts(64))
+        .err()
+        .unwrap();
+    assert_eq!(e, StoreError::NotBlank(700_000));
+    let mut yes = opts(64);
+    yes.format = true;
+    assert!(Store::open(MemDevice::from_bytes(foreign), &yes).is_ok());
+
+    // Read-only: served, writes refused, nothing written.
+    let mut ro = opts(64);
+    ro.read_only = true;
+    let dev = MemDevice::from_bytes(good.clone());
+    let mut s = Store::open(dev.clone(), &ro).unwrap();
+    assert_eq!(read_raw(&s, 5).unwrap(), Some(block(5)));
+    assert_eq!(write_raw(&mut s, 1, &[block(1)]), Err(StoreError::ReadOnly));
+    drop(s);
+    assert!(dev.snapshot() == good);
+}
+
+/// A device that logs writes and flushes, for crashes at any point.
+#[derive(Clone, Default)]
+struct Recording {
+    log: Arc<Mutex<Vec<Op>>>,
+    len: usize,
+}
+
+#[derive(Clone)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Flush,
+}
+
+impl Device for Recording {
+    fn capacity(&self) -> u64 {
+        self.len as u64
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let img = image(&self.log.lock().unwrap(), self.len, usize::MAX, |_| true);
+        buf.copy_from_slice(&img[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Op::Write(offset, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        self.log.lock().unwrap().push(Op::Flush);
+        Ok(())
+    }
+}
+
+/// The image after the first `upto` ops, where writes after the last flush before `upto`
+/// survive only if `keep(i)` (a disk that lost or reordered them).
+fn image(log: &[Op], len: usize, upto: usize, keep: impl Fn(usize) -> bool) -> Vec<u8> {
+    let upto = upto.min(log.len());
+    let last_flush = log[..upto]
+        .iter()
+        .rposition(|o| matches!(o, Op::Flush))
+        .map_or(0, |p| p + 1);
+    let mut img = vec![0u8; len];
+    for (i, op) in log[..upto].iter().enumerate() {
+        if let Op::Write(off, data) = op {
+            if i < last_flush || keep(i) {
+                img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+        }
+    }
+    img
+}
+
+/// A small xorshift generator: deterministic workloads from a seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_stay() {
+    const BLOCKS: u64 = 48;
+    // Tight space (10 blocks of metadata, 60 of data for 48 guest blocks), so that freed
+    // units are soon needed again: reusing one before its commit is durable must show.
+    const LEN: usize = 70 * BLOCK as usize;
+    let mut points = 0;
+    for seed in 1..=6u64 {
+        let dev = Recording {
+            len: LEN,
+            ..Default::default()
+        };
+        let mut s = Store::open(dev.clone(), &opts(BLOCKS)).unwrap();
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // For each block: its value after each commit, and every value written since.
+        let mut committed: HashMap<u64, Option<u64>> = HashMap::new();
+        // (log position when the op was done, block, value)
+        let mut history: Vec<(usize, u64, Option<u64>)> = Vec::new();
+        // (log position when a commit returned, snapshot of committed)
+        // Format counts as a commit of all holes from the start: a crash during it must
+        // leave a store that opens (formatted again) with nothing in it.
+        let mut commits: Vec<(usize, HashMap<u64, Option<u64>>)> = vec![(0, committed.clone())];
+        let mut current: HashMap<u64, Option<u64>> = HashMap::new();
+        for step in 0..120u64 {
+            let r = rng.next() % 10;
+            if r < 6 {
+                let first = rng.next() % BLOCKS;
+                let n = (1 + rng.next() % 4).min(BLOCKS - first);
+                let vals: Vec<u64> = (0..n).map(|k| seed * 100_000 + step * 10 + k).collect();
+                let data: Vec<Vec<u8>> = vals.iter().map(|&v| block(v)).collect();
+                if write_raw(&mut s, first, &data).is_ok() {
+                    for (k, v) in vals.iter().enumerate() {
+                        current.insert(first + k as u64, Some(*v));
+                        history.push((dev.log.lock().unwrap().len(), first + k as u64, Some(*v)));
+                    }
+                }
+            } else if r < 8 {
+                let first = rng.next() % BLOCKS;
+                let n = (1 + rng.next() % 3).min(BLOCKS - first);
+                s.punch(first, n).unwrap();
+                for b in first..first + n {
+                    current.insert(b, None);
+                    history.push((dev.log.lock().unwrap().len(), b, None));
+                }
+            } else {
+                s.commit().unwrap();
+                committed = current.clone();
+                commits.push((dev.log.lock().unwrap().len(), committed.clone()));
+            }
+        }
+        let log = dev.log.lock().unwrap().clone();
+        for k in 0..=log.len() {
+            // The last commit that had returned by position k, and what followed it.
+            let (at, base) = commits.iter().rev().find(|(p, _)| *p <= k).unwrap();
+            // Which writes since the last flush reached the disk: all, none, only the
+            // latest (the one a missing flush would let overtake the others), or a
+            // pseudo-random half.
+            for variant in 0..5u64 {
+                let keep = |i: usize| match variant {
+                    0 => true,
+                    1 => false,
+                    2 => i + 1 == k,
+                    _ => {
+                        ((i as u64 ^ (seed << 8) ^ variant).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            >> 40)
+                            & 1
+                            == 1
+                    }
+                };
+                let img = image(&log, LEN, k, keep);
+                let s = Store::open(MemDevice::from_bytes(img), &opts(BLOCKS))
+                    .unwrap_or_else(|e| panic!("seed {seed}, crash at {k}/{variant}: {e}"));
+                points += 1;
+                for b in 0..BLOCKS {
+                    let got = read_raw(&s, b)
+                        .unwrap_or_else(|e| panic!("seed {seed}, crash at {k}/{variant}: {e}"));
+                    let mut allowed: Vec<Option<Vec<u8>>> =
+                        vec![base.get(&b).copied().flatten().map(block)];
+                    // Anything written after that commit returned (an op is recorded with
+                    // the log's length once it is done, and every commit adds a flush, so
+                    // an op recorded at `at` came after the commit).
+                    allowed.extend(
+                        history
+                            .iter()
+                            .filter(|(p, hb, _)| *hb == b && *p >= *at)
+                            .map(|(_, _, v)| v.map(block)),
+                    );
+                    assert!(
+                        allowed.contains(&got),
+                        "seed {seed}, crash at {k}/{variant}: block {b} reads {:?}",
+                        got.map(|g| g[0])
+                    );
+                }
+            }
+        }
+    }
+    assert!(points > 1000, "{points}");
+}
