@@ -113,7 +113,7 @@ impl Instance {
             instance_id: instance_id.as_ptr(),
             config_json: config.as_ptr(),
             device_kind: device_kind as u32,
-            reserved: 0,
+            lower_features: abi::LOWER_F_DISCARD,
             device_id: device.as_ptr(),
             lower: lower.raw(),
         };

@@ -275,8 +275,10 @@ fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
     }
     let memfd = memfd(path)?;
     let mut copy = std::fs::File::from(memfd);
-    // Bounded even if the file grows while it is read.
-    let copied = std::io::copy(&mut (&file).take(MAX_PLUGIN_BYTES + 1), &mut copy)?;
+    // Bounded even if the file grows while it is read. Through a buffer of ours, not
+    // `io::copy` (which splices or sends pages between the files): pages still pinned by
+    // such a transfer made the seal below fail with EBUSY under load.
+    let copied = copy_through_buffer(&mut (&file).take(MAX_PLUGIN_BYTES + 1), &mut copy)?;
     if copied > MAX_PLUGIN_BYTES {
         return Err(too_big());
     }
@@ -294,6 +296,22 @@ fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(&copy)?;
     Ok((OwnedFd::from(copy), hasher.finalize().to_hex().to_string()))
+}
+
+/// Copies `from` into `to` through a buffer in this process; returns the bytes copied.
+fn copy_through_buffer(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 /// A new memfd that can be sealed and mapped executable, named after the plugin's file

@@ -101,6 +101,7 @@ impl LowerCtx {
                 flush: lower_flush,
                 log: lower_log,
                 capacity: below.capacity(),
+                discard: lower_discard,
             },
             below: RwLock::new(below),
             staged: Mutex::new(None),
@@ -139,9 +140,13 @@ impl LowerCtx {
             let (kind, offset, status) = match op {
                 StagedOp::Flush => (BlockRequestKind::Flush, 0, below.flush()),
                 StagedOp::Write { offset, len, data } => {
+                    let from_zeros = data.is_none();
                     let mut data = data.unwrap_or_else(|| {
-                        zeros.resize(len, 0);
-                        std::mem::take(&mut zeros)
+                        // Only ever zeroes: a buffer that held data is never reused here.
+                        let mut z = std::mem::take(&mut zeros);
+                        z.clear();
+                        z.resize(len, 0);
+                        z
                     });
                     let seg = [Segment {
                         base: data.as_mut_ptr(),
@@ -150,7 +155,9 @@ impl LowerCtx {
                     // SAFETY: `data` is valid for its length; the range was checked when
                     // the write was staged.
                     let status = unsafe { below.submit(BlockRequestKind::Write, offset, &seg) };
-                    zeros = data;
+                    if from_zeros {
+                        zeros = data;
+                    }
                     (BlockRequestKind::Write, offset, status)
                 }
             };
@@ -168,6 +175,25 @@ impl LowerCtx {
             Ok(b) => b.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// A plugin's own discard of `len` bytes at `offset`, through the stack below. While the
+    /// instance is being created it is refused (UNSUPP): it would have to be staged in
+    /// order with the writes, and a store has nothing to give back then.
+    fn discard(&self, offset: u64, len: u64) -> u32 {
+        let below = self.below();
+        let aligned = offset.is_multiple_of(SECTOR_SIZE) && len.is_multiple_of(SECTOR_SIZE);
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= below.capacity());
+        if !aligned || !in_range {
+            return abi::STATUS_IOERR;
+        }
+        if lock(&self.staged).is_some() || !below.handles_discard() {
+            return abi::STATUS_UNSUPP;
+        }
+        // SAFETY: a discard has no segments; the range is checked above.
+        unsafe { below.submit_ranged(BlockRequestKind::Discard, offset, len) }.to_abi()
     }
 
     /// One of the plugin's own requests: checked, then run through the stack below.
@@ -272,6 +298,10 @@ unsafe extern "C" fn lower_flush(p: *mut c_void) -> u32 {
             c.submit(BlockRequestKind::Flush, 0, std::ptr::null_mut(), 0)
         })
     })
+}
+
+unsafe extern "C" fn lower_discard(p: *mut c_void, offset: u64, len: u64) -> u32 {
+    guarded(|| ctx(p).map_or(abi::STATUS_IOERR, |c| c.discard(offset, len)))
 }
 
 unsafe extern "C" fn lower_log(p: *mut c_void, level: u32, message: *const c_char) {

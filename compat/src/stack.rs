@@ -203,6 +203,26 @@ impl BlockStack {
         }
     }
 
+    /// Runs a discard or write-zeroes of `len` bytes at `offset` (no segments) through the
+    /// chain and the backend, synchronously.
+    ///
+    /// # Safety
+    /// The range must lie within [`capacity`](Self::capacity).
+    pub unsafe fn submit_ranged(
+        &self,
+        kind: BlockRequestKind,
+        offset: u64,
+        len: u64,
+    ) -> RequestStatus {
+        match self.pre(kind, offset, len, Vec::new()) {
+            Err(status) => status,
+            Ok(mut parts) => {
+                let status = self.run_backend(&parts);
+                self.post(&mut parts, status)
+            }
+        }
+    }
+
     /// Starts one request of `len` bytes at `offset`: its pre hooks run now. For a read or a
     /// write `len` is the segments' total; a discard or write-zeroes has no segments and
     /// `len` is its range. If one of them completed or failed it,
@@ -230,9 +250,27 @@ impl BlockStack {
         }
     }
 
-    /// Does every instance of the chain handle discard and write-zeroes?
+    /// Can the chain take discard and write-zeroes: does every instance a discard would
+    /// reach handle them? A discard reaches each instance down to the first that owns its
+    /// format (that one completes it: below it is its own layout).
     pub fn handles_discard(&self) -> bool {
-        self.layers.iter().all(|l| l.handles_discard())
+        self.discard_reaches(u32::MAX)
+    }
+
+    /// `handles_discard` over the instances of `active` only.
+    fn discard_reaches(&self, active: u32) -> bool {
+        for (i, l) in self.layers.iter().enumerate() {
+            if active & (1 << i) == 0 {
+                continue;
+            }
+            if !l.handles_discard() {
+                return false;
+            }
+            if l.owns_format() {
+                return true;
+            }
+        }
+        true
     }
 
     /// Does a request that starts now pass any interceptor?
@@ -302,13 +340,7 @@ impl BlockStack {
             kind,
             BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
         );
-        if ranged
-            && self
-                .layers
-                .iter()
-                .enumerate()
-                .any(|(i, l)| active & (1 << i) != 0 && !l.handles_discard())
-        {
+        if ranged && !self.discard_reaches(active) {
             return Err(self.count(RequestStatus::Unsupported));
         }
         if active == 0 {
@@ -343,6 +375,16 @@ impl BlockStack {
             let decision = layer.call_pre(&request, &mut parts.slots[i]);
             parts.ran = i + 1;
             match decision {
+                // One that owns its format ends discards (the layers below hold its format,
+                // not the guest's blocks, and were not asked whether they handle them).
+                abi::CONTINUE if ranged && layer.owns_format() => {
+                    tracing::warn!(
+                        "interceptor {}: passed a {kind:?} down from its own format; failing",
+                        layer.id()
+                    );
+                    c.errors.fetch_add(1, Relaxed);
+                    early = Some(RequestStatus::IoError);
+                }
                 abi::CONTINUE => continue,
                 abi::COMPLETE => {
                     c.completed.fetch_add(1, Relaxed);

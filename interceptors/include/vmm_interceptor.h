@@ -91,10 +91,13 @@ extern "C" {
 #define VMM_INTERCEPTOR_F_OWNS_FORMAT 4u
 /* The plugin handles VMM_REQ_DISCARD and VMM_REQ_WRITE_ZEROES (no segments; offset and len
  * are the range): it passes them down or answers them so that what it reads back stays
- * right (after a write-zeroes the range reads back as zeros through it). A disk offers the
- * guest discard and write-zeroes only when every instance of its chain at start declares
- * this; they never reach an instance that does not (one loaded at run time): while such an
- * instance is in the path, they are answered VMM_STATUS_UNSUPP. */
+ * right (after a write-zeroes the range reads back as zeros through it). One that also
+ * owns its format (VMM_INTERCEPTOR_F_OWNS_FORMAT) must answer them itself: the layers below
+ * hold its layout, are not asked whether they handle them, and a CONTINUE is failed. A disk
+ * offers the guest discard and write-zeroes only when every instance a discard would reach
+ * (each down to the first that owns its format) declares this; they never reach an
+ * instance that does not (one loaded at run time): while such an instance is in the path,
+ * they are answered VMM_STATUS_UNSUPP. */
 #define VMM_INTERCEPTOR_F_HANDLES_DISCARD 8u
 
 /* Log levels for vmm_lower.log. */
@@ -131,13 +134,20 @@ struct vmm_lower {
     uint32_t (*flush)(void *ctx);
     void (*log)(void *ctx, uint32_t level, const char *message);
     uint64_t capacity; /* bytes */
+    /* Discards len bytes at offset in the layers below (they read back as zeros where the
+     * layers below handle it): VMM_STATUS_UNSUPP where they do not. Present only when
+     * vmm_create_args.lower_features has VMM_LOWER_F_DISCARD (older VMMs: not there). */
+    uint32_t (*discard)(void *ctx, uint64_t offset, uint64_t len);
 };
+
+/* vmm_create_args.lower_features */
+#define VMM_LOWER_F_DISCARD 1u
 
 struct vmm_create_args {
     const char *instance_id;  /* the [[interceptor]] id */
     const char *config_json;  /* the instance's config table as a JSON object */
     uint32_t device_kind;     /* VMM_DEVICE_* */
-    uint32_t reserved;
+    uint32_t lower_features;  /* VMM_LOWER_F_*: what struct vmm_lower offers beyond its core */
     const char *device_id;
     const struct vmm_lower *lower; /* valid until destroy() returns */
 };

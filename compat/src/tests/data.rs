@@ -103,3 +103,79 @@ fn instances_of_one_plugin_keep_separate_state_and_report_it() {
     assert_eq!(stack.layers()[1].plugin_stats().unwrap()["name"], "b");
     take_log("stats");
 }
+
+/// What a plugin writes while it is created is held back and written down in order once it
+/// is accepted, a write of zeroes from a shared zero buffer. That buffer used to be the last
+/// write's, so zeroes staged after data went down as that data: the extent store's
+/// checkpoint at open (its header, then a map of holes) put the header's bytes where the
+/// map belonged, and the next open refused the store as damaged.
+#[test]
+fn zeroes_written_while_created_reach_the_disk_as_zeroes() {
+    let disk = MemDisk::new(1 << 20);
+    disk.data.lock().unwrap()[4096..12288].fill(0xee);
+    let below = BlockStack::build("vda", disk.clone(), &[]).unwrap();
+    let ctx = crate::lower::LowerCtx::new("t", below);
+    ctx.stage();
+    let mut data = vec![7u8; 4096];
+    let mut zero = vec![0u8; 8192];
+    let write = |at: u64, buf: &mut Vec<u8>| {
+        // SAFETY: a live buffer of that length.
+        unsafe { ((*ctx.raw()).write)((*ctx.raw()).ctx, at, buf.as_mut_ptr(), buf.len() as u64) }
+    };
+    assert_eq!(write(0, &mut data), abi::STATUS_OK);
+    assert_eq!(write(4096, &mut zero), abi::STATUS_OK);
+    assert!(
+        disk.data.lock().unwrap()[..4096].iter().all(|&b| b == 0),
+        "held back"
+    );
+    ctx.commit().unwrap();
+    let d = disk.data.lock().unwrap();
+    assert!(d[..4096].iter().all(|&b| b == 7));
+    assert!(
+        d[4096..12288].iter().all(|&b| b == 0),
+        "the zeroes went down as data"
+    );
+}
+
+/// A discard ends at the first instance that owns its format: the layers below it (here
+/// one that does not handle discard) are not asked, so the chain offers discard; one that
+/// owns its format and passes a discard down anyway fails it.
+#[test]
+fn a_discard_ends_at_the_first_instance_that_owns_its_format() {
+    let disk = MemDisk::new(1 << 20);
+    let chain = |pass: bool| {
+        BlockStack::build(
+            "vda",
+            disk.clone(),
+            &[
+                spec(
+                    "o",
+                    static_table!(OwnedDiscard),
+                    serde_json::json!({ "pass": pass }),
+                ),
+                spec("x", static_table!(Xor), serde_json::json!({})),
+            ],
+        )
+        .unwrap()
+    };
+    let discard = |stack: &Arc<BlockStack>| {
+        // SAFETY: a discard has no segments.
+        match unsafe { stack.begin(BlockRequestKind::Discard, 0, 4096, Vec::new()) } {
+            Started::Done(st) => st,
+            Started::Backend(io) => io.finish(RequestStatus::Ok),
+        }
+    };
+    let answers = chain(false);
+    assert!(answers.handles_discard());
+    assert_eq!(discard(&answers), RequestStatus::Ok);
+    assert_eq!(discard(&chain(true)), RequestStatus::IoError);
+    // Without the owner on top, the xor layer is reached: not offered, answered UNSUPP.
+    let plain = BlockStack::build(
+        "vda",
+        disk.clone(),
+        &[spec("x", static_table!(Xor), serde_json::json!({}))],
+    )
+    .unwrap();
+    assert!(!plain.handles_discard());
+    assert_eq!(discard(&plain), RequestStatus::Unsupported);
+}

@@ -341,3 +341,27 @@ impl Interceptor for Gate {
         Decision::Continue
     }
 }
+
+/// Owns its format and handles discard: answers a discard itself (`{"pass": false}`), or
+/// wrongly passes it down (`{"pass": true}`).
+pub(super) struct OwnedDiscard {
+    pass: bool,
+}
+
+impl Interceptor for OwnedDiscard {
+    const NAME: &'static std::ffi::CStr = c"owned-discard";
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT | abi::F_HANDLES_DISCARD;
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        Ok(OwnedDiscard {
+            pass: ctx.config["pass"].as_bool().unwrap_or(false),
+        })
+    }
+
+    fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
+        match req.kind() {
+            RequestKind::Discard | RequestKind::WriteZeroes if !self.pass => Decision::Complete,
+            _ => Decision::Continue,
+        }
+    }
+}

@@ -66,7 +66,8 @@ pub const F_KEEP_WHEN_DISABLED: u32 = 2;
 /// loaded at run time only onto layers declared fresh.
 pub const F_OWNS_FORMAT: u32 = 4;
 /// The plugin handles `REQ_DISCARD` and `REQ_WRITE_ZEROES`: a disk offers them to the guest
-/// only when every instance of its chain declares this.
+/// only when every instance a discard would reach declares this (each down to the first
+/// that also declares `F_OWNS_FORMAT`: that one answers them itself, a `CONTINUE` is failed).
 pub const F_HANDLES_DISCARD: u32 = 8;
 
 pub const LOG_ERROR: u32 = 1;
@@ -105,7 +106,12 @@ pub struct Lower {
     pub flush: unsafe extern "C" fn(ctx: *mut c_void) -> u32,
     pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, message: *const c_char),
     pub capacity: u64,
+    /// Present only when `CreateArgs::lower_features` has `LOWER_F_DISCARD`.
+    pub discard: unsafe extern "C" fn(ctx: *mut c_void, offset: u64, len: u64) -> u32,
 }
+
+/// `CreateArgs::lower_features`: `Lower::discard` is there.
+pub const LOWER_F_DISCARD: u32 = 1;
 
 /// `struct vmm_create_args`.
 #[repr(C)]
@@ -113,7 +119,7 @@ pub struct CreateArgs {
     pub instance_id: *const c_char,
     pub config_json: *const c_char,
     pub device_kind: u32,
-    pub reserved: u32,
+    pub lower_features: u32,
     pub device_id: *const c_char,
     pub lower: *const Lower,
 }

@@ -19,9 +19,10 @@ int main(void) {
     O(vmm_request, len) O(vmm_request, segments) O(vmm_request, nsegments)
     O(vmm_request, device_kind) O(vmm_request, device_id)
     S(vmm_lower) O(vmm_lower, ctx) O(vmm_lower, read) O(vmm_lower, write) O(vmm_lower, flush)
-    O(vmm_lower, log) O(vmm_lower, capacity)
+    O(vmm_lower, log) O(vmm_lower, capacity) O(vmm_lower, discard)
     S(vmm_create_args) O(vmm_create_args, instance_id) O(vmm_create_args, config_json)
-    O(vmm_create_args, device_kind) O(vmm_create_args, device_id) O(vmm_create_args, lower)
+    O(vmm_create_args, device_kind) O(vmm_create_args, lower_features)
+    O(vmm_create_args, device_id) O(vmm_create_args, lower)
     S(vmm_interceptor_table) O(vmm_interceptor_table, abi_version)
     O(vmm_interceptor_table, flags) O(vmm_interceptor_table, supported_devices)
     O(vmm_interceptor_table, name) O(vmm_interceptor_table, create)
@@ -37,6 +38,7 @@ int main(void) {
     C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
     C(VMM_INTERCEPTOR_F_OWNS_FORMAT) C(VMM_INTERCEPTOR_F_HANDLES_DISCARD)
     C(VMM_LOG_ERROR) C(VMM_LOG_WARN) C(VMM_LOG_INFO) C(VMM_LOG_DEBUG)
+    C(VMM_LOWER_F_DISCARD)
     printf("entry %s\n", VMM_INTERCEPTOR_ENTRY_SYMBOL);
     return 0;
 }
@@ -73,6 +75,7 @@ fn rust_view() -> BTreeMap<String, String> {
     put("offset vmm_lower.flush", offset_of!(Lower, flush));
     put("offset vmm_lower.log", offset_of!(Lower, log));
     put("offset vmm_lower.capacity", offset_of!(Lower, capacity));
+    put("offset vmm_lower.discard", offset_of!(Lower, discard));
     put("sizeof vmm_create_args", size_of::<CreateArgs>());
     put(
         "offset vmm_create_args.instance_id",
@@ -85,6 +88,10 @@ fn rust_view() -> BTreeMap<String, String> {
     put(
         "offset vmm_create_args.device_kind",
         offset_of!(CreateArgs, device_kind),
+    );
+    put(
+        "offset vmm_create_args.lower_features",
+        offset_of!(CreateArgs, lower_features),
     );
     put(
         "offset vmm_create_args.device_id",
@@ -116,7 +123,7 @@ fn rust_view() -> BTreeMap<String, String> {
     ] {
         put(&k, v);
     }
-    let consts: [(&str, u64); 26] = [
+    let consts: [(&str, u64); 27] = [
         ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
         ("VMM_SECTOR_SIZE", SECTOR_SIZE),
         ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
@@ -145,6 +152,7 @@ fn rust_view() -> BTreeMap<String, String> {
             F_KEEP_WHEN_DISABLED.into(),
         ),
         ("VMM_INTERCEPTOR_F_OWNS_FORMAT", F_OWNS_FORMAT.into()),
+        ("VMM_LOWER_F_DISCARD", LOWER_F_DISCARD.into()),
         ("VMM_LOG_ERROR", LOG_ERROR.into()),
         ("VMM_LOG_WARN", LOG_WARN.into()),
         ("VMM_LOG_INFO", LOG_INFO.into()),

@@ -72,7 +72,7 @@ unsafe extern "C" fn create<T: Interceptor>(
             config,
             device_kind,
             device_id: str_arg(a.device_id)?,
-            lower: Lower::from_raw(a.lower)?,
+            lower: Lower::from_raw(a.lower, a.lower_features)?,
         };
         T::create(ctx)
     }));

@@ -27,6 +27,8 @@ pub enum LogLevel {
 /// [`abi::SECTOR_SIZE`] within [`Lower::capacity`].
 pub struct Lower {
     raw: *const abi::Lower,
+    /// `abi::LOWER_F_*` the VMM offers.
+    features: u32,
 }
 
 // SAFETY: the shim keeps the `vmm_lower` table alive until the instance is destroyed, and
@@ -43,11 +45,11 @@ fn status(v: u32) -> Result<(), IoError> {
 }
 
 impl Lower {
-    pub(crate) unsafe fn from_raw(raw: *const abi::Lower) -> Result<Lower, String> {
+    pub(crate) unsafe fn from_raw(raw: *const abi::Lower, features: u32) -> Result<Lower, String> {
         if raw.is_null() {
             return Err("no handle to the layers below".into());
         }
-        Ok(Lower { raw })
+        Ok(Lower { raw, features })
     }
 
     fn table(&self) -> &abi::Lower {
@@ -72,6 +74,28 @@ impl Lower {
         let t = self.table();
         // SAFETY: as for read; the shim never writes into `buf`.
         status(unsafe { (t.write)(t.ctx, offset, buf.as_ptr(), buf.len() as u64) })
+    }
+
+    /// Discards `len` bytes at `offset` in the layers below (space a plugin no longer uses,
+    /// so that a thin layer below can reuse it): `Ok(true)` when done, `Ok(false)` where
+    /// the layers below do not handle discard (or the VMM predates it), which costs nothing.
+    ///
+    /// ```no_run
+    /// # fn f(lower: &interceptor_sdk::Lower) -> Result<(), interceptor_sdk::IoError> {
+    /// let _given_back = lower.discard(1 << 20, 64 << 10)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn discard(&self, offset: u64, len: u64) -> Result<bool, IoError> {
+        if self.features & abi::LOWER_F_DISCARD == 0 {
+            return Ok(false);
+        }
+        let t = self.table();
+        // SAFETY: the VMM said the field is there; ctx belongs to this table.
+        match unsafe { (t.discard)(t.ctx, offset, len) } {
+            abi::STATUS_OK => Ok(true),
+            abi::STATUS_UNSUPP => Ok(false),
+            _ => Err(IoError),
+        }
     }
 
     /// Makes everything written so far durable.
