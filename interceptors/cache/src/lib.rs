@@ -300,6 +300,19 @@ impl Cache {
         Ok(())
     }
 
+    /// A discard or write-zeroes goes down; what it touches is first written back (a part of
+    /// a block it leaves stays right below) and then forgotten here (a cached copy would
+    /// outlive the zeroes).
+    fn pre_discard(&self, req: &Request<'_>) -> Res<Decision> {
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        self.write_back_touched(st, req)?;
+        for p in block_pieces(req.offset(), req.len(), BLOCK) {
+            st.remove(p.block);
+        }
+        Ok(Decision::Continue)
+    }
+
     fn pre_read(&self, req: &mut Request<'_>, slot: &mut Slot) -> Res<Decision> {
         let mut st = self.lock()?;
         let all_cached =
@@ -460,7 +473,9 @@ impl Cache {
 impl Interceptor for Cache {
     const NAME: &'static std::ffi::CStr = c"cache";
     // Dirty blocks may live only here: it must see requests while disabled to write them back.
-    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED;
+    // Discard and write-zeroes pass down (after the blocks they touch are written back and
+    // forgotten), so a chain under it that handles them is offered them.
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_HANDLES_DISCARD;
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
@@ -495,6 +510,7 @@ impl Interceptor for Cache {
                 .lock()
                 .and_then(|mut st| self.write_back_all(&mut st))
                 .map(|()| Decision::Continue),
+            RequestKind::Discard | RequestKind::WriteZeroes => self.pre_discard(req),
             _ => Ok(Decision::Continue),
         };
         decided.unwrap_or_else(|e| self.failed(e))

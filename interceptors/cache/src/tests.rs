@@ -1111,3 +1111,39 @@ fn random_workloads_read_back_what_a_byte_array_holds() {
         assert_eq!(wt.write_backs, 0);
     }
 }
+
+/// A discard (or write-zeroes) passes down after the dirty blocks it touches are written
+/// back, and leaves none of them cached: a later read goes to the disk, which holds what
+/// the layers below made of the discard.
+#[test]
+fn a_discard_writes_back_what_it_touches_and_forgets_it() {
+    let disk = MemDisk::new(1 << 20);
+    let stack = write_back_cache(&disk, 1);
+    write(&stack, 0, &pattern(0, 1));
+    write(&stack, 4096, &pattern(1, 1));
+    assert_eq!(stat(&stack, "dirty_bytes"), 8192);
+    assert!(
+        disk.bytes(0, 8192).iter().all(|&b| b == 0),
+        "held in the cache"
+    );
+    // SAFETY: a discard has no segments.
+    let status = match unsafe { stack.begin(BlockRequestKind::Discard, 0, 4096, Vec::new()) } {
+        Started::Done(st) => st,
+        Started::Backend(io) => {
+            // The disk "punches" the block, as a backend that handles discard would.
+            disk.data.lock().unwrap()[..4096].fill(0);
+            io.finish(RequestStatus::Ok)
+        }
+    };
+    assert_eq!(status, RequestStatus::Ok);
+    assert_eq!(
+        stat(&stack, "dirty_bytes"),
+        0,
+        "both written back (one run)"
+    );
+    assert_eq!(stat(&stack, "bytes_cached"), 4096, "block 1 stays cached");
+    assert_eq!(disk.bytes(0, 4096), vec![0u8; 4096]);
+    // Block 0 is not answered from the cache any more.
+    assert_eq!(read(&stack, 0, 4096), vec![0u8; 4096]);
+    assert_eq!(read(&stack, 4096, 4096), pattern(1, 1));
+}
