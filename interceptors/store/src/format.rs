@@ -8,6 +8,8 @@ pub const MAGIC: &[u8; 8] = b"VMMSTORE";
 pub const VERSION: u32 = 1;
 const CKPT_MAGIC: &[u8; 8] = b"VMMSTCKP";
 const JOURNAL_MAGIC: &[u8; 8] = b"VMMSTJNL";
+/// The logical size is at most this multiple of the device's (thin provisioning).
+pub const MAX_THIN: u64 = 16;
 /// Bytes of a map entry, on disk and in a journal record (after the block number).
 pub const ENTRY_BYTES: usize = 16;
 pub const ENTRIES_PER_BLOCK: u64 = BLOCK / ENTRY_BYTES as u64;
@@ -169,6 +171,12 @@ impl Geometry {
     ) -> Result<Geometry, StoreError> {
         if logical_blocks == 0 {
             return Err(StoreError::Config("the logical size is zero".into()));
+        }
+        if logical_blocks > MAX_THIN.saturating_mul(physical_blocks) {
+            return Err(StoreError::Config(format!(
+                "{logical_blocks} guest blocks on {physical_blocks} blocks below: more than \
+                 {MAX_THIN} times as many"
+            )));
         }
         let g = Geometry {
             logical_blocks,

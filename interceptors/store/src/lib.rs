@@ -31,10 +31,15 @@
 mod format;
 mod space;
 mod store;
+mod volume;
 
-pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, VERSION};
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, MAX_THIN, VERSION};
 pub use space::{Extent, Space};
 pub use store::{NewExtent, OpenOptions, Store, StoreStats};
+pub use volume::{is_zero, ratio, Volume};
 
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +59,11 @@ pub trait Device {
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), IoError>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), IoError>;
+    /// Tells the device that these bytes hold nothing the store needs (a thin layer below
+    /// can reuse them). Advisory: a device that cannot does nothing.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<(), IoError> {
+        Ok(())
+    }
 }
 
 impl Device for interceptor_sdk::Lower {
@@ -69,6 +79,29 @@ impl Device for interceptor_sdk::Lower {
     fn flush(&self) -> Result<(), IoError> {
         interceptor_sdk::Lower::flush(self).map_err(|_| IoError)
     }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        interceptor_sdk::Lower::discard(self, offset, len)
+            .map(|_| ())
+            .map_err(|_| IoError)
+    }
+}
+
+impl<T: Device + ?Sized> Device for Arc<T> {
+    fn capacity(&self) -> u64 {
+        (**self).capacity()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
+        (**self).write(offset, buf)
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        (**self).discard(offset, len)
+    }
 }
 
 impl<T: Device + ?Sized> Device for &T {
@@ -83,6 +116,9 @@ impl<T: Device + ?Sized> Device for &T {
     }
     fn flush(&self) -> Result<(), IoError> {
         (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        (**self).discard(offset, len)
     }
 }
 
@@ -161,6 +197,12 @@ impl Device for MemDevice {
         Ok(())
     }
     fn flush(&self) -> Result<(), IoError> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let mut b = self.bytes.lock().map_err(|_| IoError)?;
+        let r = range(b.len(), offset, usize::try_from(len).map_err(|_| IoError)?)?;
+        b[r].fill(0);
         Ok(())
     }
 }

@@ -185,12 +185,22 @@ impl Space {
         Some(sector)
     }
 
-    /// After a durable commit: held units become free.
-    pub fn release_held(&mut self) {
-        for u in self.held_list.drain(..) {
+    /// After a durable commit: held units become free. Returns them as runs of physical
+    /// blocks (first, count), for the device below to be told.
+    pub fn release_held(&mut self) -> Vec<(u64, u64)> {
+        let mut units: Vec<usize> = self.held_list.drain(..).collect();
+        units.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for u in units {
             self.held[u] = false;
             self.free_units += 1;
+            let block = self.data_start + u as u64;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == block => *n += 1,
+                _ => runs.push((block, 1)),
+            }
         }
+        runs
     }
 
     /// Finds `n` contiguous free units; returns the first one's physical block.

@@ -56,6 +56,8 @@ pub struct StoreStats {
     pub bytes_written: u64,
     /// Units freed (all their extents gone) and reusable since open.
     pub units_reclaimed: u64,
+    /// Units the device below was told it may reuse (discarded).
+    pub units_discarded: u64,
     pub no_space: u64,
 }
 
@@ -482,13 +484,31 @@ impl<D: Device> Store<D> {
         None
     }
 
-    /// Points `block` at the extent `e` already names (a dedup hit).
-    pub fn share(&mut self, block: u64, e: Entry) -> Result<(), StoreError> {
+    /// Points each block at the extent its entry already names (dedup hits). Every new
+    /// reference is taken before any old one is dropped, so an extent that one block leaves
+    /// and another joins in the same call survives.
+    pub fn share_all(&mut self, pairs: &[(u64, Entry)]) -> Result<(), StoreError> {
         self.check_writable()?;
-        if matches!(e, Entry::Stored { sector, .. } if self.space.extent(sector).is_none()) {
-            return Err(StoreError::Damaged("sharing an extent that is gone".into()));
+        for (block, e) in pairs {
+            if *block >= self.g.logical_blocks {
+                return Err(StoreError::Range(*block));
+            }
+            if matches!(*e, Entry::Stored { sector, .. } if self.space.extent(sector).is_none()) {
+                return Err(StoreError::Damaged("sharing an extent that is gone".into()));
+            }
         }
-        self.set(block, e)?;
+        for (_, e) in pairs {
+            self.space
+                .add_ref(e, false)
+                .map_err(|d| StoreError::Damaged(d.0))?;
+        }
+        for &(block, e) in pairs {
+            let old = std::mem::replace(&mut self.map[block as usize], e);
+            if let Some(sector) = self.space.drop_ref(&old) {
+                self.freed.push(sector);
+            }
+            self.dirty.insert(block, e);
+        }
         self.maybe_commit()
     }
 
@@ -527,7 +547,7 @@ impl<D: Device> Store<D> {
         }
         io(self.dev.flush(), "flushing data")?;
         if self.dirty.is_empty() {
-            self.space.release_held();
+            self.release();
             return Ok(());
         }
         let records: Vec<(u64, Entry)> = self.dirty.iter().map(|(&b, &e)| (b, e)).collect();
@@ -551,9 +571,15 @@ impl<D: Device> Store<D> {
         Ok(())
     }
 
+    /// After a durable commit: the units it freed become free, and the device below is told
+    /// (a thin layer there, such as another store, can then reuse them).
     fn release(&mut self) {
         self.stats.units_reclaimed += self.space.held_units();
-        self.space.release_held();
+        for (first, n) in self.space.release_held() {
+            if self.dev.discard(first * BLOCK, n * BLOCK).is_ok() {
+                self.stats.units_discarded += n;
+            }
+        }
     }
 
     /// Writes the whole map to the other slot and a superblock naming it; the journal then

@@ -1,0 +1,272 @@
+//! The dedup plugin through the shim over a disk in memory: copies stored once, duplicates
+//! inside one request, blocks that swap contents in one request, space given back when the
+//! last copy goes, the index rebuilt at open and bounded in memory, disabled writes, and a
+//! seeded random workload with few distinct contents checked against a byte array.
+
+use super::*;
+use compat::{BlockRequestKind, BlockStack};
+use extent_store::testing::{self, discard, flush, n, noise, read, write, MemDisk};
+use interceptor_sdk::static_table;
+use serde_json::{json, Value};
+
+fn stack(disk: &Arc<MemDisk>, config: Value) -> Result<Arc<BlockStack>, String> {
+    testing::stack(disk, "dedup", static_table!(Dedup), "dd", config)
+}
+
+fn stats(s: &BlockStack) -> Value {
+    testing::stats(s, "dd")
+}
+
+#[test]
+fn a_second_copy_is_stored_as_references_and_both_read_back() {
+    let disk = MemDisk::new();
+    let s = stack(&disk, json!({})).unwrap();
+    let data = noise(1 << 20, 1);
+    write(&s, 0, &data);
+    flush(&s);
+    let after_one = n(&stats(&s), "physical_bytes");
+    write(&s, 5 << 20, &data);
+    flush(&s);
+    let v = stats(&s);
+    assert_eq!(n(&v, "dedup_hits"), 256, "{v}");
+    assert_eq!(n(&v, "physical_bytes"), after_one, "{v}");
+    assert_eq!(n(&v, "logical_bytes"), 2 << 20, "{v}");
+    assert_eq!(n(&v, "unique_extents"), 256, "{v}");
+    assert_eq!(read(&s, 0, 1 << 20).unwrap(), data);
+    assert_eq!(read(&s, 5 << 20, 1 << 20).unwrap(), data);
+    // 16 equal blocks in one request: one stored.
+    let same: Vec<u8> = noise(4096, 2).repeat(16);
+    write(&s, 8 << 20, &same);
+    let v = stats(&s);
+    assert_eq!(n(&v, "blocks_stored"), 257, "{v}");
+    assert_eq!(read(&s, 8 << 20, same.len()).unwrap(), same);
+}
+
+#[test]
+fn blocks_that_swap_contents_in_one_request_keep_both() {
+    let disk = MemDisk::new();
+    let s = stack(&disk, json!({})).unwrap();
+    let (p, q) = (noise(4096, 3), noise(4096, 4));
+    write(&s, 0, &[p.clone(), q.clone()].concat());
+    flush(&s);
+    // Block 0 takes q (block 1's extent), block 1 takes p (block 0's): each extent loses
+    // one reference and gains one.
+    write(&s, 0, &[q.clone(), p.clone()].concat());
+    flush(&s);
+    assert_eq!(read(&s, 0, 8192).unwrap(), [q, p].concat());
+    let v = stats(&s);
+    assert_eq!(n(&v, "dedup_hits"), 2, "{v}");
+    assert_eq!(n(&v, "errors"), 0, "{v}");
+}
+
+#[test]
+fn the_last_copy_going_frees_its_space_and_its_address() {
+    let disk = MemDisk::new();
+    let s = stack(&disk, json!({})).unwrap();
+    let data = noise(256 << 10, 5);
+    write(&s, 0, &data);
+    write(&s, 1 << 20, &data);
+    flush(&s);
+    let used = n(&stats(&s), "physical_bytes");
+    // One copy discarded: nothing comes back; the other still reads.
+    discard(&s, BlockRequestKind::Discard, 0, 256 << 10);
+    flush(&s);
+    assert_eq!(n(&stats(&s), "physical_bytes"), used);
+    assert_eq!(read(&s, 1 << 20, 256 << 10).unwrap(), data);
+    // The other overwritten: the space comes back after the flush.
+    write(&s, 1 << 20, &noise(256 << 10, 6));
+    flush(&s);
+    let v = stats(&s);
+    assert!(n(&v, "reclaimed_bytes") >= 256 << 10, "{v}");
+    // The old contents again: no extent holds them now, so they are stored anew (a hit on
+    // freed space would read back whatever reuses it).
+    let hits = n(&v, "dedup_hits");
+    write(&s, 2 << 20, &data);
+    flush(&s);
+    assert_eq!(n(&stats(&s), "dedup_hits"), hits);
+    assert_eq!(read(&s, 2 << 20, 256 << 10).unwrap(), data);
+}
+
+#[test]
+fn the_index_is_rebuilt_at_open_and_bounded_in_memory() {
+    let disk = MemDisk::new();
+    let data = noise(512 << 10, 7);
+    {
+        let s = stack(&disk, json!({})).unwrap();
+        write(&s, 0, &data);
+        flush(&s);
+    }
+    let s = stack(&disk, json!({})).unwrap();
+    assert_eq!(n(&stats(&s), "index_rebuilt"), 128);
+    write(&s, 4 << 20, &data);
+    assert_eq!(n(&stats(&s), "dedup_hits"), 128);
+    drop(s);
+    // Not rebuilt: fewer matches, the same data.
+    let s = stack(&disk, json!({ "rebuild_index": false })).unwrap();
+    write(&s, 8 << 20, &data);
+    assert_eq!(n(&stats(&s), "dedup_hits"), 0);
+    assert_eq!(read(&s, 8 << 20, data.len()).unwrap(), data);
+    drop(s);
+    // An index of 1 MiB holds 4681 blocks: 20 MiB of distinct blocks overflow it.
+    let disk = MemDisk::with_size(32 << 20);
+    let s = stack(&disk, json!({ "index_mib": 1 })).unwrap();
+    let big = noise(20 << 20, 8);
+    write(&s, 0, &big);
+    let v = stats(&s);
+    assert_eq!(
+        n(&v, "index_capacity"),
+        (1 << 20) / INDEX_BYTES_PER_BLOCK,
+        "{v}"
+    );
+    assert!(n(&v, "index_entries") <= n(&v, "index_capacity"), "{v}");
+    assert!(n(&v, "index_evictions") > 0, "{v}");
+    assert_eq!(read(&s, 0, big.len()).unwrap(), big);
+    let e = stack(&MemDisk::new(), json!({ "index_mib": 0 }))
+        .err()
+        .unwrap();
+    assert!(e.contains("index_mib = 0"), "{e}");
+}
+
+#[test]
+fn disabled_it_stores_every_block_and_still_reads_the_shared_ones() {
+    let disk = MemDisk::new();
+    let s = stack(&disk, json!({})).unwrap();
+    let data = noise(64 << 10, 9);
+    write(&s, 0, &data);
+    write(&s, 1 << 20, &data);
+    s.instance("dd").unwrap().set_enabled(false);
+    write(&s, 2 << 20, &data);
+    flush(&s);
+    let v = stats(&s);
+    assert_eq!(n(&v, "dedup_hits"), 16, "{v}");
+    assert_eq!(n(&v, "blocks_stored"), 32, "{v}");
+    for at in [0, 1 << 20, 2 << 20] {
+        assert_eq!(read(&s, at, data.len()).unwrap(), data);
+    }
+}
+
+#[test]
+fn a_random_workload_with_few_contents_reads_back_what_a_byte_array_holds() {
+    let disk = MemDisk::new();
+    let size = 2usize << 20;
+    let mut model = vec![0u8; size];
+    let contents: Vec<Vec<u8>> = (0..12).map(|i| noise(4096, 100 + i)).collect();
+    let mut x = 0x0ddc_0ffe_e15b_a5e5u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let cfg = json!({ "logical_mib": 2, "index_mib": 1 });
+    let mut s = stack(&disk, cfg.clone()).unwrap();
+    for step in 0..800u64 {
+        let blocks = size / 4096;
+        let first = (next() % (blocks as u64 - 8)) as usize;
+        let count = 1 + (next() % 8) as usize;
+        match next() % 8 {
+            0..=3 => {
+                let data: Vec<u8> = (0..count)
+                    .flat_map(|_| contents[(next() % 12) as usize].clone())
+                    .collect();
+                // Sometimes only part of the first block.
+                let skip = if step % 5 == 0 {
+                    512 * (next() % 8) as usize
+                } else {
+                    0
+                };
+                write(&s, (first * 4096 + skip) as u64, &data[skip..]);
+                model[first * 4096 + skip..(first + count) * 4096].copy_from_slice(&data[skip..]);
+            }
+            4 => {
+                discard(
+                    &s,
+                    BlockRequestKind::Discard,
+                    (first * 4096) as u64,
+                    (count * 4096) as u64,
+                );
+                model[first * 4096..(first + count) * 4096].fill(0);
+            }
+            5 => flush(&s),
+            6 if step % 100 == 6 => {
+                flush(&s);
+                drop(s);
+                s = stack(&disk, cfg.clone()).unwrap();
+            }
+            _ => {
+                let (a, b) = (first * 4096, (first + count) * 4096);
+                assert_eq!(
+                    read(&s, a as u64, b - a).unwrap(),
+                    model[a..b],
+                    "step {step}"
+                );
+            }
+        }
+    }
+    flush(&s);
+    assert_eq!(read(&s, 0, size).unwrap(), model);
+    let v = stats(&s);
+    assert_eq!(n(&v, "errors"), 0, "{v}");
+    assert_eq!(n(&v, "check_failures"), 0, "{v}");
+    assert!(n(&v, "dedup_hits") > 150, "{v}");
+}
+
+/// Counts the bytes this thread allocated and did not free, for the index's memory figure
+/// (per thread, so tests running beside it do not count).
+struct Counting;
+
+thread_local! {
+    static LIVE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn live() -> u64 {
+    LIVE.with(|l| l.get())
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        let _ = LIVE.try_with(|c| c.set(c.get().wrapping_add(l.size() as u64)));
+        // SAFETY: the caller's layout, passed on.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        let _ = LIVE.try_with(|c| c.set(c.get().wrapping_sub(l.size() as u64)));
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The index takes at most INDEX_BYTES_PER_BLOCK per block it can hold, full, at sizes on
+/// either side of its tables' power-of-two steps.
+#[test]
+fn the_index_takes_at_most_its_documented_memory_per_block() {
+    for capacity in [1000usize, 6553, 57_344, 60_000, 100_000] {
+        {
+            let before = live();
+            let mut index = Index::new(capacity);
+            for i in 0..capacity as u64 {
+                let mut a = [0u8; 32];
+                a[..8].copy_from_slice(&i.to_le_bytes());
+                let e = Entry::Stored {
+                    sector: 100 + i * 8,
+                    stored_len: 4096,
+                    index: 0,
+                    codec: Codec::Raw,
+                    check: 0,
+                };
+                index.insert(a, e);
+            }
+            let per = live().wrapping_sub(before) / capacity as u64;
+            drop(index);
+            assert!(
+                per <= INDEX_BYTES_PER_BLOCK,
+                "{per} bytes per block at capacity {capacity}"
+            );
+            eprintln!("index: {per} bytes per block at capacity {capacity}");
+        }
+    }
+}
