@@ -392,6 +392,10 @@ fn print_problems(run: &GuestRun) {
 fn write_json(path: &Option<std::path::PathBuf>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(path) = path {
         let text = serde_json::to_string_pretty(value)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A bench's results must not be lost to a missing directory after its run.
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
