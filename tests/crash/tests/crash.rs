@@ -1,6 +1,7 @@
 //! Crash points through real plugin libraries: a seeded workload of writes (whole and
-//! partial blocks), flushes, reads and (for encrypt) enable/disable toggles, then at least
-//! 1,000 crashes, each reopened and checked block by block. Seeds are printed on failure.
+//! partial blocks), flushes, reads, enable/disable toggles and (for the store's layers,
+//! which handle it) discards, then at least 1,000 crashes (2,000 for compress and dedup),
+//! each reopened and checked block by block. Seeds are printed on failure.
 //! Odd seeds run one request at a time; even ones keep up to 8 in flight, as a
 //! device queue does: each starts (pre hooks), reaches the disk and finishes (post hooks)
 //! in its own random order, a request waits for those in flight on the same 4 KiB blocks
@@ -26,6 +27,36 @@ struct Chain {
     layers: Vec<(&'static str, PathBuf, serde_json::Value)>,
     /// Instances the workload may disable and enable.
     toggles: Vec<&'static str>,
+    /// What the writes hold.
+    fill: Fill,
+    /// The chain handles discard (reads of discarded blocks return zeroes): the workload
+    /// discards too.
+    discards: bool,
+}
+
+/// The contents of the workload's writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Random bytes.
+    Random,
+    /// Bytes that compress (short runs of few values), some blocks all zero.
+    Compressible,
+    /// Each 4 KiB block one of 8 contents (so whole-block writes repeat), some all zero.
+    FewContents,
+}
+
+impl Chain {
+    fn plain(
+        layers: Vec<(&'static str, PathBuf, serde_json::Value)>,
+        toggles: Vec<&'static str>,
+    ) -> Chain {
+        Chain {
+            layers,
+            toggles,
+            fill: Fill::Random,
+            discards: false,
+        }
+    }
 }
 
 fn build(
@@ -87,6 +118,15 @@ fn block_range(offset: u64, len: usize) -> std::ops::Range<u64> {
     first..end
 }
 
+/// A discard of `len` bytes at `offset`, run to its end (no segments).
+fn discard(stack: &Arc<BlockStack>, offset: u64, len: u64) -> RequestStatus {
+    // SAFETY: a discard has no segments.
+    match unsafe { stack.begin(BlockRequestKind::Discard, offset, len, Vec::new()) } {
+        Started::Done(st) => st,
+        Started::Backend(io) => io.finish(RequestStatus::Ok),
+    }
+}
+
 impl Workload<'_> {
     /// A write's range: a partial one (512-byte aligned, 1 to 8 sectors) one time in four,
     /// else 1 to 4 whole blocks, inside the workload's range.
@@ -101,6 +141,41 @@ impl Workload<'_> {
             let n = 1 + rng.below(4) as usize;
             let first = rng.below((blocks - n) as u64 + 1) as usize;
             (first * BLOCK, n * BLOCK)
+        }
+    }
+
+    /// The bytes of a write of `len` at `offset`, as the chain's `fill` says.
+    fn data(&self, rng: &mut Rng, offset: usize, len: usize) -> Vec<u8> {
+        match self.chain.fill {
+            Fill::Random => (0..len).map(|_| rng.next_u64() as u8).collect(),
+            Fill::Compressible => {
+                if rng.below(8) == 0 {
+                    return vec![0u8; len];
+                }
+                let mut out = Vec::with_capacity(len);
+                while out.len() < len {
+                    let v = b"abcdefgh"[rng.below(8) as usize];
+                    let run = 1 + rng.below(12) as usize;
+                    out.extend(std::iter::repeat_n(v, run.min(len - out.len())));
+                }
+                out
+            }
+            Fill::FewContents => {
+                // Byte o of content c: the same for every block that holds content c.
+                let byte = |c: u64, o: usize| {
+                    ((c + 1).wrapping_mul(0x9e37_79b9) >> (o % 24)) as u8 ^ o as u8
+                };
+                let mut out = Vec::with_capacity(len);
+                let mut c = rng.below(9);
+                for o in offset..offset + len {
+                    if o % BLOCK == 0 {
+                        c = rng.below(9);
+                    }
+                    // Content 8 is zeroes.
+                    out.push(if c == 8 { 0 } else { byte(c, o % BLOCK) });
+                }
+                out
+            }
         }
     }
 
@@ -135,9 +210,20 @@ impl Workload<'_> {
         let (seed, blocks) = (self.seed, self.blocks);
         for op in 0..ops {
             match rng.below(100) {
+                52..=59 if self.chain.discards => {
+                    let n = 1 + rng.below(4) as usize;
+                    let first = rng.below((blocks - n) as u64 + 1) as usize;
+                    model.before_write(
+                        disk.position(),
+                        (first * BLOCK) as u64,
+                        &vec![0u8; n * BLOCK],
+                    );
+                    let st = discard(stack, (first * BLOCK) as u64, (n * BLOCK) as u64);
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: discard {op}");
+                }
                 0..=59 => {
                     let (offset, len) = self.write_range(rng);
-                    let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                    let mut data = self.data(rng, offset, len);
                     model.before_write(disk.position(), offset as u64, &data);
                     let st = submit(stack, BlockRequestKind::Write, offset as u64, &mut data);
                     assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
@@ -187,6 +273,27 @@ impl Workload<'_> {
                 continue;
             }
             match roll {
+                50..=54 if self.chain.discards => {
+                    // Ordered like a write: after whatever in flight it overlaps.
+                    let n = 1 + rng.below(4) as usize;
+                    let first = rng.below((self.blocks - n) as u64 + 1) as usize;
+                    let blocks = first as u64..(first + n) as u64;
+                    while let Some(i) = flight.iter().position(|p| {
+                        p.blocks().start < blocks.end && blocks.start < p.blocks().end
+                    }) {
+                        if flight[i].at_disk.is_none() {
+                            self.advance(&mut flight, i, disk, model);
+                        }
+                        self.advance(&mut flight, i, disk, model);
+                    }
+                    model.before_write(
+                        disk.position(),
+                        (first * BLOCK) as u64,
+                        &vec![0u8; n * BLOCK],
+                    );
+                    let st = discard(stack, (first * BLOCK) as u64, (n * BLOCK) as u64);
+                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: discard {op}");
+                }
                 0..=54 | 65..=79 => {
                     let write = roll <= 54;
                     let (offset, len) = if write {
@@ -208,7 +315,7 @@ impl Workload<'_> {
                         self.advance(&mut flight, i, disk, model);
                     }
                     let mut buf: Vec<u8> = if write {
-                        (0..len).map(|_| rng.next_u64() as u8).collect()
+                        self.data(rng, offset as usize, len)
                     } else {
                         vec![0u8; len]
                     };
@@ -388,14 +495,14 @@ fn key_file() -> PathBuf {
 }
 
 fn encrypt_chain(path: &Path) -> Chain {
-    Chain {
-        layers: vec![(
+    Chain::plain(
+        vec![(
             "enc",
             path.to_path_buf(),
             serde_json::json!({ "key_file": key_file() }),
         )],
-        toggles: vec!["enc"],
-    }
+        vec!["enc"],
+    )
 }
 
 /// Runs each seed, and asserts no crash point of any was violated; returns the most
@@ -438,14 +545,14 @@ fn write_back_cache_survives_a_thousand_crash_points() {
     // flushes too. The raw disk below keeps sectors, not blocks, whole (a plain disk may
     // persist a later partial write without an earlier one), so the unit checked is the
     // sector.
-    let chain = Chain {
-        layers: vec![(
+    let chain = Chain::plain(
+        vec![(
             "cache",
             p.cache.clone(),
             serde_json::json!({ "size_mib": 1, "write_back": true }),
         )],
-        toggles: vec!["cache"],
-    };
+        vec!["cache"],
+    );
     let most = run_seeds(&[21, 22, 23, 24], 300, |seed, points| {
         run(&chain, SECTOR, 320 * BLOCK, 320, seed, 400, points)
     });
@@ -478,12 +585,92 @@ fn write_back_cache_over_encrypt_survives_a_thousand_crash_points() {
 #[test]
 fn remap_survives_a_thousand_crash_points() {
     let p = plugins().expect("building the plugins");
-    let chain = Chain {
-        layers: vec![("remap", p.remap.clone(), serde_json::json!({}))],
-        toggles: vec![],
-    };
+    let chain = Chain::plain(
+        vec![("remap", p.remap.clone(), serde_json::json!({}))],
+        vec![],
+    );
     run_seeds(&[11, 12, 13, 14], 300, |seed, points| {
         run(&chain, SECTOR, 2 << 20, 64, seed, 300, points)
+    });
+}
+
+/// The store's layers: small journals (16 KiB), so that checkpoints come often.
+fn store_layer(id: &'static str, path: &Path) -> (&'static str, PathBuf, serde_json::Value) {
+    let config = if id == "zstd" {
+        serde_json::json!({ "extent_kib": 16, "journal_kib": 16 })
+    } else {
+        serde_json::json!({ "journal_kib": 16, "index_mib": 1 })
+    };
+    (id, path.to_path_buf(), config)
+}
+
+fn store_chain(layers: Vec<(&'static str, PathBuf, serde_json::Value)>, fill: Fill) -> Chain {
+    let toggles = layers.iter().map(|l| l.0).collect();
+    Chain {
+        layers,
+        toggles,
+        fill,
+        discards: true,
+    }
+}
+
+#[test]
+fn compress_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    let chain = store_chain(vec![store_layer("zstd", &p.compress)], Fill::Compressible);
+    run_seeds(&[41, 42, 43, 44], 500, |seed, points| {
+        run(&chain, BLOCK, 192 * BLOCK, 64, seed, 300, points)
+    });
+}
+
+#[test]
+fn dedup_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    let chain = store_chain(vec![store_layer("dedup", &p.dedup)], Fill::FewContents);
+    run_seeds(&[51, 52, 53, 54], 500, |seed, points| {
+        run(&chain, BLOCK, 192 * BLOCK, 64, seed, 300, points)
+    });
+}
+
+/// guest -> dedup -> compress -> encrypt -> disk.
+fn dedup_compress_encrypt(p: &vmm_lab::plugins::Plugins) -> Chain {
+    let enc = encrypt_chain(&p.encrypt).layers.remove(0);
+    store_chain(
+        vec![
+            store_layer("dedup", &p.dedup),
+            store_layer("zstd", &p.compress),
+            enc,
+        ],
+        Fill::FewContents,
+    )
+}
+
+#[test]
+fn dedup_over_compress_over_encrypt_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    let chain = dedup_compress_encrypt(&p);
+    // 400 blocks: encrypt's guest sees about 195, compress and dedup their share of it.
+    run_seeds(&[61, 62, 63, 64], 500, |seed, points| {
+        run(&chain, BLOCK, 400 * BLOCK, 64, seed, 300, points)
+    });
+}
+
+#[test]
+fn write_back_cache_over_dedup_compress_encrypt_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    let mut chain = dedup_compress_encrypt(&p);
+    chain.layers.insert(
+        0,
+        (
+            "cache",
+            p.cache.clone(),
+            serde_json::json!({ "size_mib": 1, "write_back": true }),
+        ),
+    );
+    chain.toggles.push("cache");
+    // 320 guest blocks over 1 MiB of cache: write-backs between flushes too.
+    run_seeds(&[71, 72, 73, 74], 500, |seed, points| {
+        run(&chain, BLOCK, 1000 * BLOCK, 320, seed, 400, points)
     });
 }
 
@@ -492,10 +679,7 @@ fn the_checker_sees_a_lost_write_and_accepts_old_contents() {
     // A disk with no plugin; the write is never flushed and the crash drops it.
     let disk = RecordingDisk::new(vec![0u8; 64 * BLOCK]);
     let reg = PluginRegistry::new();
-    let chain = Chain {
-        layers: vec![],
-        toggles: vec![],
-    };
+    let chain = Chain::plain(vec![], vec![]);
     let stack = build(&reg, &chain, disk.clone()).unwrap();
     let mut model = Model::new(16, BLOCK);
     let mut data = vec![7u8; BLOCK];
