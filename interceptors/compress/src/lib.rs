@@ -89,7 +89,7 @@ fn store_err(e: StoreError) -> String {
 
 impl Compress {
     fn open(lower: Lower, cfg: &Config) -> Res<Compress> {
-        if !(4..=64).contains(&cfg.extent_kib) || cfg.extent_kib % 4 != 0 {
+        if !(4..=64).contains(&cfg.extent_kib) || !cfg.extent_kib.is_multiple_of(4) {
             return Err(format!(
                 "config: extent_kib = {}: 4 to 64, a multiple of 4",
                 cfg.extent_kib

@@ -371,7 +371,7 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
         for step in 0..80u64 {
             let first = rng.next() % (BLOCKS - 2);
             let _ = write_raw(&mut s, first, &[block(step), block(step + 1)]);
-            if rng.next() % 4 == 0 {
+            if rng.next().is_multiple_of(4) {
                 s.commit().unwrap();
             }
         }

@@ -670,7 +670,7 @@ fn write_back_cache_over_dedup_compress_encrypt_survives_two_thousand_crash_poin
     chain.toggles.push("cache");
     // 320 guest blocks over 1 MiB of cache: write-backs between flushes too.
     run_seeds(&[71, 72, 73, 74], 500, |seed, points| {
-        run(&chain, BLOCK, 1000 * BLOCK, 320, seed, 400, points)
+        run(&chain, BLOCK, 700 * BLOCK, 320, seed, 400, points)
     });
 }
 

@@ -14,6 +14,8 @@ pub struct Plugins {
     pub remap: PathBuf,
     pub encrypt: PathBuf,
     pub cache: PathBuf,
+    pub compress: PathBuf,
+    pub dedup: PathBuf,
     pub faulty: PathBuf,
     pub xor: PathBuf,
 }
@@ -60,6 +62,10 @@ fn build() -> Result<Plugins> {
             "-p",
             "interceptor-cache",
             "-p",
+            "interceptor-compress",
+            "-p",
+            "interceptor-dedup",
+            "-p",
             "interceptor-faulty",
         ])
         .arg("--target-dir")
@@ -75,6 +81,8 @@ fn build() -> Result<Plugins> {
         remap: lib("interceptor_remap"),
         encrypt: lib("interceptor_encrypt"),
         cache: lib("interceptor_cache"),
+        compress: lib("interceptor_compress"),
+        dedup: lib("interceptor_dedup"),
         faulty: lib("interceptor_faulty"),
         xor: build_c(&repo_root().join("interceptors/xor/xor.c"), "libxor.so")?,
     })
