@@ -11,12 +11,11 @@
 //! Disabled, it keeps reading everything it stored; new writes are stored raw.
 
 use extent_store::{
-    block_check, is_zero, Codec, NewExtent, OpenOptions, Store, StoreError, Volume, BLOCK,
-    MAX_EXTENT_BLOCKS, SECTOR,
+    block_check, is_zero, Codec, NewExtent, OpenOptions, RequestCounters, Store, StoreError,
+    StoreLayer, Volume, BLOCK, MAX_EXTENT_BLOCKS, SECTOR,
 };
 use interceptor_sdk::{
-    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
-    RequestKind, Slot,
+    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request, Slot,
 };
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -54,11 +53,6 @@ fn default_level() -> i32 {
 
 #[derive(Default)]
 struct Stats {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    flushes: AtomicU64,
-    discards: AtomicU64,
-    errors: AtomicU64,
     extents_zstd: AtomicU64,
     extents_raw: AtomicU64,
     /// Guest bytes given to zstd, and what came out, for the extents kept compressed.
@@ -79,6 +73,7 @@ pub struct Compress {
     logical_bytes: u64,
     state: Mutex<State>,
     stats: Stats,
+    requests: RequestCounters,
 }
 
 type Res<T> = Result<T, String>;
@@ -137,6 +132,7 @@ impl Compress {
                 compressor,
             }),
             stats: Stats::default(),
+            requests: RequestCounters::default(),
         })
     }
 
@@ -256,6 +252,30 @@ impl Compress {
     }
 }
 
+impl StoreLayer for Compress {
+    fn logical_bytes(&self) -> u64 {
+        self.logical_bytes
+    }
+    fn counters(&self) -> &RequestCounters {
+        &self.requests
+    }
+    fn lower(&self) -> &Lower {
+        &self.lower
+    }
+    fn read(&self, req: &mut Request<'_>) -> Res<()> {
+        Compress::read(self, req)
+    }
+    fn write(&self, req: &mut Request<'_>) -> Res<()> {
+        Compress::write(self, req)
+    }
+    fn zero(&self, req: &Request<'_>, discard: bool) -> Res<()> {
+        Compress::zero(self, req, discard)
+    }
+    fn flush(&self) -> Res<()> {
+        Compress::flush(self)
+    }
+}
+
 impl Interceptor for Compress {
     const NAME: &'static std::ffi::CStr = c"compress";
     // Its layout is its own (a store): it stays in the path while disabled and does all its
@@ -268,54 +288,21 @@ impl Interceptor for Compress {
     }
 
     fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
-        let in_range = req
-            .offset()
-            .checked_add(req.len())
-            .is_some_and(|end| end <= self.logical_bytes);
-        let done = match req.kind() {
-            RequestKind::Read if in_range => {
-                self.stats.reads.fetch_add(1, Relaxed);
-                self.read(req)
-            }
-            RequestKind::Write if in_range => {
-                self.stats.writes.fetch_add(1, Relaxed);
-                self.write(req)
-            }
-            RequestKind::Discard | RequestKind::WriteZeroes if in_range => {
-                self.stats.discards.fetch_add(1, Relaxed);
-                self.zero(req, req.kind() == RequestKind::Discard)
-            }
-            RequestKind::Flush => {
-                self.stats.flushes.fetch_add(1, Relaxed);
-                self.flush()
-            }
-            RequestKind::GetId => return Decision::Continue,
-            _ => return Decision::Fail,
-        };
-        match done {
-            Ok(()) => Decision::Complete,
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Relaxed);
-                self.lower.log(LogLevel::Warn, &e);
-                Decision::Fail
-            }
-        }
+        extent_store::serve(self, req)
     }
 
     fn stats(&self) -> serde_json::Value {
         let s = &self.stats;
         let mut v = serde_json::json!({
-            "reads": s.reads.load(Relaxed),
-            "writes": s.writes.load(Relaxed),
-            "flushes": s.flushes.load(Relaxed),
-            "discards": s.discards.load(Relaxed),
-            "errors": s.errors.load(Relaxed),
             "extents_zstd_written": s.extents_zstd.load(Relaxed),
             "extents_raw_written": s.extents_raw.load(Relaxed),
             "zstd_ratio_written": extent_store::ratio(s.zstd_in.load(Relaxed), s.zstd_out.load(Relaxed)),
             "zero_blocks_written": s.zero_blocks.load(Relaxed),
             "partial_blocks": s.partial_blocks.load(Relaxed),
         });
+        if let Some(o) = v.as_object_mut() {
+            o.extend(self.requests.json());
+        }
         if let (Ok(st), Some(o)) = (self.state.lock(), v.as_object_mut()) {
             if let serde_json::Value::Object(held) = st.vol.stats_json() {
                 o.extend(held);

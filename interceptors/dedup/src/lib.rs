@@ -13,11 +13,11 @@
 //! duplicates.
 
 use extent_store::{
-    is_zero, Codec, Entry, NewExtent, OpenOptions, Store, StoreError, Volume, BLOCK,
+    is_zero, Codec, Entry, NewExtent, OpenOptions, RequestCounters, Store, StoreError, StoreLayer,
+    Volume, BLOCK,
 };
 use interceptor_sdk::{
-    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request,
-    RequestKind, Slot,
+    abi, export_interceptor, CreateContext, Decision, Interceptor, LogLevel, Lower, Request, Slot,
 };
 use lru::LruCache;
 use std::collections::HashMap;
@@ -106,11 +106,6 @@ impl Index {
 
 #[derive(Default)]
 struct Stats {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    flushes: AtomicU64,
-    discards: AtomicU64,
-    errors: AtomicU64,
     blocks_written: AtomicU64,
     dedup_hits: AtomicU64,
     zero_blocks: AtomicU64,
@@ -129,6 +124,7 @@ pub struct Dedup {
     index_capacity: usize,
     state: Mutex<State>,
     stats: Stats,
+    requests: RequestCounters,
 }
 
 type Res<T> = Result<T, String>;
@@ -184,6 +180,7 @@ impl Dedup {
                 index: Index::new(capacity),
             }),
             stats: Stats::default(),
+            requests: RequestCounters::default(),
         };
         if cfg.rebuild_index {
             d.rebuild_index()?;
@@ -360,6 +357,30 @@ fn check_of(address: &Address) -> u32 {
     u32::from_le_bytes([address[0], address[1], address[2], address[3]])
 }
 
+impl StoreLayer for Dedup {
+    fn logical_bytes(&self) -> u64 {
+        self.logical_bytes
+    }
+    fn counters(&self) -> &RequestCounters {
+        &self.requests
+    }
+    fn lower(&self) -> &Lower {
+        &self.lower
+    }
+    fn read(&self, req: &mut Request<'_>) -> Res<()> {
+        Dedup::read(self, req)
+    }
+    fn write(&self, req: &mut Request<'_>) -> Res<()> {
+        Dedup::write(self, req)
+    }
+    fn zero(&self, req: &Request<'_>, discard: bool) -> Res<()> {
+        Dedup::zero(self, req, discard)
+    }
+    fn flush(&self) -> Res<()> {
+        Dedup::flush(self)
+    }
+}
+
 impl Interceptor for Dedup {
     const NAME: &'static std::ffi::CStr = c"dedup";
     const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT | abi::F_HANDLES_DISCARD;
@@ -370,48 +391,12 @@ impl Interceptor for Dedup {
     }
 
     fn pre(&self, req: &mut Request<'_>, _: &mut Slot) -> Decision {
-        let in_range = req
-            .offset()
-            .checked_add(req.len())
-            .is_some_and(|end| end <= self.logical_bytes);
-        let done = match req.kind() {
-            RequestKind::Read if in_range => {
-                self.stats.reads.fetch_add(1, Relaxed);
-                self.read(req)
-            }
-            RequestKind::Write if in_range => {
-                self.stats.writes.fetch_add(1, Relaxed);
-                self.write(req)
-            }
-            RequestKind::Discard | RequestKind::WriteZeroes if in_range => {
-                self.stats.discards.fetch_add(1, Relaxed);
-                self.zero(req, req.kind() == RequestKind::Discard)
-            }
-            RequestKind::Flush => {
-                self.stats.flushes.fetch_add(1, Relaxed);
-                self.flush()
-            }
-            RequestKind::GetId => return Decision::Continue,
-            _ => return Decision::Fail,
-        };
-        match done {
-            Ok(()) => Decision::Complete,
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Relaxed);
-                self.lower.log(LogLevel::Warn, &e);
-                Decision::Fail
-            }
-        }
+        extent_store::serve(self, req)
     }
 
     fn stats(&self) -> serde_json::Value {
         let s = &self.stats;
         let mut v = serde_json::json!({
-            "reads": s.reads.load(Relaxed),
-            "writes": s.writes.load(Relaxed),
-            "flushes": s.flushes.load(Relaxed),
-            "discards": s.discards.load(Relaxed),
-            "errors": s.errors.load(Relaxed),
             "blocks_stored": s.blocks_written.load(Relaxed),
             "dedup_hits": s.dedup_hits.load(Relaxed),
             "zero_blocks_written": s.zero_blocks.load(Relaxed),
@@ -419,6 +404,9 @@ impl Interceptor for Dedup {
             "index_capacity": self.index_capacity,
             "index_rebuilt": s.index_rebuilt.load(Relaxed),
         });
+        if let Some(o) = v.as_object_mut() {
+            o.extend(self.requests.json());
+        }
         if let (Ok(st), Some(o)) = (self.state.lock(), v.as_object_mut()) {
             o.insert("index_entries".into(), st.index.by_address.len().into());
             o.insert("index_evictions".into(), st.index.evictions.into());

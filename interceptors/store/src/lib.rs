@@ -29,6 +29,7 @@
 //! ```
 
 mod format;
+mod layer;
 mod space;
 mod store;
 mod volume;
@@ -37,6 +38,7 @@ mod volume;
 pub mod testing;
 
 pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, MAX_THIN, VERSION};
+pub use layer::{serve, RequestCounters, StoreLayer};
 pub use space::{Extent, Space};
 pub use store::{NewExtent, OpenOptions, Store, StoreStats};
 pub use volume::{is_zero, ratio, Volume};
