@@ -90,6 +90,12 @@ pub(crate) fn render(state: &ApiState) -> String {
         "summary",
         "Time from the instance's pre hook to its post hook, the layers below included.",
     );
+    let mut plugin = family(
+        "vmm_interceptor_stat",
+        "gauge",
+        "A number the instance's plugin reports in its stats (GET /interceptors/{id}), named \
+         by its JSON path with `_` between keys.",
+    );
     for d in &state.disks {
         let snapshot = d.stack.snapshot();
         let c = snapshot.counters();
@@ -139,6 +145,15 @@ pub(crate) fn render(state: &ApiState) -> String {
             }
             let count = k.latency.count();
             latency.samples.push(format!("_count{{{at}}} {count}"));
+            if let Ok(stats) = l.plugin_stats() {
+                let mut leaves = Vec::new();
+                numeric_leaves(&stats, String::new(), 0, &mut leaves);
+                for (name, v) in leaves {
+                    plugin
+                        .samples
+                        .push(format!("{{{at},stat=\"{}\"}} {v}", label(&name)));
+                }
+            }
         }
     }
     let mut text = String::new();
@@ -155,6 +170,7 @@ pub(crate) fn render(state: &ApiState) -> String {
         completed,
         enabled,
         latency,
+        plugin,
     ] {
         let _ = writeln!(
             text,
@@ -168,4 +184,59 @@ pub(crate) fn render(state: &ApiState) -> String {
         }
     }
     text
+}
+
+/// The numbers (and booleans, as 0 or 1) in a plugin's stats, each named by its path; text
+/// and arrays are left out, and nesting stops at a depth no plugin needs.
+fn numeric_leaves(v: &serde_json::Value, path: String, depth: u32, out: &mut Vec<(String, f64)>) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| f.is_finite()) {
+                out.push((path, f));
+            }
+        }
+        Value::Bool(b) => out.push((path, f64::from(u8::from(*b)))),
+        Value::Object(m) if depth < 4 => {
+            for (k, child) in m {
+                let name = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}_{k}")
+                };
+                numeric_leaves(child, name, depth + 1, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_leaves;
+
+    #[test]
+    fn plugin_stats_become_named_numbers() {
+        let v = serde_json::json!({
+            "logical_bytes": 8192,
+            "ratio": 2.5,
+            "read_only": true,
+            "mode": "write-back",
+            "by_class": { "zstd": { "blocks": 3 } },
+            "list": [1, 2],
+        });
+        let mut out = Vec::new();
+        numeric_leaves(&v, String::new(), 0, &mut out);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<(&str, f64)> = out.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            names,
+            [
+                ("by_class_zstd_blocks", 3.0),
+                ("logical_bytes", 8192.0),
+                ("ratio", 2.5),
+                ("read_only", 1.0),
+            ]
+        );
+    }
 }

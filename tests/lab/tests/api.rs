@@ -232,6 +232,10 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     assert!(metrics
         .body
         .contains("vmm_block_refused_total{device=\"vda\"} 3"));
+    // The plugin's own stats are there too, one sample per number.
+    assert!(metrics.body.contains(
+        "vmm_interceptor_stat{device=\"vda\",interceptor=\"enc\",stat=\"auth_failures\"} 0"
+    ));
 
     // Every documented operation exists (its answer is documented, never 404/405 for the
     // path itself), and every other method on a documented path is 405.
