@@ -11,6 +11,14 @@ use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// What an instance's check found: each broken invariant (none: clean) and what was
+/// checked.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckOutcome {
+    pub problems: Vec<String>,
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
 /// What the config says about one instance.
 #[derive(Clone, Debug)]
 pub struct InstanceSpec {
@@ -278,25 +286,67 @@ impl Instance {
         let Some(stats) = self.plugin.table().stats else {
             return Ok(serde_json::json!({}));
         };
-        let mut buf = vec![0u8; 4096];
+        self.call_json("stats", stats, 4096)
+    }
+
+    /// Runs the plugin's check of what it keeps on the disk (`None`: it keeps nothing
+    /// there, or has no check). Call it with no request in flight, on the thread that
+    /// calls the hooks; it may read the whole disk.
+    pub fn check(&self) -> Result<Option<CheckOutcome>, String> {
+        let Some(check) = self.plugin.table().check else {
+            return Ok(None);
+        };
+        // Big enough that the check (which may read the whole disk) runs once.
+        let v = self.call_json("check", check, 1 << 20)?;
+        if v["checked"] != serde_json::Value::Bool(true) {
+            return Ok(None);
+        }
+        let problems = match v.get("problems") {
+            None => Vec::new(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| p.to_string())
+                })
+                .collect(),
+            Some(_) => return Err("check: problems is not an array".into()),
+        };
+        let details = match v.get("details") {
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        Ok(Some(CheckOutcome { problems, details }))
+    }
+
+    /// Calls a hook that writes a JSON object like snprintf (`stats`, `check`), growing the
+    /// buffer once if it did not fit.
+    fn call_json(
+        &self,
+        what: &str,
+        hook: abi::StatsFn,
+        first_len: usize,
+    ) -> Result<serde_json::Value, String> {
+        let mut buf = vec![0u8; first_len];
         for _ in 0..2 {
             // SAFETY: buf is writable for its length; handle is this plugin's.
-            let n = unsafe { stats(self.handle, buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { hook(self.handle, buf.as_mut_ptr().cast(), buf.len()) };
             if n < buf.len() {
                 let value: serde_json::Value = serde_json::from_slice(&buf[..n])
-                    .map_err(|e| format!("stats are not JSON: {e}"))?;
+                    .map_err(|e| format!("{what} are not JSON: {e}"))?;
                 return if value.is_object() {
                     Ok(value)
                 } else {
-                    Err("stats are not a JSON object".into())
+                    Err(format!("{what}: not a JSON object"))
                 };
             }
-            if n >= 1 << 20 {
+            if n >= 16 << 20 {
                 break;
             }
             buf = vec![0u8; n + 1];
         }
-        Err("stats are larger than 1 MiB".into())
+        Err(format!("{what}: larger than 16 MiB"))
     }
 }
 

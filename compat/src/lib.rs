@@ -18,7 +18,7 @@ mod stack;
 
 pub use block::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
 pub use event_manager;
-pub use instance::{Instance, InstanceCounters, InstanceSpec};
+pub use instance::{CheckOutcome, Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
 pub use io_thread::{IoSubscriber, IoThread, IoThreadGone, ThreadStart};
 pub use latency::LatencyHistogram;

@@ -68,7 +68,8 @@ pub struct Plugin {
     path: PathBuf,
     blake3: String,
     name: String,
-    table: &'static InterceptorTable,
+    /// The plugin's table as far as it declares it, fields it predates `None`.
+    table: InterceptorTable,
     // Dropped (dlclose) after everything that points into it...
     _library: libloading::Library,
     // ...and the sealed copy it was loaded from closed after that: while the library is
@@ -105,8 +106,8 @@ impl Plugin {
         self.table.abi_version
     }
 
-    pub(crate) fn table(&self) -> &'static InterceptorTable {
-        self.table
+    pub(crate) fn table(&self) -> &InterceptorTable {
+        &self.table
     }
 
     /// A plugin linked into this program instead of loaded (tests, benchmarks).
@@ -115,11 +116,13 @@ impl Plugin {
         table: &'static InterceptorTable,
     ) -> Result<Arc<Plugin>, LoadError> {
         let path = format!("<static {name}>");
-        check_table(&path, table)?;
+        // SAFETY: a reference to a whole table.
+        let table = unsafe { read_table(&path, table)? };
+        check_table(&path, &table)?;
         Ok(Arc::new(Plugin {
             path: PathBuf::from(&path),
             blake3: String::new(),
-            name: table_name(table),
+            name: table_name(&table),
             table,
             _library: libloading::os::unix::Library::this().into(),
             _memfd: None,
@@ -134,6 +137,38 @@ fn table_name(table: &InterceptorTable) -> String {
         .chars()
         .take(64)
         .collect()
+}
+
+/// A copy of the plugin's table: the fields its `table_size` covers, later ones `None`.
+///
+/// # Safety
+/// `t` must point at a table of at least the size it declares (or of
+/// [`abi::TABLE_V1_SIZE`] when it declares 0).
+unsafe fn read_table(
+    path: &str,
+    t: *const InterceptorTable,
+) -> Result<InterceptorTable, LoadError> {
+    // The fields before `table_size` are in every table.
+    let declared = std::ptr::addr_of!((*t).table_size).read() as usize;
+    let size = if declared == 0 {
+        abi::TABLE_V1_SIZE
+    } else {
+        declared
+    };
+    if size < abi::TABLE_V1_SIZE {
+        return Err(LoadError::BadTable {
+            path: path.into(),
+            message: format!(
+                "table_size {declared} is smaller than the first table ({} bytes)",
+                abi::TABLE_V1_SIZE
+            ),
+        });
+    }
+    // All-zero is a valid table: every function pointer None, name NULL.
+    let mut copy = std::mem::MaybeUninit::<InterceptorTable>::zeroed();
+    let n = size.min(std::mem::size_of::<InterceptorTable>());
+    std::ptr::copy_nonoverlapping(t.cast::<u8>(), copy.as_mut_ptr().cast::<u8>(), n);
+    Ok(copy.assume_init())
 }
 
 fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
@@ -406,17 +441,20 @@ fn open(
         })?;
     // SAFETY: the entry takes no arguments and returns a pointer to a static table.
     let table = unsafe { entry() };
-    // SAFETY: the table is static data inside the library, which `Plugin` keeps loaded.
-    let table: &'static InterceptorTable =
-        unsafe { table.as_ref() }.ok_or(LoadError::BadTable {
+    if table.is_null() {
+        return Err(LoadError::BadTable {
             path: shown.into(),
             message: "entry returned NULL".into(),
-        })?;
-    check_table(shown, table)?;
+        });
+    }
+    // SAFETY: the table is static data inside the library, which `Plugin` keeps loaded,
+    // at least as long as the size it declares.
+    let table = unsafe { read_table(shown, table)? };
+    check_table(shown, &table)?;
     Ok(Plugin {
         path: canonical,
         blake3,
-        name: table_name(table),
+        name: table_name(&table),
         table,
         _library: library,
         _memfd: Some(memfd),

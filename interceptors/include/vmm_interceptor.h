@@ -156,7 +156,10 @@ struct vmm_interceptor_table {
     uint32_t abi_version;       /* VMM_INTERCEPTOR_ABI_VERSION; checked before anything else */
     uint32_t flags;             /* VMM_INTERCEPTOR_F_* */
     uint32_t supported_devices; /* mask of 1u << VMM_DEVICE_* */
-    uint32_t reserved;
+    /* sizeof(struct vmm_interceptor_table) as this header declares it. The table grows at
+     * its end; the VMM reads only the fields this size covers. 0 (the first tables) stands
+     * for the table up to capacity. */
+    uint32_t table_size;
     const char *name;           /* NUL-terminated */
     /* Returns the instance, or NULL after writing a NUL-terminated reason into err. */
     void *(*create)(const struct vmm_create_args *args, char *err, size_t err_len);
@@ -174,6 +177,15 @@ struct vmm_interceptor_table {
      * VMM_SECTOR_SIZE, or UINT64_MAX for the capacity below (as is a NULL capacity). Only
      * F_KEEP_WHEN_DISABLED plugins may expose another size. Called once, after create(). */
     uint64_t (*capacity)(void *instance);
+    /* Verifies every invariant of what the instance keeps on its disk, reading all of it if
+     * need be; called by `vmm-img check` (and the crash harness) with no request in flight,
+     * on the thread that calls the hooks. Writes JSON like stats():
+     *   {"checked": true, "problems": ["one line per broken invariant", ...],
+     *    "details": {"blocks_checked": 128, ...}}
+     * an empty problems array meaning clean, or {"checked": false} for a plugin that keeps
+     * nothing on the disk. The VMM's buffer is 1 MiB: keep the list short (the Rust SDK
+     * sends 100 lines and a count). May be NULL. */
+    size_t (*check)(void *instance, char *buf, size_t len);
 };
 
 /* The one symbol a plugin exports. */

@@ -124,6 +124,7 @@ static const struct vmm_interceptor_table table = {
     .flags = VMM_INTERCEPTOR_F_MODIFIES_DATA | VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED |
              VMM_INTERCEPTOR_F_OWNS_FORMAT,
     .supported_devices = 1u << VMM_DEVICE_BLOCK,
+    .table_size = sizeof(struct vmm_interceptor_table),
     .name = "xor",
     .create = xor_create,
     .pre = xor_pre,
@@ -131,6 +132,7 @@ static const struct vmm_interceptor_table table = {
     .stats = xor_stats,
     .destroy = xor_destroy,
     .capacity = NULL,
+    .check = NULL,
 };
 
 const struct vmm_interceptor_table *vmm_interceptor_entry(void)

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod cpu;
+pub mod image;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

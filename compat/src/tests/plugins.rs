@@ -365,3 +365,27 @@ impl Interceptor for OwnedDiscard {
         }
     }
 }
+
+/// Checks itself: clean unless its config says how many problems to report.
+pub(super) struct SelfChecking {
+    problems: u64,
+}
+
+impl Interceptor for SelfChecking {
+    const NAME: &'static std::ffi::CStr = c"self-checking";
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        Ok(SelfChecking {
+            problems: ctx.config["problems"].as_u64().unwrap_or(0),
+        })
+    }
+
+    fn check(&self) -> Option<interceptor_sdk::CheckReport> {
+        let mut r = interceptor_sdk::CheckReport::default();
+        r.details.insert("blocks_checked".into(), 8.into());
+        r.problems = (0..self.problems)
+            .map(|i| format!("block {i} is bad"))
+            .collect();
+        Some(r)
+    }
+}

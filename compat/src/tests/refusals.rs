@@ -72,3 +72,60 @@ fn the_loader_refuses_what_is_not_a_regular_file_without_blocking() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The check hook's report reaches the host whole; a long list is cut at the SDK's bound
+/// with a count; a plugin without the hook (or a table that predates it) has none.
+#[test]
+fn a_check_report_reaches_the_host_and_old_tables_have_none() {
+    let disk = MemDisk::new(1 << 20);
+    let check = |problems: u64| {
+        let chain = [spec(
+            "c",
+            static_table!(SelfChecking),
+            serde_json::json!({ "problems": problems }),
+        )];
+        let stack = BlockStack::build("vda", disk.clone(), &chain).unwrap();
+        let outcome = stack.layers()[0].check().unwrap().unwrap();
+        outcome
+    };
+    let clean = check(0);
+    assert!(clean.problems.is_empty());
+    assert_eq!(clean.details["blocks_checked"], 8);
+    assert_eq!(check(2).problems, ["block 0 is bad", "block 1 is bad"]);
+    let many = check(250);
+    assert_eq!(many.problems.len(), 101);
+    assert_eq!(many.problems[100], "... and 150 more");
+
+    // A plugin that keeps nothing on the disk: the SDK answers "not checked".
+    let stack = BlockStack::build("vda", disk.clone(), &[recorder("r", "x", "", "")]).unwrap();
+    assert_eq!(stack.layers()[0].check().unwrap(), None);
+
+    // A table of the first size: the host never reads past it, so its check is not seen.
+    static mut OLD: abi::InterceptorTable = interceptor_sdk::table::<SelfChecking>();
+    // SAFETY: written once here, before any reader.
+    let old = unsafe {
+        let t = &mut *std::ptr::addr_of_mut!(OLD);
+        t.table_size = abi::TABLE_V1_SIZE as u32;
+        &*t
+    };
+    let plugin = Plugin::from_static("old", old).unwrap();
+    let chain = [InstanceSpec {
+        id: "o".into(),
+        plugin,
+        config_json: "{}".into(),
+        enabled: true,
+    }];
+    let stack = BlockStack::build("vda", disk.clone(), &chain).unwrap();
+    assert_eq!(stack.layers()[0].check().unwrap(), None);
+
+    // A size smaller than the first table is refused.
+    static mut TINY: abi::InterceptorTable = interceptor_sdk::table::<SelfChecking>();
+    // SAFETY: as above.
+    let tiny = unsafe {
+        let t = &mut *std::ptr::addr_of_mut!(TINY);
+        t.table_size = 8;
+        &*t
+    };
+    let e = Plugin::from_static("tiny", tiny).unwrap_err().to_string();
+    assert!(e.contains("table_size 8 is smaller"), "{e}");
+}

@@ -138,16 +138,23 @@ pub type StatsFn =
     unsafe extern "C" fn(instance: *mut c_void, buf: *mut c_char, len: usize) -> usize;
 pub type DestroyFn = unsafe extern "C" fn(instance: *mut c_void);
 pub type CapacityFn = unsafe extern "C" fn(instance: *mut c_void) -> u64;
+/// Same calling convention as [`StatsFn`]; the JSON is a check report (see the header).
+pub type CheckFn =
+    unsafe extern "C" fn(instance: *mut c_void, buf: *mut c_char, len: usize) -> usize;
 /// The type of the exported entry symbol.
 pub type EntryFn = unsafe extern "C" fn() -> *const InterceptorTable;
 
 /// `struct vmm_interceptor_table`: what the entry symbol returns.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct InterceptorTable {
     pub abi_version: u32,
     pub flags: u32,
     pub supported_devices: u32,
-    pub reserved: u32,
+    /// `size_of` the table the plugin was built with; 0 (the first tables) means
+    /// [`TABLE_V1_SIZE`]. The host reads only the fields that size covers, so the table
+    /// grows at its end without a new ABI version.
+    pub table_size: u32,
     pub name: *const c_char,
     pub create: Option<CreateFn>,
     pub pre: Option<PreFn>,
@@ -155,7 +162,13 @@ pub struct InterceptorTable {
     pub stats: Option<StatsFn>,
     pub destroy: Option<DestroyFn>,
     pub capacity: Option<CapacityFn>,
+    /// Verifies what the instance keeps on its disk (`vmm-img check`). Added after the
+    /// first tables: present when `table_size` covers it.
+    pub check: Option<CheckFn>,
 }
+
+/// Bytes of the first table (up to `capacity`), which a `table_size` of 0 stands for.
+pub const TABLE_V1_SIZE: usize = std::mem::offset_of!(InterceptorTable, check);
 
 // SAFETY: a table is immutable static data (function pointers and a pointer to a static
 // name); sharing it between threads is what the ABI promises.

@@ -28,7 +28,8 @@ int main(void) {
     O(vmm_interceptor_table, name) O(vmm_interceptor_table, create)
     O(vmm_interceptor_table, pre) O(vmm_interceptor_table, post)
     O(vmm_interceptor_table, stats) O(vmm_interceptor_table, destroy)
-    O(vmm_interceptor_table, capacity)
+    O(vmm_interceptor_table, capacity) O(vmm_interceptor_table, table_size)
+    O(vmm_interceptor_table, check)
     C(VMM_INTERCEPTOR_ABI_VERSION) C(VMM_SECTOR_SIZE) C(VMM_DEVICE_BLOCK) C(VMM_DEVICE_NET)
     C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
     C(VMM_REQ_WRITE_ZEROES)
@@ -120,6 +121,8 @@ fn rust_view() -> BTreeMap<String, String> {
         t("stats", offset_of!(InterceptorTable, stats)),
         t("destroy", offset_of!(InterceptorTable, destroy)),
         t("capacity", offset_of!(InterceptorTable, capacity)),
+        t("table_size", offset_of!(InterceptorTable, table_size)),
+        t("check", offset_of!(InterceptorTable, check)),
     ] {
         put(&k, v);
     }

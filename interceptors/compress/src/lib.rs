@@ -152,21 +152,16 @@ impl Compress {
         let checks = blocks.iter().map(|b| block_check(&key, b)).collect();
         let raw: Vec<u8> = blocks.concat();
         if !raw_only {
-            if let Ok(c) = st.compressor.compress(&raw) {
-                // Kept compressed only when it saves at least 1/8, counted in the sectors it
-                // takes.
-                let stored = (c.len() as u64).next_multiple_of(SECTOR);
-                if stored <= raw.len() as u64 - raw.len() as u64 / 8 {
-                    self.stats.extents_zstd.fetch_add(1, Relaxed);
-                    self.stats.zstd_in.fetch_add(raw.len() as u64, Relaxed);
-                    self.stats.zstd_out.fetch_add(c.len() as u64, Relaxed);
-                    return NewExtent {
-                        first_block: first,
-                        codec: Codec::Zstd,
-                        bytes: c,
-                        checks,
-                    };
-                }
+            if let Some(c) = compress_extent(&mut st.compressor, &raw) {
+                self.stats.extents_zstd.fetch_add(1, Relaxed);
+                self.stats.zstd_in.fetch_add(raw.len() as u64, Relaxed);
+                self.stats.zstd_out.fetch_add(c.len() as u64, Relaxed);
+                return NewExtent {
+                    first_block: first,
+                    codec: Codec::Zstd,
+                    bytes: c,
+                    checks,
+                };
             }
         }
         self.stats.extents_raw.fetch_add(1, Relaxed);
@@ -276,6 +271,15 @@ impl StoreLayer for Compress {
     }
 }
 
+/// `raw` (one extent of guest blocks) as one zstd frame, or `None` where that does not save
+/// at least 1/8 of it, counted in the sectors it takes (ZFS's rule): the extent is stored
+/// raw then.
+pub fn compress_extent(c: &mut zstd::bulk::Compressor<'_>, raw: &[u8]) -> Option<Vec<u8>> {
+    let z = c.compress(raw).ok()?;
+    let stored = (z.len() as u64).next_multiple_of(SECTOR);
+    (stored <= raw.len() as u64 - raw.len() as u64 / 8).then_some(z)
+}
+
 impl Interceptor for Compress {
     const NAME: &'static std::ffi::CStr = c"compress";
     // Its layout is its own (a store): it stays in the path while disabled and does all its
@@ -309,6 +313,15 @@ impl Interceptor for Compress {
             }
         }
         v
+    }
+
+    fn check(&self) -> Option<interceptor_sdk::CheckReport> {
+        let mut report = interceptor_sdk::CheckReport::default();
+        match self.state.lock() {
+            Ok(mut st) => (report.problems, report.details) = st.vol.check(),
+            Err(_) => report.problems.push("the state lock is poisoned".into()),
+        }
+        Some(report)
     }
 
     fn capacity(&self) -> Option<u64> {

@@ -121,6 +121,9 @@ fn a_damaged_extent_reads_as_an_error_never_as_other_data() {
     let u = text(64 << 10, 10);
     write(&s, 64 << 10, &u);
     flush(&s);
+    let clean = s.layers()[0].check().unwrap().unwrap();
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    assert_eq!(clean.details["blocks_checked"], 32);
     drop(s);
     // Find the first extent's bytes (the first data the store wrote) and flip one.
     let s = stack(&disk, json!({})).unwrap();
@@ -137,6 +140,15 @@ fn a_damaged_extent_reads_as_an_error_never_as_other_data() {
         d[at + 100] ^= 0x20;
     }
     let s = stack(&disk, json!({})).unwrap();
+    // The check finds it without a read from the guest: the extent does not decode, or
+    // blocks of it (the first 16) do not match their checks.
+    let c = s.layers()[0].check().unwrap().unwrap();
+    assert!(!c.problems.is_empty());
+    for p in &c.problems {
+        let in_first = (0..16).any(|b| p.starts_with(&format!("block {b}: ")));
+        assert!(in_first || p.starts_with("the extent at sector"), "{p}");
+    }
+    assert_eq!(c.details["extents_checked"], 2);
     // The first extent is damaged (which of its blocks the flipped byte decodes into is
     // zstd's business): reading all of it fails; the second reads back.
     let a = read(&s, 0, 64 << 10);

@@ -61,7 +61,12 @@ fn default_true() -> bool {
     true
 }
 
-type Address = [u8; 32];
+pub type Address = [u8; 32];
+
+/// A block's address: the BLAKE3-256 of its contents keyed with the store's key.
+pub fn address_of(key: &[u8; 32], block: &[u8]) -> Address {
+    *blake3::keyed_hash(key, block).as_bytes()
+}
 
 /// Addresses of live extents, least recently used first out.
 struct Index {
@@ -211,7 +216,7 @@ impl Dedup {
                 .store
                 .read_extent_part(sector, 0, &mut buf)
                 .map_err(store_err)?;
-            let address = *blake3::keyed_hash(&key, &buf).as_bytes();
+            let address = address_of(&key, &buf);
             let e = Entry::Stored {
                 sector,
                 stored_len: len,
@@ -252,7 +257,7 @@ impl Dedup {
                 continue;
             }
             let block = first + i as u64;
-            let address = *blake3::keyed_hash(&key, data).as_bytes();
+            let address = address_of(&key, data);
             if look {
                 if let Some(e) = st.index.by_address.get(&address) {
                     hits.push((block, *e));
@@ -415,6 +420,50 @@ impl Interceptor for Dedup {
             }
         }
         v
+    }
+
+    /// The store's invariants, and the index's: every address it holds names a live
+    /// extent whose contents hash to that address (a stale entry would point a new block at
+    /// someone else's data).
+    fn check(&self) -> Option<interceptor_sdk::CheckReport> {
+        let mut report = interceptor_sdk::CheckReport::default();
+        let Ok(mut st) = self.state.lock() else {
+            report.problems.push("the state lock is poisoned".into());
+            return Some(report);
+        };
+        let (mut problems, mut details) = st.vol.check();
+        let key = *st.vol.store.key();
+        let entries: Vec<(Address, Entry)> =
+            st.index.by_address.iter().map(|(a, e)| (*a, *e)).collect();
+        let mut buf = vec![0u8; BLOCK as usize];
+        for (address, e) in &entries {
+            let Entry::Stored { sector, .. } = *e else {
+                problems.push("the index holds a hole".into());
+                continue;
+            };
+            if st.vol.store.space().extent(sector).is_none() {
+                problems.push(format!(
+                    "the index names the extent at sector {sector}, which is not live"
+                ));
+                continue;
+            }
+            if st.index.by_sector.get(&sector) != Some(address) {
+                problems.push(format!(
+                    "the index's two tables disagree on the extent at sector {sector}"
+                ));
+            }
+            match st.vol.store.read_extent_part(sector, 0, &mut buf) {
+                Ok(()) if address_of(&key, &buf) == *address => {}
+                Ok(()) => problems.push(format!(
+                    "the index's address for the extent at sector {sector} is not its contents'"
+                )),
+                Err(err) => problems.push(format!("the extent at sector {sector}: {err}")),
+            }
+        }
+        details.insert("index_entries_checked".into(), entries.len().into());
+        report.problems = problems;
+        report.details = details;
+        Some(report)
     }
 
     fn capacity(&self) -> Option<u64> {

@@ -192,6 +192,14 @@ fn a_random_workload_with_few_contents_reads_back_what_a_byte_array_holds() {
                 flush(&s);
                 drop(s);
                 s = stack(&disk, cfg.clone()).unwrap();
+                // Refcounts, space and index agree with the map after every reopen.
+                let c = s.layers()[0].check().unwrap().unwrap();
+                assert!(c.problems.is_empty(), "step {step}: {:?}", c.problems);
+            }
+            6 if step % 50 == 6 => {
+                // And while it runs, uncommitted changes and all.
+                let c = s.layers()[0].check().unwrap().unwrap();
+                assert!(c.problems.is_empty(), "step {step}: {:?}", c.problems);
             }
             _ => {
                 let (a, b) = (first * 4096, (first + count) * 4096);

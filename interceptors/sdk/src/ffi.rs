@@ -11,7 +11,7 @@ pub const fn table<T: Interceptor>() -> abi::InterceptorTable {
         abi_version: abi::ABI_VERSION,
         flags: T::FLAGS,
         supported_devices: T::DEVICES,
-        reserved: 0,
+        table_size: std::mem::size_of::<abi::InterceptorTable>() as u32,
         name: T::NAME.as_ptr(),
         create: Some(create::<T>),
         pre: Some(pre::<T>),
@@ -19,6 +19,7 @@ pub const fn table<T: Interceptor>() -> abi::InterceptorTable {
         stats: Some(stats::<T>),
         destroy: Some(destroy::<T>),
         capacity: Some(capacity::<T>),
+        check: Some(check::<T>),
     }
 }
 
@@ -147,6 +148,29 @@ unsafe extern "C" fn stats<T: Interceptor>(
     .unwrap_or_else(|p| {
         serde_json::json!({ "error": format!("stats panicked: {}", panic_message(&*p)) })
             .to_string()
+    });
+    write_c(&text, buf, len)
+}
+
+unsafe extern "C" fn check<T: Interceptor>(
+    instance: *mut c_void,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
+    let text = catch_unwind(AssertUnwindSafe(|| {
+        let report = instance.cast::<T>().as_ref().and_then(|me| me.check());
+        match report {
+            None => serde_json::json!({ "checked": false }),
+            Some(r) => r.to_json(),
+        }
+        .to_string()
+    }))
+    .unwrap_or_else(|p| {
+        serde_json::json!({
+            "checked": true,
+            "problems": [format!("check panicked: {}", panic_message(&*p))],
+        })
+        .to_string()
     });
     write_c(&text, buf, len)
 }

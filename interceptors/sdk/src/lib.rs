@@ -177,6 +177,61 @@ pub trait Interceptor: Sized + Send + Sync + 'static {
     fn capacity(&self) -> Option<u64> {
         None
     }
+
+    /// Verifies every invariant of what the instance keeps on its disk, reading all of it
+    /// if need be (`vmm-img check` calls it with no requests in flight); `None` for a
+    /// plugin that keeps nothing there. It may do I/O through its [`Lower`].
+    fn check(&self) -> Option<CheckReport> {
+        None
+    }
+}
+
+/// What [`Interceptor::check`] found.
+///
+/// ```
+/// use interceptor_sdk::CheckReport;
+///
+/// let mut r = CheckReport::default();
+/// r.details.insert("blocks_checked".into(), 128.into());
+/// r.problems.push("block 7: its tag does not match".into());
+/// assert!(!r.is_clean());
+/// assert_eq!(r.to_json()["problems"][0], "block 7: its tag does not match");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckReport {
+    /// Each broken invariant, one line each; empty when the disk is clean.
+    pub problems: Vec<String>,
+    /// What was checked (counts, the format's version), printed beside the verdict.
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CheckReport {
+    /// Problems a report carries at most; the rest are counted in one more line.
+    pub const MAX_PROBLEMS: usize = 100;
+
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// The report as the ABI's check hook writes it:
+    /// `{"checked": true, "problems": [...], "details": {...}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut problems: Vec<serde_json::Value> = self
+            .problems
+            .iter()
+            .take(Self::MAX_PROBLEMS)
+            .map(|p| p.as_str().into())
+            .collect();
+        if self.problems.len() > Self::MAX_PROBLEMS {
+            let more = self.problems.len() - Self::MAX_PROBLEMS;
+            problems.push(format!("... and {more} more").into());
+        }
+        serde_json::json!({
+            "checked": true,
+            "problems": problems,
+            "details": self.details,
+        })
+    }
 }
 
 /// Exports `$t` as the plugin of this `cdylib`: defines the `vmm_interceptor_entry` symbol.

@@ -261,9 +261,35 @@ impl Model {
     }
 }
 
-/// Reads every block of `stack` and checks it against `e`; the first violation, in words.
-/// Returns what it read, block by block.
+/// Reads every block of `stack` and checks it against `e`, then runs every layer's own
+/// check (what `vmm-img check` runs: map, refcounts, space, tags); the first violation, in
+/// words. Returns what it read, block by block.
 pub fn check(stack: &BlockStack, e: &Expectation) -> Result<Vec<Vec<u8>>, String> {
+    let seen = check_blocks(stack, e)?;
+    check_layers(stack)?;
+    Ok(seen)
+}
+
+/// Every layer's check hook: clean, or the problems it found.
+pub fn check_layers(stack: &BlockStack) -> Result<(), String> {
+    for layer in stack.layers() {
+        match layer.check() {
+            Ok(Some(c)) if !c.problems.is_empty() => {
+                return Err(format!(
+                    "{}: check found {} problems: {}",
+                    layer.id(),
+                    c.problems.len(),
+                    c.problems.join("; ")
+                ))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(format!("{}: check: {err}", layer.id())),
+        }
+    }
+    Ok(())
+}
+
+fn check_blocks(stack: &BlockStack, e: &Expectation) -> Result<Vec<Vec<u8>>, String> {
     let mut seen = Vec::with_capacity(e.allowed.len());
     for (block, allowed) in e.allowed.iter().enumerate() {
         let mut buf = vec![0u8; e.block_bytes];

@@ -73,7 +73,7 @@ const fn table(i: usize) -> InterceptorTable {
         abi_version: abi::ABI_VERSION,
         flags: (i & 7) as u32,
         supported_devices: abi::DeviceKind::Block.mask(),
-        reserved: 0,
+        table_size: 0,
         name: c"fuzz".as_ptr(),
         create: Some(fz_create),
         pre: Some(fz_pre),
@@ -81,6 +81,7 @@ const fn table(i: usize) -> InterceptorTable {
         stats: if i & 16 != 0 { Some(fz_stats) } else { None },
         destroy: Some(fz_destroy),
         capacity: if i & 8 != 0 { Some(fz_capacity) } else { None },
+        check: None,
     };
     // The broken ones.
     match i {

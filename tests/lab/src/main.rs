@@ -138,7 +138,9 @@ struct GuestArgs {
     /// 4 KiB blocks, report each one's sha256 or EIO), `rocheck=/dev/vdX` (try to write a
     /// read-only disk), `rebind` (unbind and rebind the data disk's driver through sysfs),
     /// `stamp` (write numbered blocks until stopped), `queues` (how many request queues the
-    /// data disk has). guest-kernel/rootfs/init has them all.
+    /// data disk has), `discard` (blkdiscard the data disk), `tarcopy=M` (a tar of the
+    /// guest's own files at MiB M), `zerofill=M,N` (N MiB of zeroes at MiB M).
+    /// guest-kernel/rootfs/init has them all.
     #[arg(long, default_value = "selftest")]
     task: String,
     /// Write the run's report as JSON to this file.

@@ -1,6 +1,7 @@
 //! Helpers shared by the harness's integration tests.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod encfmt;
 pub mod openapi;
 pub mod stack;
