@@ -12,6 +12,8 @@ PACKAGES=(
     cpio xz-utils kmod file      # initramfs, module resolution
     busybox-static fio e2fsprogs # guest userland and root image
     openssl                      # the peer of the encryption benchmark (openssl speed)
+    zstd b3sum                   # the peers of the compression and dedup benchmarks, and
+                                 # zstd -3 beside the compression plugin in a guest test
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

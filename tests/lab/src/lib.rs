@@ -12,6 +12,7 @@ pub mod detect;
 pub mod fio;
 pub mod guest;
 pub mod labvm;
+pub mod layers;
 pub mod lines;
 pub mod paths;
 pub mod plugins;

@@ -489,6 +489,12 @@ struct BenchReport {
     fio_boot_cpu: cpu::ProcessCpu,
     /// The VMM process's and the machine's CPU while each job ran.
     job_cpu: Vec<JobCpu>,
+    /// Each interceptor's stats when the fio boot's vmm exited.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layers: Vec<vmm_lab::layers::LayerStats>,
+    /// What `vmm-img info` said of the data disk after the fio boot (with interceptors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_info: Option<String>,
 }
 
 impl BenchReport {
@@ -640,6 +646,7 @@ fn cmd_bench(a: BenchArgs) -> Result<i32> {
             print_ratios(&format!("{} / vmm", r[0].label), vmm, r);
         }
         print_cpu_compare(&runs, &jobs);
+        print_layers(&runs);
         let labels: Vec<String> = qemus.iter().map(|q| q[0].label.clone()).collect();
         compared = Some((labels, rows));
     }
@@ -658,6 +665,30 @@ fn cmd_bench(a: BenchArgs) -> Result<i32> {
         }
     }
     Ok(code)
+}
+
+/// After the tables: what each interceptor of each variant did in its last round, and what
+/// `vmm-img info` said of its disk.
+fn print_layers(runs: &[Vec<BenchReport>]) {
+    for r in runs.iter().filter_map(|v| v.last()) {
+        if r.layers.is_empty() {
+            continue;
+        }
+        println!();
+        println!(
+            "{} (round {}): what each layer did over the fio boot, top first",
+            r.label, r.round
+        );
+        for l in &r.layers {
+            println!("  {}", vmm_lab::layers::summary(l));
+        }
+        if let Some(info) = &r.image_info {
+            println!("vmm-img info of its data disk:");
+            for line in info.lines() {
+                println!("  {line}");
+            }
+        }
+    }
 }
 
 /// Mean IOPS of one job direction over the rounds of one variant.
@@ -1098,7 +1129,15 @@ fn bench_one(
             }
         })
         .collect();
+    let image_info = match (&opts.interceptors, spec.data_disks.first()) {
+        (Some(chain), Some(disk)) if opts.backend == Backend::Vmm => {
+            Some(vmm_lab::layers::image_info(&disk.path, chain))
+        }
+        _ => None,
+    };
     let report = BenchReport {
+        layers: vmm_lab::layers::from_transcript(&run.transcript),
+        image_info,
         label: label.to_string(),
         round,
         backend: opts.backend,
