@@ -13,6 +13,8 @@ pub const DISK: usize = 16 << 20;
 
 pub struct MemDisk {
     pub data: Mutex<Vec<u8>>,
+    /// Bytes written to it so far (for write amplification).
+    pub written: std::sync::atomic::AtomicU64,
     capacity: u64,
 }
 
@@ -25,6 +27,7 @@ impl MemDisk {
     pub fn with_size(bytes: usize) -> Arc<MemDisk> {
         Arc::new(MemDisk {
             data: Mutex::new(vec![0; bytes]),
+            written: Default::default(),
             capacity: bytes as u64,
         })
     }
@@ -53,6 +56,8 @@ impl BlockBackend for MemDisk {
                     data[at..at + s.len].copy_from_slice(src);
                     at += s.len;
                 }
+                self.written
+                    .fetch_add(req.len, std::sync::atomic::Ordering::Relaxed);
             }
             BlockRequestKind::Flush => {}
             _ => return RequestStatus::Unsupported,

@@ -33,6 +33,7 @@ mod guest;
 mod input;
 mod mmio;
 mod plugin;
+mod store;
 
 pub use api::api;
 pub use blk::{blk_queue, blk_request};
@@ -40,6 +41,7 @@ pub use config::config;
 pub use encrypt::encrypt_open;
 pub use mmio::mmio;
 pub use plugin::plugin_boundary;
+pub use store::store_open;
 
 /// A harness: one fuzz input in, a panic out if something broke.
 pub type Harness = fn(&[u8]);
@@ -53,4 +55,5 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("api", api),
     ("plugin_boundary", plugin_boundary),
     ("encrypt_open", encrypt_open),
+    ("store_open", store_open),
 ];

@@ -94,6 +94,11 @@ fn encrypt_open() {
 }
 
 #[test]
+fn store_open() {
+    corpus("store_open");
+}
+
+#[test]
 fn every_target_has_a_test() {
     let tested = [
         "blk_request",
@@ -103,6 +108,7 @@ fn every_target_has_a_test() {
         "api",
         "plugin_boundary",
         "encrypt_open",
+        "store_open",
     ];
     for (name, _) in fuzz_replay::TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");
