@@ -1362,6 +1362,8 @@ mod tests {
                 })
                 .collect(),
             fio_wall_to_init_ms: Some(1000.0),
+            layers: Vec::new(),
+            image_info: None,
             fio_cpu: Vec::new(),
             fio_boot_cpu: cpu::ProcessCpu::default(),
             job_cpu: Vec::new(),
