@@ -255,7 +255,8 @@ pub fn sniff(image: &Path) -> Result<Option<String>, String> {
             b"VMMCRYPT" => format!("encrypt layout v{version}"),
             b"VMMREMAP" => format!("remap layout v{version}"),
             b"VMMSTORE" => {
-                let owner: String = head[at + 12..at + 28]
+                // The owner's 16 bytes may be cut off by a short (hostile) file.
+                let owner: String = head[at + 12..head.len().min(at + 28)]
                     .iter()
                     .take_while(|&&b| b != 0)
                     .map(|&b| char::from(b))
@@ -267,4 +268,29 @@ pub fn sniff(image: &Path) -> Result<Option<String>, String> {
         return Ok(Some(what));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff;
+
+    /// A file that ends inside a superblock (someone wrote the magic and stopped) is named
+    /// from what is there, never read past its end.
+    #[test]
+    fn sniffing_a_file_cut_short_inside_its_header_does_not_read_past_it() {
+        let dir = std::env::temp_dir().join(format!("vmm-img-sniff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("short.img");
+        let mut bytes = vec![0u8; 4096];
+        bytes.extend_from_slice(b"VMMSTORE\x01\0\0\0dedu");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            sniff(&path).unwrap().as_deref(),
+            Some("extent store v1 of `dedu`")
+        );
+        // Magic and nothing after it: too short to name.
+        std::fs::write(&path, b"VMMCRYPT").unwrap();
+        assert_eq!(sniff(&path).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
