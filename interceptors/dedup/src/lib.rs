@@ -63,10 +63,8 @@ fn default_true() -> bool {
 
 pub type Address = [u8; 32];
 
-/// A block's address: the BLAKE3-256 of its contents keyed with the store's key.
-pub fn address_of(key: &[u8; 32], block: &[u8]) -> Address {
-    *blake3::keyed_hash(key, block).as_bytes()
-}
+mod hash;
+pub use hash::{address_of, addresses_of};
 
 /// Addresses of live extents, least recently used first out.
 struct Index {
@@ -252,12 +250,19 @@ impl Dedup {
         // Blocks to point at another block of this request once it is stored.
         let mut later: Vec<(u64, u64)> = Vec::new();
         let mut hits = Vec::new();
+        let data_blocks: Vec<&[u8]> = blocks
+            .iter()
+            .zip(&zero)
+            .filter(|(_, &z)| !z)
+            .map(|(b, _)| b.as_slice())
+            .collect();
+        let mut addresses = addresses_of(&key, &data_blocks).into_iter();
         for (i, data) in blocks.iter().enumerate() {
             if zero[i] {
                 continue;
             }
             let block = first + i as u64;
-            let address = address_of(&key, data);
+            let address = addresses.next().ok_or("an address per data block")?;
             if look {
                 if let Some(e) = st.index.by_address.get(&address) {
                     hits.push((block, *e));
