@@ -14,16 +14,19 @@ mod latency;
 mod live;
 mod loader;
 mod lower;
+mod net;
 mod stack;
 
 pub use block::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
 pub use event_manager;
 pub use instance::{CheckOutcome, Instance, InstanceCounters, InstanceSpec};
+pub use interceptor_abi as abi;
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};
 pub use io_thread::{IoSubscriber, IoThread, IoThreadGone, ThreadStart};
 pub use latency::LatencyHistogram;
 pub use live::{ChainError, LiveStack};
 pub use loader::{LoadError, Plugin, PluginRegistry};
+pub use net::{Direction, FrameBuf, NetChain, Verdict, MAX_ANSWERS, MAX_FRAME, MAX_HEADROOM};
 pub use stack::{BlockStack, BuildError, InFlight, StackCounters, Started, MAX_CHAIN};
 
 #[cfg(test)]

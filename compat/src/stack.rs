@@ -529,6 +529,7 @@ impl Parts {
             nsegments: segments.len() as u32,
             device_kind: DeviceKind::Block as u32,
             device_id: layer.device_id_ptr(),
+            net: std::ptr::null_mut(),
         }
     }
 }

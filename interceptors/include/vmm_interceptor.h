@@ -61,6 +61,8 @@ extern "C" {
 #define VMM_REQ_DISCARD 4u
 #define VMM_REQ_GET_ID 5u
 #define VMM_REQ_WRITE_ZEROES 6u
+#define VMM_REQ_NET_TX 7u /* a frame from the guest to the tap: pre hooks, top to bottom */
+#define VMM_REQ_NET_RX 8u /* a frame from the tap to the guest: post hooks, bottom to top */
 
 /* Request flags. */
 #define VMM_REQ_F_DATA_PRIVATE 1u /* segments are a bounce buffer the hook may modify */
@@ -99,6 +101,10 @@ extern "C" {
  * instance that does not (one loaded at run time): while such an instance is in the path,
  * they are answered VMM_STATUS_UNSUPP. */
 #define VMM_INTERCEPTOR_F_HANDLES_DISCARD 8u
+/* A net plugin that needs each frame whole and plain (it seals or rewrites the payload): a
+ * device with one in its chain negotiates no checksum or segmentation offload with the
+ * guest or the tap, so every frame is at most the MTU and carries its checksums. */
+#define VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES 16u
 
 /* Log levels for vmm_lower.log. */
 #define VMM_LOG_ERROR 1u
@@ -122,6 +128,36 @@ struct vmm_request {
     uint32_t nsegments;
     uint32_t device_kind; /* VMM_DEVICE_* */
     const char *device_id; /* NUL-terminated, as in the VMM's config */
+    /* The frame of a VMM_REQ_NET_TX or VMM_REQ_NET_RX; NULL for block requests (added after
+     * the first ABI: block plugins built before it never read it). */
+    struct vmm_net_frame *net;
+};
+
+/* struct virtio_net_hdr_v1: the offload header that travels with a frame. */
+struct vmm_net_header {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
+
+/* One Ethernet frame, in a private buffer the hook may change (net requests only). A pre
+ * hook (TX) returns VMM_CONTINUE to pass the frame on, VMM_COMPLETE to take it (it goes no
+ * further: dropped or answered), VMM_FAIL to drop it as an error. A post hook (RX; slot is
+ * NULL, status VMM_STATUS_OK) returns VMM_STATUS_OK to pass it on, anything else drops it. */
+struct vmm_net_frame {
+    uint8_t *data;     /* the frame, from its Ethernet header (no virtio header) */
+    uint32_t len;      /* its length: a hook may set it from 14 to capacity */
+    uint32_t capacity; /* bytes data holds */
+    struct vmm_net_header header; /* keep it true if the frame changes; all zero for
+                                   * VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES plugins */
+    void *inject_ctx;
+    /* Sends frame (len bytes) back the way this one came (to the guest for TX, to the tap
+     * for RX), past the other instances; returns a VMM_STATUS_*. */
+    uint32_t (*inject)(void *inject_ctx, const uint8_t *frame, uint32_t len);
 };
 
 /* "The layers below": the interceptors under this instance in its device's chain, then the
@@ -186,6 +222,9 @@ struct vmm_interceptor_table {
      * nothing on the disk. The VMM's buffer is 1 MiB: keep the list short (the Rust SDK
      * sends 100 lines and a count). May be NULL. */
     size_t (*check)(void *instance, char *buf, size_t len);
+    /* Bytes a net plugin may add to a frame (a seal's nonce and tag): the device lowers the
+     * MTU it tells the guest by the chain's sum. Present when table_size covers it. */
+    uint32_t net_headroom;
 };
 
 /* The one symbol a plugin exports. */

@@ -2,6 +2,7 @@
 
 pub mod block;
 mod mmio;
+pub mod net;
 
 pub use mmio::{MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_SIZE};
 

@@ -44,6 +44,11 @@ pub const REQ_DISCARD: u32 = 4;
 pub const REQ_GET_ID: u32 = 5;
 /// Zero a range (no segments; `offset` and `len` are the range).
 pub const REQ_WRITE_ZEROES: u32 = 6;
+/// A frame the guest sends, on its way to the tap: seen by pre hooks, top to bottom
+/// (`Request::net` is the frame).
+pub const REQ_NET_TX: u32 = 7;
+/// A frame for the guest, on its way from the tap: seen by post hooks, bottom to top.
+pub const REQ_NET_RX: u32 = 8;
 
 /// The segments are a private bounce buffer the hook may modify.
 pub const REQ_F_DATA_PRIVATE: u32 = 1;
@@ -69,6 +74,10 @@ pub const F_OWNS_FORMAT: u32 = 4;
 /// only when every instance a discard would reach declares this (each down to the first
 /// that also declares `F_OWNS_FORMAT`: that one answers them itself, a `CONTINUE` is failed).
 pub const F_HANDLES_DISCARD: u32 = 8;
+/// A net plugin that needs each frame whole and plain: a device with one in its chain
+/// negotiates no checksum or segmentation offload with the guest or the tap, so frames
+/// are at most the MTU and carry their checksums.
+pub const F_NET_PLAIN_FRAMES: u32 = 16;
 
 pub const LOG_ERROR: u32 = 1;
 pub const LOG_WARN: u32 = 2;
@@ -95,7 +104,49 @@ pub struct Request {
     pub nsegments: u32,
     pub device_kind: u32,
     pub device_id: *const c_char,
+    /// The frame of a `REQ_NET_TX` or `REQ_NET_RX`; NULL for block requests. Added after
+    /// the first ABI: block plugins built before it never read it.
+    pub net: *mut NetFrame,
 }
+
+/// `struct virtio_net_hdr_v1`: the offload header that travels with a frame between the
+/// guest and the tap (checksum still to compute, segmentation still to do).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    pub num_buffers: u16,
+}
+
+/// Answers a frame: sends `frame` (`len` bytes, from its Ethernet header) back the way the
+/// frame came (to the guest for a TX frame, to the tap for an RX one), past the other
+/// instances. Returns a `STATUS_*`.
+pub type InjectFn = unsafe extern "C" fn(ctx: *mut c_void, frame: *const u8, len: u32) -> u32;
+
+/// `struct vmm_net_frame`: one Ethernet frame in a private buffer the hook may change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetFrame {
+    /// The frame, from its Ethernet header (no virtio header).
+    pub data: *mut u8,
+    /// Its length; a hook may set it to anything from 14 to `capacity`.
+    pub len: u32,
+    /// Bytes `data` holds.
+    pub capacity: u32,
+    /// The frame's offload header; a hook that changes the frame must keep it true
+    /// (`F_NET_PLAIN_FRAMES` plugins see it all zero).
+    pub header: NetHeader,
+    pub inject_ctx: *mut c_void,
+    pub inject: Option<InjectFn>,
+}
+
+/// The smallest frame (an Ethernet header).
+pub const NET_FRAME_MIN: u32 = 14;
 
 /// `struct vmm_lower`: the layers below an instance.
 #[repr(C)]
@@ -165,6 +216,9 @@ pub struct InterceptorTable {
     /// Verifies what the instance keeps on its disk (`vmm-img check`). Added after the
     /// first tables: present when `table_size` covers it.
     pub check: Option<CheckFn>,
+    /// Bytes a net plugin may add to a frame (a seal's nonce and tag): the device lowers
+    /// the MTU it tells the guest by the chain's sum. Present when `table_size` covers it.
+    pub net_headroom: u32,
 }
 
 /// Bytes of the first table (up to `capacity`), which a `table_size` of 0 stands for.

@@ -17,7 +17,12 @@ int main(void) {
     S(vmm_segment) O(vmm_segment, base) O(vmm_segment, len)
     S(vmm_request) O(vmm_request, kind) O(vmm_request, flags) O(vmm_request, offset)
     O(vmm_request, len) O(vmm_request, segments) O(vmm_request, nsegments)
-    O(vmm_request, device_kind) O(vmm_request, device_id)
+    O(vmm_request, device_kind) O(vmm_request, device_id) O(vmm_request, net)
+    S(vmm_net_header) O(vmm_net_header, flags) O(vmm_net_header, gso_type)
+    O(vmm_net_header, hdr_len) O(vmm_net_header, gso_size) O(vmm_net_header, csum_start)
+    O(vmm_net_header, csum_offset) O(vmm_net_header, num_buffers)
+    S(vmm_net_frame) O(vmm_net_frame, data) O(vmm_net_frame, len) O(vmm_net_frame, capacity)
+    O(vmm_net_frame, header) O(vmm_net_frame, inject_ctx) O(vmm_net_frame, inject)
     S(vmm_lower) O(vmm_lower, ctx) O(vmm_lower, read) O(vmm_lower, write) O(vmm_lower, flush)
     O(vmm_lower, log) O(vmm_lower, capacity) O(vmm_lower, discard)
     S(vmm_create_args) O(vmm_create_args, instance_id) O(vmm_create_args, config_json)
@@ -29,15 +34,16 @@ int main(void) {
     O(vmm_interceptor_table, pre) O(vmm_interceptor_table, post)
     O(vmm_interceptor_table, stats) O(vmm_interceptor_table, destroy)
     O(vmm_interceptor_table, capacity) O(vmm_interceptor_table, table_size)
-    O(vmm_interceptor_table, check)
+    O(vmm_interceptor_table, check) O(vmm_interceptor_table, net_headroom)
     C(VMM_INTERCEPTOR_ABI_VERSION) C(VMM_SECTOR_SIZE) C(VMM_DEVICE_BLOCK) C(VMM_DEVICE_NET)
     C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
-    C(VMM_REQ_WRITE_ZEROES)
+    C(VMM_REQ_WRITE_ZEROES) C(VMM_REQ_NET_TX) C(VMM_REQ_NET_RX)
     C(VMM_REQ_F_DATA_PRIVATE) C(VMM_REQ_F_DISABLED)
     C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP)
     C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL)
     C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
     C(VMM_INTERCEPTOR_F_OWNS_FORMAT) C(VMM_INTERCEPTOR_F_HANDLES_DISCARD)
+    C(VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES)
     C(VMM_LOG_ERROR) C(VMM_LOG_WARN) C(VMM_LOG_INFO) C(VMM_LOG_DEBUG)
     C(VMM_LOWER_F_DISCARD)
     printf("entry %s\n", VMM_INTERCEPTOR_ENTRY_SYMBOL);
@@ -69,6 +75,30 @@ fn rust_view() -> BTreeMap<String, String> {
         "offset vmm_request.device_id",
         offset_of!(Request, device_id),
     );
+    put("offset vmm_request.net", offset_of!(Request, net));
+    put("sizeof vmm_net_header", size_of::<NetHeader>());
+    for (f, o) in [
+        ("flags", offset_of!(NetHeader, flags)),
+        ("gso_type", offset_of!(NetHeader, gso_type)),
+        ("hdr_len", offset_of!(NetHeader, hdr_len)),
+        ("gso_size", offset_of!(NetHeader, gso_size)),
+        ("csum_start", offset_of!(NetHeader, csum_start)),
+        ("csum_offset", offset_of!(NetHeader, csum_offset)),
+        ("num_buffers", offset_of!(NetHeader, num_buffers)),
+    ] {
+        put(&format!("offset vmm_net_header.{f}"), o);
+    }
+    put("sizeof vmm_net_frame", size_of::<NetFrame>());
+    for (f, o) in [
+        ("data", offset_of!(NetFrame, data)),
+        ("len", offset_of!(NetFrame, len)),
+        ("capacity", offset_of!(NetFrame, capacity)),
+        ("header", offset_of!(NetFrame, header)),
+        ("inject_ctx", offset_of!(NetFrame, inject_ctx)),
+        ("inject", offset_of!(NetFrame, inject)),
+    ] {
+        put(&format!("offset vmm_net_frame.{f}"), o);
+    }
     put("sizeof vmm_lower", size_of::<Lower>());
     put("offset vmm_lower.ctx", offset_of!(Lower, ctx));
     put("offset vmm_lower.read", offset_of!(Lower, read));
@@ -123,10 +153,11 @@ fn rust_view() -> BTreeMap<String, String> {
         t("capacity", offset_of!(InterceptorTable, capacity)),
         t("table_size", offset_of!(InterceptorTable, table_size)),
         t("check", offset_of!(InterceptorTable, check)),
+        t("net_headroom", offset_of!(InterceptorTable, net_headroom)),
     ] {
         put(&k, v);
     }
-    let consts: [(&str, u64); 27] = [
+    let consts: [(&str, u64); 30] = [
         ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
         ("VMM_SECTOR_SIZE", SECTOR_SIZE),
         ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
@@ -137,6 +168,8 @@ fn rust_view() -> BTreeMap<String, String> {
         ("VMM_REQ_DISCARD", REQ_DISCARD.into()),
         ("VMM_REQ_GET_ID", REQ_GET_ID.into()),
         ("VMM_REQ_WRITE_ZEROES", REQ_WRITE_ZEROES.into()),
+        ("VMM_REQ_NET_TX", REQ_NET_TX.into()),
+        ("VMM_REQ_NET_RX", REQ_NET_RX.into()),
         ("VMM_REQ_F_DATA_PRIVATE", REQ_F_DATA_PRIVATE.into()),
         ("VMM_REQ_F_DISABLED", REQ_F_DISABLED.into()),
         ("VMM_STATUS_OK", STATUS_OK.into()),
@@ -149,6 +182,10 @@ fn rust_view() -> BTreeMap<String, String> {
         (
             "VMM_INTERCEPTOR_F_HANDLES_DISCARD",
             F_HANDLES_DISCARD.into(),
+        ),
+        (
+            "VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES",
+            F_NET_PLAIN_FRAMES.into(),
         ),
         (
             "VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED",

@@ -20,6 +20,7 @@ pub const fn table<T: Interceptor>() -> abi::InterceptorTable {
         destroy: Some(destroy::<T>),
         capacity: Some(capacity::<T>),
         check: Some(check::<T>),
+        net_headroom: T::NET_HEADROOM,
     }
 }
 

@@ -56,10 +56,12 @@
 
 mod blocks;
 mod ffi;
+mod frame;
 mod lower;
 mod request;
 
 pub use blocks::{block_pieces, BlockPiece};
+pub use frame::{Frame, FrameError, NetHeader};
 pub use interceptor_abi as abi;
 pub use interceptor_abi::DeviceKind;
 pub use lower::{IoError, LogLevel, Lower};
@@ -148,10 +150,14 @@ pub trait Interceptor: Sized + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static CStr;
     /// `abi::F_MODIFIES_DATA`, `abi::F_KEEP_WHEN_DISABLED`, `abi::F_OWNS_FORMAT`,
-    /// `abi::F_HANDLES_DISCARD`.
+    /// `abi::F_HANDLES_DISCARD`, `abi::F_NET_PLAIN_FRAMES`.
     const FLAGS: u32 = 0;
-    /// Mask of the device kinds the plugin serves.
+    /// Mask of the device kinds the plugin serves: `DeviceKind::Block.mask()`,
+    /// `DeviceKind::Net.mask()`, or both or'ed. A plugin is refused at load on a device of
+    /// a kind it does not declare.
     const DEVICES: u32 = DeviceKind::Block.mask();
+    /// Bytes a net plugin may add to a frame (the device lowers the guest's MTU by it).
+    const NET_HEADROOM: u32 = 0;
 
     /// Makes an instance; an `Err` refuses the configuration with that message.
     fn create(ctx: CreateContext<'_>) -> Result<Self, String>;

@@ -11,6 +11,10 @@ pub enum RequestKind {
     Discard,
     GetId,
     WriteZeroes,
+    /// A frame the guest sends (in `pre`): [`Request::frame`].
+    NetTx,
+    /// A frame for the guest (in `post`): [`Request::frame`].
+    NetRx,
     /// A kind newer than this SDK.
     Other(u32),
 }
@@ -43,6 +47,8 @@ impl<'a> Request<'a> {
             abi::REQ_DISCARD => RequestKind::Discard,
             abi::REQ_GET_ID => RequestKind::GetId,
             abi::REQ_WRITE_ZEROES => RequestKind::WriteZeroes,
+            abi::REQ_NET_TX => RequestKind::NetTx,
+            abi::REQ_NET_RX => RequestKind::NetRx,
             k => RequestKind::Other(k),
         }
     }
@@ -78,6 +84,12 @@ impl<'a> Request<'a> {
         unsafe { CStr::from_ptr(self.raw.device_id) }
             .to_str()
             .unwrap_or("")
+    }
+
+    /// The frame of a net request (`NetTx`, `NetRx`); `None` for block requests.
+    pub fn frame(&mut self) -> Option<crate::Frame<'_>> {
+        // SAFETY: the shim's frame for this call (or NULL).
+        unsafe { crate::Frame::from_raw(self.raw.net) }
     }
 
     /// This instance is disabled (seen only by `F_KEEP_WHEN_DISABLED` plugins).

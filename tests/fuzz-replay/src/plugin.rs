@@ -82,6 +82,7 @@ const fn table(i: usize) -> InterceptorTable {
         destroy: Some(fz_destroy),
         capacity: if i & 8 != 0 { Some(fz_capacity) } else { None },
         check: None,
+        net_headroom: 0,
     };
     // The broken ones.
     match i {

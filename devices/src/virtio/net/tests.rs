@@ -1,0 +1,269 @@
+//! The device against a real tap, in a network namespace of the test's own (so nothing
+//! reaches the host's interfaces): frames written to the guest's TX queue come out of the
+//! tap's interface, frames sent into the interface land in the guest's RX buffers.
+
+use super::*;
+use std::os::fd::AsRawFd;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+#[test]
+fn the_header_is_virtio_net_hdr_v1() {
+    assert_eq!(std::mem::size_of::<VnetHeader>(), tap::VNET_HDR_LEN);
+    assert_eq!(std::mem::size_of::<ConfigSpace>(), 24);
+}
+
+/// Runs the calling thread in a new network namespace; `None` (with the reason) where
+/// that is not allowed.
+fn own_netns() -> Option<String> {
+    // SAFETY: unshare changes only this thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Some(format!(
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    None
+}
+
+fn skip_or_fail(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("needs a network namespace and /dev/net/tun: {why}");
+    }
+    eprintln!("SKIPPED: needs a network namespace and /dev/net/tun: {why}");
+}
+
+/// Sets interface `name` up (SIOCSIFFLAGS) in the current namespace.
+fn set_up(name: &str) {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: i16,
+        _rest: [u8; 22],
+    }
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    assert!(sock >= 0);
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _rest: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    unsafe {
+        assert_eq!(libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req), 0);
+        req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        assert_eq!(libc::ioctl(sock, libc::SIOCSIFFLAGS, &req), 0);
+        libc::close(sock);
+    }
+}
+
+/// A packet socket on interface `name`: what it sends goes into the tap (RX for the
+/// guest), what the guest transmits arrives on it.
+struct Wire(i32);
+
+impl Wire {
+    fn on(name: &str) -> Wire {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto.into()) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let cname = std::ffi::CString::new(name).unwrap();
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert!(index > 0);
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Wire(fd)
+    }
+
+    fn send(&self, frame: &[u8]) {
+        let n = unsafe { libc::send(self.0, frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n, frame.len() as isize);
+    }
+
+    /// The next frame whose ethertype is `ty` (the kernel sends its own, e.g. IPv6 ones).
+    fn recv_type(&self, ty: u16) -> Vec<u8> {
+        let mut buf = vec![0u8; 70000];
+        loop {
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(
+                n > 0,
+                "nothing arrived on the wire: {}",
+                std::io::Error::last_os_error()
+            );
+            let f = &buf[..n as usize];
+            if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ty {
+                return f.to_vec();
+            }
+        }
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+const TEST_TYPE: u16 = 0x88b5; // IEEE local experimental ethertype
+
+fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&TEST_TYPE.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Puts a chain of `descs` (address, length, writable) in `mq`'s avail slot `slot`, its
+/// descriptors from index `slot * 4`.
+fn post(mq: &MockSplitQueue<GuestMemoryMmap>, slot: u16, descs: &[(u64, u32, bool)]) {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    let first = slot * 4;
+    for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+        let at = first + i as u16;
+        let mut flags = if writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        if i + 1 < descs.len() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let d = SplitDescriptor::new(addr, len, flags, at + 1);
+        mq.desc_table().store(at, RawDescriptor::from(d)).unwrap();
+    }
+    mq.avail()
+        .ring()
+        .ref_at(usize::from(slot))
+        .unwrap()
+        .store(first);
+    mq.avail().idx().store(slot + 1);
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A frame from the guest's TX queue leaves through the tap with its bytes intact, and a
+/// frame sent to the tap's interface fills the guest's RX buffer behind a virtio header
+/// that says one buffer: the device end to end over a real tap, no interceptor.
+#[test]
+fn frames_cross_a_real_tap_both_ways() {
+    std::thread::spawn(|| {
+        if let Some(why) = own_netns() {
+            return skip_or_fail(&why);
+        }
+        let tap = match Tap::open("vmmtest0") {
+            Ok(t) => t,
+            Err(e) => return skip_or_fail(&e.to_string()),
+        };
+        set_up("vmmtest0");
+        let wire = Wire::on("vmmtest0");
+        let chain = Arc::new(NetChain::build("nt", &[]).unwrap());
+        let io = Arc::new(IoThread::spawn("nt", None).unwrap());
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut dev = Net::new("nt", tap, mac, 1500, chain, io).unwrap();
+        assert_ne!(dev.features() & (1 << VIRTIO_NET_F_HOST_TSO4), 0);
+        let mut cfg = [0u8; 6];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, mac);
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        // TX: one chain of two descriptors, the header split from the frame.
+        let out = frame([0xff; 6], mac, b"from the guest to the wire");
+        let hdr = VnetHeader::default();
+        mem.write_slice(hdr.as_slice(), GuestAddress(0x2_0000))
+            .unwrap();
+        mem.write_slice(&out, GuestAddress(0x2_1000)).unwrap();
+        post(
+            &txq,
+            0,
+            &[(0x2_0000, 12, false), (0x2_1000, out.len() as u32, false)],
+        );
+        // RX: eight writable buffers of 2 KiB (the kernel sends frames of its own too).
+        for i in 0..8u16 {
+            post(&rxq, i, &[(0x3_0000 + u64::from(i) * 0x1000, 2048, true)]);
+        }
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let acked = dev.features();
+        dev.activate(
+            mem.clone(),
+            acked,
+            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        )
+        .unwrap();
+        kicks[1].write(1).unwrap();
+        let got = wire.recv_type(TEST_TYPE);
+        assert_eq!(got, out, "the frame the guest sent, on the wire");
+        wait_for("the TX chain used", || txq.used().idx().load() == 1);
+
+        let back = frame(mac, [2, 0, 0, 0, 0, 1], &[0x5a; 300]);
+        wire.send(&back);
+        // Our frame fills one buffer, whole, behind a header that says one buffer.
+        let t0 = std::time::Instant::now();
+        let ours = loop {
+            let used = rxq.used().idx().load();
+            let found = (0..used).find_map(|i| {
+                let e = rxq.used().ring().ref_at(usize::from(i)).unwrap().load();
+                let addr = GuestAddress(0x3_0000 + u64::from(e.id() / 4) * 0x1000);
+                let mut got = vec![0u8; e.len() as usize];
+                mem.read_slice(&mut got, addr).unwrap();
+                (got.len() > 26 && got[24..26] == TEST_TYPE.to_be_bytes()).then_some(got)
+            });
+            if let Some(f) = found {
+                break f;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 10,
+                "our frame never reached the guest"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        assert_eq!(ours.len(), 12 + back.len());
+        let hdr = VnetHeader::from_slice(&ours[..12]).copied().unwrap();
+        assert_eq!(u16::from_le(hdr.0.num_buffers), 1);
+        assert_eq!(&ours[12..], &back[..]);
+        assert!(dev.counters().rx_frames.load(Ordering::Relaxed) >= 1);
+        assert_eq!(dev.counters().tx_frames.load(Ordering::Relaxed), 1);
+        assert!(dev.reset());
+        let _ = wire.0.as_raw_fd();
+    })
+    .join()
+    .unwrap();
+}
