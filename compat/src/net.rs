@@ -220,6 +220,13 @@ impl NetChain {
         self.plain_frames
     }
 
+    /// Destroys every instance (each plugin's destroy runs): call it on the thread that
+    /// calls the hooks, at shutdown. Frames pass unchanged from then on.
+    pub fn close(&self) {
+        let old = std::mem::take(&mut *self.layers.write().unwrap_or_else(|p| p.into_inner()));
+        drop(old);
+    }
+
     /// No instance at all: frames need no private copy.
     pub fn is_empty(&self) -> bool {
         self.layers().is_empty()

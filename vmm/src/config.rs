@@ -44,6 +44,8 @@ pub struct VmConfig {
     #[serde(default)]
     pub block: Vec<BlockConfig>,
     #[serde(default)]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
     pub interceptor: Vec<InterceptorConfig>,
     pub api: Option<ApiConfig>,
 }
@@ -109,6 +111,59 @@ pub struct BlockConfig {
     /// queue with nothing else in flight always signals at once). At most 10,000.
     #[serde(default)]
     pub coalesce_us: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub id: String,
+    /// The host tap interface: opened if it exists, created otherwise.
+    pub tap: String,
+    /// The guest's MAC address, `52:54:00:12:34:56` (unicast, not all zero).
+    pub mac: String,
+    /// The link's MTU (68 to 9000; default 1500). The guest is told this less what its
+    /// interceptors may add to a frame.
+    pub mtu: Option<u16>,
+    /// Interceptor instance ids, top (nearest the guest) to bottom (nearest the tap).
+    #[serde(default)]
+    pub interceptors: Vec<String>,
+}
+
+/// The largest `mtu` of a `[[net]]` (a jumbo frame).
+pub const MAX_MTU: u16 = 9000;
+
+impl NetConfig {
+    /// The MAC address, parsed.
+    pub fn mac_bytes(&self) -> Result<[u8; 6], String> {
+        let parts: Vec<&str> = self.mac.split(':').collect();
+        let bad = || {
+            format!(
+                "{} is not a MAC address like 52:54:00:12:34:56",
+                quoted(&self.mac)
+            )
+        };
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!("{} is a multicast address", quoted(&self.mac)));
+        }
+        if mac == [0; 6] {
+            return Err("00:00:00:00:00:00 is not an address".into());
+        }
+        Ok(mac)
+    }
+
+    pub fn link_mtu(&self) -> u16 {
+        self.mtu.unwrap_or(devices::virtio::net::DEFAULT_MTU)
+    }
 }
 
 impl BlockConfig {
@@ -258,6 +313,7 @@ impl VmConfig {
         for b in &mut self.block {
             fix(&mut b.path);
         }
+        // A tap is a name, not a path.
         for i in &mut self.interceptor {
             fix(&mut i.path);
         }
@@ -328,6 +384,17 @@ impl VmConfig {
                 ),
             ));
         }
+        if self.block.len() + self.net.len() > MAX_BLOCKS {
+            return Err(invalid(
+                "net",
+                format!(
+                    "{} disks and {} network cards; a guest has at most {MAX_BLOCKS} devices \
+                     (one interrupt line each)",
+                    self.block.len(),
+                    self.net.len()
+                ),
+            ));
+        }
         let mut ids = HashSet::new();
         for (i, b) in self.block.iter().enumerate() {
             let field = |name: &str| format!("block[{i}].{name}");
@@ -366,6 +433,57 @@ impl VmConfig {
                 ));
             }
         }
+        let mut taps = HashSet::new();
+        for (i, n) in self.net.iter().enumerate() {
+            let field = |name: &str| format!("net[{i}].{name}");
+            if !valid_id(&n.id) {
+                return Err(invalid(&field("id"), bad_id(&n.id)));
+            }
+            if !ids.insert(n.id.as_str()) {
+                return Err(invalid(
+                    &field("id"),
+                    format!("{} is used twice", quoted(&n.id)),
+                ));
+            }
+            let tap_ok = (1..=devices::virtio::net::tap::MAX_NAME).contains(&n.tap.len())
+                && n.tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !tap_ok {
+                return Err(invalid(
+                    &field("tap"),
+                    format!(
+                        "{} must be 1 to {} characters of [A-Za-z0-9_.-]",
+                        quoted(&n.tap),
+                        devices::virtio::net::tap::MAX_NAME
+                    ),
+                ));
+            }
+            if !taps.insert(n.tap.as_str()) {
+                return Err(invalid(
+                    &field("tap"),
+                    format!("{} serves another [[net]]", quoted(&n.tap)),
+                ));
+            }
+            n.mac_bytes().map_err(|e| invalid(&field("mac"), e))?;
+            let min = devices::virtio::net::MIN_MTU;
+            if n.mtu.is_some_and(|m| !(min..=MAX_MTU).contains(&m)) {
+                return Err(invalid(
+                    &field("mtu"),
+                    format!("must be {min} to {MAX_MTU}"),
+                ));
+            }
+            if n.interceptors.len() > compat::MAX_CHAIN {
+                return Err(invalid(
+                    &field("interceptors"),
+                    format!(
+                        "{} instances; a chain has at most {}",
+                        n.interceptors.len(),
+                        compat::MAX_CHAIN
+                    ),
+                ));
+            }
+        }
         self.validate_interceptors(file)
     }
 
@@ -390,7 +508,7 @@ impl VmConfig {
             _ => MAX_CMDLINE,
         }
         .min(CMDLINE_MAX - 1);
-        let added = self.block.len().saturating_mul(CMDLINE_PER_DISK);
+        let added = (self.block.len() + self.net.len()).saturating_mul(CMDLINE_PER_DISK);
         let room = limit.saturating_sub(added);
         if cmdline.len() > room && self.block.is_empty() {
             return Err(format!(
@@ -447,20 +565,31 @@ impl VmConfig {
             }
         }
         let mut used: std::collections::HashMap<&str, &str> = Default::default();
-        for (i, b) in self.block.iter().enumerate() {
-            for (j, id) in b.interceptors.iter().enumerate() {
-                let field = format!("block[{i}].interceptors[{j}]");
+        let chains = self
+            .block
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ("block", i, &b.id, &b.interceptors))
+            .chain(
+                self.net
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ("net", i, &n.id, &n.interceptors)),
+            );
+        for (kind, i, device, chain) in chains {
+            for (j, id) in chain.iter().enumerate() {
+                let field = format!("{kind}[{i}].interceptors[{j}]");
                 if !ids.contains(id.as_str()) {
                     return Err(invalid(
                         field,
                         format!("no [[interceptor]] has id {}", quoted(id)),
                     ));
                 }
-                if let Some(other) = used.insert(id, &b.id) {
+                if let Some(other) = used.insert(id, device) {
                     return Err(invalid(
                         field,
                         format!(
-                            "{} already serves block {}; an instance serves one disk (add another [[interceptor]] with the same path)",
+                            "{} already serves device {}; an instance serves one device (add another [[interceptor]] with the same path)",
                             quoted(id),
                             quoted(other)
                         ),

@@ -9,6 +9,7 @@ pub mod image;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod network;
 pub mod seccomp;
 pub mod storage;
 pub mod vcpu;

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use vmm::config::{self, HostLimits, VmConfig};
 use vmm::seccomp::{self, ThreadKind};
-use vmm::{control, storage, vm};
+use vmm::{control, network, storage, vm};
 
 /// A KVM virtual machine monitor whose virtio block and net I/O passes through interceptors.
 #[derive(Parser, Debug)]
@@ -77,6 +77,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+    let nics = match network::open_nets(&cfg, &file, &registry, Some(confined(ThreadKind::Device)))
+    {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let exit = match vm::eventfd() {
         Ok(e) => e,
         Err(e) => {
@@ -91,7 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outcome = vm::run(&cfg, &disks, &exit, &signals);
+    let outcome = vm::run(&cfg, &disks, &nics, &exit, &signals);
     // Orderly shutdown (the vCPUs have stopped): each disk serves what the guest queued,
     // then its chain is flushed (a write-back cache writes back, encrypt commits) and its
     // instances are destroyed, all on the disk's I/O thread.
@@ -103,6 +111,16 @@ fn main() -> ExitCode {
     }
     for line in storage::report(&disks) {
         eprintln!("vmm: {line}");
+    }
+    for line in network::report(&nics) {
+        eprintln!("vmm: {line}");
+    }
+    // Each card's instances are destroyed on its thread, which called their hooks.
+    for n in &nics {
+        let chain = n.chain.clone();
+        if n.io.run(move || chain.close()).is_err() {
+            eprintln!("vmm: net {}: closing its interceptors failed", n.id);
+        }
     }
     for d in &disks {
         if d.stack.close() != compat::RequestStatus::Ok {

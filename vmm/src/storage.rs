@@ -23,7 +23,7 @@ pub struct Disk {
     pub coalesce: std::time::Duration,
 }
 
-fn instance_spec(
+pub(crate) fn instance_spec(
     registry: &PluginRegistry,
     ic: &InterceptorConfig,
 ) -> Result<InstanceSpec, String> {

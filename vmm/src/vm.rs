@@ -2,6 +2,7 @@
 
 use crate::config::VmConfig;
 use crate::layout::*;
+use crate::network::Nic;
 use crate::storage::Disk;
 use crate::vcpu::Vcpu;
 use crate::{boot, cpu, memory, mptable};
@@ -9,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use devices::bus::Bus;
 use devices::legacy::{SerialConsole, I8042, I8042_PORT, SERIAL_IRQ, SERIAL_PORT};
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::{
     Interrupt, MmioTransport, INTERRUPT_ACK_OFFSET, INTERRUPT_USED_RING, MMIO_SIZE,
 };
@@ -194,6 +196,62 @@ fn add_block_devices(
     Ok(announce)
 }
 
+/// Puts a virtio-net device on the MMIO bus for each card, after the `first` devices
+/// already there; returns their `virtio_mmio.device=` words.
+fn add_net_devices(
+    nics: &[Nic],
+    first: usize,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+) -> Result<Vec<String>> {
+    let mut announce = Vec::new();
+    for (i, n) in nics.iter().enumerate() {
+        let slot = first + i;
+        let gsi = VIRTIO_IRQ_BASE + slot as u32;
+        if gsi > MAX_IRQ {
+            bail!(
+                "too many devices (at most {})",
+                MAX_IRQ - VIRTIO_IRQ_BASE + 1
+            );
+        }
+        let base = VIRTIO_MMIO_BASE + slot as u64 * MMIO_SIZE;
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, gsi).context("KVM_IRQFD")?;
+        let mut kicks = Vec::with_capacity(2);
+        for q in 0..2u32 {
+            let kick = eventfd()?;
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(base + VIRTIO_MMIO_NOTIFY), q)
+                .context("KVM_IOEVENTFD")?;
+            kicks.push(kick);
+        }
+        let Some(tap) = n.tap.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            bail!("net {}: its tap is taken", n.id);
+        };
+        let device = Net::new(&n.id, tap, n.mac, n.mtu, n.chain.clone(), n.io.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        *n.counters.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.counters());
+        let ack = eventfd()?;
+        vm.register_ioevent(
+            &ack,
+            &IoEventAddress::Mmio(base + INTERRUPT_ACK_OFFSET),
+            INTERRUPT_USED_RING,
+        )
+        .context("KVM_IOEVENTFD")?;
+        let transport = MmioTransport::new(
+            Box::new(device),
+            mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+            kicks,
+        )
+        .map_err(|e| anyhow::anyhow!("net {}: queue setup: {e:?}", n.id))?
+        .with_kernel_ack(ack);
+        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
+        announce.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok(announce)
+}
+
 /// Feeds the host's stdin to the serial console (for `shell` guests).
 fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
     let _ = std::thread::Builder::new()
@@ -228,6 +286,7 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
 pub fn run(
     cfg: &VmConfig,
     disks: &[Disk],
+    nics: &[Nic],
     exit: &EventFd,
     signals: &StopSignals,
 ) -> Result<Outcome> {
@@ -261,7 +320,8 @@ pub fn run(
     let mut mmio = Bus::new();
     // Said once the VM will run (before the devices take the engines).
     let engine_line = crate::storage::engine_line(disks);
-    let announce = add_block_devices(disks, &vm, &mem, &mut mmio)?;
+    let mut announce = add_block_devices(disks, &vm, &mem, &mut mmio)?;
+    announce.extend(add_net_devices(nics, disks.len(), &vm, &mem, &mut mmio)?);
     let mut cmdline = cfg.kernel.cmdline.clone();
     for word in announce {
         cmdline.push(' ');

@@ -104,11 +104,54 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
             t.push_str(&format!("interceptors = [{}]\n", ids.join(", ")));
         }
     }
+    if let Some(net) = &spec.net {
+        t.push_str(&format!(
+            "\n[[net]]\nid = \"net0\"\ntap = {}\nmac = {}\n",
+            toml_str(&net.tap),
+            toml_str(&net.mac)
+        ));
+    }
     if let Some(chain) = &spec.interceptors {
         t.push('\n');
         t.push_str(&chain.toml);
     }
     t
+}
+
+/// Waits for the tap vmm creates, gives it `host_ip` and sets it up, then runs `host_cmd`:
+/// its output (or what went wrong).
+fn tap_side(net: &NetSpec) -> String {
+    let dev = Path::new("/sys/class/net").join(&net.tap);
+    let t0 = Instant::now();
+    while !dev.exists() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            return format!("tap {} never appeared", net.tap);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(ip) = &net.host_ip {
+        for args in [
+            vec!["addr", "add", ip.as_str(), "dev", net.tap.as_str()],
+            vec!["link", "set", net.tap.as_str(), "up"],
+        ] {
+            match Command::new("ip").args(&args).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => return format!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(e) => return format!("ip: {e}"),
+            }
+        }
+    }
+    let Some(cmd) = &net.host_cmd else {
+        return String::new();
+    };
+    match Command::new("sh").arg("-c").arg(cmd).output() {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("sh -c {cmd:?}: {e}"),
+    }
 }
 
 fn vmm_command(spec: &GuestSpec) -> Result<Command> {
@@ -178,6 +221,21 @@ pub struct GuestSpec {
     pub num_queues: Option<u16>,
     /// More `[[block]]` settings of the data disks, `(key, TOML value)` (vmm backend).
     pub block_options: Vec<(String, String)>,
+    /// A network card on a tap of the lab (vmm backend).
+    pub net: Option<NetSpec>,
+}
+
+/// The guest's network card and what the harness does on the tap's side.
+#[derive(Clone, Debug, Default)]
+pub struct NetSpec {
+    /// The tap (vmm creates it).
+    pub tap: String,
+    pub mac: String,
+    /// The address the harness gives the tap once it exists (`A.B.C.D/N`).
+    pub host_ip: Option<String>,
+    /// A shell command the harness runs once the tap is up, beside the guest; its output
+    /// is the run's `net_host`.
+    pub host_cmd: Option<String>,
 }
 
 /// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
@@ -260,6 +318,8 @@ pub struct GuestRun {
     pub data_allocated: Vec<u64>,
     /// What the API client of `--control` saw, step by step.
     pub control: Option<serde_json::Value>,
+    /// The output of the tap side's command (`--net-host-cmd`).
+    pub net_host: Option<String>,
     /// Everything that went wrong, in words; empty when the run is a success.
     pub problems: Vec<String>,
     #[serde(skip)]
@@ -441,6 +501,10 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
             crate::control::run(&steps, &crate::control::socket_path(), &gone)
         })
     });
+    let tap_side = spec
+        .net
+        .clone()
+        .map(|net| std::thread::spawn(move || tap_side(&net)));
     let mut transcript = String::new();
     let mut wall_to_init = None;
     let mut killed = None;
@@ -489,6 +553,13 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         transcript,
         report,
     );
+    if let Some(handle) = tap_side {
+        run.net_host = Some(
+            handle
+                .join()
+                .unwrap_or_else(|_| "the tap side panicked".into()),
+        );
+    }
     if let Some(handle) = control {
         match handle.join() {
             Ok((seen, problems)) => {
@@ -574,6 +645,7 @@ fn judge(
             })
             .collect(),
         control: None,
+        net_host: None,
         problems,
         transcript,
     }
@@ -623,6 +695,9 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     }
     if spec.interceptors.is_some() && spec.backend != Backend::Vmm {
         bail!("--interceptors is for the vmm backend");
+    }
+    if spec.net.is_some() && spec.backend != Backend::Vmm {
+        bail!("--net-tap is for the vmm backend");
     }
     if spec.vcpus == 0 || spec.mem_mib < 128 {
         bail!("a guest needs at least 1 vCPU and 128 MiB");
@@ -697,6 +772,7 @@ mod tests {
             engine: None,
             num_queues: None,
             block_options: Vec::new(),
+            net: None,
         }
     }
 

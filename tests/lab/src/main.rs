@@ -112,6 +112,19 @@ struct GuestOpts {
     /// `coalesce_us=200`); repeatable (vmm backend).
     #[arg(long = "block-option", value_parser = parse_block_option)]
     block_options: Vec<(String, String)>,
+    /// Give the guest a network card on this tap, which vmm creates (vmm backend).
+    #[arg(long)]
+    net_tap: Option<String>,
+    /// The guest card's MAC address.
+    #[arg(long, default_value = "52:54:00:12:34:56")]
+    net_mac: String,
+    /// The address the harness gives the tap once it exists (`A.B.C.D/N`).
+    #[arg(long)]
+    net_host_ip: Option<String>,
+    /// A shell command run on the tap's side once it is up, beside the guest (its output
+    /// is printed after the run and is `net_host` in the JSON report).
+    #[arg(long)]
+    net_host_cmd: Option<String>,
     #[command(flatten)]
     lab: LabArgs,
 }
@@ -373,6 +386,12 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
         }),
         num_queues: o.num_queues,
         block_options: o.block_options.clone(),
+        net: o.net_tap.as_ref().map(|tap| guest::NetSpec {
+            tap: tap.clone(),
+            mac: o.net_mac.clone(),
+            host_ip: o.net_host_ip.clone(),
+            host_cmd: o.net_host_cmd.clone(),
+        }),
     };
     guest::check_spec(&spec)?;
     Ok(spec)
@@ -431,6 +450,11 @@ fn cmd_guest(a: GuestArgs) -> Result<i32> {
         run.console.init_uptime_s.unwrap_or(f64::NAN),
         run.wall_total_ms / 1e3
     );
+    if let Some(text) = &run.net_host {
+        for line in text.lines() {
+            println!("net host: {line}");
+        }
+    }
     write_json(&a.json, &run)?;
     print_problems(&run);
     Ok(if run.ok() { 0 } else { 1 })

@@ -387,7 +387,7 @@ fn vmm_refuses_each_bad_plugin_with_one_line_and_exit_2() {
     let out = run_vmm_config("plug-two-disks.toml", &two);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        output(&out).contains("already serves block \"data\""),
+        output(&out).contains("already serves device \"data\""),
         "{}",
         output(&out)
     );

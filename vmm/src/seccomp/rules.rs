@@ -253,6 +253,12 @@ pub(super) fn device(r: &mut Rules, pid: u64) -> Result<(), String> {
     allow(r, &[libc::SYS_fallocate]);
     // Interrupt coalescing arms and stops each queue's timer (created at start).
     allow(r, &[libc::SYS_timerfd_settime]);
+    // A net device tells its tap (opened at start) which offloads the guest agreed to.
+    allow_if(
+        r,
+        libc::SYS_ioctl,
+        any_of(1, &[devices::virtio::net::tap::TUNSETOFFLOAD()])?,
+    );
     Ok(())
 }
 

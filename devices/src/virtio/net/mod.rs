@@ -265,9 +265,6 @@ impl VirtioDevice for Net {
         } else {
             0
         };
-        self.tap
-            .set_offload(offloads)
-            .map_err(|e| ActivateError(e.to_string()))?;
         let capacity = MAX_FRAME + self.chain.headroom() as usize;
         self.broken.store(false, Ordering::SeqCst);
         let worker = worker::Worker {
@@ -288,6 +285,7 @@ impl VirtioDevice for Net {
             answers_for_guest: VecDeque::new(),
             tx_frame: FrameBuf::with_capacity(capacity),
             tap_watched: false,
+            tap_offloads: offloads,
         };
         let id = self
             .io

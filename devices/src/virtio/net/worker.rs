@@ -67,6 +67,9 @@ pub(super) struct Worker {
     pub(super) tx_frame: FrameBuf,
     /// The tap is in the epoll set (it leaves it while the guest has no RX buffers).
     pub(super) tap_watched: bool,
+    /// What the tap may hand us unfinished (`TUN_F_*`), set when the handler starts: on
+    /// the device's thread, whose filter allows that one ioctl.
+    pub(super) tap_offloads: u32,
 }
 
 /// The guest-memory ranges of one descriptor chain, checked.
@@ -528,6 +531,11 @@ impl MutEventSubscriber for Worker {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        // Failing leaves the tap handing over finished frames only, which the guest takes
+        // whatever it negotiated.
+        if let Err(e) = self.tap.set_offload(self.tap_offloads) {
+            tracing::warn!("net-{}: {e}", self.id);
+        }
         for (fd, data) in [(&self.rx_kick, RX_KICK), (&self.tx_kick, TX_KICK)] {
             if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
                 tracing::error!("net-{}: cannot watch a queue eventfd: {e}", self.id);
