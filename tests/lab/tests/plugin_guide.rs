@@ -144,3 +144,79 @@ fn the_guides_rust_plugin_builds_with_the_sdk_and_reports_the_slowest_request() 
     assert!(stats["slowest_us"].as_u64().is_some(), "{stats}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The guide's net plugin, built from the SDK alone: on a card's chain it drops the frames
+/// the guest sends with its ethertype, passes the rest, and counts both; on a disk it is
+/// refused.
+#[test]
+fn the_guides_net_plugin_drops_one_ethertype_and_is_refused_on_a_disk() {
+    use compat::{Direction, FrameBuf, NetChain, Verdict};
+    let files = guide_files();
+    let dir = std::env::temp_dir().join(format!("guide-netguard-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    let repo = std::fs::canonicalize(common::repo()).unwrap();
+    let manifest = file(&files, "Cargo.toml")
+        .replace("/path/to/vmm", &repo.to_string_lossy())
+        .replace("name = \"slowest\"", "name = \"ethertype-guard\"");
+    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(dir.join("src/lib.rs"), file(&files, "net-guard/src/lib.rs")).unwrap();
+    std::fs::copy(repo.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    let target = plugin_dir().join("cargo");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(&dir)
+        .args(["build", "--quiet", "--target-dir"])
+        .arg(&target)
+        .output()
+        .expect("running cargo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let so = target.join("debug/libethertype_guard.so");
+    let registry = PluginRegistry::new();
+    let spec = InstanceSpec {
+        id: "no-ipv6".into(),
+        plugin: registry.load(&so, None).unwrap(),
+        config_json: r#"{"ethertype": 34525}"#.into(),
+        enabled: true,
+    };
+    let chain = NetChain::build("net0", std::slice::from_ref(&spec)).unwrap();
+    let mut run = |ethertype: u16| {
+        let mut f = FrameBuf::with_capacity(2048);
+        let mut bytes = vec![0xffu8; 12];
+        bytes.extend_from_slice(&ethertype.to_be_bytes());
+        bytes.extend_from_slice(&[0u8; 46]);
+        f.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
+        f.set_len(bytes.len());
+        chain.run(Direction::Transmit, &mut f, &mut Vec::new())
+    };
+    assert_eq!(run(0x86dd), Verdict::Taken, "IPv6 is dropped");
+    assert_eq!(run(0x0800), Verdict::Pass, "IPv4 passes");
+    let stats = chain.layers()[0].plugin_stats().unwrap();
+    assert_eq!(stats["seen"], 2, "{stats}");
+    assert_eq!(stats["dropped"], 1, "{stats}");
+    // A net-only plugin on a disk: refused, saying why.
+    let disk = out_file("guide-netguard.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let raw = RawFile::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap(),
+        false,
+        "d",
+    )
+    .unwrap();
+    let err = BlockStack::build("d", Arc::new(raw), &[spec]).unwrap_err();
+    assert!(
+        err.to_string().contains("does not support block devices"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
