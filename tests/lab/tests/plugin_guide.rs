@@ -183,7 +183,7 @@ fn the_guides_net_plugin_drops_one_ethertype_and_is_refused_on_a_disk() {
         enabled: true,
     };
     let chain = NetChain::build("net0", std::slice::from_ref(&spec)).unwrap();
-    let mut run = |ethertype: u16| {
+    let run = |ethertype: u16| {
         let mut f = FrameBuf::with_capacity(2048);
         let mut bytes = vec![0xffu8; 12];
         bytes.extend_from_slice(&ethertype.to_be_bytes());
