@@ -10,7 +10,6 @@
 //! random open id and seals under a key derived from it, so nonces never repeat under a
 //! key. The layout, the threat model and what "disabled" means are in docs/encryption.md.
 
-mod key;
 mod layout;
 mod node;
 pub mod seal;
@@ -18,6 +17,7 @@ mod tree;
 
 pub use node::Mode;
 
+use interceptor_sdk::key;
 use interceptor_sdk::{
     abi, block_pieces, export_interceptor, BlockPiece, CreateContext, Decision, Interceptor,
     LogLevel, Lower, Request, RequestKind, Slot,

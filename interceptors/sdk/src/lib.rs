@@ -57,6 +57,7 @@
 mod blocks;
 mod ffi;
 mod frame;
+pub mod key;
 mod lower;
 mod request;
 

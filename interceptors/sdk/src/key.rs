@@ -1,4 +1,11 @@
-//! The instance's key: read from the key file named in its config, never shown anywhere.
+//! A plugin's key, read from the key file named in its config and never shown anywhere
+//! (the block and frame encryption plugins use it; so may yours).
+//!
+//! ```no_run
+//! let key = interceptor_sdk::key::read_key_file(std::path::Path::new("disk.key"))?;
+//! assert_eq!(key.0.len(), 32);
+//! # Ok::<(), String>(())
+//! ```
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
