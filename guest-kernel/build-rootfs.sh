@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the guest root filesystem: busybox + Debian's fio with its libraries, our init and
+# Build the guest root filesystem: busybox + Debian's fio and iperf3 with their libraries, our init and
 # the fio job files. Two forms of the same tree:
 #   rootfs.ext4          read-only ext4 root disk (/dev/vda), the default
 #   initramfs.cpio.gz    the same tree as an initramfs (kept for the boot-time comparison)
@@ -7,7 +7,7 @@
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 
-for bin in /bin/busybox /usr/bin/fio /sbin/mkfs.ext4 /usr/bin/cpio; do
+for bin in /bin/busybox /usr/bin/fio /usr/bin/iperf3 /sbin/mkfs.ext4 /usr/bin/cpio; do
     [ -x "$bin" ] || die "$bin missing: run scripts/setup.sh"
 done
 busybox_path=/bin/busybox
@@ -15,7 +15,7 @@ busybox_path=/bin/busybox
 file -L "$busybox_path" 2>/dev/null | grep -q 'statically linked' || die "$busybox_path is not static (install busybox-static)"
 
 here="$REPO_ROOT/guest-kernel"
-versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version libc6) $(pkg_version e2fsprogs)"
+versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version iperf3) $(pkg_version libc6) $(pkg_version e2fsprogs)"
 RECIPE="rootfs-2"
 key="$(inputs_hash "$RECIPE $versions" "$here/rootfs/init" "$REPO_ROOT"/benches/fio/*)"
 out="$CACHE_DIR/rootfs-$key"
@@ -25,18 +25,21 @@ lock_cache rootfs
 if [ -f "$out/rootfs.ext4" ] && [ -f "$out/initramfs.cpio.gz" ]; then
     step "guest rootfs: cached ($out)"
 else
-    step "guest rootfs: assembling busybox + fio"
+    step "guest rootfs: assembling busybox + fio + iperf3"
     tmp="$out.tmp"; rm -rf "$tmp"; tree="$tmp/tree"
     mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,mnt,etc,fio}
     cp "$busybox_path" "$tree/bin/busybox"
     for app in $("$busybox_path" --list); do
         [ -e "$tree/bin/$app" ] || ln -s busybox "$tree/bin/$app"
     done
-    cp /usr/bin/fio "$tree/usr/bin/fio"
-    # fio's shared libraries and the dynamic loader, at the paths the binary expects
-    ldd /usr/bin/fio | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
-        mkdir -p "$tree$(dirname "$lib")"
-        cp -L "$lib" "$tree$lib"
+    # fio and iperf3 with their shared libraries and the dynamic loader, at the paths the
+    # binaries expect
+    for bin in /usr/bin/fio /usr/bin/iperf3; do
+        cp "$bin" "$tree$bin"
+        ldd "$bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
+            mkdir -p "$tree$(dirname "$lib")"
+            cp -L "$lib" "$tree$lib"
+        done
     done
     cp "$here/rootfs/init" "$tree/init"
     cp "$REPO_ROOT"/benches/fio/* "$tree/fio/"

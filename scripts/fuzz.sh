@@ -23,7 +23,7 @@ cd "$REPO_ROOT"
 TOOLCHAIN="${FUZZ_TOOLCHAIN:-nightly}"
 SANITIZER="${FUZZ_SANITIZER:-address}"
 JOBS="${FUZZ_JOBS:-1}"
-TARGETS=(blk_request blk_queue mmio config api plugin_boundary encrypt_open)
+TARGETS=(blk_request blk_queue mmio config api plugin_boundary encrypt_open store_open net_tx)
 
 need_cargo_fuzz() {
     rustup toolchain list | grep -q "^$TOOLCHAIN" || die "no $TOOLCHAIN toolchain: rustup toolchain install $TOOLCHAIN"

@@ -14,6 +14,8 @@ PACKAGES=(
     openssl                      # the peer of the encryption benchmark (openssl speed)
     zstd b3sum                   # the peers of the compression and dedup benchmarks, and
                                  # zstd -3 beside the compression plugin in a guest test
+    iproute2 iperf3 tcpdump      # taps and bridges in the lab, the network benchmark (in
+                                 # the guest too), captures on the lab's bridge
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

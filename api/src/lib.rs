@@ -20,7 +20,7 @@ mod views;
 pub use error::ApiError;
 pub use socket::SocketError;
 
-use compat::{LiveStack, PluginRegistry};
+use compat::{IoThread, LiveStack, NetChain, PluginRegistry};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,10 +80,25 @@ pub struct Disk {
     pub stack: Arc<LiveStack>,
 }
 
+/// A network card's counters by name (`rx_frames`, `tx_bytes`, ...).
+pub type NetCounters = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// A network card and its live chain.
+pub struct NetCard {
+    pub id: String,
+    pub tap: String,
+    pub mac: String,
+    pub chain: Arc<NetChain>,
+    /// The thread that calls the chain's hooks: edits run there.
+    pub io: Arc<IoThread>,
+    pub counters: NetCounters,
+}
+
 /// Everything the handlers reach.
 pub struct ApiState {
     vm: Arc<dyn VmControl>,
     disks: Vec<Disk>,
+    nets: Vec<NetCard>,
     registry: Arc<PluginRegistry>,
     /// Serializes loads and removals across devices (an id is unique VM-wide).
     edits: Mutex<()>,
@@ -96,10 +111,17 @@ impl ApiState {
         ApiState {
             vm,
             disks,
+            nets: Vec::new(),
             registry,
             edits: Mutex::new(()),
             body_timeout: Limits::default().body_timeout,
         }
+    }
+
+    /// The VM's network cards too.
+    pub fn with_nets(mut self, nets: Vec<NetCard>) -> Self {
+        self.nets = nets;
+        self
     }
 }
 

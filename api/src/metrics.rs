@@ -12,6 +12,52 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A network card's counters as families: `vmm_net_<counter>_total`.
+const NET_COUNTERS: [(&str, &str); 10] = [
+    (
+        "vmm_net_rx_frames_total",
+        "Frames the card delivered to the guest.",
+    ),
+    (
+        "vmm_net_rx_bytes_total",
+        "Bytes of those frames (without the virtio header).",
+    ),
+    (
+        "vmm_net_rx_dropped_total",
+        "Frames for the guest dropped (its buffers, the chain, too many answers).",
+    ),
+    (
+        "vmm_net_rx_taken_total",
+        "Frames for the guest an interceptor took.",
+    ),
+    (
+        "vmm_net_rx_bad_buffers_total",
+        "RX buffers of the guest refused as malformed.",
+    ),
+    (
+        "vmm_net_tx_frames_total",
+        "Frames the card wrote to its tap.",
+    ),
+    ("vmm_net_tx_bytes_total", "Bytes of those frames."),
+    (
+        "vmm_net_tx_dropped_total",
+        "Frames from the guest dropped (a full tap, the chain).",
+    ),
+    (
+        "vmm_net_tx_taken_total",
+        "Frames from the guest an interceptor took.",
+    ),
+    (
+        "vmm_net_tx_bad_chains_total",
+        "TX chains of the guest refused as malformed.",
+    ),
+];
+
+/// The family name of card counter `k`.
+fn net_name(k: &str) -> String {
+    format!("vmm_net_{k}_total")
+}
+
 struct Family {
     name: &'static str,
     kind: &'static str,
@@ -60,42 +106,51 @@ pub(crate) fn render(state: &ApiState) -> String {
         "counter",
         "Requests the device refused as malformed before its chain, and queues the guest broke.",
     );
-    let mut requests = family(
+    let requests = family(
         "vmm_interceptor_requests_total",
         "counter",
         "Requests through the instance.",
     );
-    let mut bytes = family(
+    let bytes = family(
         "vmm_interceptor_bytes_total",
         "counter",
         "Data bytes of those requests.",
     );
-    let mut errors = family(
+    let errors = family(
         "vmm_interceptor_errors_total",
         "counter",
         "Requests the instance failed.",
     );
-    let mut completed = family(
+    let completed = family(
         "vmm_interceptor_completed_total",
         "counter",
         "Requests the instance answered without the layers below.",
     );
-    let mut enabled = family(
+    let enabled = family(
         "vmm_interceptor_enabled",
         "gauge",
         "1 if the instance is enabled.",
     );
-    let mut latency = family(
+    let latency = family(
         "vmm_interceptor_latency_seconds",
         "summary",
         "Time from the instance's pre hook to its post hook, the layers below included.",
     );
-    let mut plugin = family(
+    let plugin = family(
         "vmm_interceptor_stat",
         "gauge",
         "A number the instance's plugin reports in its stats (GET /interceptors/{id}), named \
          by its JSON path with `_` between keys.",
     );
+    let mut per_layer = PerLayer {
+        requests,
+        bytes,
+        errors,
+        completed,
+        enabled,
+        latency,
+        plugin,
+    };
     for d in &state.disks {
         let snapshot = d.stack.snapshot();
         let c = snapshot.counters();
@@ -114,48 +169,33 @@ pub(crate) fn render(state: &ApiState) -> String {
             .samples
             .push(format!("{dev} {}", c.refused.load(Relaxed)));
         for l in snapshot.layers() {
-            let at = format!(
-                "device=\"{}\",interceptor=\"{}\"",
-                label(&d.id),
-                label(l.id())
-            );
-            let k = l.counters();
-            requests
-                .samples
-                .push(format!("{{{at}}} {}", k.requests.load(Relaxed)));
-            bytes
-                .samples
-                .push(format!("{{{at}}} {}", k.bytes.load(Relaxed)));
-            errors
-                .samples
-                .push(format!("{{{at}}} {}", k.errors.load(Relaxed)));
-            completed
-                .samples
-                .push(format!("{{{at}}} {}", k.completed.load(Relaxed)));
-            enabled
-                .samples
-                .push(format!("{{{at}}} {}", u8::from(l.enabled())));
-            for q in [0.5, 0.9, 0.99] {
-                if let Some(ns) = k.latency.quantile(q) {
-                    let secs = ns as f64 / 1e9;
-                    latency
-                        .samples
-                        .push(format!("{{{at},quantile=\"{q}\"}} {secs}"));
-                }
-            }
-            let count = k.latency.count();
-            latency.samples.push(format!("_count{{{at}}} {count}"));
-            if let Ok(stats) = l.plugin_stats() {
-                let mut leaves = Vec::new();
-                numeric_leaves(&stats, String::new(), 0, &mut leaves);
-                for (name, v) in leaves {
-                    plugin
-                        .samples
-                        .push(format!("{{{at},stat=\"{}\"}} {v}", label(&name)));
-                }
-            }
+            layer_samples(&mut per_layer, &d.id, l);
         }
     }
+    let mut net = NET_COUNTERS.map(|(name, help)| family(name, "counter", help));
+    for n in &state.nets {
+        let dev = format!("{{device=\"{}\"}}", label(&n.id));
+        for (k, v) in (n.counters)() {
+            if let Some(i) = NET_COUNTERS
+                .iter()
+                .position(|(name, _)| net_name(k) == *name)
+            {
+                net[i].samples.push(format!("{dev} {v}"));
+            }
+        }
+        for l in n.chain.layers().iter() {
+            layer_samples(&mut per_layer, &n.id, l);
+        }
+    }
+    let PerLayer {
+        requests,
+        bytes,
+        errors,
+        completed,
+        enabled,
+        latency,
+        plugin,
+    } = per_layer;
     let mut text = String::new();
     for f in [
         uptime,
@@ -171,7 +211,10 @@ pub(crate) fn render(state: &ApiState) -> String {
         enabled,
         latency,
         plugin,
-    ] {
+    ]
+    .into_iter()
+    .chain(net)
+    {
         let _ = writeln!(
             text,
             "# HELP {} {}\n# TYPE {} {}",
@@ -184,6 +227,61 @@ pub(crate) fn render(state: &ApiState) -> String {
         }
     }
     text
+}
+
+/// The families every instance has a sample in.
+struct PerLayer {
+    requests: Family,
+    bytes: Family,
+    errors: Family,
+    completed: Family,
+    enabled: Family,
+    latency: Family,
+    plugin: Family,
+}
+
+/// Instance `l`'s samples, on `device`.
+fn layer_samples(f: &mut PerLayer, device: &str, l: &compat::Instance) {
+    let at = format!(
+        "device=\"{}\",interceptor=\"{}\"",
+        label(device),
+        label(l.id())
+    );
+    let k = l.counters();
+    f.requests
+        .samples
+        .push(format!("{{{at}}} {}", k.requests.load(Relaxed)));
+    f.bytes
+        .samples
+        .push(format!("{{{at}}} {}", k.bytes.load(Relaxed)));
+    f.errors
+        .samples
+        .push(format!("{{{at}}} {}", k.errors.load(Relaxed)));
+    f.completed
+        .samples
+        .push(format!("{{{at}}} {}", k.completed.load(Relaxed)));
+    f.enabled
+        .samples
+        .push(format!("{{{at}}} {}", u8::from(l.enabled())));
+    for q in [0.5, 0.9, 0.99] {
+        if let Some(ns) = k.latency.quantile(q) {
+            let secs = ns as f64 / 1e9;
+            f.latency
+                .samples
+                .push(format!("{{{at},quantile=\"{q}\"}} {secs}"));
+        }
+    }
+    let count = k.latency.count();
+    f.latency.samples.push(format!("_count{{{at}}} {count}"));
+    if let Ok(stats) = l.plugin_stats() {
+        let mut leaves = Vec::new();
+        numeric_leaves(&stats, String::new(), 0, &mut leaves);
+        for (name, v) in leaves {
+            f.plugin
+                .samples
+                .push(format!("{{{at},stat=\"{}\"}} {v}", label(&name)));
+        }
+    }
 }
 
 /// The numbers (and booleans, as 0 or 1) in a plugin's stats, each named by its path; text

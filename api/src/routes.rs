@@ -203,8 +203,9 @@ fn load_instance(s: &ApiState, id: String, load: Load) -> Result<(), ApiError> {
             "interceptor `{id}` exists; DELETE it first or choose another id"
         )));
     }
-    let Some(disk) = s.disks.iter().find(|d| d.id == load.device) else {
-        let known: Vec<&str> = s.disks.iter().map(|d| d.id.as_str()).collect();
+    let device = views::all_devices(s).find(|d| d.id() == load.device);
+    let Some(device) = device else {
+        let known: Vec<String> = views::all_devices(s).map(|d| d.id().to_string()).collect();
         return Err(ApiError::BadRequest(format!(
             "no device `{}`; devices: {}",
             load.device,
@@ -227,11 +228,21 @@ fn load_instance(s: &ApiState, id: String, load: Load) -> Result<(), ApiError> {
         config_json: serde_json::Value::Object(load.config).to_string(),
         enabled: load.enabled,
     };
-    disk.stack.insert(&spec, load.position, load.fresh)?;
+    match device {
+        views::Device::Disk(disk) => {
+            disk.stack.insert(&spec, load.position, load.fresh)?;
+        }
+        views::Device::Net(card) => {
+            let (chain, position) = (card.chain.clone(), load.position);
+            card.io
+                .run(move || chain.insert(&spec, position))
+                .map_err(|e| ApiError::Internal(e.to_string()))??
+        }
+    }
     tracing::info!(
         "api: interceptor {id} loaded from {} into {} at {}",
         load.path.display(),
-        disk.id,
+        device.id(),
         load.position
     );
     Ok(())
@@ -245,10 +256,24 @@ fn remove_instance(s: &ApiState, id: &str) -> Result<(), ApiError> {
     }
     // Refuse before touching any device, so a refusal changes nothing.
     for (d, _, _) in &found {
-        d.stack.check_removable(id)?;
+        if let views::Device::Disk(disk) = d {
+            disk.stack.check_removable(id)?;
+        }
     }
-    for (d, _, _) in &found {
-        d.stack.remove(id)?;
+    drop(found);
+    for d in views::all_devices(s) {
+        if !d.layers().iter().any(|l| l.id() == id) {
+            continue;
+        }
+        match d {
+            views::Device::Disk(disk) => disk.stack.remove(id)?,
+            views::Device::Net(card) => {
+                let (chain, id) = (card.chain.clone(), id.to_string());
+                card.io
+                    .run(move || chain.remove(&id))
+                    .map_err(|e| ApiError::Internal(e.to_string()))??
+            }
+        }
     }
     tracing::info!("api: interceptor {id} removed");
     Ok(())

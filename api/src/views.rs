@@ -1,6 +1,6 @@
 //! The JSON answers, built from the live chains. Shapes are specified in `docs/api.yaml`.
 
-use crate::{ApiState, Disk};
+use crate::{ApiState, Disk, NetCard};
 use compat::Instance;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -52,29 +52,82 @@ pub(crate) fn devices(state: &ApiState) -> Value {
             })
         })
         .collect();
-    Value::Array(list)
+    let nets = state.nets.iter().map(|n| {
+        let chain: Vec<Value> = n
+            .chain
+            .layers()
+            .iter()
+            .map(|l| json!({ "id": l.id(), "plugin": l.plugin().name(), "enabled": l.enabled() }))
+            .collect();
+        let mut v = json!({
+            "id": n.id,
+            "kind": "net",
+            "tap": n.tap,
+            "mac": n.mac,
+            "chain": chain,
+        });
+        for (k, c) in (n.counters)() {
+            v[k] = json!(c);
+        }
+        v
+    });
+    Value::Array(list.into_iter().chain(nets).collect())
 }
 
-/// Every instance named `id`, with its device and position (an id may serve several disks).
+/// A device an instance serves.
+#[derive(Clone, Copy)]
+pub(crate) enum Device<'a> {
+    Disk(&'a Disk),
+    Net(&'a NetCard),
+}
+
+impl Device<'_> {
+    pub(crate) fn id(&self) -> &str {
+        match self {
+            Device::Disk(d) => &d.id,
+            Device::Net(n) => &n.id,
+        }
+    }
+
+    /// The chain, top to bottom.
+    pub(crate) fn layers(&self) -> Vec<Arc<Instance>> {
+        match self {
+            Device::Disk(d) => d.stack.snapshot().layers().to_vec(),
+            Device::Net(n) => n.chain.layers().as_ref().clone(),
+        }
+    }
+}
+
+/// Every device, disks first.
+pub(crate) fn all_devices(state: &ApiState) -> impl Iterator<Item = Device<'_>> {
+    state
+        .disks
+        .iter()
+        .map(Device::Disk)
+        .chain(state.nets.iter().map(Device::Net))
+}
+
+/// Every instance named `id`, with its device and position (an id may serve several
+/// devices).
 pub(crate) fn instances<'a>(
     state: &'a ApiState,
     id: &str,
-) -> Vec<(&'a Disk, usize, Arc<Instance>)> {
+) -> Vec<(Device<'a>, usize, Arc<Instance>)> {
     let mut found = Vec::new();
-    for d in &state.disks {
-        let snapshot = d.stack.snapshot();
-        if let Some(pos) = snapshot.layers().iter().position(|l| l.id() == id) {
-            found.push((d, pos, snapshot.layers()[pos].clone()));
+    for d in all_devices(state) {
+        let layers = d.layers();
+        if let Some(pos) = layers.iter().position(|l| l.id() == id) {
+            found.push((d, pos, layers[pos].clone()));
         }
     }
     found
 }
 
-/// Instance ids in the order they first appear (disk order, top to bottom).
+/// Instance ids in the order they first appear (device order, top to bottom).
 pub(crate) fn ids(state: &ApiState) -> Vec<String> {
     let mut ids: Vec<String> = Vec::new();
-    for d in &state.disks {
-        for l in d.stack.snapshot().layers() {
+    for d in all_devices(state) {
+        for l in d.layers() {
             if !ids.iter().any(|i| i == l.id()) {
                 ids.push(l.id().to_string());
             }
@@ -125,7 +178,7 @@ pub(crate) fn interceptor(state: &ApiState, id: &str) -> Option<Value> {
         .iter()
         .map(|(d, pos, i)| {
             json!({
-                "device": d.id,
+                "device": d.id(),
                 "position": pos,
                 "enabled": i.enabled(),
                 "counters": counters(i),

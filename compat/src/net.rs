@@ -9,6 +9,7 @@
 //! guest memory (TX) or reads them from the tap (RX), so a hook never sees guest memory.
 
 use crate::instance::{Instance, InstanceSpec};
+use crate::live::ChainError;
 use crate::loader::LoadError;
 use crate::stack::{BlockStack, BuildError, MAX_CHAIN};
 use crate::{BlockBackend, DeviceKind, IoRequest, RequestStatus};
@@ -135,8 +136,12 @@ unsafe extern "C" fn inject(ctx: *mut c_void, frame: *const u8, len: u32) -> u32
 pub struct NetChain {
     device_id: String,
     layers: RwLock<Arc<Vec<Arc<Instance>>>>,
+    /// What the card told the guest at start (its MTU, its offloads): an instance loaded
+    /// later must fit in them.
     headroom: u32,
     plain_frames: bool,
+    /// The stack each instance's lower handle points at.
+    below: Arc<BlockStack>,
 }
 
 impl std::fmt::Debug for NetChain {
@@ -195,7 +200,77 @@ impl NetChain {
             layers: RwLock::new(Arc::new(layers)),
             headroom,
             plain_frames,
+            below,
         })
+    }
+
+    /// Creates `spec` as an instance at `position` (0: top) of the running chain. Call it
+    /// on the card's thread (between two frames). Refused if the plugin does not serve net
+    /// devices, or needs more headroom or plainer frames than the card negotiated at start
+    /// (the guest's MTU and offloads cannot change under it).
+    pub fn insert(&self, spec: &InstanceSpec, position: usize) -> Result<(), ChainError> {
+        let layers = self.layers();
+        if layers.len() >= MAX_CHAIN {
+            return Err(ChainError::Conflict(format!(
+                "net `{}` has a full chain ({MAX_CHAIN})",
+                self.device_id
+            )));
+        }
+        if position > layers.len() {
+            return Err(ChainError::Invalid(format!(
+                "position {position} is past the chain's end ({})",
+                layers.len()
+            )));
+        }
+        let table = spec.plugin.table();
+        let used: u32 = layers.iter().map(|l| l.plugin().table().net_headroom).sum();
+        if used.saturating_add(table.net_headroom) > self.headroom {
+            return Err(ChainError::Conflict(format!(
+                "plugin `{}` may add {} bytes to a frame; net `{}` told its guest an MTU with \
+                 {} bytes to spare for its chain ({used} in use): load it from the config at boot",
+                spec.plugin.name(),
+                table.net_headroom,
+                self.device_id,
+                self.headroom
+            )));
+        }
+        if table.flags & abi::F_NET_PLAIN_FRAMES != 0 && !self.plain_frames {
+            return Err(ChainError::Conflict(format!(
+                "plugin `{}` needs plain frames; net `{}` negotiated offloads with its guest: \
+                 load it from the config at boot",
+                spec.plugin.name(),
+                self.device_id
+            )));
+        }
+        let instance = Instance::create(
+            spec,
+            DeviceKind::Net,
+            &self.device_id,
+            self.below.clone(),
+            false,
+        )?;
+        let mut next = layers.as_ref().clone();
+        next.insert(position, Arc::new(instance));
+        *self.layers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Takes instance `id` out of the chain; it is destroyed here once no view holds it.
+    /// Call it on the card's thread.
+    pub fn remove(&self, id: &str) -> Result<(), ChainError> {
+        let layers = self.layers();
+        let Some(pos) = layers.iter().position(|l| l.id() == id) else {
+            return Err(ChainError::NotFound {
+                device: self.device_id.clone(),
+                id: id.into(),
+            });
+        };
+        let mut next = layers.as_ref().clone();
+        let gone = next.remove(pos);
+        *self.layers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        drop(layers);
+        drop(gone);
+        Ok(())
     }
 
     pub fn device_id(&self) -> &str {

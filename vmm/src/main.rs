@@ -92,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let api = match start_api(&cli, &cfg, &disks, &registry, &exit) {
+    let api = match start_api(&cli, &cfg, &disks, &nics, &registry, &exit) {
         Ok(api) => api,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -155,6 +155,7 @@ fn start_api(
     cli: &Cli,
     cfg: &VmConfig,
     disks: &[storage::Disk],
+    nics: &[network::Nic],
     registry: &std::sync::Arc<compat::PluginRegistry>,
     exit: &vmm_sys_util::eventfd::EventFd,
 ) -> Result<Option<vmm_api::Server>, String> {
@@ -177,7 +178,22 @@ fn start_api(
             stack: d.stack.clone(),
         })
         .collect();
-    let state = vmm_api::ApiState::new(std::sync::Arc::new(vm), api_disks, registry.clone());
+    let api_nets = nics
+        .iter()
+        .map(|n| {
+            let counters = n.counters.clone();
+            vmm_api::NetCard {
+                id: n.id.clone(),
+                tap: n.tap_name.clone(),
+                mac: n.mac_text.clone(),
+                chain: n.chain.clone(),
+                io: n.io.clone(),
+                counters: std::sync::Arc::new(move || counters.fields().to_vec()),
+            }
+        })
+        .collect();
+    let state = vmm_api::ApiState::new(std::sync::Arc::new(vm), api_disks, registry.clone())
+        .with_nets(api_nets);
     let server = vmm_api::serve_on(
         &path,
         state,

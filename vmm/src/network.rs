@@ -12,14 +12,16 @@ use std::sync::{Arc, Mutex};
 pub struct Nic {
     pub id: String,
     pub mac: [u8; 6],
+    /// As the config writes it.
+    pub mac_text: String,
     pub mtu: u16,
     /// Until the device model takes it.
     pub tap: Mutex<Option<Tap>>,
     pub tap_name: String,
     pub chain: Arc<NetChain>,
     pub io: Arc<IoThread>,
-    /// The device's counters, once it exists.
-    pub counters: Mutex<Option<Arc<NetCounters>>>,
+    /// The device's counters.
+    pub counters: Arc<NetCounters>,
 }
 
 /// Opens every `[[net]]` of a validated config.
@@ -85,12 +87,13 @@ pub fn open_nets(
         nics.push(Nic {
             id: n.id.clone(),
             mac,
+            mac_text: n.mac.to_ascii_lowercase(),
             mtu,
             tap: Mutex::new(Some(tap)),
             tap_name: n.tap.clone(),
             chain: Arc::new(chain),
             io: Arc::new(io),
-            counters: Mutex::new(None),
+            counters: Arc::default(),
         });
     }
     Ok(nics)
@@ -101,20 +104,18 @@ pub fn open_nets(
 pub fn report(nics: &[Nic]) -> Vec<String> {
     let mut lines = Vec::new();
     for n in nics {
-        if let Some(c) = n
+        let fields: Vec<String> = n
             .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let fields: Vec<String> = c.fields().iter().map(|(k, v)| format!("{k}={v}")).collect();
-            lines.push(format!(
-                "net {} (tap {}): {}",
-                n.id,
-                n.tap_name,
-                fields.join(" ")
-            ));
-        }
+            .fields()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        lines.push(format!(
+            "net {} (tap {}): {}",
+            n.id,
+            n.tap_name,
+            fields.join(" ")
+        ));
         for layer in n.chain.layers().iter() {
             let c = layer.counters();
             let ld =

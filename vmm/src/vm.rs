@@ -228,9 +228,16 @@ fn add_net_devices(
         let Some(tap) = n.tap.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             bail!("net {}: its tap is taken", n.id);
         };
-        let device = Net::new(&n.id, tap, n.mac, n.mtu, n.chain.clone(), n.io.clone())
-            .map_err(|e| anyhow::anyhow!(e))?;
-        *n.counters.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.counters());
+        let device = Net::new(
+            &n.id,
+            tap,
+            n.mac,
+            n.mtu,
+            n.chain.clone(),
+            n.io.clone(),
+            n.counters.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let ack = eventfd()?;
         vm.register_ioevent(
             &ack,

@@ -32,6 +32,7 @@ mod encrypt;
 mod guest;
 mod input;
 mod mmio;
+mod net;
 mod plugin;
 mod store;
 
@@ -40,6 +41,7 @@ pub use blk::{blk_queue, blk_request};
 pub use config::config;
 pub use encrypt::encrypt_open;
 pub use mmio::mmio;
+pub use net::net_tx;
 pub use plugin::plugin_boundary;
 pub use store::store_open;
 
@@ -56,4 +58,5 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("plugin_boundary", plugin_boundary),
     ("encrypt_open", encrypt_open),
     ("store_open", store_open),
+    ("net_tx", net_tx),
 ];

@@ -94,6 +94,11 @@ fn encrypt_open() {
 }
 
 #[test]
+fn net_tx() {
+    corpus("net_tx");
+}
+
+#[test]
 fn store_open() {
     corpus("store_open");
 }

@@ -11,8 +11,11 @@
 //!   (declared fresh: the guest's data there is scratch), then reads its counters twice.
 //! - `sigterm` sends SIGTERM to the vmm serving the socket (its pid from the socket's peer
 //!   credentials) and reports the data disk's request count just before.
+//! - `enable:ID:SECS` waits until the API answers, then SECS seconds, then enables instance
+//!   ID (a network card's, say) and reports the devices as they are then.
 //!
-//! Every step starts once the guest has sent `data0` 200 requests (its task is running).
+//! Every step starts once the guest has sent `data0` 200 requests (its task is running),
+//! except in a run of `enable` steps only, which starts as soon as the API answers.
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -27,7 +30,17 @@ const DEVICE: &str = "data0";
 pub fn run(steps: &str, sock: &Path, vmm_gone: &AtomicBool) -> (Value, Vec<String>) {
     let mut report = Vec::new();
     let mut problems = Vec::new();
-    if let Err(e) = wait_for_guest_io(sock, vmm_gone) {
+    let io_free = steps
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .all(|s| s.starts_with("enable:"));
+    let ready = if io_free {
+        wait_for_api(sock, vmm_gone)
+    } else {
+        wait_for_guest_io(sock, vmm_gone)
+    };
+    if let Err(e) = ready {
         problems.push(format!("control: {e}"));
         return (Value::Array(report), problems);
     }
@@ -40,6 +53,11 @@ pub fn run(steps: &str, sock: &Path, vmm_gone: &AtomicBool) -> (Value, Vec<Strin
                 toggle(sock, ids, secs.parse().unwrap_or(20))
             }
             _ if step == "sigterm" => sigterm(sock),
+            Some(("enable", rest)) => {
+                let (id, secs) = rest.split_once(':').unwrap_or((rest, "0"));
+                std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(0)));
+                patch(sock, id, true).and_then(|()| get(sock, "/devices"))
+            }
             Some(("load", rest)) => match rest.split_once(':') {
                 Some((id, path)) => load(sock, id, Path::new(path)),
                 None => Err(format!("load needs ID:PATH, got {rest}")),
@@ -73,6 +91,20 @@ fn device(sock: &Path) -> Result<Value, String> {
         .and_then(|d| d.iter().find(|d| d["id"] == DEVICE))
         .cloned()
         .ok_or_else(|| format!("no device {DEVICE} in {all}"))
+}
+
+fn wait_for_api(sock: &Path, vmm_gone: &AtomicBool) -> Result<(), String> {
+    let start = Instant::now();
+    while get(sock, "/vm").is_err() {
+        if vmm_gone.load(Ordering::SeqCst) {
+            return Err("the vmm exited before its API answered".into());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err("the API did not answer within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 fn wait_for_guest_io(sock: &Path, vmm_gone: &AtomicBool) -> Result<(), String> {

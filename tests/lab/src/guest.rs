@@ -110,6 +110,11 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
             toml_str(&net.tap),
             toml_str(&net.mac)
         ));
+        if let Some(chain) = &net.interceptors {
+            let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
+            t.push_str(&format!("interceptors = [{}]\n\n", ids.join(", ")));
+            t.push_str(&chain.toml);
+        }
     }
     if let Some(chain) = &spec.interceptors {
         t.push('\n');
@@ -128,6 +133,21 @@ fn tap_side(net: &NetSpec) -> String {
             return format!("tap {} never appeared", net.tap);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(bridge) = &net.bridge {
+        let args = [
+            "link",
+            "set",
+            net.tap.as_str(),
+            "master",
+            bridge.as_str(),
+            "up",
+        ];
+        match Command::new("ip").args(args).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return format!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => return format!("ip: {e}"),
+        }
     }
     if let Some(ip) = &net.host_ip {
         for args in [
@@ -163,13 +183,17 @@ fn vmm_command(spec: &GuestSpec) -> Result<Command> {
             vmm.display()
         );
     }
-    let config = std::env::temp_dir().join(format!("vmm-lab-{}.toml", std::process::id()));
+    // Beside the run's results disk when it has one: two guests of one harness run at once.
+    let config = match &spec.results_disk {
+        Some(r) => r.with_file_name("vmm.toml"),
+        None => std::env::temp_dir().join(format!("vmm-lab-{}.toml", std::process::id())),
+    };
     std::fs::write(&config, vmm_config(spec))
         .with_context(|| format!("writing {}", config.display()))?;
     let mut cmd = Command::new(vmm);
     cmd.arg("--config").arg(config);
     if spec.control.is_some() {
-        cmd.arg("--api-sock").arg(crate::control::socket_path());
+        cmd.arg("--api-sock").arg(spec.control_socket());
     }
     Ok(cmd)
 }
@@ -223,6 +247,18 @@ pub struct GuestSpec {
     pub block_options: Vec<(String, String)>,
     /// A network card on a tap of the lab (vmm backend).
     pub net: Option<NetSpec>,
+    /// The API socket when `control` is set (default: `control::socket_path()`): two
+    /// guests of one harness need two.
+    pub control_sock: Option<PathBuf>,
+}
+
+impl GuestSpec {
+    /// Where this run's vmm serves its API.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_sock
+            .clone()
+            .unwrap_or_else(crate::control::socket_path)
+    }
 }
 
 /// The guest's network card and what the harness does on the tap's side.
@@ -236,6 +272,10 @@ pub struct NetSpec {
     /// A shell command the harness runs once the tap is up, beside the guest; its output
     /// is the run's `net_host`.
     pub host_cmd: Option<String>,
+    /// A bridge the harness puts the tap on once it exists (instead of an address).
+    pub bridge: Option<String>,
+    /// Interceptors stacked on the card.
+    pub interceptors: Option<InterceptorChain>,
 }
 
 /// `[[interceptor]]` entries (TOML) and their ids, top to bottom.
@@ -496,10 +536,8 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     // Set when the VMM has exited, so the API client stops waiting for a guest that is gone.
     let vmm_gone = Arc::new(AtomicBool::new(false));
     let control = spec.control.clone().map(|steps| {
-        let gone = vmm_gone.clone();
-        std::thread::spawn(move || {
-            crate::control::run(&steps, &crate::control::socket_path(), &gone)
-        })
+        let (gone, sock) = (vmm_gone.clone(), spec.control_socket());
+        std::thread::spawn(move || crate::control::run(&steps, &sock, &gone))
     });
     let tap_side = spec
         .net
@@ -773,6 +811,7 @@ mod tests {
             num_queues: None,
             block_options: Vec::new(),
             net: None,
+            control_sock: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //!   lab exec -- CMD ARGS..           run a command inside the lab VM
 //!   lab guest --task "selftest"      boot the guest once and check its report
 //!   lab bench                        boot time (median of N) and the fio table
+//!   lab pair --a-task .. --b-task ..  two guests under vmm on one bridge, at once
 
 mod chart;
 mod cpu;
@@ -36,6 +37,40 @@ enum Cmd {
     Guest(GuestArgs),
     /// Measure boot time to init (median of N boots) and run the fio jobs.
     Bench(BenchArgs),
+    /// Boot two guests under vmm at once, their cards on one bridge (10.0.0.1/24 on the
+    /// bridge's side; the guests take 10.0.0.2 and 10.0.0.3 in their tasks).
+    Pair(PairArgs),
+}
+
+#[derive(Args, Debug)]
+struct PairArgs {
+    /// Guest A's task words (its card: tap vmtapa, MAC 52:54:00:00:00:0a).
+    #[arg(long)]
+    a_task: String,
+    /// Guest B's task words (tap vmtapb, MAC 52:54:00:00:00:0b).
+    #[arg(long)]
+    b_task: String,
+    /// `[[interceptor]]` entries for A's card.
+    #[arg(long)]
+    a_net_interceptors: Option<PathBuf>,
+    #[arg(long)]
+    b_net_interceptors: Option<PathBuf>,
+    /// API steps against A's vmm (as `--control`).
+    #[arg(long)]
+    a_control: Option<String>,
+    #[arg(long)]
+    b_control: Option<String>,
+    /// A shell command run on the bridge's side once both cards are on it.
+    #[arg(long)]
+    host_cmd: Option<String>,
+    /// Capture everything on the bridge with tcpdump into this file.
+    #[arg(long)]
+    capture: Option<PathBuf>,
+    /// Write both runs as JSON (`{"a": .., "b": .., "host": ..}`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    opts: GuestOpts,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -125,6 +160,9 @@ struct GuestOpts {
     /// is printed after the run and is `net_host` in the JSON report).
     #[arg(long)]
     net_host_cmd: Option<String>,
+    /// A TOML file of `[[interceptor]]` entries to stack, in file order, on the card.
+    #[arg(long)]
+    net_interceptors: Option<std::path::PathBuf>,
     #[command(flatten)]
     lab: LabArgs,
 }
@@ -266,7 +304,177 @@ fn run(cli: Cli) -> Result<i32> {
             }
             cmd_bench(a)
         }
+        Cmd::Pair(a) => {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
+                return Ok(code);
+            }
+            cmd_pair(a)
+        }
     }
+}
+
+/// The bridge `lab pair` puts both cards on.
+const PAIR_BRIDGE: &str = "br-lab";
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2: scripts/setup.sh installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Outside the lab VM (a host with hardware KVM), the pair's taps and bridge go in a
+/// network namespace of this process's own, so nothing touches the host's network.
+fn private_network() -> Result<()> {
+    if std::env::var_os(labvm::INSIDE_ENV).is_some() {
+        return Ok(());
+    }
+    // SAFETY: unshare changes this thread's namespaces; the guests' processes and the
+    // threads started from here inherit them.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "cannot make a private network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    ip(&["link", "set", "lo", "up"])
+}
+
+fn cmd_pair(a: PairArgs) -> Result<i32> {
+    if a.opts.backend != Backend::Vmm {
+        bail!("lab pair runs both guests under vmm (--backend vmm)");
+    }
+    private_network()?;
+    let _ = ip(&["link", "del", PAIR_BRIDGE]);
+    ip(&["link", "add", PAIR_BRIDGE, "type", "bridge"])?;
+    ip(&["addr", "add", "10.0.0.1/24", "dev", PAIR_BRIDGE])?;
+    ip(&["link", "set", PAIR_BRIDGE, "up"])?;
+    let mut capture = match &a.capture {
+        Some(file) => {
+            let child = std::process::Command::new("tcpdump")
+                .args(["-i", PAIR_BRIDGE, "-U", "-s", "0", "-w"])
+                .arg(file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting tcpdump (scripts/setup.sh installs it)")?;
+            std::thread::sleep(Duration::from_secs(1));
+            Some(child)
+        }
+        None => None,
+    };
+    let (scratch_a, scratch_b) = (Scratch::new("pair-a")?, Scratch::new("pair-b")?);
+    let mut specs = Vec::new();
+    for (name, task, chain, control, scratch) in [
+        (
+            "a",
+            &a.a_task,
+            &a.a_net_interceptors,
+            &a.a_control,
+            &scratch_a,
+        ),
+        (
+            "b",
+            &a.b_task,
+            &a.b_net_interceptors,
+            &a.b_control,
+            &scratch_b,
+        ),
+    ] {
+        let mut spec = spec_for(&a.opts, task, scratch)?;
+        spec.net = Some(guest::NetSpec {
+            tap: format!("vmtap{name}"),
+            mac: format!("52:54:00:00:00:0{name}"),
+            bridge: Some(PAIR_BRIDGE.into()),
+            interceptors: chain
+                .as_deref()
+                .map(guest::InterceptorChain::from_file)
+                .transpose()?,
+            ..Default::default()
+        });
+        spec.control = control.clone();
+        spec.control_sock = Some(scratch.path().join("api.sock"));
+        specs.push(spec);
+    }
+    eprintln!("lab: booting two guests under vmm on bridge {PAIR_BRIDGE}");
+    let host = a.host_cmd.clone().map(|cmd| {
+        std::thread::spawn(move || {
+            let brif = Path::new("/sys/class/net").join(PAIR_BRIDGE).join("brif");
+            let t0 = std::time::Instant::now();
+            while !(brif.join("vmtapa").exists() && brif.join("vmtapb").exists()) {
+                if t0.elapsed() > Duration::from_secs(120) {
+                    return "the cards never joined the bridge".to_string();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            match std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .output()
+            {
+                Ok(o) => format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => format!("sh -c {cmd:?}: {e}"),
+            }
+        })
+    });
+    let runs: Vec<Result<GuestRun>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|spec| scope.spawn(move || guest::boot(spec)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a boot panicked")))
+            })
+            .collect()
+    });
+    let host_out = host.map(|h| {
+        h.join()
+            .unwrap_or_else(|_| "the host command panicked".into())
+    });
+    if let Some(child) = capture.as_mut() {
+        // SIGINT: tcpdump flushes and closes the file.
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+    }
+    let _ = ip(&["link", "del", PAIR_BRIDGE]);
+    let mut ok = true;
+    let mut report = serde_json::Map::new();
+    for (name, run) in ["a", "b"].iter().zip(runs) {
+        let run = run?;
+        for line in run.transcript.lines() {
+            if line.contains(vmm_lab::console::GUEST_MARKER) || line.starts_with("vmm: ") {
+                println!("{name}| {line}");
+            }
+        }
+        for p in &run.problems {
+            println!("{name}| problem: {p}");
+        }
+        ok &= run.ok();
+        report.insert(name.to_string(), serde_json::to_value(&run)?);
+    }
+    if let Some(text) = &host_out {
+        for line in text.lines() {
+            println!("host| {line}");
+        }
+        report.insert("host".into(), serde_json::Value::String(text.clone()));
+    }
+    write_json(&a.json, &serde_json::Value::Object(report))?;
+    Ok(if ok { 0 } else { 1 })
 }
 
 fn lab_options(a: &LabArgs) -> LabOptions {
@@ -359,6 +567,11 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             .collect()
     };
     let results = scratch.path().join("results.img");
+    let net_chain = o
+        .net_interceptors
+        .as_deref()
+        .map(guest::InterceptorChain::from_file)
+        .transpose()?;
     let spec = GuestSpec {
         backend: o.backend,
         image,
@@ -391,7 +604,10 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             mac: o.net_mac.clone(),
             host_ip: o.net_host_ip.clone(),
             host_cmd: o.net_host_cmd.clone(),
+            bridge: None,
+            interceptors: net_chain.clone(),
         }),
+        control_sock: None,
     };
     guest::check_spec(&spec)?;
     Ok(spec)

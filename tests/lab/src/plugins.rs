@@ -18,6 +18,8 @@ pub struct Plugins {
     pub dedup: PathBuf,
     pub faulty: PathBuf,
     pub xor: PathBuf,
+    pub net_filter: PathBuf,
+    pub net_encrypt: PathBuf,
 }
 
 /// Where test builds of plugins go.
@@ -67,6 +69,10 @@ fn build() -> Result<Plugins> {
             "interceptor-dedup",
             "-p",
             "interceptor-faulty",
+            "-p",
+            "interceptor-net-filter",
+            "-p",
+            "interceptor-net-encrypt",
         ])
         .arg("--target-dir")
         .arg(&target)
@@ -85,6 +91,8 @@ fn build() -> Result<Plugins> {
         dedup: lib("interceptor_dedup"),
         faulty: lib("interceptor_faulty"),
         xor: build_c(&repo_root().join("interceptors/xor/xor.c"), "libxor.so")?,
+        net_filter: lib("interceptor_net_filter"),
+        net_encrypt: lib("interceptor_net_encrypt"),
     })
 }
 

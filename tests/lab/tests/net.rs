@@ -73,3 +73,295 @@ fn a_guest_pings_and_moves_64_mib_each_way_over_a_tap() {
         assert!(counters.contains(bad), "{counters}");
     }
 }
+
+// ---- two guests on one bridge (`lab pair`) ----
+
+use common::{images_or_skip, lab, out_file};
+use vmm_lab::plugins::plugins;
+
+/// Runs `lab pair` with `args`; the JSON report (`{"a": .., "b": .., "host": ..}`) and
+/// everything printed, or None when the test must skip.
+fn pair(name: &str, args: &[&str]) -> Option<(std::process::Output, serde_json::Value, String)> {
+    images_or_skip()?;
+    let json = out_file(&format!("{name}.json"));
+    let json_arg = json.to_string_lossy().into_owned();
+    let mut all = vec![
+        "pair",
+        "--backend",
+        "vmm",
+        "--timeout",
+        "600",
+        "--json",
+        &json_arg,
+    ];
+    all.extend_from_slice(args);
+    let out = lab(&all);
+    let report = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let text = output(&out);
+    Some((out, report, text))
+}
+
+/// Guest `who`'s console lines as `lab pair` printed them.
+fn lines_of(text: &str, who: &str) -> String {
+    let prefix = format!("{who}| ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A chain file for one card: `body` after the plugin's path, the plugin `path`.
+fn net_chain(name: &str, id: &str, path: &std::path::Path, body: &str) -> String {
+    let f = out_file(&format!("{name}.toml"));
+    std::fs::write(
+        &f,
+        format!("[[interceptor]]\nid = {id:?}\npath = {path:?}\n{body}\n"),
+    )
+    .unwrap();
+    f.to_string_lossy().into_owned()
+}
+
+fn seal_chain(name: &str, enabled: bool) -> String {
+    let key = out_file(&format!("{name}.key"));
+    std::fs::write(&key, [0x5au8; 32]).unwrap();
+    let p = plugins().unwrap();
+    net_chain(
+        name,
+        "seal",
+        &p.net_encrypt,
+        &format!("enabled = {enabled}\nconfig = {{ key_file = {key:?} }}"),
+    )
+}
+
+const MARKER: &[u8] = b"vmm-net-plaintext-marker";
+
+/// Both directions of a 64 MiB exchange between A (10.0.0.2) and B (10.0.0.3): A sends the
+/// marker text to B's port 5000, then B sends random bytes to A's port 5001.
+const A_EXCHANGE: &str =
+    "net.ip=10.0.0.2/24 ping=10.0.0.3 netsend=10.0.0.3:5000,64,text netrecv=5001";
+const B_EXCHANGE: &str = "net.ip=10.0.0.3/24 ping=10.0.0.2 netrecv=5000 netsend=10.0.0.2:5001,64";
+
+fn assert_exchanged(text: &str) {
+    let (a, b) = (lines_of(text, "a"), lines_of(text, "b"));
+    assert!(a.contains("@@GUEST@@ ping addr=10.0.0.3 ok"), "A pings B");
+    assert!(b.contains("@@GUEST@@ ping addr=10.0.0.2 ok"), "B pings A");
+    let a_sent = field(&a, "@@GUEST@@ netsend", "sha256=").expect("A's netsend");
+    let b_got = field(&b, "@@GUEST@@ netrecv", "sha256=").expect("B's netrecv");
+    assert_eq!(a_sent, b_got, "A to B");
+    let b_sent = field(&b, "@@GUEST@@ netsend", "sha256=").expect("B's netsend");
+    let a_got = field(&a, "@@GUEST@@ netrecv", "sha256=").expect("A's netrecv");
+    assert_eq!(b_sent, a_got, "B to A");
+    for who in [&a, &b] {
+        assert_eq!(
+            field(who, "@@GUEST@@ netrecv", "bytes=").as_deref(),
+            Some("67108864")
+        );
+    }
+}
+
+#[test]
+fn two_guests_ping_and_move_64_mib_each_way_across_a_bridge() {
+    let capture = out_file("pair-plain.pcap");
+    let cap = capture.to_string_lossy().into_owned();
+    let Some((out, _, text)) = pair(
+        "pair-plain",
+        &[
+            "--a-task",
+            A_EXCHANGE,
+            "--b-task",
+            B_EXCHANGE,
+            "--capture",
+            &cap,
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    assert_exchanged(&text);
+    // The capture works: without encryption the text crossed the bridge in the clear.
+    let pcap = std::fs::read(&capture).expect("the capture");
+    assert!(
+        common::contains(&pcap, MARKER),
+        "the plain text on the bridge"
+    );
+}
+
+#[test]
+fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
+    let capture = out_file("pair-sealed.pcap");
+    let cap = capture.to_string_lossy().into_owned();
+    let (a_chain, b_chain) = (
+        seal_chain("pair-sealed-a", true),
+        seal_chain("pair-sealed-b", true),
+    );
+    let Some((out, _, text)) = pair(
+        "pair-sealed",
+        &[
+            "--a-task",
+            A_EXCHANGE,
+            "--b-task",
+            B_EXCHANGE,
+            "--capture",
+            &cap,
+            "--a-net-interceptors",
+            &a_chain,
+            "--b-net-interceptors",
+            &b_chain,
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    assert_exchanged(&text);
+    let a = lines_of(&text, "a");
+    assert!(
+        a.contains("mtu=1468"),
+        "the guest's MTU leaves room for the seal"
+    );
+    let pcap = std::fs::read(&capture).expect("the capture");
+    assert!(
+        pcap.len() > 64 << 20,
+        "the capture holds the transfer ({} bytes)",
+        pcap.len()
+    );
+    assert!(!common::contains(&pcap, MARKER), "plain text on the bridge");
+    for who in ["a", "b"] {
+        let stats = lines_of(&text, who)
+            .lines()
+            .find(|l| l.contains("interceptor seal on net0"))
+            .map(str::to_string)
+            .expect("the seal's exit report");
+        assert!(stats.contains("\"forged\":0"), "{stats}");
+        assert!(stats.contains("\"replayed\":0"), "{stats}");
+    }
+}
+
+#[test]
+fn with_encryption_on_one_side_traffic_fails_until_the_api_enables_the_other() {
+    let (a_chain, b_chain) = (
+        seal_chain("pair-half-a", true),
+        seal_chain("pair-half-b", false),
+    );
+    let Some((out, report, text)) = pair(
+        "pair-half",
+        &[
+            "--a-task",
+            "net.ip=10.0.0.2/24 noping=10.0.0.3,8 ping=10.0.0.3 netsend=10.0.0.3:5000,8",
+            "--b-task",
+            "net.ip=10.0.0.3/24 netrecv=5000",
+            "--a-net-interceptors",
+            &a_chain,
+            "--b-net-interceptors",
+            &b_chain,
+            "--b-control",
+            "enable:seal:20",
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    let (a, b) = (lines_of(&text, "a"), lines_of(&text, "b"));
+    assert!(
+        a.contains("@@GUEST@@ noping addr=10.0.0.3 silent"),
+        "no answer while B is plain"
+    );
+    assert!(
+        a.contains("@@GUEST@@ ping addr=10.0.0.3 ok"),
+        "answers once B seals too"
+    );
+    assert_eq!(
+        field(&a, "@@GUEST@@ netsend", "sha256="),
+        field(&b, "@@GUEST@@ netrecv", "sha256="),
+    );
+    let control = &report["b"]["control"][0];
+    assert!(control["error"].is_null(), "{control}");
+    let card = control["result"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["kind"] == "net"))
+        .cloned()
+        .expect("GET /devices lists the card");
+    assert_eq!(card["chain"][0]["id"], "seal");
+    assert_eq!(card["chain"][0]["enabled"], true);
+}
+
+#[test]
+fn a_filter_closes_one_port_and_lets_the_rest_through() {
+    let p = plugins().unwrap();
+    let b_chain = net_chain(
+        "pair-filter-b",
+        "filter",
+        &p.net_filter,
+        "[interceptor.config]\nrules = [{ name = \"no-5001\", ip_protocol = 6, port = 5001 }]\n\
+         anti_spoof = { mac = \"52:54:00:00:00:0b\", ipv4 = \"10.0.0.3\" }",
+    );
+    let Some((out, _, text)) = pair(
+        "pair-filter",
+        &[
+            "--a-task",
+            "net.ip=10.0.0.2/24 ping=10.0.0.3 noconnect=10.0.0.3:5001 netsend=10.0.0.3:5000,8",
+            "--b-task",
+            "net.ip=10.0.0.3/24 listen=5001 netrecv=5000",
+            "--b-net-interceptors",
+            &b_chain,
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    let (a, b) = (lines_of(&text, "a"), lines_of(&text, "b"));
+    assert!(
+        a.contains("@@GUEST@@ noconnect addr=10.0.0.3:5001 blocked"),
+        "port 5001 closed"
+    );
+    assert_eq!(
+        field(&a, "@@GUEST@@ netsend", "sha256="),
+        field(&b, "@@GUEST@@ netrecv", "sha256="),
+        "port 5000 open"
+    );
+    let stats = b
+        .lines()
+        .find(|l| l.contains("interceptor filter on net0"))
+        .expect("the filter's exit report");
+    assert!(
+        !stats.contains("\"matched\":0"),
+        "the rule matched: {stats}"
+    );
+    assert!(stats.contains("\"spoofed\":0"), "{stats}");
+}
+
+#[test]
+fn a_guest_flooding_frames_stalls_neither_vmm() {
+    // A floods B with UDP as fast as it can while the bridge's side sends B 64 MiB.
+    let host = "sleep 5; head -c 67108864 /dev/urandom > /tmp/flood-tx; \
+        echo tx sha256=$(sha256sum < /tmp/flood-tx | cut -d' ' -f1); \
+        n=0; until busybox nc 10.0.0.3 5000 < /tmp/flood-tx; do n=$((n+1)); [ $n -lt 60 ] || break; sleep 0.5; done; \
+        rm -f /tmp/flood-tx";
+    let Some((out, _, text)) = pair(
+        "pair-flood",
+        &[
+            "--a-task",
+            "net.ip=10.0.0.2/24 ping=10.0.0.3 iperf=10.0.0.3,30,-u+-b+0+-l+1400",
+            "--b-task",
+            "net.ip=10.0.0.3/24 iperfd netrecv=5000",
+            "--host-cmd",
+            host,
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    let (a, b) = (lines_of(&text, "a"), lines_of(&text, "b"));
+    assert!(a.contains("@@GUEST@@ iperf addr=10.0.0.3"), "A flooded");
+    let host_lines = lines_of(&text, "host");
+    assert_eq!(
+        field(&host_lines, "tx ", "sha256="),
+        field(&b, "@@GUEST@@ netrecv", "sha256="),
+        "B received the host's 64 MiB whole under the flood"
+    );
+    for who in [&a, &b] {
+        assert!(who.contains("@@GUEST@@ exit rc=0"), "{who}");
+    }
+}

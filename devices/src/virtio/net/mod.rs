@@ -9,6 +9,7 @@
 //! segments and partial checksums pass between the guest and the host kernel unchanged
 //! with their virtio header. Receive buffers may be merged (VIRTIO_NET_F_MRG_RXBUF).
 
+pub mod chain;
 pub mod tap;
 mod worker;
 
@@ -41,7 +42,7 @@ pub const DEFAULT_MTU: u16 = 1500;
 /// `struct virtio_net_hdr_v1` as it lies in guest memory and on the tap.
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(transparent)]
-pub(crate) struct VnetHeader(pub compat::abi::NetHeader);
+pub struct VnetHeader(pub compat::abi::NetHeader);
 
 // SAFETY: a plain-data struct of integers, no padding (a test checks its size): any bytes
 // are a valid value.
@@ -127,7 +128,8 @@ pub struct Net {
 
 impl Net {
     /// A network card over `tap` with the guest MAC `mac` on a link of `mtu` bytes, its
-    /// frames through `chain`, served on `io` (the thread that calls the chain's hooks).
+    /// frames through `chain`, served on `io` (the thread that calls the chain's hooks),
+    /// counting into `counters`.
     pub fn new(
         id: &str,
         tap: Tap,
@@ -135,6 +137,7 @@ impl Net {
         mtu: u16,
         chain: Arc<NetChain>,
         io: Arc<IoThread>,
+        counters: Arc<NetCounters>,
     ) -> Result<Net, String> {
         let headroom = u16::try_from(chain.headroom()).unwrap_or(u16::MAX);
         let guest_mtu = mtu.saturating_sub(headroom);
@@ -151,7 +154,7 @@ impl Net {
             tap: Arc::new(tap),
             chain,
             io,
-            counters: Arc::default(),
+            counters,
             broken: Arc::default(),
             serving: None,
             queue_sizes: [QUEUE_SIZE; 2],
@@ -286,6 +289,7 @@ impl VirtioDevice for Net {
             tx_frame: FrameBuf::with_capacity(capacity),
             tap_watched: false,
             tap_offloads: offloads,
+            acked: acked_features & self.features(),
         };
         let id = self
             .io

@@ -194,7 +194,7 @@ fn frames_cross_a_real_tap_both_ways() {
         let chain = Arc::new(NetChain::build("nt", &[]).unwrap());
         let io = Arc::new(IoThread::spawn("nt", None).unwrap());
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-        let mut dev = Net::new("nt", tap, mac, 1500, chain, io).unwrap();
+        let mut dev = Net::new("nt", tap, mac, 1500, chain, io, Arc::default()).unwrap();
         assert_ne!(dev.features() & (1 << VIRTIO_NET_F_HOST_TSO4), 0);
         let mut cfg = [0u8; 6];
         dev.read_config(0, &mut cfg);

@@ -9,18 +9,19 @@
 //! waits, the tap is no longer watched (the kernel queues, then drops, what arrives), and
 //! the next RX kick starts again.
 
+use super::chain::{self, Buffers};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{NetCounters, VnetHeader};
 use crate::logger::LogLimiter;
 use crate::virtio::Interrupt;
 use compat::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use compat::{Direction, FrameBuf, IoSubscriber, NetChain, Verdict, MAX_FRAME};
+use compat::{Direction, FrameBuf, IoSubscriber, NetChain, Verdict};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 static GUEST_LOG: LogLimiter = LogLimiter::with_defaults();
@@ -70,13 +71,8 @@ pub(super) struct Worker {
     /// What the tap may hand us unfinished (`TUN_F_*`), set when the handler starts: on
     /// the device's thread, whose filter allows that one ioctl.
     pub(super) tap_offloads: u32,
-}
-
-/// The guest-memory ranges of one descriptor chain, checked.
-struct Buffers {
-    head: u16,
-    ranges: Vec<(GuestAddress, usize)>,
-    total: usize,
+    /// The features the guest accepted (what its TX headers may ask for).
+    pub(super) acked: u64,
 }
 
 impl Worker {
@@ -88,39 +84,6 @@ impl Worker {
         );
         self.broken.store(true, SeqCst);
         self.interrupt.signal_config_change();
-    }
-
-    /// The chain's buffers if each is inside guest memory and of the direction wanted.
-    fn buffers(
-        mem: &GuestMemoryMmap,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-        writable: bool,
-        limit: usize,
-    ) -> Result<Buffers, (u16, &'static str)> {
-        let head = chain.head_index();
-        let mut ranges = Vec::new();
-        let mut total = 0usize;
-        for d in chain {
-            if d.is_write_only() != writable {
-                return Err((head, "a buffer of the wrong direction"));
-            }
-            let len = d.len() as usize;
-            if !mem.check_range(d.addr(), len) {
-                return Err((head, "a buffer outside guest memory"));
-            }
-            total = total.checked_add(len).ok_or((head, "a chain too long"))?;
-            if total > limit {
-                return Err((head, "a chain longer than a frame"));
-            }
-            if len > 0 {
-                ranges.push((d.addr(), len));
-            }
-        }
-        Ok(Buffers {
-            head,
-            ranges,
-            total,
-        })
     }
 
     fn add_used(&mut self, rx: bool, head: u16, len: u32) -> bool {
@@ -157,8 +120,8 @@ impl Worker {
                     Err(e) => return self.fail(&format!("the TX avail ring is invalid ({e})")),
                 };
                 let Some(chain) = chain else { break };
-                let limit = VNET_HDR_LEN + MAX_FRAME;
-                match Self::buffers(&mem, chain, false, limit) {
+                let limit = chain::MAX_TX_CHAIN;
+                match chain::buffers(&mem, chain, false, limit) {
                     Ok(b) => {
                         if !self.add_used(false, b.head, 0) {
                             return;
@@ -193,45 +156,17 @@ impl Worker {
     /// One TX chain: header and frame copied out of guest memory, the chain run, the frame
     /// written to the tap.
     fn transmit(&mut self, mem: &GuestMemoryMmap, b: &Buffers) {
-        let mut header = VnetHeader::default();
-        let frame_len = b.total.saturating_sub(VNET_HDR_LEN);
-        if b.total < VNET_HDR_LEN + abi_min_frame() {
-            self.counters.tx_bad_chains.fetch_add(1, Relaxed);
-            crate::limited_warn!(
-                GUEST_LOG,
-                "net-{}: TX frame of {} bytes; dropped",
-                self.id,
-                b.total
-            );
-            return;
-        }
-        // The stream header | frame, scattered over the ranges.
-        let mut pos = 0usize;
-        for &(addr, len) in &b.ranges {
-            let mut done = 0usize;
-            while done < len {
-                let at = pos + done;
-                let (dst, n) = if at < VNET_HDR_LEN {
-                    let n = (VNET_HDR_LEN - at).min(len - done);
-                    (&mut header.as_mut_slice()[at..at + n], n)
-                } else {
-                    let off = at - VNET_HDR_LEN;
-                    let n = len - done;
-                    (&mut self.tx_frame.buffer_mut()[off..off + n], n)
-                };
-                // Checked in `buffers`: inside guest memory.
-                let Some(src) = addr.checked_add(done as u64) else {
-                    return;
-                };
-                if mem.read_slice(dst, src).is_err() {
-                    self.counters.tx_bad_chains.fetch_add(1, Relaxed);
-                    return;
-                }
-                done += n;
+        let checked = chain::read_tx(mem, b, &mut self.tx_frame).and_then(|header| {
+            chain::check_tx_header(&header, self.tx_frame.len(), self.acked).map(|()| header)
+        });
+        let header = match checked {
+            Ok(h) => h,
+            Err(why) => {
+                self.counters.tx_bad_chains.fetch_add(1, Relaxed);
+                crate::limited_warn!(GUEST_LOG, "net-{}: TX {why}; dropped", self.id);
+                return;
             }
-            pos += len;
-        }
-        self.tx_frame.set_len(frame_len);
+        };
         self.tx_frame.header = header.into();
         if !self.chain.is_empty() {
             let mut answers = Vec::new();
@@ -409,7 +344,7 @@ impl Worker {
             };
             let Some(chain) = chain else { break };
             popped += 1;
-            match Self::buffers(&mem, chain, true, usize::MAX) {
+            match chain::buffers(&mem, chain, true, usize::MAX) {
                 Ok(b) => {
                     room += b.total;
                     taken.push(b);
