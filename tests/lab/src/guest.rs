@@ -7,7 +7,7 @@ use crate::lines::forward_lines;
 use crate::paths::GuestImage;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -465,6 +465,38 @@ fn qemu_command(spec: &GuestSpec) -> Command {
 
 /// Console lines worth showing live even when not echoing everything: the guest's own
 /// markers (progress) and kernel messages (panics, oopses) but not fio's JSON.
+/// What the guest's shell prints first, from its own session (guest-kernel/rootfs/init).
+const SHELL_MARKER: &str = "@@GUEST@@ shell-ready";
+
+/// Our stdin when it is not a terminal (inside the lab VM: the file the outer `lab` wrote
+/// it to), read whole the first time it is asked for: every attempt of a run (a retry
+/// after a lab fault, a boot after a stall) replays it all.
+pub fn piped_input() -> &'static [u8] {
+    static INPUT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    INPUT.get_or_init(|| {
+        if let Some(file) = std::env::var_os(crate::labvm::INPUT_ENV) {
+            return std::fs::read(file).unwrap_or_default();
+        }
+        let mut all = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut all);
+        all
+    })
+}
+
+/// Waits for `ready` (the guest's shell is up, or the command inside the lab VM started),
+/// then writes our piped input to `pipe` and closes it. Gone without a word if `ready`
+/// never comes.
+pub fn feed_when_ready(ready: &mpsc::Receiver<()>, mut pipe: impl std::io::Write) {
+    // Read now, while waiting: the input is whole before the first byte goes.
+    piped_input();
+    if ready.recv().is_err() {
+        return;
+    }
+    // The shell prints its prompt after the marker: let it reach its first read.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = pipe.write_all(piped_input());
+}
+
 fn is_progress_line(line: &str) -> bool {
     (line.contains(console::GUEST_MARKER) && !line.contains("fio-stderr"))
         || line.trim_start().starts_with("[ ")
@@ -515,7 +547,13 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         Backend::Qemu | Backend::QemuIoUring => qemu_command(spec),
         Backend::Vmm => vmm_command(spec)?,
     };
-    cmd.stdin(if spec.interactive {
+    // Input piped in (a script, not a person at a terminal) is held until the guest's shell
+    // is up: bytes that reach the serial line before then are lost.
+    let held_input = spec.interactive
+        && (std::env::var_os(crate::labvm::INPUT_ENV).is_some() || !std::io::stdin().is_terminal());
+    cmd.stdin(if held_input {
+        Stdio::piped()
+    } else if spec.interactive {
         Stdio::inherit()
     } else {
         Stdio::null()
@@ -526,6 +564,11 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start the {} backend", spec.backend.name()))?;
+    let mut shell_ready = child.stdin.take().map(|pipe| {
+        let (ready, wait) = mpsc::channel::<()>();
+        std::thread::spawn(move || feed_when_ready(&wait, pipe));
+        ready
+    });
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
         forward_lines(out, tx.clone());
@@ -563,6 +606,11 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
             Ok((at, line)) => {
                 if wall_to_init.is_none() && line.contains(&init_marker) {
                     wall_to_init = Some(at.duration_since(start));
+                }
+                if line.contains(SHELL_MARKER) {
+                    if let Some(ready) = shell_ready.take() {
+                        let _ = ready.send(());
+                    }
                 }
                 if spec.interactive {
                     let mut out = std::io::stdout().lock();

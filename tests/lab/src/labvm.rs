@@ -7,7 +7,10 @@ use crate::console::field;
 use crate::lines::forward_lines;
 use crate::paths;
 use anyhow::{bail, Context, Result};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+
+/// Where a command inside the lab finds the input piped to the outer `lab` (a file).
+pub const INPUT_ENV: &str = "VMM_LAB_INPUT";
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -234,7 +237,17 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
     }
     let image = paths::lab_image()?;
     let dir = run_dir()?;
-    write_script(&dir, argv, env)?;
+    // Input piped in (a script, not a person) goes in a file beside the command instead of
+    // through the lab's console, where early bytes are lost: the command inside reads it
+    // from there and hands it to its guest once the guest is ready (guest.rs).
+    let piped = opts.interactive && !std::io::stdin().is_terminal();
+    let mut env = env.to_vec();
+    if piped {
+        let input = dir.join("input");
+        std::fs::write(&input, crate::guest::piped_input()).context("writing the input")?;
+        env.push((INPUT_ENV.to_string(), input.to_string_lossy().into_owned()));
+    }
+    write_script(&dir, argv, &env)?;
     let console_log = dir.join("console.log");
     let mut log = std::fs::File::create(&console_log).context("creating console.log")?;
 
@@ -265,7 +278,7 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap",
         ])
-        .stdin(if opts.interactive {
+        .stdin(if opts.interactive && !piped {
             Stdio::inherit()
         } else {
             Stdio::null()

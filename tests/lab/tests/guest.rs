@@ -185,3 +185,33 @@ fn qemu_guest_with_two_vcpus_sees_both() {
     );
     assert_eq!(r["console"]["exit_rc"], 0);
 }
+
+/// Input piped into `lab guest --task shell` reaches the guest's shell whole, with both
+/// backends: it is held until the shell says it is ready (bytes sent earlier were lost).
+#[test]
+fn piped_shell_input_arrives_whole() {
+    use std::io::Write;
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    for backend in ["vmm", "qemu"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
+            .args(["guest", "--backend", backend, "--task", "shell"])
+            .current_dir(common::repo())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running the lab binary");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"echo MARK-$((6*7))\nexit\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = common::output(&out);
+        assert!(text.contains("MARK-42"), "{backend}: {text}");
+        assert!(!text.contains("not found"), "{backend}: {text}");
+    }
+}
