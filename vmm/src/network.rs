@@ -117,21 +117,7 @@ pub fn report(nics: &[Nic]) -> Vec<String> {
             fields.join(" ")
         ));
         for layer in n.chain.layers().iter() {
-            let c = layer.counters();
-            let ld =
-                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            let stats = layer
-                .plugin_stats()
-                .unwrap_or_else(|e| serde_json::json!({ "error": e }));
-            lines.push(format!(
-                "interceptor {} on {}: requests={} bytes={} errors={} completed={} stats={stats}",
-                layer.id(),
-                n.id,
-                ld(&c.requests),
-                ld(&c.bytes),
-                ld(&c.errors),
-                ld(&c.completed),
-            ));
+            lines.push(crate::storage::instance_line(layer, &n.id));
         }
     }
     lines

@@ -183,24 +183,28 @@ pub fn report(disks: &[Disk]) -> Vec<String> {
     let mut lines = Vec::new();
     for d in disks {
         for layer in d.stack.snapshot().layers() {
-            let c = layer.counters();
-            let ld =
-                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            let stats = layer
-                .plugin_stats()
-                .unwrap_or_else(|e| serde_json::json!({ "error": e }));
-            lines.push(format!(
-                "interceptor {} on {}: requests={} bytes={} errors={} completed={} stats={stats}",
-                layer.id(),
-                d.id,
-                ld(&c.requests),
-                ld(&c.bytes),
-                ld(&c.errors),
-                ld(&c.completed),
-            ));
+            lines.push(instance_line(layer, &d.id));
         }
     }
     lines
+}
+
+/// The exit report's line for one instance on `device`: the shim's counters and the
+/// plugin's own stats (disks and network cards alike).
+pub fn instance_line(layer: &compat::Instance, device: &str) -> String {
+    let c = layer.counters();
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let stats = layer
+        .plugin_stats()
+        .unwrap_or_else(|e| serde_json::json!({ "error": e }));
+    format!(
+        "interceptor {} on {device}: requests={} bytes={} errors={} completed={} stats={stats}",
+        layer.id(),
+        ld(&c.requests),
+        ld(&c.bytes),
+        ld(&c.errors),
+        ld(&c.completed),
+    )
 }
 
 #[cfg(test)]

@@ -56,6 +56,19 @@ impl Interrupt {
     }
 }
 
+/// Copies `config` (a device's config space) from `offset` into `data`, zeros past its end
+/// (a driver may read anywhere in the window).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < config.len() {
+        let n = data.len().min(config.len() - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+}
+
 /// Activation failed; the transport marks the device as needing a reset.
 #[derive(Debug, thiserror::Error)]
 #[error("virtio device activation failed: {0}")]

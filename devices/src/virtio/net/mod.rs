@@ -230,15 +230,7 @@ impl VirtioDevice for Net {
             mtu: self.guest_mtu.to_le(),
             ..Default::default()
         });
-        let config = config.as_slice();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < config.len() {
-            let n = data.len().min(config.len() - start);
-            data[..n].copy_from_slice(&config[start..start + n]);
-        }
+        super::read_config_space(config.as_slice(), offset, data);
     }
 
     fn activate(
