@@ -378,13 +378,29 @@ impl Worker {
                 self.counters.rx_bad_buffers.fetch_add(1, Relaxed);
                 return Some(Delivery::Refused);
             }
-            // Too few buffers yet: put them back for the next try.
+            // Too few buffers yet: put them back for the next try, and ask for a kick when
+            // the guest adds one. It may have added some since the ring was read: then the
+            // kick already went by, so try again now rather than wait for one that never
+            // comes (with VIRTIO_RING_F_EVENT_IDX the guest kicks only past avail_event).
             for _ in 0..popped {
                 self.rx.go_to_previous_position();
             }
             if self.rx.enable_notification(&mem).is_err() {
                 self.fail("cannot access the RX avail ring");
                 return None;
+            }
+            let waiting = match self
+                .rx
+                .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+            {
+                Ok(idx) => usize::from((idx - std::num::Wrapping(self.rx.next_avail())).0),
+                Err(_) => {
+                    self.fail("cannot access the RX avail ring");
+                    return None;
+                }
+            };
+            if waiting > popped {
+                return self.deliver();
             }
             return Some(Delivery::NoBuffers);
         }
