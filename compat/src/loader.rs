@@ -272,7 +272,7 @@ impl PluginRegistry {
     }
 }
 
-enum CopyError {
+pub(crate) enum CopyError {
     NotFound,
     Other(String),
 }
@@ -285,7 +285,7 @@ impl From<std::io::Error> for CopyError {
 
 /// Opens `path` once, copies its bytes into a new memfd, seals it against any change and
 /// hashes the sealed bytes. Only a regular file of at most [`MAX_PLUGIN_BYTES`] is read.
-fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
+pub(crate) fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
     // O_NONBLOCK: opening a FIFO must not wait for a writer. Only a regular file is read
     // (a device like /dev/zero would never end).
     let file = std::fs::OpenOptions::new()
@@ -319,7 +319,13 @@ fn sealed_copy(path: &Path) -> Result<(OwnedFd, String), CopyError> {
         return Err(too_big());
     }
     copy.flush()?;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // F_SEAL_FUTURE_WRITE, not F_SEAL_WRITE: the latter waits for every extra reference
+    // to the memfd's pages to go (a page still in another CPU's LRU batch, or being
+    // migrated) and fails with EBUSY after about 150 ms, which happened under load. The
+    // two differ only for writable mappings made before the seal, and this memfd was never
+    // mapped: either way no write(2), mmap or truncate can change it afterwards.
+    let seals =
+        libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a descriptor we own, with an integer argument.
     if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return Err(CopyError::Other(format!(

@@ -213,3 +213,59 @@ fn a_file_over_the_size_bound_is_refused() {
     assert!(e.contains("larger than 256 MiB"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The copy the dynamic loader maps cannot change once sealed: no write through its
+/// descriptor or a new one, no truncation or growth, no shared writable mapping.
+#[test]
+fn the_sealed_copy_refuses_every_change() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = scratch("sealed");
+    let marker = dir.join("ran");
+    let path = build(&dir, "sealed", &marker, &[]);
+    let Ok((fd, found)) = crate::loader::sealed_copy(&path) else {
+        panic!("no sealed copy of {}", path.display());
+    };
+    assert_eq!(found, hash(&path));
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl and ftruncate on a descriptor this test owns.
+    let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+    assert_eq!(
+        seals
+            & (libc::F_SEAL_FUTURE_WRITE
+                | libc::F_SEAL_SHRINK
+                | libc::F_SEAL_GROW
+                | libc::F_SEAL_SEAL),
+        libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+    );
+    assert_ne!(unsafe { libc::ftruncate(raw, 0) }, 0);
+    assert_ne!(unsafe { libc::ftruncate(raw, 1 << 30) }, 0);
+    let mut same = std::fs::File::from(fd.try_clone().unwrap());
+    assert!(same.write_all(b"evil").is_err());
+    if let Ok(mut other) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{raw}"))
+    {
+        assert!(other.write_all(b"evil").is_err());
+    }
+    // SAFETY: a fresh mapping request that must be refused; unmapped if it was not.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        )
+    };
+    if map != libc::MAP_FAILED {
+        unsafe { libc::munmap(map, 4096) };
+        panic!("a shared writable mapping of the sealed copy was allowed");
+    }
+    assert_eq!(
+        std::fs::read(format!("/proc/self/fd/{raw}")).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

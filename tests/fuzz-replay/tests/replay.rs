@@ -113,6 +113,7 @@ fn every_target_has_a_test() {
         "api",
         "plugin_boundary",
         "encrypt_open",
+        "net_tx",
         "store_open",
     ];
     for (name, _) in fuzz_replay::TARGETS {
