@@ -277,6 +277,7 @@ impl VirtioDevice for Net {
             mergeable: acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_frame: FrameBuf::with_capacity(capacity),
             rx_pending: false,
+            rx_held: Vec::new(),
             answers_for_guest: VecDeque::new(),
             tx_frame: FrameBuf::with_capacity(capacity),
             tap_watched: false,

@@ -267,3 +267,91 @@ fn frames_cross_a_real_tap_both_ways() {
     .join()
     .unwrap();
 }
+
+/// With mergeable buffers and VIRTIO_RING_F_EVENT_IDX, a frame that finds too few buffers
+/// keeps those it took and moves `avail_event` to the end of what the guest posted, so the
+/// guest's next buffer kicks (a guest kicks only when its index passes `avail_event`); the
+/// frame then arrives across several buffers. Putting the buffers back instead left
+/// `avail_event` behind them: no kick ever came, and the card stopped receiving for good
+/// (what stalled a guest flooded with large frames).
+#[test]
+fn a_frame_waiting_for_buffers_gets_the_kick_of_the_next_one() {
+    std::thread::spawn(|| {
+        if let Some(why) = own_netns() {
+            return skip_or_fail(&why);
+        }
+        let tap = match Tap::open("vmmtest1") {
+            Ok(t) => t,
+            Err(e) => return skip_or_fail(&e.to_string()),
+        };
+        // No frames of the kernel's own (IPv6 router solicitations) to take the buffers.
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/vmmtest1/disable_ipv6", "1");
+        set_up("vmmtest1");
+        let wire = Wire::on("vmmtest1");
+        let chain = Arc::new(NetChain::build("nm", &[]).unwrap());
+        let io = Arc::new(IoThread::spawn("nm", None).unwrap());
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
+        let mut dev = Net::new("nm", tap, mac, 1500, chain, io, Arc::default()).unwrap();
+        let acked = dev.features();
+        assert_ne!(acked & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+        assert_ne!(acked & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        const SIZE: u16 = 64;
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), SIZE);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        // The device's avail_event: after the used ring's 8-byte elements (virtio 1.x 2.7.8).
+        let avail_event = GuestAddress(rxq.used_addr().0 + 4 + 8 * u64::from(SIZE));
+        let event = || mem.read_obj::<u16>(avail_event).unwrap();
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        dev.activate(
+            mem.clone(),
+            acked,
+            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        )
+        .unwrap();
+        // A guest's buffers: 256 bytes each, slot i at 0x3_0000 + i * 0x1000.
+        let buffer = |i: u16| (0x3_0000 + u64::from(i) * 0x1000, 256u32, true);
+        // Posts slots from..to and kicks as a guest with EVENT_IDX does.
+        let post_and_kick = |from: u16, to: u16| {
+            for i in from..to {
+                post(&rxq, i, &[buffer(i)]);
+            }
+            let ev = event();
+            // vring_need_event(event, new, old)
+            if to.wrapping_sub(ev).wrapping_sub(1) < to.wrapping_sub(from) {
+                kicks[0].write(1).unwrap();
+            }
+        };
+        let sent = frame(mac, [2, 0, 0, 0, 0, 1], &[0xa5; 990]);
+        wire.send(&sent);
+        // One buffer is too few for 12 + 1004 bytes: the device takes it and waits.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        post_and_kick(0, 1);
+        wait_for("avail_event past the buffer the device holds", || {
+            event() == 1
+        });
+        assert_eq!(rxq.used().idx().load(), 0, "nothing delivered yet");
+        post_and_kick(1, 8);
+        wait_for("the frame in the guest's buffers", || {
+            rxq.used().idx().load() > 0
+        });
+        // The frame fills four buffers in order, behind a header that says four.
+        let mut got = Vec::new();
+        for i in 0..4u16 {
+            let e = rxq.used().ring().ref_at(usize::from(i)).unwrap().load();
+            assert_eq!(e.id(), u32::from(i) * 4, "buffers used in the order posted");
+            let mut part = vec![0u8; e.len() as usize];
+            mem.read_slice(&mut part, GuestAddress(buffer(i).0))
+                .unwrap();
+            got.extend_from_slice(&part);
+        }
+        let hdr = VnetHeader::from_slice(&got[..12]).copied().unwrap();
+        assert_eq!(u16::from_le(hdr.0.num_buffers), 4);
+        assert_eq!(&got[12..], &sent[..]);
+        assert!(dev.reset());
+    })
+    .join()
+    .unwrap();
+}

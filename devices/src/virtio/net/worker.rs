@@ -63,6 +63,8 @@ pub(super) struct Worker {
     /// The frame read from the tap (or answered by the chain) waiting for guest buffers.
     pub(super) rx_frame: FrameBuf,
     pub(super) rx_pending: bool,
+    /// RX buffers taken for `rx_frame` that were too few for it: used by the next try.
+    pub(super) rx_held: Vec<Buffers>,
     /// Frames the chain answered toward the guest.
     pub(super) answers_for_guest: VecDeque<Vec<u8>>,
     pub(super) tx_frame: FrameBuf,
@@ -331,78 +333,60 @@ impl Worker {
     fn deliver(&mut self) -> Option<Delivery> {
         let mem = self.mem.clone();
         let total = VNET_HDR_LEN + self.rx_frame.len();
-        let mut taken: Vec<Buffers> = Vec::new();
-        let mut room = 0usize;
-        let mut popped = 0usize;
-        while room < total {
-            let chain = match self.rx.iter(&mem) {
-                Ok(mut chains) => chains.next(),
-                Err(e) => {
-                    self.fail(&format!("the RX avail ring is invalid ({e})"));
-                    return None;
-                }
-            };
-            let Some(chain) = chain else { break };
-            popped += 1;
-            match chain::buffers(&mem, chain, true, usize::MAX) {
-                Ok(b) => {
-                    room += b.total;
-                    taken.push(b);
-                    if !self.mergeable {
-                        break;
-                    }
-                }
-                Err((head, why)) => {
-                    // The broken buffer and those taken before it go back empty, with the
-                    // frame dropped: the guest sees errors, and nothing it wrote is trusted.
-                    self.counters.rx_bad_buffers.fetch_add(1, Relaxed);
-                    crate::limited_warn!(GUEST_LOG, "net-{}: RX {why}; refused", self.id);
-                    let heads: Vec<u16> = taken.iter().map(|b| b.head).chain([head]).collect();
-                    for h in heads {
-                        if !self.add_used(true, h, 0) {
-                            return None;
-                        }
-                    }
-                    return Some(Delivery::Refused);
-                }
-            }
-        }
-        if room < total {
-            if !self.mergeable && !taken.is_empty() {
-                // One buffer per frame and this one is too small: the frame is dropped.
-                for b in &taken {
-                    if !self.add_used(true, b.head, 0) {
+        // Buffers taken for this frame by an earlier try that found too few.
+        let mut taken = std::mem::take(&mut self.rx_held);
+        let mut room: usize = taken.iter().map(|b| b.total).sum();
+        loop {
+            while room < total && (taken.is_empty() || self.mergeable) {
+                let chain = match self.rx.iter(&mem) {
+                    Ok(mut chains) => chains.next(),
+                    Err(e) => {
+                        self.fail(&format!("the RX avail ring is invalid ({e})"));
                         return None;
                     }
+                };
+                let Some(chain) = chain else { break };
+                match chain::buffers(&mem, chain, true, usize::MAX) {
+                    Ok(b) => {
+                        room = room.saturating_add(b.total);
+                        taken.push(b);
+                    }
+                    Err((head, why)) => {
+                        // The broken buffer and those taken before it go back empty, with
+                        // the frame dropped: nothing the guest wrote there is trusted.
+                        self.counters.rx_bad_buffers.fetch_add(1, Relaxed);
+                        crate::limited_warn!(GUEST_LOG, "net-{}: RX {why}; refused", self.id);
+                        let heads: Vec<u16> = taken.iter().map(|b| b.head).chain([head]).collect();
+                        return self.return_empty(&heads);
+                    }
                 }
-                self.counters.rx_bad_buffers.fetch_add(1, Relaxed);
-                return Some(Delivery::Refused);
             }
-            // Too few buffers yet: put them back for the next try, and ask for a kick when
-            // the guest adds one. It may have added some since the ring was read: then the
-            // kick already went by, so try again now rather than wait for one that never
-            // comes (with VIRTIO_RING_F_EVENT_IDX the guest kicks only past avail_event).
-            for _ in 0..popped {
-                self.rx.go_to_previous_position();
+            if room >= total {
+                break;
             }
-            if self.rx.enable_notification(&mem).is_err() {
-                self.fail("cannot access the RX avail ring");
-                return None;
-            }
-            let waiting = match self
-                .rx
-                .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+            // One buffer per frame and this one is too small, or every buffer of the ring
+            // together is: the frame can never fit, so it is dropped.
+            if !taken.is_empty() && (!self.mergeable || taken.len() >= usize::from(self.rx.size()))
             {
-                Ok(idx) => usize::from((idx - std::num::Wrapping(self.rx.next_avail())).0),
+                self.counters.rx_bad_buffers.fetch_add(1, Relaxed);
+                let heads: Vec<u16> = taken.iter().map(|b| b.head).collect();
+                return self.return_empty(&heads);
+            }
+            // Too few buffers yet: keep those taken (the ring is read to its end, so with
+            // VIRTIO_RING_F_EVENT_IDX the guest's next buffer passes `avail_event` and
+            // kicks; putting them back would leave the event behind and the kick would
+            // never come) and ask for a kick, unless buffers arrived meanwhile.
+            match self.rx.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => {
+                    self.rx_held = taken;
+                    return Some(Delivery::NoBuffers);
+                }
                 Err(_) => {
                     self.fail("cannot access the RX avail ring");
                     return None;
                 }
-            };
-            if waiting > popped {
-                return self.deliver();
             }
-            return Some(Delivery::NoBuffers);
         }
         let mut header = VnetHeader::from(self.rx_frame.header);
         header.0.num_buffers = (taken.len() as u16).to_le();
@@ -444,6 +428,18 @@ impl Worker {
             .rx_bytes
             .fetch_add(self.rx_frame.len() as u64, Relaxed);
         Some(Delivery::Delivered)
+    }
+}
+
+impl Worker {
+    /// Returns these RX buffers to the guest unwritten (the frame is dropped).
+    fn return_empty(&mut self, heads: &[u16]) -> Option<Delivery> {
+        for &h in heads {
+            if !self.add_used(true, h, 0) {
+                return None;
+            }
+        }
+        Some(Delivery::Refused)
     }
 }
 
