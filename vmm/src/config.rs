@@ -934,6 +934,100 @@ mod tests {
         }
     }
 
+    /// Two good cards, then each field of the second made wrong in turn: the error names
+    /// the field and says what is wrong with the value.
+    #[test]
+    fn each_invalid_net_value_names_its_field_and_why() {
+        let nets = format!(
+            "{GOOD}\n[[net]]\nid = \"net0\"\ntap = \"vmtap0\"\nmac = \"52:54:00:00:00:01\"\n\
+             [[net]]\nid = \"net1\"\ntap = \"vmtap1\"\nmac = \"52:54:00:00:00:02\"\nmtu = 9000\n"
+        );
+        let (r, _d) = load(&nets);
+        r.unwrap();
+        for (from, to, field, why) in [
+            ("id = \"net1\"", "id = \"net0\"", "net[1].id", "used twice"),
+            ("id = \"net1\"", "id = \"data\"", "net[1].id", "used twice"),
+            ("id = \"net1\"", "id = \"a b\"", "net[1].id", "a b"),
+            (
+                "tap = \"vmtap1\"",
+                "tap = \"vmtap0\"",
+                "net[1].tap",
+                "serves another",
+            ),
+            ("tap = \"vmtap1\"", "tap = \"\"", "net[1].tap", "1 to 15"),
+            (
+                "tap = \"vmtap1\"",
+                "tap = \"a-tap-name-too-long\"",
+                "net[1].tap",
+                "1 to 15",
+            ),
+            (
+                "tap = \"vmtap1\"",
+                "tap = \"../x\"",
+                "net[1].tap",
+                "[A-Za-z0-9_.-]",
+            ),
+            (
+                "mac = \"52:54:00:00:00:02\"",
+                "mac = \"52:54:00:00:00\"",
+                "net[1].mac",
+                "not a MAC",
+            ),
+            (
+                "mac = \"52:54:00:00:00:02\"",
+                "mac = \"52:54:00:00:00:zz\"",
+                "net[1].mac",
+                "not a MAC",
+            ),
+            (
+                "mac = \"52:54:00:00:00:02\"",
+                "mac = \"52:54:00:00:00:002\"",
+                "net[1].mac",
+                "not a MAC",
+            ),
+            (
+                "mac = \"52:54:00:00:00:02\"",
+                "mac = \"01:00:5e:00:00:01\"",
+                "net[1].mac",
+                "multicast",
+            ),
+            (
+                "mac = \"52:54:00:00:00:02\"",
+                "mac = \"00:00:00:00:00:00\"",
+                "net[1].mac",
+                "not an address",
+            ),
+            ("mtu = 9000", "mtu = 67", "net[1].mtu", "68 to 9000"),
+            ("mtu = 9000", "mtu = 9001", "net[1].mtu", "68 to 9000"),
+            (
+                "mtu = 9000",
+                "mtu = 9000\ninterceptors = [\"nope\"]",
+                "net[1]",
+                "nope",
+            ),
+        ] {
+            let text = nets.replace(from, to);
+            assert_ne!(text, nets, "{from}");
+            let e = err(&text);
+            assert!(
+                e.contains(field) && e.contains(why) && e.contains("guest.toml"),
+                "{field}: {e}"
+            );
+        }
+        for (text, why) in [
+            (nets.replace("mtu = 9000", "mtu = 70000"), "mtu"),
+            (nets.replace("mtu = 9000", "mtu = -1"), "mtu"),
+            (
+                nets.replace("mtu = 9000", "mtu = 9000\nqueues = 2"),
+                "queues",
+            ),
+            (nets.replace("mac = \"52:54:00:00:00:02\"\n", ""), "mac"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(why) && e.contains("guest.toml"), "{why}: {e}");
+        }
+    }
+
     #[test]
     fn wrong_types_and_garbage_are_parse_errors() {
         for text in [

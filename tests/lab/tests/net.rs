@@ -334,3 +334,39 @@ fn a_filter_closes_one_port_and_lets_the_rest_through() {
     // `ipv6` address drops as spoofed; that is counted, not an error.
     assert!(stats.contains("\"spoofed\":"), "{stats}");
 }
+
+#[test]
+fn a_guest_flooding_frames_stalls_neither_vmm() {
+    // A floods B with UDP as fast as it can for 30 s while the bridge's side sends B 32 MiB
+    // over TCP: B's card, short of buffers again and again, must keep receiving.
+    let host = "sleep 5; head -c 33554432 /dev/urandom > /tmp/flood-tx; \
+        echo tx sha256=$(sha256sum < /tmp/flood-tx | cut -d' ' -f1); \
+        n=0; until busybox nc 10.0.0.3 5000 < /tmp/flood-tx; do n=$((n+1)); [ $n -lt 60 ] || break; sleep 0.5; done; \
+        rm -f /tmp/flood-tx";
+    let Some((out, report, text)) = pair(
+        "pair-flood",
+        &[
+            "--a-task",
+            "net.ip=10.0.0.2/24 ping=10.0.0.3 iperf=10.0.0.3,30,-u+-b+0+-l+1400",
+            "--b-task",
+            "net.ip=10.0.0.3/24 iperfd netrecv=5000",
+            "--host-cmd",
+            host,
+        ],
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "the pair failed");
+    let (a, b) = (lines_of(&text, "a"), lines_of(&text, "b"));
+    assert!(a.contains("@@GUEST@@ iperf addr=10.0.0.3"), "A flooded B");
+    let host_lines = lines_of(&text, "host");
+    assert_eq!(
+        field(&host_lines, "tx ", "sha256="),
+        field(&b, "@@GUEST@@ netrecv", "sha256="),
+        "B received the host's 32 MiB whole under the flood"
+    );
+    for who in [&a, &b] {
+        assert!(who.contains("@@GUEST@@ exit rc=0"), "{who}");
+    }
+    eprintln!("report: {report}");
+}
