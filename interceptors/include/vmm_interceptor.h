@@ -147,7 +147,8 @@ struct vmm_net_header {
 /* One Ethernet frame, in a private buffer the hook may change (net requests only). A pre
  * hook (TX) returns VMM_CONTINUE to pass the frame on, VMM_COMPLETE to take it (it goes no
  * further: dropped or answered), VMM_FAIL to drop it as an error. A post hook (RX; slot is
- * NULL, status VMM_STATUS_OK) returns VMM_STATUS_OK to pass it on, anything else drops it. */
+ * NULL, status VMM_STATUS_OK) returns VMM_STATUS_OK to pass it on, anything else to take it
+ * (it goes no further). */
 struct vmm_net_frame {
     uint8_t *data;     /* the frame, from its Ethernet header (no virtio header) */
     uint32_t len;      /* its length: a hook may set it from 14 to capacity */

@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/../../scripts/lib.sh"
 
 # The modules the lab loads; their dependencies are resolved from modules.dep.
-WANT="virtio_pci 9p 9pnet_virtio kvm-amd kvm-intel tun veth bridge"  # file names
+WANT="virtio_pci 9p 9pnet_virtio kvm-amd kvm-intel tun veth bridge vhost_net"  # file names
 
 kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
 [ -n "$kpkg" ] || die "no linux-image package found for the lab (run scripts/setup.sh, which runs apt-get update)"

@@ -9,6 +9,8 @@
 
 mod chart;
 mod cpu;
+mod netbench;
+mod pair;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +42,10 @@ enum Cmd {
     /// Boot two guests under vmm at once, their cards on one bridge (10.0.0.1/24 on the
     /// bridge's side; the guests take 10.0.0.2 and 10.0.0.3 in their tasks).
     Pair(PairArgs),
+    /// iperf3 TCP through a guest's card: vmm against QEMU (virtio-net-pci, vhost=off and
+    /// on) guest to host, host to guest and guest to guest, and vmm with frame encryption,
+    /// in one lab session; a table, a chart and JSON.
+    Netbench(netbench::NetBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -310,56 +316,24 @@ fn run(cli: Cli) -> Result<i32> {
             }
             cmd_pair(a)
         }
+        Cmd::Netbench(a) => {
+            if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
+                return Ok(code);
+            }
+            netbench::run(a)
+        }
     }
-}
-
-/// The bridge `lab pair` puts both cards on.
-const PAIR_BRIDGE: &str = "br-lab";
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2: scripts/setup.sh installs it)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Outside the lab VM (a host with hardware KVM), the pair's taps and bridge go in a
-/// network namespace of this process's own, so nothing touches the host's network.
-fn private_network() -> Result<()> {
-    if std::env::var_os(labvm::INSIDE_ENV).is_some() {
-        return Ok(());
-    }
-    // SAFETY: unshare changes this thread's namespaces; the guests' processes and the
-    // threads started from here inherit them.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "cannot make a private network namespace: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    ip(&["link", "set", "lo", "up"])
 }
 
 fn cmd_pair(a: PairArgs) -> Result<i32> {
     if a.opts.backend != Backend::Vmm {
         bail!("lab pair runs both guests under vmm (--backend vmm)");
     }
-    private_network()?;
-    let _ = ip(&["link", "del", PAIR_BRIDGE]);
-    ip(&["link", "add", PAIR_BRIDGE, "type", "bridge"])?;
-    ip(&["addr", "add", "10.0.0.1/24", "dev", PAIR_BRIDGE])?;
-    ip(&["link", "set", PAIR_BRIDGE, "up"])?;
+    let bridge = pair::Bridge::up()?;
     let mut capture = match &a.capture {
         Some(file) => {
             let child = std::process::Command::new("tcpdump")
-                .args(["-i", PAIR_BRIDGE, "-U", "-s", "0", "-w"])
+                .args(["-i", pair::BRIDGE, "-U", "-s", "0", "-w"])
                 .arg(file)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -390,68 +364,28 @@ fn cmd_pair(a: PairArgs) -> Result<i32> {
     ] {
         let mut spec = spec_for(&a.opts, task, scratch)?;
         spec.net = Some(guest::NetSpec {
-            tap: format!("vmtap{name}"),
-            mac: format!("52:54:00:00:00:0{name}"),
-            bridge: Some(PAIR_BRIDGE.into()),
             interceptors: chain
                 .as_deref()
                 .map(guest::InterceptorChain::from_file)
                 .transpose()?,
-            ..Default::default()
+            ..pair::card(name)
         });
         spec.control = control.clone();
         spec.control_sock = Some(scratch.path().join("api.sock"));
         specs.push(spec);
     }
-    eprintln!("lab: booting two guests under vmm on bridge {PAIR_BRIDGE}");
-    let host = a.host_cmd.clone().map(|cmd| {
-        std::thread::spawn(move || {
-            let brif = Path::new("/sys/class/net").join(PAIR_BRIDGE).join("brif");
-            let t0 = std::time::Instant::now();
-            while !(brif.join("vmtapa").exists() && brif.join("vmtapb").exists()) {
-                if t0.elapsed() > Duration::from_secs(120) {
-                    return "the cards never joined the bridge".to_string();
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            match std::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .output()
-            {
-                Ok(o) => format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                ),
-                Err(e) => format!("sh -c {cmd:?}: {e}"),
-            }
-        })
-    });
-    let runs: Vec<Result<GuestRun>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = specs
-            .iter()
-            .map(|spec| scope.spawn(move || guest::boot(spec)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a boot panicked")))
-            })
-            .collect()
-    });
-    let host_out = host.map(|h| {
-        h.join()
-            .unwrap_or_else(|_| "the host command panicked".into())
-    });
+    eprintln!(
+        "lab: booting two guests under vmm on bridge {}",
+        pair::BRIDGE
+    );
+    let (runs, host_out) = pair::boot_all(&specs, a.host_cmd.clone());
     if let Some(child) = capture.as_mut() {
         // SIGINT: tcpdump flushes and closes the file.
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let _ = child.wait();
     }
-    let _ = ip(&["link", "del", PAIR_BRIDGE]);
+    drop(bridge);
     let mut ok = true;
     let mut report = serde_json::Map::new();
     for (name, run) in ["a", "b"].iter().zip(runs) {
@@ -606,6 +540,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             host_cmd: o.net_host_cmd.clone(),
             bridge: None,
             interceptors: net_chain.clone(),
+            vhost: false,
         }),
         control_sock: None,
     };

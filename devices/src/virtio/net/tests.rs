@@ -355,3 +355,154 @@ fn a_frame_waiting_for_buffers_gets_the_kick_of_the_next_one() {
     .join()
     .unwrap();
 }
+
+/// Answers frames of its ethertypes: a transmitted 0x88b5 frame with "echo:" and its
+/// payload, back to the guest, and takes it; a received 0x88b6 frame likewise, back out of
+/// the tap, and takes it.
+struct Echo;
+
+const ECHO_RX_TYPE: u16 = 0x88b6;
+
+fn echo_of(frame: &[u8]) -> Vec<u8> {
+    let mut a = Vec::new();
+    a.extend_from_slice(&frame[6..12]); // back to the sender
+    a.extend_from_slice(&frame[0..6]);
+    a.extend_from_slice(&frame[12..14]);
+    a.extend_from_slice(b"echo:");
+    a.extend_from_slice(&frame[14..]);
+    a
+}
+
+impl interceptor_sdk::Interceptor for Echo {
+    const NAME: &'static std::ffi::CStr = c"echo";
+    const DEVICES: u32 = interceptor_sdk::DeviceKind::Net.mask();
+    fn create(_: interceptor_sdk::CreateContext<'_>) -> Result<Self, String> {
+        Ok(Echo)
+    }
+    fn pre(
+        &self,
+        req: &mut interceptor_sdk::Request<'_>,
+        _: &mut interceptor_sdk::Slot,
+    ) -> interceptor_sdk::Decision {
+        let Some(frame) = req.frame() else {
+            return interceptor_sdk::Decision::Continue;
+        };
+        if frame.bytes()[12..14] != TEST_TYPE.to_be_bytes() {
+            return interceptor_sdk::Decision::Continue;
+        }
+        match frame.answer(&echo_of(frame.bytes())) {
+            Ok(()) => interceptor_sdk::Decision::Complete,
+            Err(_) => interceptor_sdk::Decision::Fail,
+        }
+    }
+    fn post(
+        &self,
+        req: &mut interceptor_sdk::Request<'_>,
+        _: interceptor_sdk::Slot,
+        status: interceptor_sdk::Status,
+    ) -> interceptor_sdk::Status {
+        let Some(frame) = req.frame() else {
+            return status;
+        };
+        if frame.bytes()[12..14] != ECHO_RX_TYPE.to_be_bytes() {
+            return status;
+        }
+        let _ = frame.answer(&echo_of(frame.bytes()));
+        interceptor_sdk::Status::IoError // taken: the guest never sees it
+    }
+}
+
+/// A plugin's answers reach their side end to end: one to a frame the guest sent lands in
+/// the guest's RX buffers (and the frame never reaches the wire), one to a frame from the
+/// wire goes out of the tap (and the guest never sees the frame). Both frames count as
+/// taken by the chain.
+#[test]
+fn answers_go_back_the_way_their_frame_came() {
+    std::thread::spawn(|| {
+        if let Some(why) = own_netns() {
+            return skip_or_fail(&why);
+        }
+        let tap = match Tap::open("vmmtest2") {
+            Ok(t) => t,
+            Err(e) => return skip_or_fail(&e.to_string()),
+        };
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/vmmtest2/disable_ipv6", "1");
+        set_up("vmmtest2");
+        let wire = Wire::on("vmmtest2");
+        let plugin =
+            compat::Plugin::from_static("echo", interceptor_sdk::static_table!(Echo)).unwrap();
+        let spec = compat::InstanceSpec {
+            id: "echo".into(),
+            plugin,
+            config_json: "{}".into(),
+            enabled: true,
+        };
+        let chain = Arc::new(NetChain::build("ne", &[spec]).unwrap());
+        let io = Arc::new(IoThread::spawn("ne", None).unwrap());
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x58];
+        let mut dev = Net::new("ne", tap, mac, 1500, chain, io, Arc::default()).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let asked = frame([2, 0, 0, 0, 0, 1], mac, b"are you there?");
+        mem.write_slice(VnetHeader::default().as_slice(), GuestAddress(0x2_0000))
+            .unwrap();
+        mem.write_slice(&asked, GuestAddress(0x2_1000)).unwrap();
+        post(
+            &txq,
+            0,
+            &[(0x2_0000, 12, false), (0x2_1000, asked.len() as u32, false)],
+        );
+        for i in 0..8u16 {
+            post(&rxq, i, &[(0x3_0000 + u64::from(i) * 0x1000, 2048, true)]);
+        }
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let acked = dev.features();
+        dev.activate(
+            mem.clone(),
+            acked,
+            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+        )
+        .unwrap();
+        kicks[1].write(1).unwrap();
+        wait_for("the answer in the guest's buffers", || {
+            rxq.used().idx().load() > 0
+        });
+        let e = rxq.used().ring().ref_at(0).unwrap().load();
+        let mut got = vec![0u8; e.len() as usize];
+        mem.read_slice(&mut got, GuestAddress(0x3_0000)).unwrap();
+        assert_eq!(&got[12..], &echo_of(&asked)[..], "the answer, to the guest");
+        let counters = dev.counters();
+        assert_eq!(counters.tx_taken.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            counters.tx_frames.load(Ordering::Relaxed),
+            0,
+            "nothing on the wire"
+        );
+
+        // From the wire: the answer goes back out of the tap, the frame goes no further.
+        let mut from_wire = frame(mac, [2, 0, 0, 0, 0, 1], b"ping from the wire");
+        from_wire[12..14].copy_from_slice(&ECHO_RX_TYPE.to_be_bytes());
+        wire.send(&from_wire);
+        let back = loop {
+            let f = wire.recv_type(ECHO_RX_TYPE);
+            if f != from_wire {
+                break f; // the packet socket also sees what it sent itself
+            }
+        };
+        assert_eq!(back, echo_of(&from_wire), "the answer, out of the tap");
+        wait_for("the frame counted as taken", || {
+            counters.rx_taken.load(Ordering::Relaxed) == 1
+        });
+        assert_eq!(
+            rxq.used().idx().load(),
+            1,
+            "the guest got only the first answer"
+        );
+        assert!(dev.reset());
+    })
+    .join()
+    .unwrap();
+}
