@@ -317,6 +317,8 @@ fn run(cli: Cli) -> Result<i32> {
             cmd_pair(a)
         }
         Cmd::Netbench(a) => {
+            // Built out here: the lab VM has no toolchain.
+            vmm_lab::plugins::plugins()?;
             if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
                 return Ok(code);
             }

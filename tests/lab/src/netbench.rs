@@ -20,6 +20,10 @@ pub(crate) struct NetBenchArgs {
     /// Rounds: each runs every variant once, in an order that alternates.
     #[arg(long, default_value_t = 1)]
     pub(crate) rounds: usize,
+    /// Only these variants (comma-separated: qemu-vhost-off, qemu-vhost-on, vmm,
+    /// vmm-sealed); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) variants: Vec<String>,
     /// Write every measurement as JSON.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -225,11 +229,24 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting iperf3 -s (scripts/setup.sh installs iperf3)")?;
+    let chosen: Vec<Variant> = if a.variants.is_empty() {
+        Variant::ALL.to_vec()
+    } else {
+        a.variants
+            .iter()
+            .map(|n| {
+                Variant::ALL
+                    .into_iter()
+                    .find(|v| v.name() == n)
+                    .with_context(|| format!("no variant {n}"))
+            })
+            .collect::<Result<_>>()?
+    };
     let scratch = Scratch::new("netbench")?;
     let mut all = Vec::new();
     let mut result = Ok(());
     'rounds: for round in 0..a.rounds {
-        let mut order = Variant::ALL.to_vec();
+        let mut order = chosen.clone();
         if round % 2 == 1 {
             order.reverse();
         }

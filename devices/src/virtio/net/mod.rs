@@ -283,6 +283,8 @@ impl VirtioDevice for Net {
             tap_watched: false,
             tap_offloads: offloads,
             acked: acked_features & self.features(),
+            rx_used: false,
+            tx_used: false,
         };
         let id = self
             .io

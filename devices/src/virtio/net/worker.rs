@@ -75,6 +75,9 @@ pub(super) struct Worker {
     pub(super) tap_offloads: u32,
     /// The features the guest accepted (what its TX headers may ask for).
     pub(super) acked: u64,
+    /// Used buffers added since the guest was last notified, per queue.
+    pub(super) rx_used: bool,
+    pub(super) tx_used: bool,
 }
 
 impl Worker {
@@ -97,11 +100,35 @@ impl Worker {
         true
     }
 
+    /// Notes that a queue has new used buffers; the guest hears of them at the end of the
+    /// wake-up (`notify_guest`), once for both queues.
     fn signal(&mut self, rx: bool) {
-        let q = if rx { &mut self.rx } else { &mut self.tx };
-        match q.needs_notification(&self.mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => self.interrupt.signal_used_queue(),
+        if rx {
+            self.rx_used = true;
+        } else {
+            self.tx_used = true;
+        }
+    }
+
+    /// One interrupt for whatever both queues used since the last one, if the guest asked
+    /// for it (VIRTIO_RING_F_EVENT_IDX). The card has one interrupt for both queues: a
+    /// wake-up that sent and received costs the guest one interrupt, not two (each costs it
+    /// a read and a write of the MMIO transport's status registers, exits to the VMM).
+    pub(super) fn notify_guest(&mut self) {
+        let mut needed = false;
+        for rx in [true, false] {
+            let (used, q) = if rx {
+                (&mut self.rx_used, &mut self.rx)
+            } else {
+                (&mut self.tx_used, &mut self.tx)
+            };
+            if std::mem::take(used) {
+                // Asked of each queue with news: it counts what was added since.
+                needed |= q.needs_notification(&self.mem).unwrap_or(true);
+            }
+        }
+        if needed {
+            self.interrupt.signal_used_queue();
         }
     }
 
@@ -473,8 +500,14 @@ impl MutEventSubscriber for Worker {
                     self.process_rx(Some(ops));
                 }
             }
-            _ => self.process_rx(Some(ops)),
+            _ => {
+                self.process_rx(Some(ops));
+                // What the guest queued meanwhile (TCP's acks for what it just received)
+                // goes now, and its completions share this wake-up's interrupt.
+                self.process_tx();
+            }
         }
+        self.notify_guest();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -496,6 +529,7 @@ impl MutEventSubscriber for Worker {
 impl IoSubscriber for Worker {
     fn drain(&mut self) {
         self.process_tx();
+        self.notify_guest();
     }
 
     fn quiesce_step(&mut self) -> bool {
