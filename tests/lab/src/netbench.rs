@@ -4,7 +4,7 @@
 //! to the bridge's side (10.0.0.1, where `iperf3 -s` runs), the bridge's side to the guest
 //! (`iperf3 -R`), and guest to guest across the bridge.
 
-use crate::{chart, pair, spec_for, write_json, GuestOpts};
+use crate::{chart, cpu, pair, spec_for, write_json, GuestOpts};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -79,6 +79,9 @@ struct Measurement {
     round: usize,
     /// What iperf3's receiver counted, in bits per second.
     bps: f64,
+    /// The VMM's CPU and KVM's counters over the boot (one guest against the bridge's
+    /// side: one direction per boot).
+    cpu: Option<cpu::ProcessCpu>,
 }
 
 /// The `bps=` of each `iperf` line in a guest's console, in order.
@@ -141,7 +144,7 @@ fn run_variant(
         ..pair::card(name)
     };
     let mut out = Vec::new();
-    let mut push = |direction: &'static str, bps: f64| {
+    let mut push = |direction: &'static str, bps: f64, cpu: Option<cpu::ProcessCpu>| {
         println!(
             "  {:<16} {direction:<13} {:>9.1} Mbit/s",
             v.name(),
@@ -152,24 +155,30 @@ fn run_variant(
             direction,
             round,
             bps,
+            cpu,
         });
     };
     if v != Variant::VmmSealed {
-        let dir = Scratch::new("netbench-one")?;
-        let task = format!(
-            "net.ip=10.0.0.2/24 iperf={h},{t} iperf={h},{t},-R",
-            h = pair::HOST_IP
-        );
-        let mut spec = spec_for(&opts, &task, &dir)?;
-        spec.net = Some(card("a"));
-        let (runs, _) = pair::boot_all(std::slice::from_ref(&spec), None);
-        check(&format!("{} against the bridge", v.name()), &runs[0])?;
-        let rates = runs[0].as_ref().map(iperf_rates).unwrap_or_default();
-        let [to_host, from_host] = rates[..] else {
-            bail!("{}: {} iperf results, not 2", v.name(), rates.len());
-        };
-        push(DIRECTIONS[0], to_host);
-        push(DIRECTIONS[1], from_host);
+        // One boot per direction, so that the VMM's CPU and KVM's counters are its own.
+        for (direction, reverse) in [(DIRECTIONS[0], ""), (DIRECTIONS[1], ",-R")] {
+            let dir = Scratch::new("netbench-one")?;
+            let task = format!("net.ip=10.0.0.2/24 iperf={},{t}{reverse}", pair::HOST_IP);
+            let mut spec = spec_for(&opts, &task, &dir)?;
+            spec.net = Some(card("a"));
+            let sampler = cpu::Sampler::start();
+            let (runs, _) = pair::boot_all(std::slice::from_ref(&spec), None);
+            let (used, _) = sampler.finish();
+            check(&format!("{} {direction}", v.name()), &runs[0])?;
+            let rates = runs[0].as_ref().map(iperf_rates).unwrap_or_default();
+            let [bps] = rates[..] else {
+                bail!(
+                    "{} {direction}: {} iperf results, not 1",
+                    v.name(),
+                    rates.len()
+                );
+            };
+            push(direction, bps, Some(used));
+        }
     }
     // B measures against A's server, then releases A (which waits on port 5000).
     let (da, db) = (Scratch::new("netbench-a")?, Scratch::new("netbench-b")?);
@@ -190,7 +199,7 @@ fn run_variant(
             rates.len()
         );
     };
-    push(DIRECTIONS[2], between);
+    push(DIRECTIONS[2], between, None);
     Ok(out)
 }
 
@@ -222,13 +231,6 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
         bail!("--rounds and --time must be at least 1");
     }
     let _bridge = pair::Bridge::up()?;
-    // The bridge's side: one iperf3 server for every run (each test in turn).
-    let mut server = std::process::Command::new("iperf3")
-        .args(["-s", "-B", pair::HOST_IP])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting iperf3 -s (scripts/setup.sh installs iperf3)")?;
     let chosen: Vec<Variant> = if a.variants.is_empty() {
         Variant::ALL.to_vec()
     } else {
@@ -243,6 +245,18 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
             .collect::<Result<_>>()?
     };
     let scratch = Scratch::new("netbench")?;
+    // The bridge's side: one iperf3 server for every run (each test in turn), daemonized
+    // (-D) so that the only child of this process is the VMM of the run, whose threads the
+    // CPU sampler finds that way.
+    let pidfile = scratch.path().join("iperf3.pid");
+    let started = std::process::Command::new("iperf3")
+        .args(["-s", "-D", "-B", pair::HOST_IP, "-I"])
+        .arg(&pidfile)
+        .status()
+        .context("starting iperf3 -s (scripts/setup.sh installs iperf3)")?;
+    if !started.success() {
+        bail!("iperf3 -s -D failed");
+    }
     let mut all = Vec::new();
     let mut result = Ok(());
     'rounds: for round in 0..a.rounds {
@@ -261,8 +275,13 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
             }
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    if let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().trim_end_matches('\0').parse::<i32>().ok())
+    {
+        // SAFETY: a signal to the server this run started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
     write_json(&a.json, &all)?;
     result?;
 
@@ -302,6 +321,7 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
         sealed_ratios.extend(r_sealed);
         rows.push((d.to_string(), r_off, r_on, r_sealed));
     }
+    print_profile(&all);
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let path = a
         .chart
@@ -332,4 +352,54 @@ pub(crate) fn run(a: NetBenchArgs) -> Result<i32> {
     println!("vmm/qemu-vhost-on min ratio: {:.2}", min(&on_ratios));
     println!("sealed/vmm guest->guest ratio: {:.2}", min(&sealed_ratios));
     Ok(0)
+}
+
+/// How busy each VMM's threads were over a boot against the bridge's side (from their
+/// `/proc` figures every 250 ms), in percent of one CPU, means over the rounds: the vCPU
+/// thread (guest mode, KVM and the VMM's own code together) and all the others.
+fn print_profile(all: &[Measurement]) {
+    println!();
+    println!("CPU over the boot, one guest against the bridge's side (% of one CPU)");
+    println!(
+        "{:<16} {:<13} {:>8} {:>9}",
+        "variant", "direction", "vcpu", "others"
+    );
+    for v in Variant::ALL {
+        for d in &DIRECTIONS[..2] {
+            let runs: Vec<&cpu::ProcessCpu> = all
+                .iter()
+                .filter(|m| m.variant == v.name() && m.direction == *d)
+                .filter_map(|m| m.cpu.as_ref())
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let busy = |vcpu: bool| {
+                runs.iter()
+                    .map(|c| {
+                        let s: f64 = c
+                            .threads
+                            .iter()
+                            .filter(|t| is_vcpu(&t.name) == vcpu)
+                            .map(|t| t.user_s + t.sys_s + t.guest_s)
+                            .sum();
+                        100.0 * s / c.wall_s.max(1e-9)
+                    })
+                    .sum::<f64>()
+                    / runs.len() as f64
+            };
+            println!(
+                "{:<16} {:<13} {:>8.0} {:>9.0}",
+                v.name(),
+                d,
+                busy(true),
+                busy(false)
+            );
+        }
+    }
+}
+
+/// vmm's vCPU threads are `vcpuN`, QEMU's `CPU N/KVM`.
+fn is_vcpu(name: &str) -> bool {
+    name.starts_with("vcpu") || name.contains("/KVM")
 }
