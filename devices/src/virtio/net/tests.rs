@@ -168,6 +168,39 @@ fn post(mq: &MockSplitQueue<GuestMemoryMmap>, slot: u16, descs: &[(u64, u32, boo
     mq.avail().idx().store(slot + 1);
 }
 
+/// Puts `frame` behind a zero header on `txq`'s first slot (header and frame in two
+/// descriptors, at 0x2_0000 and 0x2_1000).
+fn queue_tx(mem: &GuestMemoryMmap, txq: &MockSplitQueue<GuestMemoryMmap>, frame: &[u8]) {
+    mem.write_slice(VnetHeader::default().as_slice(), GuestAddress(0x2_0000))
+        .unwrap();
+    mem.write_slice(frame, GuestAddress(0x2_1000)).unwrap();
+    post(
+        txq,
+        0,
+        &[(0x2_0000, 12, false), (0x2_1000, frame.len() as u32, false)],
+    );
+}
+
+/// Activates `dev` with every feature it offers on these queues; the RX and TX kicks.
+fn activate(
+    dev: &mut Net,
+    mem: &GuestMemoryMmap,
+    rxq: &MockSplitQueue<GuestMemoryMmap>,
+    txq: &MockSplitQueue<GuestMemoryMmap>,
+) -> [EventFd; 2] {
+    let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    let acked = dev.features();
+    dev.activate(
+        mem.clone(),
+        acked,
+        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+        kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+        Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+    )
+    .unwrap();
+    kicks
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !done() {
@@ -205,29 +238,12 @@ fn frames_cross_a_real_tap_both_ways() {
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
         // TX: one chain of two descriptors, the header split from the frame.
         let out = frame([0xff; 6], mac, b"from the guest to the wire");
-        let hdr = VnetHeader::default();
-        mem.write_slice(hdr.as_slice(), GuestAddress(0x2_0000))
-            .unwrap();
-        mem.write_slice(&out, GuestAddress(0x2_1000)).unwrap();
-        post(
-            &txq,
-            0,
-            &[(0x2_0000, 12, false), (0x2_1000, out.len() as u32, false)],
-        );
+        queue_tx(&mem, &txq, &out);
         // RX: eight writable buffers of 2 KiB (the kernel sends frames of its own too).
         for i in 0..8u16 {
             post(&rxq, i, &[(0x3_0000 + u64::from(i) * 0x1000, 2048, true)]);
         }
-        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-        let acked = dev.features();
-        dev.activate(
-            mem.clone(),
-            acked,
-            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
-            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
-            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
-        )
-        .unwrap();
+        let kicks = activate(&mut dev, &mem, &rxq, &txq);
         kicks[1].write(1).unwrap();
         let got = wire.recv_type(TEST_TYPE);
         assert_eq!(got, out, "the frame the guest sent, on the wire");
@@ -302,15 +318,7 @@ fn a_frame_waiting_for_buffers_gets_the_kick_of_the_next_one() {
         // The device's avail_event: after the used ring's 8-byte elements (virtio 1.x 2.7.8).
         let avail_event = GuestAddress(rxq.used_addr().0 + 4 + 8 * u64::from(SIZE));
         let event = || mem.read_obj::<u16>(avail_event).unwrap();
-        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-        dev.activate(
-            mem.clone(),
-            acked,
-            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
-            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
-            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
-        )
-        .unwrap();
+        let kicks = activate(&mut dev, &mem, &rxq, &txq);
         // A guest's buffers: 256 bytes each, slot i at 0x3_0000 + i * 0x1000.
         let buffer = |i: u16| (0x3_0000 + u64::from(i) * 0x1000, 256u32, true);
         // Posts slots from..to and kicks as a guest with EVENT_IDX does.
@@ -445,27 +453,11 @@ fn answers_go_back_the_way_their_frame_came() {
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
         let asked = frame([2, 0, 0, 0, 0, 1], mac, b"are you there?");
-        mem.write_slice(VnetHeader::default().as_slice(), GuestAddress(0x2_0000))
-            .unwrap();
-        mem.write_slice(&asked, GuestAddress(0x2_1000)).unwrap();
-        post(
-            &txq,
-            0,
-            &[(0x2_0000, 12, false), (0x2_1000, asked.len() as u32, false)],
-        );
+        queue_tx(&mem, &txq, &asked);
         for i in 0..8u16 {
             post(&rxq, i, &[(0x3_0000 + u64::from(i) * 0x1000, 2048, true)]);
         }
-        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-        let acked = dev.features();
-        dev.activate(
-            mem.clone(),
-            acked,
-            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
-            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
-            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
-        )
-        .unwrap();
+        let kicks = activate(&mut dev, &mem, &rxq, &txq);
         kicks[1].write(1).unwrap();
         wait_for("the answer in the guest's buffers", || {
             rxq.used().idx().load() > 0
