@@ -168,6 +168,35 @@ fn post(mq: &MockSplitQueue<GuestMemoryMmap>, slot: u16, descs: &[(u64, u32, boo
     mq.avail().idx().store(slot + 1);
 }
 
+/// In a network namespace of the calling thread's own: tap `tap` up (no IPv6, so the
+/// kernel sends no frames of its own), a packet socket on it, and a card `id` with `mac`
+/// and `chain` on the tap. `None` (after `skip_or_fail`) where the host allows neither.
+fn card_on_wire(
+    tap: &str,
+    id: &str,
+    mac: [u8; 6],
+    chain: Vec<compat::InstanceSpec>,
+) -> Option<(Net, Wire)> {
+    if let Some(why) = own_netns() {
+        skip_or_fail(&why);
+        return None;
+    }
+    let t = match Tap::open(tap) {
+        Ok(t) => t,
+        Err(e) => {
+            skip_or_fail(&e.to_string());
+            return None;
+        }
+    };
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    set_up(tap);
+    let wire = Wire::on(tap);
+    let chain = Arc::new(NetChain::build(id, &chain).unwrap());
+    let io = Arc::new(IoThread::spawn(id, None).unwrap());
+    let dev = Net::new(id, t, mac, 1500, chain, io, Arc::default()).unwrap();
+    Some((dev, wire))
+}
+
 /// Puts `frame` behind a zero header on `txq`'s first slot (header and frame in two
 /// descriptors, at 0x2_0000 and 0x2_1000).
 fn queue_tx(mem: &GuestMemoryMmap, txq: &MockSplitQueue<GuestMemoryMmap>, frame: &[u8]) {
@@ -215,19 +244,10 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn frames_cross_a_real_tap_both_ways() {
     std::thread::spawn(|| {
-        if let Some(why) = own_netns() {
-            return skip_or_fail(&why);
-        }
-        let tap = match Tap::open("vmmtest0") {
-            Ok(t) => t,
-            Err(e) => return skip_or_fail(&e.to_string()),
-        };
-        set_up("vmmtest0");
-        let wire = Wire::on("vmmtest0");
-        let chain = Arc::new(NetChain::build("nt", &[]).unwrap());
-        let io = Arc::new(IoThread::spawn("nt", None).unwrap());
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-        let mut dev = Net::new("nt", tap, mac, 1500, chain, io, Arc::default()).unwrap();
+        let Some((mut dev, wire)) = card_on_wire("vmmtest0", "nt", mac, Vec::new()) else {
+            return;
+        };
         assert_ne!(dev.features() & (1 << VIRTIO_NET_F_HOST_TSO4), 0);
         let mut cfg = [0u8; 6];
         dev.read_config(0, &mut cfg);
@@ -293,21 +313,10 @@ fn frames_cross_a_real_tap_both_ways() {
 #[test]
 fn a_frame_waiting_for_buffers_gets_the_kick_of_the_next_one() {
     std::thread::spawn(|| {
-        if let Some(why) = own_netns() {
-            return skip_or_fail(&why);
-        }
-        let tap = match Tap::open("vmmtest1") {
-            Ok(t) => t,
-            Err(e) => return skip_or_fail(&e.to_string()),
-        };
-        // No frames of the kernel's own (IPv6 router solicitations) to take the buffers.
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/vmmtest1/disable_ipv6", "1");
-        set_up("vmmtest1");
-        let wire = Wire::on("vmmtest1");
-        let chain = Arc::new(NetChain::build("nm", &[]).unwrap());
-        let io = Arc::new(IoThread::spawn("nm", None).unwrap());
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
-        let mut dev = Net::new("nm", tap, mac, 1500, chain, io, Arc::default()).unwrap();
+        let Some((mut dev, wire)) = card_on_wire("vmmtest1", "nm", mac, Vec::new()) else {
+            return;
+        };
         let acked = dev.features();
         assert_ne!(acked & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
         assert_ne!(acked & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
@@ -427,16 +436,6 @@ impl interceptor_sdk::Interceptor for Echo {
 #[test]
 fn answers_go_back_the_way_their_frame_came() {
     std::thread::spawn(|| {
-        if let Some(why) = own_netns() {
-            return skip_or_fail(&why);
-        }
-        let tap = match Tap::open("vmmtest2") {
-            Ok(t) => t,
-            Err(e) => return skip_or_fail(&e.to_string()),
-        };
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/vmmtest2/disable_ipv6", "1");
-        set_up("vmmtest2");
-        let wire = Wire::on("vmmtest2");
         let plugin =
             compat::Plugin::from_static("echo", interceptor_sdk::static_table!(Echo)).unwrap();
         let spec = compat::InstanceSpec {
@@ -445,10 +444,10 @@ fn answers_go_back_the_way_their_frame_came() {
             config_json: "{}".into(),
             enabled: true,
         };
-        let chain = Arc::new(NetChain::build("ne", &[spec]).unwrap());
-        let io = Arc::new(IoThread::spawn("ne", None).unwrap());
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x58];
-        let mut dev = Net::new("ne", tap, mac, 1500, chain, io, Arc::default()).unwrap();
+        let Some((mut dev, wire)) = card_on_wire("vmmtest2", "ne", mac, vec![spec]) else {
+            return;
+        };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
