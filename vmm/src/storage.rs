@@ -1,4 +1,4 @@
-//! Opening the disks: each `[[block]]` becomes a backend driver under its chain of
+//! Opening the disks: each `[[block]]` becomes a backend under its chain of
 //! interceptor instances. Plugins are loaded here, before the VM exists, so every refusal
 //! is a config error (exit 2) naming the file and the entry.
 
@@ -23,7 +23,7 @@ pub struct Disk {
     pub coalesce: std::time::Duration,
 }
 
-pub(crate) fn instance_spec(
+pub fn instance_spec(
     registry: &PluginRegistry,
     ic: &InterceptorConfig,
 ) -> Result<InstanceSpec, String> {

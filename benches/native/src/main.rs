@@ -2,7 +2,8 @@
 //! directly with 4 KiB random reads and writes at a few queue depths on a file on the
 //! host's disk, and in the same run fio's own io_uring engine on the same file at the same
 //! depth. Prints IOPS and CPU time per request for both; the last line is the IOPS ratio
-//! at QD32 (the project's target: at least 0.9).
+//! at QD32 (the project's target: at least 0.9). With `--interceptors FILE`, each job also
+//! runs through that chain of interceptors on a second file, beside the plain stack.
 
 mod fio;
 mod ours;
@@ -48,6 +49,11 @@ struct Args {
     /// by default fio runs with its own defaults (one request per submission).
     #[arg(long)]
     fio_batch: bool,
+    /// Also run each job through this chain of interceptors (a file of `[[interceptor]]`
+    /// entries, as in configs/interceptors/), on a second file beside the test file
+    /// (`<file>.chain.img`, made blank and written once through the chain at start).
+    #[arg(long, value_name = "FILE")]
+    interceptors: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -114,12 +120,32 @@ struct Row {
     depth: usize,
     ours: Outcome,
     fio: Outcome,
+    /// Through `--interceptors`.
+    chain: Option<Outcome>,
 }
 
 impl Row {
     fn ratio(&self) -> f64 {
         self.ours.iops / self.fio.iops
     }
+
+    /// IOPS through the chain over the plain stack's.
+    fn chain_ratio(&self) -> Option<f64> {
+        self.chain.map(|c| c.iops / self.ours.iops)
+    }
+}
+
+/// The instances of a chain file, loaded as the VMM loads them (the plugin copied into a
+/// sealed memfd, its config as JSON).
+fn chain_specs(file: &std::path::Path) -> Result<Vec<compat::InstanceSpec>, String> {
+    let registry = compat::PluginRegistry::new();
+    vmm::image::chain_file(file)?
+        .iter()
+        .map(|ic| {
+            vmm::storage::instance_spec(&registry, ic)
+                .map_err(|e| format!("{}: interceptor `{}`: {e}", file.display(), ic.id))
+        })
+        .collect()
 }
 
 fn main() {
@@ -155,6 +181,21 @@ fn run(args: Args) -> Result<(), String> {
     let written =
         sys::prepare_file(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     sys::warm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let chain = match &args.interceptors {
+        None => None,
+        Some(file) => {
+            let specs = chain_specs(file)?;
+            let image = chain_image(&path);
+            sys::blank_file(&image, bytes).map_err(|e| format!("{}: {e}", image.display()))?;
+            eprintln!(
+                "engine-bench: writing {} once through {}",
+                image.display(),
+                file.display()
+            );
+            let shown = ours::fill(&image, &specs)?;
+            Some((file.clone(), specs, image, shown))
+        }
+    };
     let fs = sys::filesystem(&path).unwrap_or("unknown");
     if fs == "tmpfs" || fs == "ramfs" {
         eprintln!(
@@ -195,18 +236,48 @@ fn run(args: Args) -> Result<(), String> {
          thread µs/req: the submitting thread's alone (ours: getrusage THREAD; fio: its JSON \
          usr_cpu+sys_cpu, which fio reads with RUSAGE_THREAD)"
     );
+    if let Some((file, specs, image, shown)) = &chain {
+        let ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+        println!(
+            "chain: the same stack and engine through {} ({}, top first) on {} ({} MiB \
+             image, {} MiB shown through the chain, written through it once at start); \
+             requests never overlap one in flight there, as the device orders them",
+            file.display(),
+            ids.join(", "),
+            image.display(),
+            args.size_mib,
+            shown >> 20
+        );
+    }
     let _ = std::io::stdout().flush();
 
     let mut rows = Vec::new();
     for &depth in &args.depths {
         for rw in [Rw::RandRead, Rw::RandWrite] {
             let seed = 0x0123_4567_89ab_cdef ^ ((depth as u64) << 8) ^ rw as u64;
-            let ours = ours::run(&path, args.engine.choice(), rw, depth, runtime, bytes, seed)
+            let engine = args.engine.choice();
+            let ours = ours::run(&path, &[], engine, rw, depth, runtime, bytes, seed)
                 .map_err(|e| format!("ours {} qd{depth}: {e}", rw.name()))?;
             let settle = |p: &std::path::Path| {
                 sys::settle(p).map_err(|e| format!("{}: fdatasync: {e}", p.display()))
             };
             settle(&path)?;
+            let through = match &chain {
+                None => None,
+                Some((_, specs, image, _)) => {
+                    let c = ours::run(image, specs, engine, rw, depth, runtime, bytes, seed)
+                        .map_err(|e| format!("chain {} qd{depth}: {e}", rw.name()))?;
+                    settle(image)?;
+                    eprintln!(
+                        "{} qd{depth}: through the chain {:.0} IOPS {:.2} µs/req ({:.2} thread)",
+                        rw.name(),
+                        c.iops,
+                        c.cpu_us_per_req,
+                        c.thread_us_per_req
+                    );
+                    Some(c)
+                }
+            };
             let fio = fio::run(&args.fio, &path, rw, depth, runtime, bytes, args.fio_batch)?;
             settle(&path)?;
             let row = Row {
@@ -214,6 +285,7 @@ fn run(args: Args) -> Result<(), String> {
                 depth,
                 ours,
                 fio,
+                chain: through,
             };
             eprintln!(
                 "{} qd{depth}: ours ({}) {:.0} IOPS {:.2} µs/req ({:.2} thread), \
@@ -252,23 +324,70 @@ fn run(args: Args) -> Result<(), String> {
             r.fio.thread_us_per_req
         );
     }
+    if chain.is_some() {
+        println!();
+        println!(
+            "| job | depth | plain IOPS | chain IOPS | chain/plain | plain CPU µs/req \
+             | chain CPU µs/req | plain thread µs/req | chain thread µs/req |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in &rows {
+            let (Some(c), Some(ratio)) = (r.chain, r.chain_ratio()) else {
+                continue;
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r.rw.name(),
+                r.depth,
+                r.ours.iops,
+                c.iops,
+                ratio,
+                r.ours.cpu_us_per_req,
+                c.cpu_us_per_req,
+                r.ours.thread_us_per_req,
+                c.thread_us_per_req
+            );
+        }
+        println!();
+        println!("{}", chain_line(&rows));
+    }
     println!();
     println!("{}", last_line(&rows));
     Ok(())
 }
 
-/// The geometric mean of the randread and randwrite IOPS ratios at QD32.
-fn last_line(rows: &[Row]) -> String {
+/// `<file>.chain.img`, beside the test file.
+fn chain_image(path: &std::path::Path) -> PathBuf {
+    let mut name = path.file_stem().unwrap_or_default().to_os_string();
+    name.push(".chain.img");
+    path.with_file_name(name)
+}
+
+/// `NAME: X.XX`, the geometric mean of `ratio` over the QD32 rows (randread and randwrite),
+/// or `NAME: not measured (why)` where no QD32 row has one.
+fn qd32_line(name: &str, rows: &[Row], ratio: fn(&Row) -> Option<f64>, why: &str) -> String {
     let at32: Vec<f64> = rows
         .iter()
         .filter(|r| r.depth == 32)
-        .map(Row::ratio)
+        .filter_map(ratio)
         .collect();
     if at32.is_empty() {
-        return "engine/fio iops ratio qd32: not measured (32 is not among --depths)".into();
+        return format!("{name}: not measured ({why})");
     }
-    let g = (at32.iter().map(|r| r.ln()).sum::<f64>() / at32.len() as f64).exp();
-    format!("engine/fio iops ratio qd32: {g:.2}")
+    let mean = (at32.iter().map(|r| r.ln()).sum::<f64>() / at32.len() as f64).exp();
+    format!("{name}: {mean:.2}")
+}
+
+/// Through the chain over plain, at QD32.
+fn chain_line(rows: &[Row]) -> String {
+    let why = "no chain, or 32 is not among --depths";
+    qd32_line("chain/plain iops ratio qd32", rows, Row::chain_ratio, why)
+}
+
+/// Ours over fio at QD32.
+fn last_line(rows: &[Row]) -> String {
+    let why = "32 is not among --depths";
+    qd32_line("engine/fio iops ratio qd32", rows, |r| Some(r.ratio()), why)
 }
 
 #[cfg(test)]
@@ -287,6 +406,7 @@ mod tests {
             depth,
             ours: o(ours),
             fio: o(fio),
+            chain: None,
         }
     }
 
@@ -303,6 +423,33 @@ mod tests {
     }
 
     #[test]
+    fn the_chain_line_compares_the_chain_with_the_plain_stack_at_qd32() {
+        let through = |mut r: Row, iops| {
+            r.chain = Some(Outcome { iops, ..r.ours });
+            r
+        };
+        let rows = [
+            through(row(Rw::RandRead, 1, 100.0, 100.0), 10.0),
+            through(row(Rw::RandRead, 32, 100.0, 100.0), 90.0),
+            through(row(Rw::RandWrite, 32, 200.0, 100.0), 160.0),
+        ];
+        // sqrt(0.9 × 0.8) = 0.85; QD1's 0.1 is not in it.
+        assert_eq!(chain_line(&rows), "chain/plain iops ratio qd32: 0.85");
+        // The plain line is untouched by the chain.
+        assert_eq!(last_line(&rows), "engine/fio iops ratio qd32: 1.41");
+        let plain = [row(Rw::RandRead, 32, 1.0, 1.0)];
+        assert!(chain_line(&plain).contains("not measured"));
+    }
+
+    #[test]
+    fn the_chain_image_lies_beside_the_test_file() {
+        assert_eq!(
+            chain_image(std::path::Path::new("/var/tmp/engine-bench.img")),
+            std::path::Path::new("/var/tmp/engine-bench.chain.img")
+        );
+    }
+
+    #[test]
     fn arguments_parse() {
         let a =
             Args::try_parse_from(["engine-bench", "--depths", "1,32", "--engine", "sync"]).unwrap();
@@ -311,6 +458,7 @@ mod tests {
         assert_eq!(a.runtime, 10);
         assert_eq!(a.size_mib, 1024);
         assert!(!a.fio_batch);
+        assert!(a.interceptors.is_none());
         assert_eq!(
             Args::try_parse_from(["engine-bench"]).unwrap().depths,
             [1, 32, 128]

@@ -1,15 +1,18 @@
-//! Our side: the disk's interceptor stack (a `LiveStack`, empty chain) and its I/O engine,
-//! driven the way a virtio-blk queue drives them (`devices/src/virtio/block/worker.rs`):
-//! `begin` (pre hooks) → `engine.submit(token)` → one `commit` per batch → on completion
-//! `next_completion` → `complete` (post hooks). Replacements are started as completions
-//! come in, so `depth` requests stay in flight until the runtime is over.
+//! Our side: the disk's interceptor stack (a `LiveStack`: an empty chain, or the chain of
+//! `--interceptors`) and its I/O engine, driven the way a virtio-blk queue drives them
+//! (`devices/src/virtio/block/worker.rs`): `begin` (pre hooks) → `engine.submit(token)` →
+//! one `commit` per batch → on completion `next_completion` → `complete` (post hooks).
+//! Replacements are started as completions come in, so `depth` requests stay in flight
+//! until the runtime is over. A request a pre hook answers itself (encryption does all its
+//! I/O there) is done when `begin` returns, as in the device, and the next one starts.
 
 use crate::rng::XorShift;
 use crate::sys::{cpu_time, Who};
 use crate::{Outcome, Rw, BS};
 use block::{AsyncIo, BlockBackend, EngineChoice, RawFile, RequestStatus};
-use compat::{BlockRequestKind, InFlight, LiveStack, Segment, Started};
+use compat::{BlockRequestKind, InFlight, InstanceSpec, LiveStack, Segment, Started};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,24 +28,33 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(slots: usize, fill: u8) -> Result<Buffers, String> {
-        let layout = Layout::from_size_align(slots * BS as usize, 4096)
-            .map_err(|e| format!("buffer layout: {e}"))?;
-        // SAFETY: the layout has a non-zero size (slots >= 1).
+    /// `slots` buffers of `len` bytes each, filled with pseudo-random bytes (so a
+    /// transform sees data that neither compresses nor repeats within a block).
+    fn new(slots: usize, len: usize, seed: u64) -> Result<Buffers, String> {
+        let size = slots.checked_mul(len).filter(|&n| n > 0);
+        let layout = size
+            .and_then(|n| Layout::from_size_align(n, 4096).ok())
+            .ok_or("buffer layout: no room for the request buffers")?;
+        // SAFETY: the layout has a non-zero size.
         let base = unsafe { alloc_zeroed(layout) };
         if base.is_null() {
             return Err("cannot allocate the request buffers".into());
         }
-        // SAFETY: `base` is valid for `layout.size()` bytes.
-        unsafe { std::ptr::write_bytes(base, fill, layout.size()) };
+        // SAFETY: `base` is valid and aligned for `layout.size()` bytes, all initialized.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(base, layout.size()) };
+        let mut rng = XorShift::new(seed);
+        for word in bytes.chunks_mut(8) {
+            let v = rng.next_u64().to_le_bytes();
+            word.copy_from_slice(&v[..word.len()]);
+        }
         Ok(Buffers { base, layout })
     }
 
-    fn slot(&self, i: usize) -> Segment {
+    fn slot(&self, i: usize, len: usize) -> Segment {
         Segment {
-            // SAFETY: `i` is below the slot count the buffers were made for.
-            base: unsafe { self.base.add(i * BS as usize) },
-            len: BS as usize,
+            // SAFETY: `i` is below the slot count the buffers were made for, each `len` long.
+            base: unsafe { self.base.add(i * len) },
+            len,
         }
     }
 }
@@ -58,50 +70,83 @@ impl Drop for Buffers {
 struct Queue<'a> {
     stack: &'a LiveStack,
     engine: &'a mut dyn AsyncIo,
-    slots: Vec<Option<InFlight>>,
+    slots: Vec<Option<(InFlight, u64)>>,
     bufs: Buffers,
     rng: XorShift,
     kind: BlockRequestKind,
     blocks: u64,
+    /// Through interceptors, the blocks in flight: a new request never overlaps one, as the
+    /// device orders them (`order.rs`), since a plugin may rely on it.
+    busy: Option<HashSet<u64>>,
+    /// Requests the chain answered in `begin` (done there), and those of them that failed.
+    answered: u64,
+    answered_errors: u64,
+    deadline: Instant,
 }
 
 impl Queue<'_> {
-    /// Starts a request in slot `i` (free) at a random block.
-    fn start(&mut self, i: usize) -> Result<(), String> {
-        let offset = self.rng.block_offset(self.blocks, BS);
-        // SAFETY: the slot's buffer lives (in `bufs`) until the queue is dropped, which is
-        // after every request has completed (the loop drains before returning), and the
-        // request is one block inside the disk.
-        let started = unsafe {
-            self.stack
-                .begin(self.kind, offset, BS, vec![self.bufs.slot(i)])
-        };
-        let inflight = match started {
-            Started::Backend(f) => f,
-            // An empty chain never answers a request itself; this would be a bug here.
-            Started::Done(status) => {
-                return Err(format!(
-                    "the stack answered a request at {offset} itself ({status:?})"
-                ))
+    /// A random block, not one in flight when that matters.
+    fn pick(&mut self) -> u64 {
+        loop {
+            let block = self.rng.below(self.blocks);
+            match &self.busy {
+                Some(busy) if busy.contains(&block) => continue,
+                _ => return block,
             }
-        };
-        // SAFETY: as above: the buffer stays valid until the token comes back.
-        unsafe { self.engine.submit(&inflight.io(), i as u64) };
-        self.slots[i] = Some(inflight);
-        Ok(())
+        }
+    }
+
+    /// Starts a request in slot `i` (free) at a random block. Requests the chain answers
+    /// itself are counted and followed by the next one; returns whether one went to the
+    /// engine (not, once the runtime is over).
+    fn start(&mut self, i: usize) -> Result<bool, String> {
+        loop {
+            let block = self.pick();
+            let offset = block * BS;
+            // SAFETY: the slot's buffer lives (in `bufs`) until the queue is dropped, which
+            // is after every request has completed (the loop drains before returning), and
+            // the request is one block inside the disk.
+            let started = unsafe {
+                self.stack
+                    .begin(self.kind, offset, BS, vec![self.bufs.slot(i, BS as usize)])
+            };
+            match started {
+                Started::Backend(f) => {
+                    // SAFETY: as above: the buffer stays valid until the token comes back.
+                    unsafe { self.engine.submit(&f.io(), i as u64) };
+                    if let Some(busy) = &mut self.busy {
+                        busy.insert(block);
+                    }
+                    self.slots[i] = Some((f, block));
+                    return Ok(true);
+                }
+                Started::Done(status) => {
+                    self.answered += 1;
+                    if status != RequestStatus::Ok {
+                        self.answered_errors += 1;
+                    }
+                    if self.answered.is_multiple_of(u64::from(CLOCK_EVERY))
+                        && Instant::now() >= self.deadline
+                    {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes slot `token`'s request back from the engine.
+    fn finish(&mut self, token: u64) -> Option<InFlight> {
+        let (f, block) = self.slots.get_mut(token as usize).and_then(Option::take)?;
+        if let Some(busy) = &mut self.busy {
+            busy.remove(&block);
+        }
+        Some(f)
     }
 }
 
-/// Runs one job for `runtime` with `depth` requests in flight on `path` (`bytes` long).
-pub fn run(
-    path: &Path,
-    engine: EngineChoice,
-    rw: Rw,
-    depth: usize,
-    runtime: Duration,
-    bytes: u64,
-    seed: u64,
-) -> Result<Outcome, String> {
+/// Opens `path` under `chain` (top first; empty: no interceptors).
+fn open_stack(path: &Path, chain: &[InstanceSpec]) -> Result<(Arc<RawFile>, LiveStack), String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -109,8 +154,82 @@ pub fn run(
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let raw = Arc::new(RawFile::new(file, false, "bench").map_err(|e| format!("raw file: {e}"))?);
     let backend: Arc<dyn BlockBackend> = raw.clone();
-    let stack = LiveStack::start("bench", backend.clone(), &[], None)
+    let stack = LiveStack::start("bench", backend, chain, None)
         .map_err(|e| format!("the disk's stack: {e}"))?;
+    Ok((raw, stack))
+}
+
+/// Shuts the stack down as the VMM does (flush, then every instance destroyed: a plugin
+/// commits its metadata there).
+fn close(stack: &LiveStack) -> Result<(), String> {
+    match stack.close() {
+        RequestStatus::Ok => Ok(()),
+        s => Err(format!("closing the disk's stack: {s:?}")),
+    }
+}
+
+/// Writes every byte of the disk `chain` shows over `path` once, in 1 MiB requests on the
+/// synchronous engine, then closes it: so that reads through the chain find data, as on
+/// the plain file (a transform answers a never-written block without any I/O).
+pub fn fill(path: &Path, chain: &[InstanceSpec]) -> Result<u64, String> {
+    const LEN: u64 = 1 << 20;
+    let (raw, stack) = open_stack(path, chain)?;
+    let backend: Arc<dyn BlockBackend> = raw.clone();
+    let mut engine = EngineChoice::Sync.open(raw.file(), false, 1, &backend)?;
+    let buf = Buffers::new(1, LEN as usize, 0x5eed)?;
+    let capacity = stack.capacity();
+    let mut offset = 0;
+    while offset < capacity {
+        let len = LEN.min(capacity - offset);
+        // SAFETY: `buf` outlives the request (done before the next turn) and the range is
+        // inside the disk.
+        let started = unsafe {
+            stack.begin(
+                BlockRequestKind::Write,
+                offset,
+                len,
+                vec![buf.slot(0, len as usize)],
+            )
+        };
+        let status = match started {
+            Started::Done(s) => s,
+            Started::Backend(f) => {
+                // SAFETY: as above.
+                unsafe { engine.submit(&f.io(), 0) };
+                engine.commit();
+                let done = loop {
+                    match engine.next_completion() {
+                        Some((_, s)) => break s,
+                        None => engine.wait(),
+                    }
+                };
+                stack.complete(f, done)
+            }
+        };
+        if status != RequestStatus::Ok {
+            return Err(format!("writing the disk at byte {offset}: {status:?}"));
+        }
+        offset += len;
+    }
+    close(&stack)?;
+    Ok(capacity)
+}
+
+/// Runs one job for `runtime` with `depth` requests in flight on `path` (`bytes` long),
+/// under `chain` (top first; empty: no interceptors).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    path: &Path,
+    chain: &[InstanceSpec],
+    engine: EngineChoice,
+    rw: Rw,
+    depth: usize,
+    runtime: Duration,
+    bytes: u64,
+    seed: u64,
+) -> Result<Outcome, String> {
+    let (raw, stack) = open_stack(path, chain)?;
+    let backend: Arc<dyn BlockBackend> = raw.clone();
     let depth16 = u16::try_from(depth).map_err(|_| format!("depth {depth} is over 65535"))?;
     let mut engine = engine.open(raw.file(), false, depth16, &backend)?;
     let name = engine.name();
@@ -118,30 +237,47 @@ pub fn run(
         Rw::RandRead => BlockRequestKind::Read,
         Rw::RandWrite => BlockRequestKind::Write,
     };
+    let blocks = bytes.min(stack.capacity()) / BS;
+    if blocks == 0 {
+        return Err("the disk is smaller than one block".into());
+    }
+    if !chain.is_empty() && (depth as u64) > blocks {
+        return Err(format!(
+            "a depth of {depth} needs a disk of at least {depth} blocks"
+        ));
+    }
+    let (cpu0, thread0) = (cpu_time(Who::Process), cpu_time(Who::Thread));
+    let t0 = Instant::now();
+    let deadline = t0 + runtime;
     let mut q = Queue {
         stack: &stack,
         engine: engine.as_mut(),
         slots: (0..depth).map(|_| None).collect(),
-        bufs: Buffers::new(depth, 0x5a)?,
+        bufs: Buffers::new(depth, BS as usize, seed)?,
         rng: XorShift::new(seed),
         kind,
-        blocks: bytes.min(stack.capacity()) / BS,
+        blocks,
+        busy: (!chain.is_empty()).then(HashSet::new),
+        answered: 0,
+        answered_errors: 0,
+        deadline,
     };
-    if q.blocks == 0 {
-        return Err("the file is smaller than one block".into());
-    }
 
-    let (cpu0, thread0) = (cpu_time(Who::Process), cpu_time(Who::Thread));
-    let t0 = Instant::now();
-    let deadline = t0 + runtime;
     let (mut done, mut errors, mut batches, mut open) = (0u64, 0u64, 0u32, true);
     let mut failure = None;
     for i in 0..depth {
-        if let Err(e) = q.start(i) {
-            // What did start is drained below before the buffers go.
-            failure = Some(e);
-            open = false;
-            break;
+        match q.start(i) {
+            Ok(true) => {}
+            Ok(false) => {
+                open = false;
+                break;
+            }
+            Err(e) => {
+                // What did start is drained below before the buffers go.
+                failure = Some(e);
+                open = false;
+                break;
+            }
         }
     }
     q.engine.commit();
@@ -153,7 +289,7 @@ pub fn run(
             let Some((token, status)) = q.engine.next_completion() else {
                 break;
             };
-            let Some(f) = q.slots.get_mut(token as usize).and_then(Option::take) else {
+            let Some(f) = q.finish(token) else {
                 failure = Some(format!("the engine completed unknown token {token}"));
                 open = false;
                 n += 1;
@@ -165,9 +301,13 @@ pub fn run(
             done += 1;
             n += 1;
             if open {
-                if let Err(e) = q.start(token as usize) {
-                    failure = Some(e);
-                    open = false;
+                match q.start(token as usize) {
+                    Ok(true) => {}
+                    Ok(false) => open = false,
+                    Err(e) => {
+                        failure = Some(e);
+                        open = false;
+                    }
                 }
             }
         }
@@ -179,6 +319,17 @@ pub fn run(
             q.engine.commit();
         }
         if q.engine.in_flight() == 0 {
+            // Every request of the chain may be answered in `begin` (none at the engine).
+            if open && failure.is_none() && Instant::now() < deadline {
+                match q.start(0) {
+                    Ok(true) => {
+                        q.engine.commit();
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => failure = Some(e),
+                }
+            }
             break;
         }
         if n == 0 {
@@ -188,6 +339,10 @@ pub fn run(
     let secs = t0.elapsed().as_secs_f64();
     let cpu = (cpu_time(Who::Process) - cpu0).as_secs_f64();
     let thread = (cpu_time(Who::Thread) - thread0).as_secs_f64();
+    done += q.answered;
+    errors += q.answered_errors;
+    drop(q);
+    close(&stack)?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -27,11 +27,6 @@ impl XorShift {
     pub fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
-
-    /// The byte offset of a random block of `block` bytes among `blocks`.
-    pub fn block_offset(&mut self, blocks: u64, block: u64) -> u64 {
-        self.below(blocks) * block
-    }
 }
 
 #[cfg(test)]
@@ -39,15 +34,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offsets_are_aligned_in_range_and_cover_the_file() {
-        let (blocks, bs) = (1000u64, 4096u64);
+    fn blocks_are_in_range_and_cover_the_file() {
+        let blocks = 1000u64;
         let mut rng = XorShift::new(7);
         let mut seen = vec![0u32; blocks as usize];
         for _ in 0..200_000 {
-            let off = rng.block_offset(blocks, bs);
-            assert_eq!(off % bs, 0, "offset {off} not aligned");
-            assert!(off + bs <= blocks * bs, "offset {off} past the end");
-            seen[(off / bs) as usize] += 1;
+            let block = rng.below(blocks);
+            assert!(block < blocks, "block {block} past the end");
+            seen[block as usize] += 1;
         }
         // 200 per block expected: every block is hit, none wildly more than others.
         assert!(
@@ -56,7 +50,7 @@ mod tests {
         );
         // The last block is reachable; a one-block file always gives 0.
         assert!(seen[blocks as usize - 1] > 0);
-        assert_eq!(XorShift::new(3).block_offset(1, bs), 0);
+        assert_eq!(XorShift::new(3).below(1), 0);
     }
 
     #[test]

@@ -140,6 +140,24 @@ pub fn prepare_file(path: &Path, bytes: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Makes `path` a blank (sparse, all zeros) regular file of exactly `bytes`, whatever it
+/// held: a format-owning interceptor formats only a blank disk.
+pub fn blank_file(path: &Path, bytes: u64) -> std::io::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_file() {
+            return Err(std::io::Error::other(
+                "not a regular file (this benchmark makes it blank)",
+            ));
+        }
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.set_len(bytes)
+}
+
 /// Are (nearly) all of the file's blocks allocated? A sparse file of the right size is
 /// rewritten.
 fn allocated(path: &Path, bytes: u64) -> bool {

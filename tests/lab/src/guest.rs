@@ -286,6 +286,8 @@ pub struct NetSpec {
 pub struct InterceptorChain {
     pub toml: String,
     pub ids: Vec<String>,
+    /// Each entry's plugin file, absolute.
+    pub plugins: Vec<PathBuf>,
 }
 
 impl InterceptorChain {
@@ -301,6 +303,7 @@ impl InterceptorChain {
             std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
         let base = file.parent().unwrap_or(Path::new("/"));
         let mut ids = Vec::new();
+        let mut plugins = Vec::new();
         for entry in table
             .get_mut("interceptor")
             .and_then(|v| v.as_array_mut())
@@ -319,6 +322,9 @@ impl InterceptorChain {
                 }
             };
             absolute(entry.get_mut("path"));
+            if let Some(p) = entry.get("path").and_then(|v| v.as_str()) {
+                plugins.push(PathBuf::from(p));
+            }
             absolute(
                 entry
                     .get_mut("config")
@@ -328,7 +334,20 @@ impl InterceptorChain {
         }
         let toml =
             toml::to_string(&table).with_context(|| format!("re-writing {}", path.display()))?;
-        Ok(InterceptorChain { toml, ids })
+        Ok(InterceptorChain { toml, ids, plugins })
+    }
+
+    /// Fails naming the first plugin file that is not there (not built yet), so that a
+    /// session of many boots stops before its first one rather than failing each.
+    pub fn require_plugins(&self, file: &Path) -> Result<()> {
+        if let Some(p) = self.plugins.iter().find(|p| !p.is_file()) {
+            bail!(
+                "{}: plugin {} is not there (`cargo build --release --workspace` builds the shipped plugins)",
+                file.display(),
+                p.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -880,6 +899,35 @@ mod tests {
             net: None,
             control_sock: None,
         }
+    }
+
+    #[test]
+    fn a_chain_whose_plugin_is_not_built_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("lab-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("chain.toml");
+        std::fs::write(dir.join("libthere.so"), b"").unwrap();
+        std::fs::write(
+            &file,
+            "[[interceptor]]\nid = \"a\"\npath = \"libthere.so\"\n\n\
+             [[interceptor]]\nid = \"b\"\npath = \"libmissing.so\"\n",
+        )
+        .unwrap();
+        let chain = InterceptorChain::from_file(&file).unwrap();
+        assert_eq!(chain.plugins.len(), 2);
+        let e = chain.require_plugins(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("libmissing.so") && e.contains("is not there"),
+            "{e}"
+        );
+        std::fs::write(
+            &file,
+            "[[interceptor]]\nid = \"a\"\npath = \"libthere.so\"\n",
+        )
+        .unwrap();
+        let chain = InterceptorChain::from_file(&file).unwrap();
+        chain.require_plugins(&file).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

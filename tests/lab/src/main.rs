@@ -305,6 +305,12 @@ fn run(cli: Cli) -> Result<i32> {
             cmd_guest(a)
         }
         Cmd::Bench(a) => {
+            // Before the lab boots: a plugin not built would fail each of its boots.
+            for (_, o) in bench_variants(&a)? {
+                if let Some(file) = &o.interceptors {
+                    guest::InterceptorChain::from_file(file)?.require_plugins(file)?;
+                }
+            }
             if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
                 return Ok(code);
             }
