@@ -16,6 +16,7 @@ PACKAGES=(
                                  # zstd -3 beside the compression plugin in a guest test
     iproute2 iperf3 tcpdump      # taps and bridges in the lab, the network benchmark (in
                                  # the guest too), captures on the lab's bridge
+    linux-perf                   # benches/lab-profile.sh: where the lab's CPUs go in a job
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
