@@ -99,7 +99,7 @@ pub(crate) fn render(state: &ApiState) -> String {
     let mut dev_answered = family(
         "vmm_block_completed_without_driver_total",
         "counter",
-        "Requests an interceptor answered without the driver.",
+        "Requests an interceptor answered without the backend.",
     );
     let mut dev_refused = family(
         "vmm_block_refused_total",

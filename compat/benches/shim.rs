@@ -1,6 +1,6 @@
 //! Per-request cost of the shim: a 4 KiB read through stacks of 0, 1 and 8 loaded but
-//! disabled interceptors and 1 enabled no-op, against calling the driver directly. The
-//! driver does no I/O, so the differences are the shim's own cost. Requests go through a
+//! disabled interceptors and 1 enabled no-op, against calling the backend directly. The
+//! backend does no I/O, so the differences are the shim's own cost. Requests go through a
 //! `LiveStack`, as a device's do (the read lock that lets the REST API edit the chain
 //! included); an enabled instance also reads the clock twice for its latency histogram.
 //!
@@ -14,10 +14,10 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use interceptor_sdk::{static_table, CreateContext, Interceptor};
 use std::sync::Arc;
 
-/// A driver that completes every request at once.
-struct NullDriver;
+/// A backend that completes every request at once.
+struct NullBackend;
 
-impl BlockBackend for NullDriver {
+impl BlockBackend for NullBackend {
     fn capacity(&self) -> u64 {
         1 << 30
     }
@@ -51,7 +51,7 @@ fn chain(n: usize, enabled: bool) -> Vec<InstanceSpec> {
 }
 
 fn block_stack(n: usize, enabled: bool) -> Arc<BlockStack> {
-    BlockStack::build("bench", Arc::new(NullDriver), &chain(n, enabled)).expect("stack")
+    BlockStack::build("bench", Arc::new(NullBackend), &chain(n, enabled)).expect("stack")
 }
 
 fn shim(c: &mut Criterion) {
@@ -61,7 +61,7 @@ fn shim(c: &mut Criterion) {
         len: buf.len(),
     }];
     let mut g = c.benchmark_group("request_4k");
-    let driver = NullDriver;
+    let backend = NullBackend;
     g.bench_function("driver_direct", |b| {
         b.iter(|| {
             let req = IoRequest {
@@ -71,7 +71,7 @@ fn shim(c: &mut Criterion) {
                 segments: &segments,
             };
             // SAFETY: the segment is a live buffer.
-            unsafe { driver.execute(&req) }
+            unsafe { backend.execute(&req) }
         })
     });
     // The same empty chain without the live stack's snapshot: what taking it costs.
@@ -88,7 +88,7 @@ fn shim(c: &mut Criterion) {
     ] {
         // Requests run here on the bench thread rather than on the I/O thread: the cost
         // measured is the shim's, not a thread hop's.
-        let s = LiveStack::start("bench", Arc::new(NullDriver), &chain(n, enabled), None)
+        let s = LiveStack::start("bench", Arc::new(NullBackend), &chain(n, enabled), None)
             .expect("stack");
         g.bench_function(name, |b| {
             // SAFETY: the segment is a live buffer.

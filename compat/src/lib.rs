@@ -1,6 +1,6 @@
 //! The compatibility shim between device models and block backends.
 //!
-//! A device hands each driver-ready request to its [`BlockStack`]: the device's chain of
+//! A device hands each validated request to its [`BlockStack`]: the device's chain of
 //! interceptor instances over its [`BlockBackend`]. The stack runs the pre-processing hooks
 //! top to bottom, the backend, then the post-processing hooks bottom to top
 //! (`stack.rs`). Interceptors are plugins loaded by path (`loader.rs`) into instances

@@ -66,7 +66,7 @@ impl LiveStack {
     /// chain on it: every instance is created on the thread that will call its hooks.
     pub fn start(
         device_id: &str,
-        driver: Arc<dyn crate::BlockBackend>,
+        backend: Arc<dyn crate::BlockBackend>,
         chain: &[InstanceSpec],
         on_start: Option<ThreadStart>,
     ) -> Result<LiveStack, BuildError> {
@@ -78,7 +78,7 @@ impl LiveStack {
             },
         })?;
         let (id, specs) = (device_id.to_string(), chain.to_vec());
-        let built = io.run(move || BlockStack::build(&id, driver, &specs));
+        let built = io.run(move || BlockStack::build(&id, backend, &specs));
         let stack = match built {
             Ok(result) => result?,
             Err(gone) => {
@@ -187,7 +187,7 @@ impl LiveStack {
 
     /// The backend under the chain (the device opens its queues' engines over it).
     pub fn backend(&self) -> Arc<dyn crate::BlockBackend> {
-        self.chain.snapshot().driver().clone()
+        self.chain.snapshot().backend().clone()
     }
 
     /// Flushes the whole chain (every layer, then the backend) on the I/O thread.
@@ -200,7 +200,7 @@ impl LiveStack {
 
     /// Shutdown: flushes the chain, then empties it and destroys every instance on the I/O
     /// thread (a plugin settles its metadata in destroy), and stops the thread. Later
-    /// requests reach the driver alone; edits are refused.
+    /// requests reach the backend alone; edits are refused.
     pub fn close(&self) -> RequestStatus {
         let chain = self.chain.clone();
         let status = self
@@ -210,7 +210,7 @@ impl LiveStack {
                 chain.closed.store(true, Relaxed);
                 let top = chain.snapshot();
                 chain.retire(top.layers());
-                chain.publish(top.driver(), &[], top.shared_counters());
+                chain.publish(top.backend(), &[], top.shared_counters());
                 drop(top);
                 chain.reap();
                 status
@@ -221,7 +221,7 @@ impl LiveStack {
     }
 
     /// Loads `spec` into the chain at `position` (0 = top, next to the guest; the chain's
-    /// length = bottom, next to the driver) for requests that start after this returns.
+    /// length = bottom, next to the backend) for requests that start after this returns.
     /// `fresh` declares that the layers below hold nothing the guest needs: required for a
     /// plugin that owns its format, whose data would otherwise read back transformed.
     /// Runs on the I/O thread, between two guest requests; every check is made before the
@@ -329,11 +329,11 @@ impl Chain {
             )));
         }
         let counters = top.shared_counters().clone();
-        let driver = top.driver().clone();
+        let backend = top.backend().clone();
         // The plugin's own I/O is not the device's: the stack below gets its own counters.
         let below = BlockStack::assemble(
             &self.device_id,
-            &driver,
+            &backend,
             &layers[position..],
             &Arc::default(),
             top.pool(),
@@ -348,7 +348,7 @@ impl Chain {
         instance.fresh.store(fresh, Relaxed);
         let mut next = layers.to_vec();
         next.insert(position, instance.clone());
-        self.publish(&driver, &next, &counters);
+        self.publish(&backend, &next, &counters);
         Ok(instance)
     }
 
@@ -370,7 +370,7 @@ impl Chain {
         }
         let mut next = layers.to_vec();
         self.retire(&[next.remove(k)]);
-        self.publish(top.driver(), &next, top.shared_counters());
+        self.publish(top.backend(), &next, top.shared_counters());
         drop(top);
         self.reap();
         Ok(())
@@ -402,12 +402,12 @@ impl Chain {
     /// flight).
     fn publish(
         &self,
-        driver: &Arc<dyn crate::BlockBackend>,
+        backend: &Arc<dyn crate::BlockBackend>,
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
     ) {
         let pool = self.snapshot().pool().clone();
-        let stacks = BlockStack::assemble(&self.device_id, driver, layers, counters, &pool);
+        let stacks = BlockStack::assemble(&self.device_id, backend, layers, counters, &pool);
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         for (k, layer) in layers.iter().enumerate() {
             layer.repoint(stacks[k + 1].clone());

@@ -1,5 +1,5 @@
 //! "The layers below" an instance, as the C `vmm_lower` table: a plugin's own reads,
-//! writes and flushes go through the interceptors under it and then the driver.
+//! writes and flushes go through the interceptors under it and then the backend.
 
 use crate::stack::BlockStack;
 use crate::{BlockRequestKind, Segment, SECTOR_SIZE};

@@ -1,9 +1,9 @@
-//! A device's interceptor chain over its driver, and the two hook points.
+//! A device's interceptor chain over its backend, and the two hook points.
 //!
 //! Each request takes a snapshot of which instances are in its path (enabled ones, plus
 //! disabled ones that must stay, see `F_KEEP_WHEN_DISABLED`), so a toggle never splits one
 //! request's pre and post hooks. Pre hooks run top to bottom until one completes or fails
-//! the request; the driver runs only if all continued; then post hooks run bottom to top for
+//! the request; the backend runs only if all continued; then post hooks run bottom to top for
 //! exactly the instances whose pre hook ran.
 
 use crate::bounce::BouncePool;
@@ -26,7 +26,7 @@ pub struct StackCounters {
     pub requests: AtomicU64,
     /// Requests answered with an error status.
     pub errors: AtomicU64,
-    /// Requests an interceptor satisfied without the driver.
+    /// Requests an interceptor satisfied without the backend.
     pub completed_without_driver: AtomicU64,
     /// Requests the device refused before the stack (malformed by the guest), and queues
     /// the guest broke.
@@ -41,11 +41,11 @@ pub struct BuildError {
     pub error: LoadError,
 }
 
-/// Interceptor instances (top to bottom) over a driver.
+/// Interceptor instances (top to bottom) over a backend.
 pub struct BlockStack {
     device_id: String,
     layers: Vec<Arc<Instance>>,
-    driver: Arc<dyn BlockBackend>,
+    backend: Arc<dyn BlockBackend>,
     capacity: u64,
     /// Shared by every rebuild of the device's top stack (see `LiveStack`).
     counters: Arc<StackCounters>,
@@ -69,7 +69,7 @@ impl BlockStack {
     /// layers below already in `create`.
     pub fn build(
         device_id: &str,
-        driver: Arc<dyn BlockBackend>,
+        backend: Arc<dyn BlockBackend>,
         chain: &[InstanceSpec],
     ) -> Result<Arc<BlockStack>, BuildError> {
         if chain.len() > MAX_CHAIN {
@@ -81,14 +81,8 @@ impl BlockStack {
                 },
             });
         }
-        let mut stack = Arc::new(BlockStack {
-            device_id: device_id.into(),
-            layers: Vec::new(),
-            capacity: driver.capacity(),
-            driver,
-            counters: Arc::default(),
-            pool: Arc::default(),
-        });
+        let pool = Arc::default();
+        let mut stack = Self::with_layers(device_id, &backend, Vec::new(), Arc::default(), &pool);
         for spec in chain.iter().rev() {
             let instance = Arc::new(
                 Instance::create(spec, DeviceKind::Block, device_id, stack.clone(), false)
@@ -97,50 +91,62 @@ impl BlockStack {
                         error,
                     })?,
             );
-            let mut layers = vec![instance.clone()];
-            layers.extend(stack.layers.iter().cloned());
-            stack = Arc::new(BlockStack {
-                device_id: device_id.into(),
-                layers,
-                capacity: instance.capacity(),
-                driver: stack.driver.clone(),
-                counters: Arc::default(),
-                pool: stack.pool.clone(),
-            });
+            let layers = std::iter::once(instance)
+                .chain(stack.layers.iter().cloned())
+                .collect();
+            stack = Self::with_layers(device_id, &backend, layers, Arc::default(), &pool);
         }
         Ok(stack)
     }
 
-    /// The stacks under each of `layers` (top to bottom) over `driver`: entry `k` holds
-    /// `layers[k..]`, the last one the driver alone. Entry 0 shares `counters`.
+    /// The stacks under each of `layers` (top to bottom) over `backend`: entry `k` holds
+    /// `layers[k..]`, the last one the backend alone. Entry 0 shares `counters`.
     pub(crate) fn assemble(
         device_id: &str,
-        driver: &Arc<dyn BlockBackend>,
+        backend: &Arc<dyn BlockBackend>,
         layers: &[Arc<Instance>],
         counters: &Arc<StackCounters>,
         pool: &Arc<BouncePool>,
     ) -> Vec<Arc<BlockStack>> {
         let mut stacks = Vec::with_capacity(layers.len() + 1);
         for k in (0..=layers.len()).rev() {
-            stacks.push(Arc::new(BlockStack {
-                device_id: device_id.into(),
-                layers: layers[k..].to_vec(),
-                capacity: layers.get(k).map_or(driver.capacity(), |l| l.capacity()),
-                driver: driver.clone(),
-                counters: if k == 0 {
-                    counters.clone()
-                } else {
-                    Arc::default()
-                },
-                pool: pool.clone(),
-            }));
+            let shared = if k == 0 {
+                counters.clone()
+            } else {
+                Arc::default()
+            };
+            stacks.push(Self::with_layers(
+                device_id,
+                backend,
+                layers[k..].to_vec(),
+                shared,
+                pool,
+            ));
         }
         stacks.reverse();
         stacks
     }
 
-    pub(crate) fn driver(&self) -> &Arc<dyn BlockBackend> {
-        &self.driver
+    /// `layers` (top to bottom) over `backend`; its capacity is the top layer's.
+    fn with_layers(
+        device_id: &str,
+        backend: &Arc<dyn BlockBackend>,
+        layers: Vec<Arc<Instance>>,
+        counters: Arc<StackCounters>,
+        pool: &Arc<BouncePool>,
+    ) -> Arc<BlockStack> {
+        Arc::new(BlockStack {
+            device_id: device_id.into(),
+            capacity: layers.first().map_or(backend.capacity(), |l| l.capacity()),
+            layers,
+            backend: backend.clone(),
+            counters,
+            pool: pool.clone(),
+        })
+    }
+
+    pub(crate) fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
     }
 
     pub(crate) fn shared_counters(&self) -> &Arc<StackCounters> {
@@ -174,7 +180,7 @@ impl BlockStack {
     }
 
     /// Flushes the whole stack: every layer sees a flush (a write-back cache writes back,
-    /// then the driver syncs), as the VMM does at shutdown.
+    /// then the backend syncs), as the VMM does at shutdown.
     pub fn flush(&self) -> RequestStatus {
         // SAFETY: a flush carries no segments.
         unsafe { self.submit(BlockRequestKind::Flush, 0, &[]) }
@@ -415,7 +421,7 @@ impl BlockStack {
         if parts
             .offset
             .checked_add(parts.len)
-            .is_none_or(|end| end > self.driver.capacity())
+            .is_none_or(|end| end > self.backend.capacity())
         {
             return Err(self.post(&mut parts, RequestStatus::IoError));
         }
@@ -424,7 +430,7 @@ impl BlockStack {
 
     /// The synchronous backend on the request's data.
     unsafe fn run_backend(&self, parts: &Parts) -> RequestStatus {
-        self.driver.execute(&parts.io())
+        self.backend.execute(&parts.io())
     }
 
     /// The post hooks, bottom to top, of every instance whose pre hook ran; then a private

@@ -1,4 +1,4 @@
-//! Device models and backend drivers of the VMM.
+//! Device models of the VMM.
 //!
 //! virtio-mmio transport and virtio-blk, the 16550 serial console and the i8042 reset line,
 //! plus the raw-file block backend. Block requests reach the backend only through the

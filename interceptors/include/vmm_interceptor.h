@@ -5,8 +5,8 @@
  * returns a pointer to a static struct vmm_interceptor_table. The VMM calls the table's
  * functions at its two hook points:
  *
- *   pre   where a device has built a driver-ready request, before the layers below
- *         (the next interceptors, then the backend driver) see it; called top to bottom;
+ *   pre   where a device has built a validated request, before the layers below
+ *         (the next interceptors, then the backend) see it; called top to bottom;
  *   post  where the completion is forwarded back toward the guest; called bottom to top.
  *
  * Every interceptor whose pre hook ran gets its post hook for that request, exactly once.
@@ -162,7 +162,7 @@ struct vmm_net_frame {
 };
 
 /* "The layers below": the interceptors under this instance in its device's chain, then the
- * backend driver. For a plugin's own I/O (metadata, remapped blocks). Each call returns a
+ * backend. For a plugin's own I/O (metadata, remapped blocks). Each call returns a
  * VMM_STATUS_*; offset and len must be multiples of VMM_SECTOR_SIZE within capacity. */
 struct vmm_lower {
     void *ctx;

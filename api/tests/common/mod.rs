@@ -1,5 +1,5 @@
 //! What the api crate's tests (and the `serve` example) share: a VM stand-in, disks over
-//! temporary files (a positioned-I/O file driver like `devices`' raw-file one, kept here so
+//! temporary files (a positioned-I/O file backend like `devices`' raw-file one, kept here so
 //! the API's tests build on the shim alone), and a small keep-alive HTTP client.
 
 #![allow(dead_code)]
@@ -112,8 +112,8 @@ pub fn disk_with(path: &Path, id: &str, bytes: u64, chain: &[InstanceSpec]) -> A
         .open(path)
         .unwrap();
     file.set_len(bytes).unwrap();
-    let driver = Arc::new(FileDisk::new(file));
-    Arc::new(LiveStack::start(id, driver, chain, None).unwrap())
+    let backend = Arc::new(FileDisk::new(file));
+    Arc::new(LiveStack::start(id, backend, chain, None).unwrap())
 }
 
 /// An API state over `disks` (ids and stacks) with a stand-in VM.

@@ -51,7 +51,11 @@ fn complete_skips_the_layers_below_and_still_gets_its_post_hook() {
         take_log("complete"),
         ["pre a R@0", "pre b R@0", "post b R@0 Ok", "post a R@0 Ok"]
     );
-    assert_eq!(disk.calls.load(Ordering::SeqCst), 0, "the driver never ran");
+    assert_eq!(
+        disk.calls.load(Ordering::SeqCst),
+        0,
+        "the backend never ran"
+    );
     assert!(
         buf.iter().all(|&b| b == 0x5a),
         "the completing hook filled the read"

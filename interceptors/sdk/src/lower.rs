@@ -1,4 +1,4 @@
-//! "The layers below": a plugin's own I/O to the interceptors under it and the driver.
+//! "The layers below": a plugin's own I/O to the interceptors under it and the backend.
 
 use crate::abi;
 use std::ffi::CString;

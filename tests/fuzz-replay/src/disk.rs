@@ -1,5 +1,5 @@
 //! Disks for the harnesses: a RAM disk whose every request is checked against the
-//! driver contract (so a shim that hands a driver a request out of range, or segments that
+//! backend contract (so a shim that hands a backend a request out of range, or segments that
 //! do not add up, is a finding), and a scratch directory of this process's own.
 
 use compat::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
@@ -44,12 +44,12 @@ impl BlockBackend for MemDisk {
         let sum: u64 = req.segments.iter().map(|s| s.len as u64).sum();
         assert_eq!(
             sum, req.len,
-            "driver: the segments do not add up to the request"
+            "backend: the segments do not add up to the request"
         );
         let end = req.offset.checked_add(req.len);
         assert!(
             end.is_some_and(|e| e <= data.len() as u64),
-            "driver: {:?} at {}+{} past the capacity {}",
+            "backend: {:?} at {}+{} past the capacity {}",
             req.kind,
             req.offset,
             req.len,
@@ -61,7 +61,7 @@ impl BlockBackend for MemDisk {
         ) {
             assert!(
                 req.segments.is_empty(),
-                "driver: a range request with buffers"
+                "backend: a range request with buffers"
             );
             let at = req.offset as usize;
             data[at..at + req.len as usize].fill(0);
@@ -69,7 +69,7 @@ impl BlockBackend for MemDisk {
         }
         let mut at = req.offset as usize;
         for s in req.segments {
-            assert!(s.len == 0 || !s.base.is_null(), "driver: a NULL segment");
+            assert!(s.len == 0 || !s.base.is_null(), "backend: a NULL segment");
             match req.kind {
                 // SAFETY: the caller guarantees each segment is valid for its length; the
                 // range on the disk was checked above.

@@ -1,4 +1,4 @@
-//! The cache plugin as a shared object over a real file: hits without the driver,
+//! The cache plugin as a shared object over a real file: hits without the backend,
 //! write-back held until a flush, and disabled meaning written back and bypassed.
 
 mod common;

@@ -1,6 +1,6 @@
-//! virtio-blk: a disk over the compat shim's stack (interceptors, then a backend driver).
+//! virtio-blk: a disk over the compat shim's stack (interceptors, then a backend).
 //! Requests are served on the device's own thread, woken by the queue's ioeventfd; each
-//! passes the stack's pre-processing point before the driver and its post-processing point
+//! passes the stack's pre-processing point before the backend and its post-processing point
 //! before the guest sees the status.
 
 mod coalesce;
