@@ -36,6 +36,10 @@ pub struct LabOptions {
     /// Silence (no line, no heartbeat) after which the lab counts as wedged and the run is
     /// repeated (`VMM_LAB_SILENCE_S` overrides the default of 60 s).
     pub silence_limit: Duration,
+    /// Time from start to the lab's `ready` line after which its boot counts as wedged and
+    /// the run is repeated (`VMM_LAB_BOOT_S` overrides the default of 120 s; it is ready
+    /// after about 4 s). Before `ready` there is no heartbeat, so silence cannot tell.
+    pub boot_limit: Duration,
     /// Files the command changes (writable data disks): copied before the first attempt and
     /// put back before a retry, so a repeated run starts from what the first one saw.
     pub restore_on_retry: Vec<PathBuf>,
@@ -49,15 +53,18 @@ impl Default for LabOptions {
             cpus: 2,
             interactive: false,
             echo: true,
-            silence_limit: Duration::from_secs(
-                std::env::var("VMM_LAB_SILENCE_S")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(60),
-            ),
+            silence_limit: Duration::from_secs(env_secs("VMM_LAB_SILENCE_S", 60)),
+            boot_limit: Duration::from_secs(env_secs("VMM_LAB_BOOT_S", 120)),
             restore_on_retry: Vec::new(),
         }
     }
+}
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Clone, Debug)]
@@ -314,6 +321,16 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
         let left = opts.timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
             outcome.timed_out = true;
+            let _ = child.kill();
+            break;
+        }
+        // Not ready long after a boot that takes seconds: the lab kernel wedged before its
+        // init ran (a CI run of 2026-12-03 sat out a 600 s limit with an empty console).
+        if outcome.ready_uptime_s.is_none() && start.elapsed() > opts.boot_limit {
+            outcome.lab_fault = Some(format!(
+                "not ready after {} s: its boot is wedged",
+                opts.boot_limit.as_secs()
+            ));
             let _ = child.kill();
             break;
         }

@@ -100,6 +100,27 @@ fn a_lab_vm_that_falls_silent_is_retried_from_the_same_files_not_waited_for() {
 }
 
 #[test]
+fn a_lab_vm_that_is_not_ready_in_time_is_retried_not_waited_for() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    // A lab kernel can wedge before its init runs and prints nothing at all, and before the
+    // init there is no heartbeat: the boot limit (1 s here, far under the ~4 s a boot takes)
+    // must stop each attempt and report the fault after three, not wait out the time limit.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(["exec", "--lab-timeout", "600", "--", "true"])
+        .env("VMM_LAB_BOOT_S", "1")
+        .current_dir(common::repo())
+        .output()
+        .expect("running the lab binary");
+    let text = output(&out);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches("not ready after 1 s").count(), 3, "{text}");
+    assert!(text.contains("faulted on all 3 attempts"), "{text}");
+    assert!(!text.contains("timed out"), "{text}");
+}
+
+#[test]
 fn qemu_guest_boots_passes_selftest_and_fio_verify() {
     let args = [
         "--backend",
