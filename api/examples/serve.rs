@@ -64,6 +64,7 @@ fn main() {
             id: id.into(),
             read_only: false,
             stack,
+            queues: Arc::new(Vec::new),
         })
         .collect();
     let state = ApiState::new(Arc::new(common::StandInVm::default()), disks, registry);

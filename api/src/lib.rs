@@ -78,7 +78,13 @@ pub struct Disk {
     pub id: String,
     pub read_only: bool,
     pub stack: Arc<LiveStack>,
+    /// Each queue's figures by name (`next_avail`, `in_flight`, `kicks`, ...), queue 0
+    /// first; none before the guest's driver sets the disk up.
+    pub queues: QueueFigures,
 }
+
+/// A disk's queues' figures, read when asked.
+pub type QueueFigures = Arc<dyn Fn() -> Vec<Vec<(&'static str, u64)>> + Send + Sync>;
 
 /// A network card's counters by name (`rx_frames`, `tx_bytes`, ...).
 pub type NetCounters = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;

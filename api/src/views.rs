@@ -39,6 +39,10 @@ pub(crate) fn devices(state: &ApiState) -> Value {
                 .map(|l| json!({ "id": l.id(), "plugin": l.plugin().name(), "enabled": l.enabled() }))
                 .collect();
             let c = snapshot.counters();
+            let queues: Vec<Value> = (d.queues)()
+                .into_iter()
+                .map(|q| Value::Object(q.into_iter().map(|(k, v)| (k.into(), json!(v))).collect()))
+                .collect();
             json!({
                 "id": d.id,
                 "kind": "block",
@@ -49,6 +53,7 @@ pub(crate) fn devices(state: &ApiState) -> Value {
                 "completed_without_driver": c.completed_without_driver.load(Relaxed),
                 "refused": c.refused.load(Relaxed),
                 "chain": chain,
+                "queues": queues,
             })
         })
         .collect();

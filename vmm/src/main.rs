@@ -172,10 +172,14 @@ fn start_api(
     let vm = control::VmHandle::new(cfg.machine.vcpus, cfg.machine.memory_mib, exit);
     let api_disks = disks
         .iter()
-        .map(|d| vmm_api::Disk {
-            id: d.id.clone(),
-            read_only: d.read_only,
-            stack: d.stack.clone(),
+        .map(|d| {
+            let stats = d.queue_stats.clone();
+            vmm_api::Disk {
+                id: d.id.clone(),
+                read_only: d.read_only,
+                stack: d.stack.clone(),
+                queues: std::sync::Arc::new(move || stats.fields()),
+            }
         })
         .collect();
     let api_nets = nics

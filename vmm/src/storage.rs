@@ -21,6 +21,8 @@ pub struct Disk {
     pub engines: std::sync::Mutex<Vec<Box<dyn block::AsyncIo>>>,
     /// Interrupt coalescing (`coalesce_us`).
     pub coalesce: std::time::Duration,
+    /// What the device's queues are doing, shared with the API.
+    pub queue_stats: Arc<devices::virtio::block::QueueStats>,
 }
 
 pub fn instance_spec(
@@ -156,6 +158,7 @@ pub fn open_disks(
             engines: std::sync::Mutex::new(queue_engines),
             block_size,
             coalesce: std::time::Duration::from_micros(u64::from(b.coalesce_us)),
+            queue_stats: Arc::default(),
         });
     }
     Ok(disks)

@@ -175,6 +175,7 @@ fn add_block_devices(
         }
         let device = Block::new(&b.id, b.stack.clone(), b.read_only, engines)
             .with_block_size(b.block_size)
+            .with_queue_stats(b.queue_stats.clone())
             .with_interrupt_coalescing(b.coalesce)
             .with_context(|| format!("block {}: interrupt coalescing timers", b.id))?;
         let device = Box::new(device);

@@ -124,6 +124,7 @@ pub fn state(disks: &[(&str, Arc<LiveStack>)]) -> ApiState {
             id: id.to_string(),
             read_only: false,
             stack: stack.clone(),
+            queues: Arc::new(Vec::new),
         })
         .collect();
     ApiState::new(

@@ -136,11 +136,13 @@ fn server() -> &'static Server {
                 id: "data".into(),
                 read_only: false,
                 stack: data.clone(),
+                queues: Arc::new(Vec::new),
             },
             Disk {
                 id: "root".into(),
                 read_only: true,
                 stack: root.clone(),
+                queues: Arc::new(Vec::new),
             },
         ];
         let socket = scratch_dir().join("api.sock");

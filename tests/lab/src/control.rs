@@ -85,6 +85,11 @@ fn get(sock: &Path, path: &str) -> Result<Value, String> {
     Ok(a.json())
 }
 
+/// Every device as `GET /devices` shows it (a hung guest's diagnosis reads its queues).
+pub fn devices(sock: &Path) -> Result<Value, String> {
+    get(sock, "/devices")
+}
+
 fn device(sock: &Path) -> Result<Value, String> {
     let all = get(sock, "/devices")?;
     all.as_array()

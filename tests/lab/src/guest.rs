@@ -192,9 +192,8 @@ fn vmm_command(spec: &GuestSpec) -> Result<Command> {
         .with_context(|| format!("writing {}", config.display()))?;
     let mut cmd = Command::new(vmm);
     cmd.arg("--config").arg(config);
-    if spec.control.is_some() {
-        cmd.arg("--api-sock").arg(spec.control_socket());
-    }
+    // Always: when a guest hangs, its queues' figures say where (`boot_once`).
+    cmd.arg("--api-sock").arg(spec.control_socket());
     Ok(cmd)
 }
 
@@ -247,8 +246,8 @@ pub struct GuestSpec {
     pub block_options: Vec<(String, String)>,
     /// A network card on a tap of the lab (vmm backend).
     pub net: Option<NetSpec>,
-    /// The API socket when `control` is set (default: `control::socket_path()`): two
-    /// guests of one harness need two.
+    /// vmm's API socket (default: `control::socket_path()`): two guests of one harness
+    /// need two.
     pub control_sock: Option<PathBuf>,
 }
 
@@ -624,11 +623,17 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     let mut transcript = String::new();
     let mut wall_to_init = None;
     let mut killed = None;
+    let mut threads_at_timeout = None;
+    let mut queues_at_timeout = None;
     let init_marker = format!("{} init ", console::GUEST_MARKER);
     loop {
         let left = spec.timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
             killed = Some(VmmExit::Timeout);
+            threads_at_timeout = Some(crate::threads::snapshot(child.id()));
+            if spec.backend == Backend::Vmm {
+                queues_at_timeout = Some(queue_figures(&spec.control_socket()));
+            }
             let _ = child.kill();
             break;
         }
@@ -674,6 +679,16 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         transcript,
         report,
     );
+    if let Some(threads) = threads_at_timeout {
+        run.problems.push(format!(
+            "{}'s threads when it was stopped (tid name state wchan syscall cpu):\n{threads}",
+            spec.backend.name()
+        ));
+    }
+    if let Some(queues) = queues_at_timeout {
+        run.problems
+            .push(format!("vmm's disk queues when it was stopped:\n{queues}"));
+    }
     if let Some(handle) = tap_side {
         run.net_host = Some(
             handle
@@ -691,6 +706,37 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         }
     }
     Ok(run)
+}
+
+/// Each disk's device counters and queues, one line per queue, from vmm's API.
+fn queue_figures(sock: &Path) -> String {
+    let devices = match crate::control::devices(sock) {
+        Ok(d) => d,
+        Err(e) => return format!("(the API did not answer: {e})"),
+    };
+    let mut out = String::new();
+    for d in devices.as_array().into_iter().flatten() {
+        if d["kind"] != "block" {
+            continue;
+        }
+        out.push_str(&format!(
+            "{}: requests={} errors={} refused={}\n",
+            d["id"].as_str().unwrap_or("?"),
+            d["requests"],
+            d["errors"],
+            d["refused"]
+        ));
+        for (i, q) in d["queues"].as_array().into_iter().flatten().enumerate() {
+            let fields: Vec<String> = q
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            out.push_str(&format!("  queue {i}: {}\n", fields.join(" ")));
+        }
+    }
+    out
 }
 
 fn judge(

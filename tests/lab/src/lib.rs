@@ -16,6 +16,7 @@ pub mod layers;
 pub mod lines;
 pub mod paths;
 pub mod plugins;
+pub mod threads;
 
 /// QEMU's arguments common to the lab VM and the guest: machine, size, serial on stdio,
 /// nothing else, and a reset ends QEMU.

@@ -103,11 +103,13 @@ fn start(name: &str) -> Api {
             id: "vda".into(),
             read_only: false,
             stack: vda.clone(),
+            queues: Arc::new(Vec::new),
         },
         Disk {
             id: "vdb".into(),
             read_only: false,
             stack: vdb.clone(),
+            queues: Arc::new(Vec::new),
         },
     ];
     let sock = out_file(&format!("{name}.sock"));

@@ -193,6 +193,55 @@ fn guest_failures_are_reported_not_hidden() {
 }
 
 #[test]
+fn a_guest_that_runs_past_its_limit_is_reported_with_vmms_threads_and_queues() {
+    // fio outlasts the guest's time limit: the harness stops vmm, and first reads what its
+    // threads were doing and where each disk's queue stood, so that a hung guest can be
+    // told from a busy one (and a lost kick from a stuck backend) after the fact.
+    let args = [
+        "--backend",
+        "vmm",
+        "--task",
+        "fio=randread-4k-qd1",
+        "--fio-runtime",
+        "600",
+        "--timeout",
+        "45",
+    ];
+    let Some((out, _)) = common::guest_run("vmm-past-limit", &args) else {
+        return;
+    };
+    let text = output(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("timed out after 45s"), "{text}");
+    assert!(text.contains("vmm's threads when it was stopped"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" vcpu0 ") && l.contains("cpu=")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains(" io-data0 ")), "{text}");
+    // fio had been reading the data disk: its queue took many requests, all answered
+    // (this guest was busy, not hung).
+    let lines: Vec<&str> = text.lines().collect();
+    let queue = lines
+        .iter()
+        .position(|l| l.starts_with("data0: requests="))
+        .and_then(|i| lines.get(i + 1))
+        .filter(|l| l.contains("queue 0:"))
+        .unwrap_or_else(|| panic!("no figures of data0's queue in:\n{text}"));
+    let figure = |name: &str| -> u64 {
+        queue
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {queue}"))
+    };
+    assert!(figure("next_avail") > 100, "{queue}");
+    assert!(figure("kicks") > 0, "{queue}");
+    assert!(figure("in_flight") <= 1, "queue depth 1: {queue}");
+}
+
+#[test]
 fn qemu_guest_with_two_vcpus_sees_both() {
     // Boot only: I/O load on 2 nested vCPUs can crash the lab VM's kernel (docs/lab.md).
     let args = ["--vcpus", "2", "--task", "boot"];

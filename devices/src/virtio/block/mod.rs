@@ -6,11 +6,13 @@
 mod coalesce;
 mod order;
 pub mod request;
+mod stats;
 mod worker;
 
 pub use block::RawFile;
 pub use coalesce::MAX_COALESCE_US;
 pub use request::{BlockRequest, Refused, RequestError};
+pub use stats::QueueStats;
 
 use super::{ActivateError, Interrupt, VirtioDevice};
 use block::AsyncIo;
@@ -59,6 +61,8 @@ pub struct Block {
     /// each queue's timer (none while the delay is zero).
     coalesce: Duration,
     timers: Vec<QueueTimer>,
+    /// What each queue is doing, for the API.
+    stats: Arc<QueueStats>,
 }
 
 /// The device's configuration space, as the virtio spec lays it out.
@@ -97,7 +101,14 @@ impl Block {
             block_size: 512,
             coalesce: Duration::ZERO,
             timers: Vec::new(),
+            stats: Arc::default(),
         }
+    }
+
+    /// Publishes what each queue is doing into `stats` (shared with the API).
+    pub fn with_queue_stats(mut self, stats: Arc<QueueStats>) -> Block {
+        self.stats = stats;
+        self
     }
 
     /// Lets a completion wait up to `delay` (at most [`MAX_COALESCE_US`]) for the other
@@ -203,6 +214,7 @@ impl VirtioDevice for Block {
         let wakes = wakes.map_err(|e| ActivateError(format!("cloning a queue's kick: {e}")))?;
         let order = Arc::new(DiskOrder::new(wakes));
         self.broken.store(false, Ordering::SeqCst);
+        self.stats.set_active(queues.len());
         for (q, (mut queue, kick)) in queues.into_iter().zip(kicks).enumerate() {
             let home = self.engines[q].clone();
             let taken = home.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -224,7 +236,8 @@ impl VirtioDevice for Block {
                 home,
             )
             .with_discard(self.discard())
-            .in_disk(order.clone(), q);
+            .in_disk(order.clone(), q)
+            .with_stats(self.stats.clone());
             let worker = match self.timers.get(q) {
                 Some(t) => worker.with_coalescing(t.clone(), self.coalesce),
                 None => worker,

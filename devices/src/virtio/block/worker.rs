@@ -10,6 +10,7 @@
 use super::coalesce::{Coalescer, QueueTimer, Signal};
 use super::order::Footprint;
 use super::request::{self, BlockRequest, Refused, RequestError};
+use super::stats::QueueStats;
 use crate::logger::LogLimiter;
 use crate::virtio::Interrupt;
 use block::AsyncIo;
@@ -104,6 +105,8 @@ pub(super) struct Worker {
     unsignalled: bool,
     /// Interrupt coalescing, when the disk sets a delay (`coalesce.rs`).
     coalescer: Option<Coalescer>,
+    /// Where this queue's figures are published (`stats.rs`), its entry `queue_index`.
+    stats: Arc<QueueStats>,
 }
 
 fn status_byte(s: RequestStatus) -> u8 {
@@ -157,6 +160,26 @@ impl Worker {
             queue_index: 0,
             unsignalled: false,
             coalescer: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Publishes this queue's figures into `stats`.
+    pub(super) fn with_stats(mut self, stats: Arc<QueueStats>) -> Worker {
+        self.stats = stats;
+        self
+    }
+
+    /// Stores the queue's ring positions and what it holds, for the API.
+    fn publish(&self) {
+        if let Some(s) = self.stats.queue(self.queue_index) {
+            s.next_avail
+                .store(u64::from(self.queue.next_avail()), Ordering::Relaxed);
+            s.next_used
+                .store(u64::from(self.queue.next_used()), Ordering::Relaxed);
+            s.in_flight
+                .store(self.in_flight() as u64, Ordering::Relaxed);
+            s.held.store(self.held.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -273,7 +296,12 @@ impl Worker {
         match self.queue.needs_notification(&self.mem) {
             Ok(false) => {}
             // An unreadable used_event signals: a lost interrupt would hang the guest.
-            Ok(true) | Err(_) => self.interrupt.signal_used_queue(),
+            Ok(true) | Err(_) => {
+                self.interrupt.signal_used_queue();
+                if let Some(s) = self.stats.queue(self.queue_index) {
+                    s.interrupts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -316,6 +344,7 @@ impl Worker {
         self.start_held();
         self.engine_mut().commit();
         self.signal();
+        self.publish();
         if released && self.order.kicks.len() > 1 {
             // Another queue's held request may have waited for one of these.
             for (q, kick) in self.order.kicks.iter().enumerate() {
@@ -549,6 +578,9 @@ impl MutEventSubscriber for Worker {
             self.collect();
         } else {
             let _ = self.kick.read();
+            if let Some(s) = self.stats.queue(self.queue_index) {
+                s.kicks.fetch_add(1, Ordering::Relaxed);
+            }
             self.process_queue();
         }
     }

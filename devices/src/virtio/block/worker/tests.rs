@@ -575,3 +575,36 @@ fn a_completion_soon_after_an_interrupt_waits_for_the_delay() {
         "the delay is over: one interrupt for both"
     );
 }
+
+/// The API's view of a queue follows it: three requests held at the engine show as in
+/// flight with the avail ring taken and nothing used; once they complete, the ring
+/// positions meet, nothing is in flight and the interrupt is counted.
+#[test]
+fn a_queues_figures_show_what_it_holds_and_what_it_has_answered() {
+    let r = rig("figures");
+    let mq = MockSplitQueue::new(&r.mem, 16);
+    for slot in 0..3u16 {
+        post_write(&r, &mq, slot, u64::from(slot) * 8, 0xb0 + slot as u8);
+    }
+    let held = Held::default();
+    let stats = Arc::new(QueueStats::default());
+    stats.set_active(1);
+    let mut w = held_worker(&r, mq.create_queue().unwrap(), &held, Arc::default())
+        .with_stats(stats.clone());
+    let figure = |name: &str| {
+        let all = stats.fields();
+        assert_eq!(all.len(), 1, "one active queue");
+        all[0].iter().find(|(k, _)| *k == name).map(|&(_, v)| v)
+    };
+    w.process_queue();
+    assert_eq!(figure("next_avail"), Some(3));
+    assert_eq!(figure("next_used"), Some(0));
+    assert_eq!(figure("in_flight"), Some(3));
+    assert_eq!(figure("interrupts"), Some(0));
+    held.release_newest_first();
+    w.collect();
+    assert_eq!(figure("next_used"), Some(3));
+    assert_eq!(figure("in_flight"), Some(0));
+    assert_eq!(figure("held"), Some(0));
+    assert_eq!(figure("interrupts"), Some(1));
+}
