@@ -7,6 +7,8 @@
 
 use super::MAX_QUEUES;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The queues of one disk; created with the disk, before its device exists.
 #[derive(Default)]
@@ -30,6 +32,66 @@ pub(super) struct QueueState {
     /// Requests at the engine, and held back behind an overlapping one.
     pub in_flight: AtomicU64,
     pub held: AtomicU64,
+    /// Where the queue's rings lie, so a reader sees the guest's side as it is now.
+    rings: Mutex<Option<Rings>>,
+}
+
+/// A queue's rings in guest memory (virtio 1.x split ring layout).
+struct Rings {
+    mem: GuestMemoryMmap,
+    avail: GuestAddress,
+    used: GuestAddress,
+    size: u16,
+    event_idx: bool,
+}
+
+impl QueueState {
+    /// The handler took a queue whose rings are at `avail` and `used`.
+    pub(super) fn set_rings(
+        &self,
+        mem: GuestMemoryMmap,
+        avail: u64,
+        used: u64,
+        size: u16,
+        event_idx: bool,
+    ) {
+        let rings = Rings {
+            mem,
+            avail: GuestAddress(avail),
+            used: GuestAddress(used),
+            size,
+            event_idx,
+        };
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner()) = Some(rings);
+    }
+
+    /// The rings' indices as guest memory holds them: the guest's avail index (and, with
+    /// EVENT_IDX, its used_event), the device's used index (and its avail_event).
+    fn ring_fields(&self) -> Vec<(&'static str, u64)> {
+        let guard = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let read = |base: GuestAddress, offset: u64| -> Option<u64> {
+            let addr = base.checked_add(offset)?;
+            r.mem.read_obj::<u16>(addr).ok().map(u64::from)
+        };
+        let mut out = Vec::new();
+        let mut push = |name, v: Option<u64>| {
+            if let Some(v) = v {
+                out.push((name, v));
+            }
+        };
+        // avail: flags, idx, ring[size], used_event; used: flags, idx, ring[size] of 8
+        // bytes, avail_event.
+        push("guest_avail_idx", read(r.avail, 2));
+        push("used_idx", read(r.used, 2));
+        if r.event_idx {
+            push("guest_used_event", read(r.avail, 4 + 2 * u64::from(r.size)));
+            push("avail_event", read(r.used, 4 + 8 * u64::from(r.size)));
+        }
+        out
+    }
 }
 
 impl QueueStats {
@@ -47,14 +109,16 @@ impl QueueStats {
         self.queues[..active]
             .iter()
             .map(|q| {
-                vec![
+                let mut f = vec![
                     ("kicks", q.kicks.load(Relaxed)),
                     ("interrupts", q.interrupts.load(Relaxed)),
                     ("next_avail", q.next_avail.load(Relaxed)),
                     ("next_used", q.next_used.load(Relaxed)),
                     ("in_flight", q.in_flight.load(Relaxed)),
                     ("held", q.held.load(Relaxed)),
-                ]
+                ];
+                f.extend(q.ring_fields());
+                f
             })
             .collect()
     }

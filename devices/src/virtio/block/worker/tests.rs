@@ -607,4 +607,7 @@ fn a_queues_figures_show_what_it_holds_and_what_it_has_answered() {
     assert_eq!(figure("in_flight"), Some(0));
     assert_eq!(figure("held"), Some(0));
     assert_eq!(figure("interrupts"), Some(1));
+    // The rings as guest memory holds them: the guest published 3, the device used 3.
+    assert_eq!(figure("guest_avail_idx"), Some(3));
+    assert_eq!(figure("used_idx"), Some(3));
 }
