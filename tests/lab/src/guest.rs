@@ -630,10 +630,10 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         let left = spec.timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
             killed = Some(VmmExit::Timeout);
-            threads_at_timeout = Some(crate::threads::snapshot(child.id()));
-            if spec.backend == Backend::Vmm {
-                queues_at_timeout = Some(queue_figures(&spec.control_socket()));
-            }
+            let sock = (spec.backend == Backend::Vmm).then(|| spec.control_socket());
+            let (threads, queues) = diagnose(child.id(), sock);
+            threads_at_timeout = Some(threads);
+            queues_at_timeout = queues;
             let _ = child.kill();
             break;
         }
@@ -666,10 +666,19 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let status = child.wait().context("waiting for the VMM");
+    let status = if killed.is_some() {
+        reap_killed(&mut child)
+    } else {
+        child.wait().context("waiting for the VMM").map(Some)
+    };
     vmm_gone.store(true, Ordering::SeqCst);
     let status = status?;
-    let vmm_exit = killed.unwrap_or_else(|| status.code().map_or(VmmExit::Signal, VmmExit::Status));
+    let unkillable = killed.is_some() && status.is_none();
+    let vmm_exit = killed.unwrap_or_else(|| {
+        status
+            .and_then(|s| s.code())
+            .map_or(VmmExit::Signal, VmmExit::Status)
+    });
     let report = spec.results_disk.as_deref().and_then(read_results);
     let mut run = judge(
         spec,
@@ -679,6 +688,14 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         transcript,
         report,
     );
+    if unkillable {
+        run.problems.push(format!(
+            "{} did not exit {} s after SIGKILL (a thread stuck in the kernel); its threads:\n{}",
+            spec.backend.name(),
+            REAP_LIMIT.as_secs(),
+            crate::threads::snapshot(child.id())
+        ));
+    }
     if let Some(threads) = threads_at_timeout {
         run.problems.push(format!(
             "{}'s threads when it was stopped (tid name state wchan syscall cpu):\n{threads}",
@@ -687,7 +704,7 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     }
     if let Some(queues) = queues_at_timeout {
         run.problems
-            .push(format!("vmm's disk queues when it was stopped:\n{queues}"));
+            .push(format!("vmm's devices when it was stopped:\n{queues}"));
     }
     if let Some(handle) = tap_side {
         run.net_host = Some(
@@ -708,7 +725,54 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     Ok(run)
 }
 
-/// Each disk's device counters and queues, one line per queue, from vmm's API.
+/// How long a killed VMM may take to exit before the harness goes on without it.
+const REAP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits for a killed VMM; `None` if it is still there after [`REAP_LIMIT`] (stuck in the
+/// kernel: the run is reported, not waited on forever).
+fn reap_killed(child: &mut std::process::Child) -> Result<Option<std::process::ExitStatus>> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the VMM")? {
+            return Ok(Some(status));
+        }
+        if start.elapsed() > REAP_LIMIT {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a VMM that ran past its limit was doing: its threads, and (vmm, with its API at
+/// `sock`) its disks' queues. Read on a thread of its own and given at most 20 s, so that a
+/// process that does not answer cannot hold up the kill.
+fn diagnose(pid: u32, sock: Option<PathBuf>) -> (String, Option<String>) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let threads = crate::threads::snapshot(pid);
+        let _ = tx.send((threads, None));
+        if let Some(sock) = sock {
+            let _ = tx.send((String::new(), Some(queue_figures(&sock))));
+        }
+    });
+    let limit = Instant::now() + Duration::from_secs(20);
+    let mut threads = "(reading /proc took over 20 s)".to_string();
+    let mut queues = None;
+    while let Some(left) = limit.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((t, None)) => threads = t,
+            Ok((_, Some(q))) => {
+                queues = Some(q);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    (threads, queues)
+}
+
+/// Each disk's device counters and queues, one line per queue, and each card's counters,
+/// from vmm's API.
 fn queue_figures(sock: &Path) -> String {
     let devices = match crate::control::devices(sock) {
         Ok(d) => d,
@@ -716,7 +780,16 @@ fn queue_figures(sock: &Path) -> String {
     };
     let mut out = String::new();
     for d in devices.as_array().into_iter().flatten() {
-        if d["kind"] != "block" {
+        if d["kind"] == "net" {
+            let counters: Vec<String> = d
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| v.is_u64() && k.as_str() != "id")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let id = d["id"].as_str().unwrap_or("?");
+            out.push_str(&format!("{id} (net): {}\n", counters.join(" ")));
             continue;
         }
         out.push_str(&format!(
