@@ -101,6 +101,11 @@ pub(crate) fn render(state: &ApiState) -> String {
         "counter",
         "Requests an interceptor answered without the backend.",
     );
+    let mut dev_pooled = family(
+        "vmm_block_started_on_pool_total",
+        "counter",
+        "Requests whose pre hooks ran on the disk's hook pool.",
+    );
     let mut dev_refused = family(
         "vmm_block_refused_total",
         "counter",
@@ -165,6 +170,9 @@ pub(crate) fn render(state: &ApiState) -> String {
             "{dev} {}",
             c.completed_without_driver.load(Relaxed)
         ));
+        dev_pooled
+            .samples
+            .push(format!("{dev} {}", c.started_on_pool.load(Relaxed)));
         dev_refused
             .samples
             .push(format!("{dev} {}", c.refused.load(Relaxed)));
@@ -203,6 +211,7 @@ pub(crate) fn render(state: &ApiState) -> String {
         dev_requests,
         dev_errors,
         dev_answered,
+        dev_pooled,
         dev_refused,
         requests,
         bytes,

@@ -51,6 +51,7 @@ pub(crate) fn devices(state: &ApiState) -> Value {
                 "requests": c.requests.load(Relaxed),
                 "errors": c.errors.load(Relaxed),
                 "completed_without_driver": c.completed_without_driver.load(Relaxed),
+                "started_on_pool": c.started_on_pool.load(Relaxed),
                 "refused": c.refused.load(Relaxed),
                 "chain": chain,
                 "queues": queues,

@@ -235,6 +235,11 @@ impl Instance {
         self.flags & abi::F_HANDLES_DISCARD != 0
     }
 
+    /// The plugin's hooks may run concurrently for different requests.
+    pub fn concurrent(&self) -> bool {
+        self.flags & abi::F_CONCURRENT != 0
+    }
+
     /// What the plugin writes reads back only through it.
     pub fn owns_format(&self) -> bool {
         self.flags & abi::F_OWNS_FORMAT != 0

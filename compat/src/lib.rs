@@ -8,6 +8,7 @@
 //! With no enabled interceptor a request goes straight to the backend and nothing is copied.
 
 mod bounce;
+mod hook_pool;
 mod instance;
 mod io_thread;
 mod latency;
@@ -19,6 +20,7 @@ mod stack;
 
 pub use block::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
 pub use event_manager;
+pub use hook_pool::{HookJob, HookPool, MAX_HOOK_THREADS, MAX_HOOK_THREADS_SET};
 pub use instance::{CheckOutcome, Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi as abi;
 pub use interceptor_abi::{DeviceKind, Segment, ABI_VERSION, SECTOR_SIZE};

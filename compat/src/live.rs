@@ -3,8 +3,10 @@
 //! time, so an edit happens between two requests: it re-points the plugins' own I/O ("the
 //! layers below") and publishes the new stack before the next request starts. No request
 //! sees half an edit, and every hook of an instance (create and destroy included) runs on
-//! that one thread.
+//! that one thread. (A chain whose every instance declares `F_CONCURRENT` may have its
+//! requests started on the disk's hook pool, `hook_pool.rs`; edits wait for those too.)
 
+use crate::hook_pool::HookPool;
 use crate::instance::{Instance, InstanceSpec};
 use crate::io_thread::{IoThread, ThreadStart};
 use crate::loader::LoadError;
@@ -31,6 +33,8 @@ pub enum ChainError {
 pub struct LiveStack {
     chain: Arc<Chain>,
     io: IoThread,
+    /// Starts requests beside the I/O thread when every instance is `F_CONCURRENT`.
+    pool: HookPool,
 }
 
 /// What jobs on the I/O thread share with the handles other threads hold.
@@ -63,18 +67,38 @@ impl std::fmt::Debug for LiveStack {
 
 impl LiveStack {
     /// Starts `device_id`'s I/O thread (running `on_start` first there) and builds the
-    /// chain on it: every instance is created on the thread that will call its hooks.
+    /// chain on it: every instance is created on the thread that will call its hooks. Its
+    /// hook pool has [`HookPool::default_threads`].
     pub fn start(
         device_id: &str,
         backend: Arc<dyn crate::BlockBackend>,
         chain: &[InstanceSpec],
         on_start: Option<ThreadStart>,
     ) -> Result<LiveStack, BuildError> {
-        let io = IoThread::spawn(device_id, on_start).map_err(|e| BuildError {
+        let threads = HookPool::default_threads();
+        Self::start_with_pool(device_id, backend, chain, on_start, threads)
+    }
+
+    /// As [`start`](Self::start), with `hook_threads` in the disk's hook pool (0: none).
+    pub fn start_with_pool(
+        device_id: &str,
+        backend: Arc<dyn crate::BlockBackend>,
+        chain: &[InstanceSpec],
+        on_start: Option<ThreadStart>,
+        hook_threads: usize,
+    ) -> Result<LiveStack, BuildError> {
+        let io = IoThread::spawn(device_id, on_start.clone()).map_err(|e| BuildError {
             instance: None,
             error: LoadError::BadInstance {
                 plugin: String::new(),
                 message: format!("cannot start device `{device_id}`'s I/O thread: {e}"),
+            },
+        })?;
+        let pool = HookPool::spawn(device_id, hook_threads, on_start).map_err(|e| BuildError {
+            instance: None,
+            error: LoadError::BadInstance {
+                plugin: String::new(),
+                message: format!("cannot start device `{device_id}`'s hook pool: {e}"),
             },
         })?;
         let (id, specs) = (device_id.to_string(), chain.to_vec());
@@ -103,6 +127,7 @@ impl LiveStack {
                 discard,
             }),
             io,
+            pool,
         })
     }
 
@@ -165,6 +190,45 @@ impl LiveStack {
         started
     }
 
+    /// May a request start on the hook pool ([`begin_on_pool`](Self::begin_on_pool)): has
+    /// the disk one, and does every instance of the chain declare `F_CONCURRENT`?
+    pub fn concurrent(&self) -> bool {
+        self.pool.running() && self.chain.snapshot().concurrent()
+    }
+
+    /// Starts one guest request on the disk's hook pool instead of the calling (I/O)
+    /// thread: its pre hooks run there, and `done` gets what they made of it (then, on the
+    /// pool thread; it hands the result back to the I/O thread, which completes it with
+    /// [`complete`](Self::complete) or takes its status). Returns `false`, and runs
+    /// nothing, if the pool has stopped. The I/O thread must not edit the chain, reset or drain the device
+    /// while a request it handed over has not come back (its quiesce waits for it).
+    ///
+    /// # Safety
+    /// As for [`BlockStack::begin`]: the buffers stay valid until the request finishes.
+    pub unsafe fn begin_on_pool(
+        &self,
+        kind: BlockRequestKind,
+        offset: u64,
+        len: u64,
+        segments: Vec<Segment>,
+        done: impl FnOnce(Started) + Send + 'static,
+    ) -> bool {
+        let snapshot = self.chain.snapshot();
+        snapshot.counters().started_on_pool.fetch_add(1, Relaxed);
+        let segments = SendSegments(segments);
+        let job = move || {
+            let segments = segments;
+            // SAFETY: the caller's contract, passed on.
+            let started = unsafe { snapshot.begin(kind, offset, len, segments.0) };
+            // The pool never holds the last handle to a snapshot: instances are destroyed
+            // on the I/O thread only (`reap`).
+            drop(snapshot);
+            done(started);
+        };
+        // A job the pool refuses is dropped unrun: it holds only the guest's buffers.
+        self.pool.run(Box::new(job)).is_ok()
+    }
+
     /// The backend is done with `request`: its post hooks run (on the I/O thread).
     pub fn complete(&self, request: InFlight, backend: RequestStatus) -> RequestStatus {
         let status = request.finish(backend);
@@ -217,6 +281,7 @@ impl LiveStack {
             })
             .unwrap_or(RequestStatus::IoError);
         self.io.stop();
+        self.pool.stop();
         status
     }
 
@@ -439,6 +504,14 @@ impl Chain {
         }
     }
 }
+
+/// A request's buffers on their way to a pool thread.
+struct SendSegments(Vec<Segment>);
+
+// SAFETY: the pointers are guest memory or a private copy, valid until the request finishes
+// (the `begin_on_pool` contract); only the one pool thread that starts the request uses
+// them before handing the request back.
+unsafe impl Send for SendSegments {}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -193,7 +193,8 @@ fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
         | abi::F_KEEP_WHEN_DISABLED
         | abi::F_OWNS_FORMAT
         | abi::F_HANDLES_DISCARD
-        | abi::F_NET_PLAIN_FRAMES;
+        | abi::F_NET_PLAIN_FRAMES
+        | abi::F_CONCURRENT;
     if t.flags & !known != 0 {
         return Err(bad(&format!("unknown flags {:#x}", t.flags & !known)));
     }

@@ -28,6 +28,9 @@ pub struct StackCounters {
     pub errors: AtomicU64,
     /// Requests an interceptor satisfied without the backend.
     pub completed_without_driver: AtomicU64,
+    /// Requests whose pre hooks ran on the disk's hook pool (every instance of the chain
+    /// declares `F_CONCURRENT`).
+    pub started_on_pool: AtomicU64,
     /// Requests the device refused before the stack (malformed by the guest), and queues
     /// the guest broke.
     pub refused: AtomicU64,
@@ -277,6 +280,13 @@ impl BlockStack {
             }
         }
         true
+    }
+
+    /// May requests start on several threads at once: does the chain have instances, and
+    /// does every one (enabled or not: enabling one is not a chain edit and waits for
+    /// nothing) declare `F_CONCURRENT`?
+    pub fn concurrent(&self) -> bool {
+        !self.layers.is_empty() && self.layers.iter().all(|l| l.concurrent())
     }
 
     /// Does a request that starts now pass any interceptor?

@@ -105,6 +105,14 @@ extern "C" {
  * device with one in its chain negotiates no checksum or segmentation offload with the
  * guest or the tap, so every frame is at most the MTU and carries its checksums. */
 #define VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES 16u
+/* A block plugin whose hooks may run at the same time on different threads, for different
+ * requests (never two on the same 4 KiB block when either writes it: the device orders
+ * those, as ever), its own I/O through vmm_lower included. A disk whose every instance
+ * declares it runs pre on its hook pool (a few threads beside its I/O thread; post still
+ * runs on the I/O thread), so one request's work and own I/O in pre do not hold up the
+ * others of its queue. The plugin's own state then needs its own locking. Without it, calls
+ * into an instance never overlap. */
+#define VMM_INTERCEPTOR_F_CONCURRENT 32u
 
 /* Log levels for vmm_lower.log. */
 #define VMM_LOG_ERROR 1u

@@ -399,3 +399,65 @@ fn a_removed_subscriber_is_dropped_on_the_io_thread() {
     io.remove(id).unwrap();
     assert_eq!(dropped_on.lock().unwrap().as_deref(), Some("io-vdb"));
 }
+
+/// A chain goes to the hook pool only when the disk has one and every instance declares
+/// `F_CONCURRENT`; a request started there runs its pre hooks on a `hooks-` thread, comes
+/// back through `done`, and finishes as any other.
+#[test]
+fn only_a_chain_of_concurrent_instances_starts_requests_on_the_hook_pool() {
+    use super::plugins::Concurrent;
+    let conc = |key: &str| {
+        spec(
+            "c",
+            static_table!(Concurrent),
+            serde_json::json!({ "log": key }),
+        )
+    };
+    let disk = MemDisk::new(1 << 20);
+    assert!(
+        !live(&disk, &[]).concurrent(),
+        "an empty chain: nothing to run there"
+    );
+    let mixed = live(
+        &disk,
+        &[
+            conc("pool-mixed"),
+            spec("x", static_table!(Xor), serde_json::json!({})),
+        ],
+    );
+    assert!(!mixed.concurrent(), "xor does not declare it");
+    let none = LiveStack::start_with_pool("vdb", disk.clone(), &[conc("pool-none")], None, 0);
+    assert!(!none.unwrap().concurrent(), "a disk without a pool");
+
+    let stack = live(&disk, &[conc("pool-on")]);
+    assert!(stack.concurrent());
+    let mut buf = vec![0x5au8; 4096];
+    let segments = vec![Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    let (tx, rx) = std::sync::mpsc::channel();
+    // SAFETY: `buf` outlives the request, which finishes below before it is dropped.
+    let handed = unsafe {
+        stack.begin_on_pool(BlockRequestKind::Write, 8192, 4096, segments, move |s| {
+            tx.send(s).unwrap()
+        })
+    };
+    assert!(handed);
+    let started = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let status = match started {
+        Started::Backend(f) => {
+            let io = f.io();
+            // SAFETY: the request's buffer is valid (above).
+            let backend = unsafe { disk.execute(&io) };
+            stack.complete(f, backend)
+        }
+        Started::Done(s) => s,
+    };
+    assert_eq!(status, RequestStatus::Ok);
+    assert_eq!(disk.data.lock().unwrap()[8192..12288], [0x5au8; 4096]);
+    let threads = take_log("pool-on");
+    assert_eq!(threads.len(), 1);
+    assert!(threads[0].starts_with("hooks-vdb-"), "{threads:?}");
+    assert_eq!(stack.counters().started_on_pool.load(Ordering::SeqCst), 1);
+}

@@ -389,3 +389,25 @@ impl Interceptor for SelfChecking {
         Some(r)
     }
 }
+
+/// Declares `F_CONCURRENT` and passes everything through, recording each pre hook's
+/// thread (its name) in the log its config names.
+pub(super) struct Concurrent {
+    log: String,
+}
+
+impl Interceptor for Concurrent {
+    const NAME: &'static std::ffi::CStr = c"concurrent";
+    const FLAGS: u32 = abi::F_CONCURRENT;
+
+    fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
+        let log = ctx.config["log"].as_str().ok_or("no log")?.to_string();
+        Ok(Concurrent { log })
+    }
+
+    fn pre(&self, _: &mut Request<'_>, _: &mut Slot) -> Decision {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        super::log(&self.log, name);
+        Decision::Continue
+    }
+}

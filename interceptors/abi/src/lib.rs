@@ -78,6 +78,12 @@ pub const F_HANDLES_DISCARD: u32 = 8;
 /// negotiates no checksum or segmentation offload with the guest or the tap, so frames
 /// are at most the MTU and carry their checksums.
 pub const F_NET_PLAIN_FRAMES: u32 = 16;
+/// A block plugin whose hooks may run at the same time on different threads, for different
+/// requests (never two that overlap: the device orders those), its own I/O through the
+/// layers below included. A disk whose every instance declares it runs the pre hooks on a
+/// small pool of threads beside its I/O thread, so one request's sealing and own writes do
+/// not hold up the others of its queue. Without it, a plugin's hooks never overlap.
+pub const F_CONCURRENT: u32 = 32;
 
 pub const LOG_ERROR: u32 = 1;
 pub const LOG_WARN: u32 = 2;

@@ -151,7 +151,8 @@ pub trait Interceptor: Sized + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static CStr;
     /// `abi::F_MODIFIES_DATA`, `abi::F_KEEP_WHEN_DISABLED`, `abi::F_OWNS_FORMAT`,
-    /// `abi::F_HANDLES_DISCARD`, `abi::F_NET_PLAIN_FRAMES`.
+    /// `abi::F_HANDLES_DISCARD`, `abi::F_NET_PLAIN_FRAMES`, `abi::F_CONCURRENT` (hooks may
+    /// run side by side for different requests: see docs/plugins.md, "Threads").
     const FLAGS: u32 = 0;
     /// Mask of the device kinds the plugin serves: `DeviceKind::Block.mask()`,
     /// `DeviceKind::Net.mask()`, or both or'ed. A plugin is refused at load on a device of
