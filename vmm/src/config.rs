@@ -115,6 +115,10 @@ pub struct BlockConfig {
     /// queue with nothing else in flight always signals at once). At most 10,000.
     #[serde(default)]
     pub coalesce_us: u32,
+    /// Threads of the disk's hook pool, which runs the pre hooks when every instance of
+    /// the chain declares `F_CONCURRENT` (0: none, every hook on the I/O thread); unset,
+    /// the host's CPU count, at most 4. At most 64.
+    pub hook_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -424,6 +428,14 @@ impl VmConfig {
                 return Err(invalid(
                     &field("coalesce_us"),
                     format!("must be 0 to {max_coalesce} (microseconds)"),
+                ));
+            }
+            if b.hook_threads
+                .is_some_and(|n| n > compat::MAX_HOOK_THREADS_SET)
+            {
+                return Err(invalid(
+                    &field("hook_threads"),
+                    format!("must be 0 to {}", compat::MAX_HOOK_THREADS_SET),
                 ));
             }
             if b.interceptors.len() > compat::MAX_CHAIN {

@@ -141,7 +141,12 @@ pub fn open_disks(
             }
         }
         // The chain is built on the disk's I/O thread, which calls every hook from then on.
-        let stack = LiveStack::start(&b.id, backend, &chain, on_start.clone()).map_err(|e| {
+        let hook_threads = b
+            .hook_threads
+            .unwrap_or_else(compat::HookPool::default_threads);
+        let started =
+            LiveStack::start_with_pool(&b.id, backend, &chain, on_start.clone(), hook_threads);
+        let stack = started.map_err(|e| {
             let at = e
                 .instance
                 .as_deref()

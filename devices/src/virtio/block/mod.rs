@@ -61,6 +61,9 @@ pub struct Block {
     /// each queue's timer (none while the delay is zero).
     coalesce: Duration,
     timers: Vec<QueueTimer>,
+    /// Each queue's eventfd for requests back from the hook pool (`None`: not made; that
+    /// queue runs every hook on the I/O thread).
+    pool_ready: Vec<Option<Arc<EventFd>>>,
     /// What each queue is doing, for the API.
     stats: Arc<QueueStats>,
 }
@@ -89,6 +92,7 @@ impl Block {
             .take(usize::from(MAX_QUEUES))
             .map(|e| Arc::new(Mutex::new(Some(e))))
             .collect();
+        let engines_len = engines.len();
         Block {
             id: id.to_string(),
             capacity_sectors: stack.capacity() / request::SECTOR_SIZE,
@@ -101,6 +105,7 @@ impl Block {
             block_size: 512,
             coalesce: Duration::ZERO,
             timers: Vec::new(),
+            pool_ready: (0..engines_len).map(|_| worker::pool_eventfd()).collect(),
             stats: Arc::default(),
         }
     }
@@ -237,7 +242,8 @@ impl VirtioDevice for Block {
             )
             .with_discard(self.discard())
             .in_disk(order.clone(), q)
-            .with_stats(self.stats.clone());
+            .with_stats(self.stats.clone())
+            .with_hook_pool(self.pool_ready.get(q).cloned().flatten());
             let worker = match self.timers.get(q) {
                 Some(t) => worker.with_coalescing(t.clone(), self.coalesce),
                 None => worker,

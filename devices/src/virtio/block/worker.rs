@@ -6,6 +6,9 @@
 //! interceptors, requests on the same blocks are ordered (`order.rs`). A guest that breaks
 //! the queue itself (a ring index that runs ahead of the ring, a ring outside its memory)
 //! gets DEVICE_NEEDS_RESET and nothing more is served until its driver resets the device.
+//! When every instance of the chain declares `F_CONCURRENT`, a request's pre hooks run on
+//! the disk's hook pool instead (`LiveStack::begin_on_pool`): the handler hands it over,
+//! ordered as any other, and takes it back through its own channel and eventfd.
 
 use super::coalesce::{Coalescer, QueueTimer, Signal};
 use super::order::Footprint;
@@ -20,6 +23,7 @@ use compat::{
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -34,6 +38,35 @@ static BROKEN_LOG: LogLimiter = LogLimiter::with_defaults();
 const KICK: u32 = 0;
 const COMPLETION: u32 = 1;
 const COALESCE_TIMER: u32 = 2;
+const HOOKS_BACK: u32 = 3;
+
+/// Where requests started on the hook pool come back to the queue: a request's token and
+/// what its pre hooks made of it.
+struct PoolReturn {
+    tx: Sender<(usize, Started)>,
+    rx: Receiver<(usize, Started)>,
+    ready: Arc<EventFd>,
+    /// Requests handed to the pool and not back yet.
+    out: usize,
+}
+
+impl PoolReturn {
+    fn new(ready: Arc<EventFd>) -> PoolReturn {
+        let (tx, rx) = channel();
+        PoolReturn {
+            tx,
+            rx,
+            ready,
+            out: 0,
+        }
+    }
+}
+
+/// The eventfd a queue's requests come back from the hook pool on: made when the device is
+/// (a vCPU, which activates it, may not create descriptors under its seccomp filter).
+pub(super) fn pool_eventfd() -> Option<Arc<EventFd>> {
+    EventFd::new(libc::EFD_NONBLOCK).ok().map(Arc::new)
+}
 
 /// Where a queue's engine waits while the device is not active (between a reset and the
 /// next activation): the engine outlives its handler.
@@ -107,6 +140,10 @@ pub(super) struct Worker {
     coalescer: Option<Coalescer>,
     /// Where this queue's figures are published (`stats.rs`), its entry `queue_index`.
     stats: Arc<QueueStats>,
+    /// Requests on the hook pool come back here (`None`: no eventfd, the pool is not used).
+    pool: Option<PoolReturn>,
+    /// A request's footprint left the disk's order since the last `collect`.
+    released: bool,
 }
 
 fn status_byte(s: RequestStatus) -> u8 {
@@ -161,6 +198,8 @@ impl Worker {
             unsignalled: false,
             coalescer: None,
             stats: Arc::default(),
+            pool: None,
+            released: false,
         }
     }
 
@@ -208,6 +247,13 @@ impl Worker {
         delay: std::time::Duration,
     ) -> Worker {
         self.coalescer = Some(Coalescer::new(timer, delay));
+        self
+    }
+
+    /// Starts requests on the disk's hook pool when its chain may run concurrently, taking
+    /// them back on `ready`.
+    pub(super) fn with_hook_pool(mut self, ready: Option<Arc<EventFd>>) -> Worker {
+        self.pool = ready.map(PoolReturn::new);
         self
     }
 
@@ -327,7 +373,6 @@ impl Worker {
     /// Completes what the engine has finished, then starts held requests that no longer
     /// wait for anything.
     fn collect(&mut self) {
-        let mut released = false;
         while let Some((token, backend)) = self.engine_mut().next_completion() {
             let Some(p) = usize::try_from(token)
                 .ok()
@@ -340,12 +385,7 @@ impl Worker {
                 );
                 continue;
             };
-            self.free.push(token as usize);
-            if p.footprint.is_some() {
-                let (q, t) = (self.queue_index, token as usize);
-                self.order.lock().retain(|&(oq, ot, _)| (oq, ot) != (q, t));
-                released = true;
-            }
+            self.release(token as usize, p.footprint);
             let status = match p.at_engine {
                 Some(f) => self.stack.complete(f, backend),
                 None => backend,
@@ -356,12 +396,74 @@ impl Worker {
         self.engine_mut().commit();
         self.signal();
         self.publish();
-        if released && self.order.kicks.len() > 1 {
+        if std::mem::take(&mut self.released) && self.order.kicks.len() > 1 {
             // Another queue's held request may have waited for one of these.
             for (q, kick) in self.order.kicks.iter().enumerate() {
                 if q != self.queue_index {
                     let _ = kick.write(1);
                 }
+            }
+        }
+    }
+
+    /// Frees `token` and takes its request's footprint out of the disk's order.
+    fn release(&mut self, token: usize, footprint: Option<Footprint>) {
+        self.free.push(token);
+        if footprint.is_some() {
+            let q = self.queue_index;
+            self.order
+                .lock()
+                .retain(|&(oq, ot, _)| (oq, ot) != (q, token));
+            self.released = true;
+        }
+    }
+
+    /// Takes back what the hook pool has finished starting, without waiting.
+    fn pool_returned(&mut self) {
+        loop {
+            let next = match self.pool.as_ref() {
+                Some(pool) if pool.out > 0 => pool.rx.try_recv().ok(),
+                _ => None,
+            };
+            let Some((token, started)) = next else { return };
+            self.back_from_pool(token, started);
+        }
+    }
+
+    /// Waits for one request to come back from the hook pool (if any is out).
+    fn wait_for_pool(&mut self) {
+        let next = match self.pool.as_ref() {
+            Some(pool) if pool.out > 0 => pool.rx.recv().ok(),
+            _ => None,
+        };
+        if let Some((token, started)) = next {
+            self.back_from_pool(token, started);
+        }
+    }
+
+    /// A request whose pre hooks ran on the pool: answered by the chain, or to the engine.
+    fn back_from_pool(&mut self, token: usize, started: Started) {
+        if let Some(pool) = self.pool.as_mut() {
+            pool.out = pool.out.saturating_sub(1);
+        }
+        let Some(mut p) = self.slots.get_mut(token).and_then(Option::take) else {
+            tracing::error!(
+                "blk-{}: the hook pool returned unknown token {token}",
+                self.id
+            );
+            return;
+        };
+        match started {
+            Started::Done(status) => {
+                self.release(token, p.footprint);
+                self.used(p.head, &p.req, status);
+            }
+            Started::Backend(inflight) => {
+                // SAFETY: as in `start`: the buffers stay valid until the engine returns
+                // the token.
+                unsafe { self.engine_mut().submit(&inflight.io(), token as u64) };
+                p.at_engine = Some(inflight);
+                self.slots[token] = Some(p);
             }
         }
     }
@@ -396,9 +498,14 @@ impl Worker {
 
     /// See [`IoSubscriber::quiesce_step`].
     fn step(&mut self) -> bool {
+        self.pool_returned();
         self.collect();
         if self.engine_mut().in_flight() > 0 {
             self.engine_mut().wait();
+            self.collect();
+        } else if self.pool.as_ref().is_some_and(|p| p.out > 0) {
+            self.wait_for_pool();
+            self.pool_returned();
             self.collect();
         }
         self.in_flight() == 0 && self.held.is_empty()
@@ -509,6 +616,9 @@ impl Worker {
     /// Runs the pre hooks and hands the request to the engine (or completes it, when the
     /// chain answered it).
     fn start(&mut self, mut p: Pending) {
+        if self.goes_to_pool(&p) {
+            return self.hand_to_pool(p);
+        }
         let Some(segments) = self.segments(&p.req) else {
             return self.used(p.head, &p.req, RequestStatus::IoError);
         };
@@ -540,6 +650,49 @@ impl Worker {
             self.order.lock().push((self.queue_index, token, fp));
         }
         p.at_engine = Some(inflight);
+        self.slots[token] = Some(p);
+    }
+
+    /// Do `p`'s pre hooks run on the disk's hook pool? When its chain may run concurrently
+    /// and it is ordered against the others (a request with no footprint started while
+    /// nothing intercepted: it must not meet an instance enabled since, on another thread).
+    fn goes_to_pool(&self, p: &Pending) -> bool {
+        p.footprint.is_some()
+            && self.pool.is_some()
+            && !self.free.is_empty()
+            && self.stack.concurrent()
+    }
+
+    /// Hands `p` to the hook pool; it comes back through `pool_returned`.
+    fn hand_to_pool(&mut self, mut p: Pending) {
+        let Some(segments) = self.segments(&p.req) else {
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        };
+        let (Some(fp), Some(token)) = (p.footprint, self.free.pop()) else {
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        };
+        let Some(pool) = self.pool.as_mut() else {
+            self.free.push(token);
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        };
+        let (tx, ready) = (pool.tx.clone(), pool.ready.clone());
+        let done = move |started: Started| {
+            // The queue waits for every request it handed over (`step`, `drop`), so the
+            // receiver is there; the eventfd wakes its handler.
+            let _ = tx.send((token, started));
+            let _ = ready.write(1);
+        };
+        let (kind, offset, len) = (p.req.kind, p.req.offset, p.req.io_len);
+        // SAFETY: as in `start`; the request finishes before the handler goes (`step` and
+        // `drop` wait for what the pool holds).
+        if !unsafe { self.stack.begin_on_pool(kind, offset, len, segments, done) } {
+            // The pool stopped (the disk is closing): nothing more starts through it.
+            self.free.push(token);
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        }
+        pool.out += 1;
+        self.order.lock().push((self.queue_index, token, fp));
+        p.at_engine = None;
         self.slots[token] = Some(p);
     }
 
@@ -577,12 +730,22 @@ impl MutEventSubscriber for Worker {
                 let timer = Events::with_data_raw(c.raw_fd(), COALESCE_TIMER, EventSet::IN);
                 let _ = ops.remove(timer);
             }
+            if let Some(pool) = &self.pool {
+                let _ = ops.remove(Events::with_data(&*pool.ready, HOOKS_BACK, EventSet::IN));
+            }
             // What is used but unsignalled must still reach the guest.
             self.signal_now();
             return;
         }
         if which == COALESCE_TIMER {
             self.coalescing_timer_fired();
+        } else if which == HOOKS_BACK {
+            if let Some(pool) = &self.pool {
+                let _ = pool.ready.read();
+            }
+            self.pool_returned();
+            self.engine_mut().commit();
+            self.collect();
         } else if which == COMPLETION {
             // Reading the count resets it; a failed read (nothing pending) is harmless.
             let _ = self.engine_mut().notifier().read();
@@ -614,6 +777,14 @@ impl MutEventSubscriber for Worker {
                 self.coalescer = None;
             }
         }
+        if let Some(pool) = &self.pool {
+            let back = Events::with_data(&*pool.ready, HOOKS_BACK, EventSet::IN);
+            if let Err(e) = ops.add(back) {
+                // Without it the queue starts every request itself.
+                tracing::error!("blk-{}: cannot watch the hook pool's eventfd: {e}", self.id);
+                self.pool = None;
+            }
+        }
     }
 }
 
@@ -631,7 +802,10 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // The kernel may still be writing into guest memory for a request in flight. (The
         // I/O thread quiesced before this handler left it; held requests, if any, never
-        // started and hold nothing.)
+        // started and hold nothing.) What the hook pool holds comes back first.
+        while self.pool.as_ref().is_some_and(|p| p.out > 0) {
+            self.wait_for_pool();
+        }
         while self.engine.is_some() && self.engine_mut().in_flight() > 0 {
             self.engine_mut().wait();
             self.collect();

@@ -53,6 +53,7 @@ impl Rig {
             Box::new(block::SyncEngine::new(self.stack.backend()).unwrap()),
             Arc::default(),
         )
+        .with_hook_pool(pool_eventfd())
     }
 }
 
@@ -611,3 +612,5 @@ fn a_queues_figures_show_what_it_holds_and_what_it_has_answered() {
     assert_eq!(figure("guest_avail_idx"), Some(3));
     assert_eq!(figure("used_idx"), Some(3));
 }
+
+mod pool;
