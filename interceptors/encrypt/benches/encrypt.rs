@@ -44,7 +44,7 @@ impl BlockBackend for MemDisk {
 }
 
 fn cipher(c: &mut Criterion) {
-    let mut sealer = Sealer::new(&[7u8; 32], [1; 16], [2; 16]);
+    let sealer = Sealer::new(&[7u8; 32], [1; 16], [2; 16]);
     for size in [4096usize, 65536] {
         let mut g = c.benchmark_group(format!("cipher_{}k", size / 1024));
         g.throughput(Throughput::Bytes(size as u64));

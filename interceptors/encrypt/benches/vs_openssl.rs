@@ -37,7 +37,7 @@ fn openssl(size: usize, decrypt: bool) -> Result<f64, String> {
 }
 
 /// The plugin's bytes per second sealing (or opening) `size` bytes as 4 KiB blocks.
-fn plugin(sealer: &mut Sealer, size: usize, decrypt: bool) -> f64 {
+fn plugin(sealer: &Sealer, size: usize, decrypt: bool) -> f64 {
     let mut buf = vec![0x5au8; size];
     let versions: Vec<_> = buf
         .chunks_mut(4096)
@@ -78,7 +78,7 @@ fn main() {
         .find_map(|a| a.parse::<usize>().ok())
         .unwrap_or(7)
         .max(1);
-    let mut sealer = Sealer::new(&[7u8; 32], [1; 16], [2; 16]);
+    let sealer = Sealer::new(&[7u8; 32], [1; 16], [2; 16]);
     for size in [4096usize, 65536] {
         for decrypt in [false, true] {
             let what = if decrypt { "decrypt" } else { "encrypt" };
@@ -101,7 +101,7 @@ fn main() {
                         return;
                     }
                 };
-                let ours = plugin(&mut sealer, size, decrypt);
+                let ours = plugin(&sealer, size, decrypt);
                 println!(
                     "{:>2} KiB {what} round {round}: openssl {:.2} GiB/s (4 KiB messages {:.2}), plugin {:.2} GiB/s, {:.0}% ({:.0}%)",
                     size / 1024,

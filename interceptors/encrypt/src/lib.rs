@@ -14,6 +14,7 @@ mod layout;
 mod node;
 pub mod seal;
 mod tree;
+mod write;
 
 pub use node::Mode;
 
@@ -26,7 +27,7 @@ use layout::{has_magic, Geometry, Header, HeaderKeys, BLOCK, HEADER_BYTES};
 use node::{Current, Entry, Fallback, Version, LEAF_ENTRIES};
 use seal::Sealer;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use tree::Tree;
 
 /// Leaves changed since the last commit that make the plugin commit on its own: bounds the
@@ -95,7 +96,11 @@ fn default_cache_mib() -> u64 {
 
 struct State {
     tree: Tree,
-    sealer: Sealer,
+    /// Writes between choosing their blocks' slots and recording their entries
+    /// (`write.rs`): a commit waits for them.
+    writing: usize,
+    /// A commit waits for `writing` to reach 0: no write chooses a slot meanwhile.
+    committing: bool,
 }
 
 #[derive(Default)]
@@ -115,6 +120,10 @@ pub struct Encrypt {
     geo: Geometry,
     header_key: [u8; 32],
     state: Mutex<State>,
+    /// Signalled when `writing` falls or a commit ends.
+    idle: Condvar,
+    /// This open's cipher and nonces, and earlier opens' ciphers: used outside the lock.
+    sealer: Sealer,
     stats: Stats,
 }
 
@@ -204,7 +213,13 @@ impl Encrypt {
             lower,
             geo,
             header_key,
-            state: Mutex::new(State { tree, sealer }),
+            sealer,
+            state: Mutex::new(State {
+                tree,
+                writing: 0,
+                committing: false,
+            }),
+            idle: Condvar::new(),
             stats: Stats::default(),
         })
     }
@@ -234,12 +249,12 @@ impl Encrypt {
     }
 
     /// Reads and opens one stored version; `None` if it does not authenticate.
-    fn try_version(&self, sealer: &mut Sealer, block: u64, v: &Version) -> Res<Option<Vec<u8>>> {
+    fn try_version(&self, block: u64, v: &Version) -> Res<Option<Vec<u8>>> {
         let mut data = vec![0u8; BLOCK as usize];
         self.lower
             .read(self.geo.slot_offset(block, v.slot), &mut data)
             .map_err(io)?;
-        Ok(sealer.open(block, v, &mut data).then_some(data))
+        Ok(self.sealer.open(block, v, &mut data).then_some(data))
     }
 
     /// `block`'s entry. A leaf adopted from a crash's leftovers is resolved first: an entry
@@ -249,8 +264,7 @@ impl Encrypt {
     /// crashes again before the next commit, and the commit that takes the leaf in never
     /// commits a version that is not there.
     fn entry(&self, st: &mut State, block: u64) -> Res<Entry> {
-        let State { tree, sealer } = st;
-        let (node, k) = tree.leaf(&self.lower, block)?;
+        let (node, k) = st.tree.leaf(&self.lower, block)?;
         if node.adopted {
             node.adopted = false;
             let first = block - k as u64;
@@ -260,7 +274,7 @@ impl Encrypt {
                         continue;
                     };
                     let b = first + j as u64;
-                    if b < self.geo.n && self.try_version(sealer, b, &cur)?.is_none() {
+                    if b < self.geo.n && self.try_version(b, &cur)?.is_none() {
                         self.stats.fallbacks.fetch_add(1, Relaxed);
                         e.cur = match prev {
                             Fallback::Zeros => Current::Never,
@@ -274,6 +288,24 @@ impl Encrypt {
         Ok(node.entries()[k])
     }
 
+    /// The plaintext of `block`: its entry looked up under the state lock, its newest
+    /// version read and opened without it (hooks may run side by side, and no write to
+    /// the block runs with this read: the device orders them). Anything else (a block
+    /// never written, a version that fails its tag, damaged metadata) under the lock.
+    fn read_block_unlocked(&self, block: u64) -> Res<Vec<u8>> {
+        let entry = {
+            let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
+            self.entry(&mut st, block)?
+        };
+        if let Current::Stored(v) = entry.cur {
+            if let Some(data) = self.try_version(block, &v)? {
+                return Ok(data);
+            }
+        }
+        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
+        self.read_block(&mut st, block)
+    }
+
     /// The plaintext of `block`, or `Err` (an I/O error for the guest).
     fn read_block(&self, st: &mut State, block: u64) -> Res<Vec<u8>> {
         let entry = self.entry(st, block)?;
@@ -285,7 +317,7 @@ impl Encrypt {
             }
             Current::Stored(v) => v,
         };
-        if let Some(data) = self.try_version(&mut st.sealer, block, &cur)? {
+        if let Some(data) = self.try_version(block, &cur)? {
             return Ok(data);
         }
         // The newest version did not fully reach the disk (a crash): the committed one.
@@ -295,7 +327,7 @@ impl Encrypt {
                 return Ok(vec![0u8; BLOCK as usize]);
             }
             Some(Fallback::Version(prev)) => {
-                if let Some(data) = self.try_version(&mut st.sealer, block, &prev)? {
+                if let Some(data) = self.try_version(block, &prev)? {
                     self.stats.fallbacks.fetch_add(1, Relaxed);
                     return Ok(data);
                 }
@@ -306,117 +338,22 @@ impl Encrypt {
         Err(format!("block {block}: data fails authentication"))
     }
 
-    /// Stores a whole block's data in the slot its committed version is not in and updates
-    /// its entry in memory; the caller writes the leaf.
-    fn write_block(&self, st: &mut State, block: u64, mut data: Vec<u8>, clear: bool) -> Res<()> {
-        let entry = self.entry(st, block)?;
-        // What the last commit made durable: kept as the fallback until the next one.
-        let durable = match (entry.prev, entry.cur) {
-            (Some(f), _) => Some(f),
-            (None, Current::Never) => Some(Fallback::Zeros),
-            (None, Current::Stored(v)) => Some(Fallback::Version(v)),
-            (None, Current::Unreadable) => None,
-        };
-        let slot = match durable {
-            Some(Fallback::Version(v)) => 1 - v.slot,
-            _ => 0,
-        };
-        let mode = if clear { Mode::Clear } else { Mode::Encrypted };
-        let version = st.sealer.seal(block, mode, slot, &mut data)?;
-        self.lower
-            .write(self.geo.slot_offset(block, slot), &data)
-            .map_err(io)?;
-        st.tree.set_entry(
-            &self.lower,
-            block,
-            Entry {
-                cur: Current::Stored(version),
-                prev: durable,
-            },
-        )?;
-        let counter = if clear {
-            &self.stats.blocks_clear
-        } else {
-            &self.stats.blocks_encrypted
-        };
-        counter.fetch_add(1, Relaxed);
-        Ok(())
-    }
-
     fn read(&self, req: &mut Request<'_>) -> Res<()> {
-        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
         for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let data = self.read_block(&mut st, p.block)?;
+            let data = self.read_block_unlocked(p.block)?;
             req.write_data(p.at, &data[p.range()])
                 .map_err(|e| format!("{e:?}"))?;
         }
         Ok(())
-    }
-
-    fn write(&self, req: &mut Request<'_>) -> Res<()> {
-        let clear = req.disabled();
-        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
-        st.tree.writable()?;
-        // Each leaf is written once per request, after the data of its blocks (any order of
-        // the two is crash-safe: docs/encryption.md), also when a block fails.
-        let mut pending: Option<u64> = None;
-        let mut result = Ok(());
-        for p in block_pieces(req.offset(), req.len(), BLOCK) {
-            let leaf = p.block / LEAF_ENTRIES as u64;
-            if let Some(done) = pending.filter(|&l| l != leaf) {
-                pending = None;
-                result = st.tree.store_leaf(&self.lower, done * LEAF_ENTRIES as u64);
-                if result.is_err() {
-                    break;
-                }
-            }
-            result = self.write_piece(req, &mut st, p, clear);
-            if result.is_err() {
-                break;
-            }
-            pending = Some(leaf);
-        }
-        if let Some(last) = pending {
-            let stored = st.tree.store_leaf(&self.lower, last * LEAF_ENTRIES as u64);
-            result = result.and(stored);
-        }
-        if result.is_ok() && st.tree.dirty_leaves() >= MAX_DIRTY_LEAVES {
-            result = st.tree.commit(&self.lower, &self.header_key);
-        }
-        result
-    }
-
-    /// One block of a write: the block's new plaintext (read-modify-write for a part of
-    /// it), sealed and stored.
-    fn write_piece(
-        &self,
-        req: &Request<'_>,
-        st: &mut State,
-        p: BlockPiece,
-        clear: bool,
-    ) -> Res<()> {
-        let mut data = if p.is_whole(BLOCK) {
-            vec![0u8; BLOCK as usize]
-        } else {
-            self.stats.read_modify_writes.fetch_add(1, Relaxed);
-            self.read_block(st, p.block)?
-        };
-        req.read_data(p.at, &mut data[p.range()])
-            .map_err(|e| format!("{e:?}"))?;
-        self.write_block(st, p.block, data, clear)
-    }
-
-    fn flush(&self) -> Res<()> {
-        let mut st = self.state.lock().map_err(|_| "state lock poisoned")?;
-        st.tree.commit(&self.lower, &self.header_key)
     }
 }
 
 impl Interceptor for Encrypt {
     const NAME: &'static std::ffi::CStr = c"encrypt";
     // Its layout is its own: it stays in the path while disabled (writing new blocks in the
-    // clear) and does all its I/O itself, so it never needs the shim's bounce buffers.
-    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT;
+    // clear) and does all its I/O itself, so it never needs the shim's bounce buffers. Its
+    // hooks may run side by side: `write.rs` says how its state stays consistent.
+    const FLAGS: u32 = abi::F_KEEP_WHEN_DISABLED | abi::F_OWNS_FORMAT | abi::F_CONCURRENT;
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;

@@ -12,6 +12,8 @@
 use crate::node::{Mode, Version};
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// BLAKE3 key-derivation contexts, one per use of the disk key.
 const CTX_HEADER: &str = "vmm encrypt interceptor v2 2026-12 header MAC";
@@ -109,15 +111,17 @@ fn open_with(cipher: &Aes256Gcm, block: u64, v: &Version, data: &mut [u8]) -> bo
 }
 
 /// The ciphers of one disk: this open's, which seals, and those of earlier opens, which
-/// open the blocks they wrote (derived on demand, the most recent few kept).
+/// open the blocks they wrote (derived on demand, the most recent few kept). Shared by
+/// hooks that run side by side: the nonce counter is atomic, the earlier ciphers behind a
+/// lock held only to look one up.
 pub struct Sealer {
     key: [u8; 32],
     disk_id: [u8; 16],
     open_id: [u8; 16],
     cipher: Aes256Gcm,
     /// Writes sealed in this open: the next nonce.
-    counter: u64,
-    earlier: lru::LruCache<[u8; 16], Aes256Gcm>,
+    counter: AtomicU64,
+    earlier: Mutex<lru::LruCache<[u8; 16], Aes256Gcm>>,
 }
 
 impl Sealer {
@@ -129,8 +133,8 @@ impl Sealer {
             disk_id,
             open_id,
             cipher,
-            counter: 0,
-            earlier: lru::LruCache::new(NonZeroUsize::MIN.saturating_add(15)),
+            counter: AtomicU64::new(0),
+            earlier: Mutex::new(lru::LruCache::new(NonZeroUsize::MIN.saturating_add(15))),
         }
     }
 
@@ -140,16 +144,34 @@ impl Sealer {
 
     /// Seals `data` (a whole block) in place for `slot` of `block`; returns its version.
     pub fn seal(
-        &mut self,
+        &self,
         block: u64,
         mode: Mode,
         slot: u8,
         data: &mut [u8],
     ) -> Result<Version, String> {
-        let counter = self.counter;
-        self.counter = counter
-            .checked_add(1)
-            .ok_or("this open has used all its nonces; reopen the disk")?;
+        let counter = self.reserve()?;
+        self.seal_at(counter, block, mode, slot, data)
+    }
+
+    /// Hands out the next nonce of this open, each once (to [`seal_at`](Self::seal_at), or
+    /// skipped); never one that wrapped around.
+    pub fn reserve(&self) -> Result<u64, String> {
+        self.counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_add(1))
+            .map_err(|_| "this open has used all its nonces; reopen the disk".to_string())
+    }
+
+    /// Seals `data` (a whole block) in place for `slot` of `block` with the nonce
+    /// `counter`, which [`reserve`](Self::reserve) handed out.
+    pub fn seal_at(
+        &self,
+        counter: u64,
+        block: u64,
+        mode: Mode,
+        slot: u8,
+        data: &mut [u8],
+    ) -> Result<Version, String> {
         let tag =
             seal_with(&self.cipher, counter, block, mode, slot, data).ok_or("sealing failed")?;
         Ok(Version {
@@ -162,15 +184,22 @@ impl Sealer {
     }
 
     /// Opens `data` (a whole block as stored in `v.slot`) in place; false if it fails its tag.
-    pub fn open(&mut self, block: u64, v: &Version, data: &mut [u8]) -> bool {
+    pub fn open(&self, block: u64, v: &Version, data: &mut [u8]) -> bool {
         if v.open_id == self.open_id {
             return open_with(&self.cipher, block, v, data);
         }
-        let (key, disk) = (&self.key, &self.disk_id);
-        let cipher = self.earlier.get_or_insert(v.open_id, || {
-            Aes256Gcm::new(&data_key(key, disk, &v.open_id).into())
-        });
-        open_with(cipher, block, v, data)
+        // A copy of the earlier open's cipher (its round keys), so that no lock is held
+        // while the block is opened.
+        let cipher = {
+            let mut earlier = self.earlier.lock().unwrap_or_else(|p| p.into_inner());
+            let (key, disk) = (&self.key, &self.disk_id);
+            earlier
+                .get_or_insert(v.open_id, || {
+                    Aes256Gcm::new(&data_key(key, disk, &v.open_id).into())
+                })
+                .clone()
+        };
+        open_with(&cipher, block, v, data)
     }
 }
 
@@ -186,7 +215,7 @@ mod tests {
 
     #[test]
     fn sealed_blocks_open_only_where_they_were_written() {
-        let mut s = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
+        let s = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
         for mode in [Mode::Encrypted, Mode::Clear] {
             let plain = vec![0x42u8; 4096];
             let mut data = plain.clone();
@@ -202,23 +231,45 @@ mod tests {
             flipped[100] ^= 4;
             assert!(!s.open(10, &v, &mut flipped), "a flipped bit");
             // Another disk under the same key cannot open it.
-            let mut elsewhere = Sealer::new(&[3u8; 32], [9; 16], [2; 16]);
+            let elsewhere = Sealer::new(&[3u8; 32], [9; 16], [2; 16]);
             assert!(!elsewhere.open(10, &v, &mut data.clone()), "another disk");
         }
     }
 
     #[test]
     fn a_later_open_reads_what_an_earlier_one_wrote_under_its_own_key() {
-        let mut first = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
+        let first = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
         let mut data = vec![7u8; 4096];
         let v = first.seal(5, Mode::Encrypted, 0, &mut data).unwrap();
-        let mut second = Sealer::new(&[3u8; 32], [1; 16], [4; 16]);
+        let second = Sealer::new(&[3u8; 32], [1; 16], [4; 16]);
         let mut same = vec![7u8; 4096];
         let w = second.seal(5, Mode::Encrypted, 0, &mut same).unwrap();
         assert_eq!(v.counter, w.counter, "both opens start their counters at 0");
         assert_ne!(data, same, "but under different keys: no keystream repeats");
         assert!(second.open(5, &v, &mut data));
         assert_eq!(data, vec![7u8; 4096]);
+    }
+
+    /// Threads sealing at once never get the same nonce, and an open whose counter is
+    /// spent refuses to seal rather than wrap around.
+    #[test]
+    fn nonces_are_unique_across_threads_and_never_wrap() {
+        let s = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
+        let mut all: Vec<u64> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| sc.spawn(|| (0..1000).map(|_| s.reserve().unwrap()).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4000);
+        let spent = Sealer::new(&[3u8; 32], [1; 16], [2; 16]);
+        spent.counter.store(u64::MAX, Ordering::Relaxed);
+        let e = spent
+            .seal(0, Mode::Encrypted, 0, &mut [0u8; 4096])
+            .unwrap_err();
+        assert!(e.contains("used all its nonces"), "{e}");
     }
 
     #[test]

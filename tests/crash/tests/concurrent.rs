@@ -4,7 +4,8 @@
 //! checked against what the guest may see (linearizable: the value of a write that was not
 //! superseded before the read was posted, and posted before it completed), every request
 //! must succeed, and after the chain is closed and reopened every sector reads back as the
-//! last read through the queues saw it. (cache over encrypt runs on both engines.) A disk
+//! last read through the queues saw it. (cache over encrypt, and encrypt alone, whose
+//! hooks run on the disk's hook pool, run on both engines.) A disk
 //! without interceptors promises no such thing, like a real disk: overlapping writes in
 //! flight together may land mixed within a sector, so it is not checked here.
 
@@ -416,6 +417,17 @@ fn hammer(
             std::thread::sleep(Duration::from_micros(200));
         }
     }
+    // A chain whose every instance declares F_CONCURRENT started its requests on the
+    // disk's hook pool; any other chain on the I/O thread.
+    let pooled = stack
+        .counters()
+        .started_on_pool
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        pooled > 0,
+        stack.concurrent(),
+        "{name}: {pooled} requests started on the hook pool"
+    );
     // Every read saw a value it may see.
     let mut violations = Vec::new();
     for (i, data) in &reads {
@@ -541,6 +553,19 @@ fn two_queues_hammering_overlapping_blocks_through_cache_over_encrypt() {
         EngineChoice::IoUring,
     );
     hammer("cache-enc-sync", layers, 4 << 20, 0, 17, EngineChoice::Sync);
+}
+
+/// Encrypt declares F_CONCURRENT: its hooks run on the disk's hook pool, side by side.
+#[test]
+fn two_queues_hammering_overlapping_blocks_through_encrypt_on_the_hook_pool() {
+    let p = plugins().expect("building the plugins");
+    let layers = vec![(
+        "enc",
+        p.encrypt.clone(),
+        serde_json::json!({ "key_file": key_file() }),
+    )];
+    hammer("enc", layers.clone(), 4 << 20, 0, 11, EngineChoice::IoUring);
+    hammer("enc-sync", layers, 4 << 20, 0, 21, EngineChoice::Sync);
 }
 
 #[test]
