@@ -7,6 +7,7 @@
 
 mod fio;
 mod ours;
+mod pool;
 mod rng;
 mod sys;
 

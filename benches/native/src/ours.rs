@@ -5,6 +5,8 @@
 //! Replacements are started as completions come in, so `depth` requests stay in flight
 //! until the runtime is over. A request a pre hook answers itself (encryption does all its
 //! I/O there) is done when `begin` returns, as in the device, and the next one starts.
+//! A chain whose every instance declares `F_CONCURRENT` runs its pre hooks on the disk's
+//! hook pool instead (`pool.rs`).
 
 use crate::rng::XorShift;
 use crate::sys::{cpu_time, Who};
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 const CLOCK_EVERY: u32 = 8;
 
 /// One 4 KiB, page-aligned buffer per slot (what guest memory would be).
-struct Buffers {
+pub(crate) struct Buffers {
     base: *mut u8,
     layout: Layout,
 }
@@ -30,7 +32,7 @@ struct Buffers {
 impl Buffers {
     /// `slots` buffers of `len` bytes each, filled with pseudo-random bytes (so a
     /// transform sees data that neither compresses nor repeats within a block).
-    fn new(slots: usize, len: usize, seed: u64) -> Result<Buffers, String> {
+    pub(crate) fn new(slots: usize, len: usize, seed: u64) -> Result<Buffers, String> {
         let size = slots.checked_mul(len).filter(|&n| n > 0);
         let layout = size
             .and_then(|n| Layout::from_size_align(n, 4096).ok())
@@ -50,7 +52,7 @@ impl Buffers {
         Ok(Buffers { base, layout })
     }
 
-    fn slot(&self, i: usize, len: usize) -> Segment {
+    pub(crate) fn slot(&self, i: usize, len: usize) -> Segment {
         Segment {
             // SAFETY: `i` is below the slot count the buffers were made for, each `len` long.
             base: unsafe { self.base.add(i * len) },
@@ -249,6 +251,36 @@ pub fn run(
     let (cpu0, thread0) = (cpu_time(Who::Process), cpu_time(Who::Thread));
     let t0 = Instant::now();
     let deadline = t0 + runtime;
+    if stack.concurrent() {
+        // Every instance may run concurrently: the pre hooks run on the disk's hook pool,
+        // as in the device.
+        let bufs = Buffers::new(depth, BS as usize, seed)?;
+        let counts = crate::pool::run(
+            &stack,
+            engine.as_mut(),
+            &bufs,
+            kind,
+            blocks,
+            depth,
+            deadline,
+            seed,
+        );
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_time(Who::Process) - cpu0).as_secs_f64();
+        let thread = (cpu_time(Who::Thread) - thread0).as_secs_f64();
+        drop(bufs);
+        close(&stack)?;
+        let c = counts?;
+        if c.errors > 0 {
+            return Err(format!("{} of {} requests failed", c.errors, c.done));
+        }
+        return Ok(Outcome {
+            iops: c.done as f64 / secs,
+            cpu_us_per_req: per_request(cpu, c.done),
+            thread_us_per_req: per_request(thread, c.done),
+            engine: name,
+        });
+    }
     let mut q = Queue {
         stack: &stack,
         engine: engine.as_mut(),
