@@ -116,8 +116,8 @@ pub struct BlockConfig {
     #[serde(default)]
     pub coalesce_us: u32,
     /// Threads of the disk's hook pool, which runs the pre hooks when every instance of
-    /// the chain declares `F_CONCURRENT` (0: none, every hook on the I/O thread); unset,
-    /// the host's CPU count, at most 4. At most 64.
+    /// the chain declares `F_CONCURRENT` (0, the default: none, every hook on the I/O
+    /// thread; measured not to pay yet: docs/architecture.md). At most 64.
     pub hook_threads: Option<usize>,
 }
 

@@ -141,9 +141,8 @@ pub fn open_disks(
             }
         }
         // The chain is built on the disk's I/O thread, which calls every hook from then on.
-        let hook_threads = b
-            .hook_threads
-            .unwrap_or_else(compat::HookPool::default_threads);
+        // Off unless asked for (docs/architecture.md, "Queues, engines and threads").
+        let hook_threads = b.hook_threads.unwrap_or(0);
         let started =
             LiveStack::start_with_pool(&b.id, backend, &chain, on_start.clone(), hook_threads);
         let stack = started.map_err(|e| {

@@ -124,6 +124,11 @@ fn each_invalid_value_names_its_field() {
             "path = \"disk2.img\"\ncoalesce_us = 10001",
             "block[1].coalesce_us",
         ),
+        (
+            "path = \"disk2.img\"",
+            "path = \"disk2.img\"\nhook_threads = 65",
+            "block[1].hook_threads",
+        ),
         ("id = \"data\"", "id = \"a,b\"", "block[1].id"),
         (
             "cmdline = \"console=ttyS0\"",
