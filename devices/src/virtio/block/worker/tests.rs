@@ -395,13 +395,22 @@ impl interceptor_sdk::Interceptor for Overlap {
 
 /// A rig whose disk has one `Overlap` instance counting in `pair`.
 fn overlap_rig(tag: &str, pair: usize) -> Rig {
+    let table = interceptor_sdk::static_table!(Overlap);
+    rig_with(tag, "overlap", table, format!("{{\"pair\": {pair}}}"))
+}
+
+/// A rig whose disk has one instance `id` of the plugin `table`, configured by `config`.
+fn rig_with(
+    tag: &str,
+    id: &str,
+    table: &'static compat::abi::InterceptorTable,
+    config: String,
+) -> Rig {
     let mut r = rig(tag);
-    let plugin =
-        compat::Plugin::from_static("overlap", interceptor_sdk::static_table!(Overlap)).unwrap();
     let spec = compat::InstanceSpec {
-        id: "overlap".into(),
-        plugin,
-        config_json: format!("{{\"pair\": {pair}}}"),
+        id: id.into(),
+        plugin: compat::Plugin::from_static(id, table).unwrap(),
+        config_json: config,
         enabled: true,
     };
     let f = std::fs::OpenOptions::new()

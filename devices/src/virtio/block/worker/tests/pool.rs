@@ -84,24 +84,9 @@ impl interceptor_sdk::Interceptor for Rendezvous {
 }
 
 fn pool_rig(tag: &str, pair: usize, gate: bool) -> Rig {
-    let mut r = rig(tag);
-    let plugin =
-        compat::Plugin::from_static("rendezvous", interceptor_sdk::static_table!(Rendezvous))
-            .unwrap();
-    let spec = compat::InstanceSpec {
-        id: "rendezvous".into(),
-        plugin,
-        config_json: format!("{{\"pair\": {pair}, \"gate\": {gate}}}"),
-        enabled: true,
-    };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&r.file)
-        .unwrap();
-    let backend = Arc::new(RawFile::new(f, false, "vdt").unwrap());
-    r.stack = Arc::new(LiveStack::start("vdt", backend, &[spec], None).unwrap());
-    r
+    let table = interceptor_sdk::static_table!(Rendezvous);
+    let config = format!("{{\"pair\": {pair}, \"gate\": {gate}}}");
+    rig_with(tag, "rendezvous", table, config)
 }
 
 /// Two writes to different blocks are inside the plugin's `pre` at once, on the pool's
