@@ -40,33 +40,8 @@ const COMPLETION: u32 = 1;
 const COALESCE_TIMER: u32 = 2;
 const HOOKS_BACK: u32 = 3;
 
-/// Where requests started on the hook pool come back to the queue: a request's token and
-/// what its pre hooks made of it.
-struct PoolReturn {
-    tx: Sender<(usize, Started)>,
-    rx: Receiver<(usize, Started)>,
-    ready: Arc<EventFd>,
-    /// Requests handed to the pool and not back yet.
-    out: usize,
-}
-
-impl PoolReturn {
-    fn new(ready: Arc<EventFd>) -> PoolReturn {
-        let (tx, rx) = channel();
-        PoolReturn {
-            tx,
-            rx,
-            ready,
-            out: 0,
-        }
-    }
-}
-
-/// The eventfd a queue's requests come back from the hook pool on: made when the device is
-/// (a vCPU, which activates it, may not create descriptors under its seccomp filter).
-pub(super) fn pool_eventfd() -> Option<Arc<EventFd>> {
-    EventFd::new(libc::EFD_NONBLOCK).ok().map(Arc::new)
-}
+pub(in crate::virtio::block) use pool::pool_eventfd;
+use pool::PoolReturn;
 
 /// Where a queue's engine waits while the device is not active (between a reset and the
 /// next activation): the engine outlives its handler.
@@ -250,13 +225,6 @@ impl Worker {
         self
     }
 
-    /// Starts requests on the disk's hook pool when its chain may run concurrently, taking
-    /// them back on `ready`.
-    pub(super) fn with_hook_pool(mut self, ready: Option<Arc<EventFd>>) -> Worker {
-        self.pool = ready.map(PoolReturn::new);
-        self
-    }
-
     /// Serves discard and write-zeroes (the device offered them).
     pub(super) fn with_discard(mut self, discard: bool) -> Worker {
         self.discard = discard;
@@ -415,56 +383,6 @@ impl Worker {
                 .lock()
                 .retain(|&(oq, ot, _)| (oq, ot) != (q, token));
             self.released = true;
-        }
-    }
-
-    /// Takes back what the hook pool has finished starting, without waiting.
-    fn pool_returned(&mut self) {
-        loop {
-            let next = match self.pool.as_ref() {
-                Some(pool) if pool.out > 0 => pool.rx.try_recv().ok(),
-                _ => None,
-            };
-            let Some((token, started)) = next else { return };
-            self.back_from_pool(token, started);
-        }
-    }
-
-    /// Waits for one request to come back from the hook pool (if any is out).
-    fn wait_for_pool(&mut self) {
-        let next = match self.pool.as_ref() {
-            Some(pool) if pool.out > 0 => pool.rx.recv().ok(),
-            _ => None,
-        };
-        if let Some((token, started)) = next {
-            self.back_from_pool(token, started);
-        }
-    }
-
-    /// A request whose pre hooks ran on the pool: answered by the chain, or to the engine.
-    fn back_from_pool(&mut self, token: usize, started: Started) {
-        if let Some(pool) = self.pool.as_mut() {
-            pool.out = pool.out.saturating_sub(1);
-        }
-        let Some(mut p) = self.slots.get_mut(token).and_then(Option::take) else {
-            tracing::error!(
-                "blk-{}: the hook pool returned unknown token {token}",
-                self.id
-            );
-            return;
-        };
-        match started {
-            Started::Done(status) => {
-                self.release(token, p.footprint);
-                self.used(p.head, &p.req, status);
-            }
-            Started::Backend(inflight) => {
-                // SAFETY: as in `start`: the buffers stay valid until the engine returns
-                // the token.
-                unsafe { self.engine_mut().submit(&inflight.io(), token as u64) };
-                p.at_engine = Some(inflight);
-                self.slots[token] = Some(p);
-            }
         }
     }
 
@@ -653,49 +571,6 @@ impl Worker {
         self.slots[token] = Some(p);
     }
 
-    /// Do `p`'s pre hooks run on the disk's hook pool? When its chain may run concurrently
-    /// and it is ordered against the others (a request with no footprint started while
-    /// nothing intercepted: it must not meet an instance enabled since, on another thread).
-    fn goes_to_pool(&self, p: &Pending) -> bool {
-        p.footprint.is_some()
-            && self.pool.is_some()
-            && !self.free.is_empty()
-            && self.stack.concurrent()
-    }
-
-    /// Hands `p` to the hook pool; it comes back through `pool_returned`.
-    fn hand_to_pool(&mut self, mut p: Pending) {
-        let Some(segments) = self.segments(&p.req) else {
-            return self.used(p.head, &p.req, RequestStatus::IoError);
-        };
-        let (Some(fp), Some(token)) = (p.footprint, self.free.pop()) else {
-            return self.used(p.head, &p.req, RequestStatus::IoError);
-        };
-        let Some(pool) = self.pool.as_mut() else {
-            self.free.push(token);
-            return self.used(p.head, &p.req, RequestStatus::IoError);
-        };
-        let (tx, ready) = (pool.tx.clone(), pool.ready.clone());
-        let done = move |started: Started| {
-            // The queue waits for every request it handed over (`step`, `drop`), so the
-            // receiver is there; the eventfd wakes its handler.
-            let _ = tx.send((token, started));
-            let _ = ready.write(1);
-        };
-        let (kind, offset, len) = (p.req.kind, p.req.offset, p.req.io_len);
-        // SAFETY: as in `start`; the request finishes before the handler goes (`step` and
-        // `drop` wait for what the pool holds).
-        if !unsafe { self.stack.begin_on_pool(kind, offset, len, segments, done) } {
-            // The pool stopped (the disk is closing): nothing more starts through it.
-            self.free.push(token);
-            return self.used(p.head, &p.req, RequestStatus::IoError);
-        }
-        pool.out += 1;
-        self.order.lock().push((self.queue_index, token, fp));
-        p.at_engine = None;
-        self.slots[token] = Some(p);
-    }
-
     /// The request's guest buffers as host segments (none for a discard or write-zeroes,
     /// whose buffers only describe the range).
     fn segments(&self, req: &BlockRequest) -> Option<Vec<Segment>> {
@@ -815,6 +690,8 @@ impl Drop for Worker {
         }
     }
 }
+
+mod pool;
 
 #[cfg(test)]
 pub(super) mod tests;
