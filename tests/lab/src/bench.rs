@@ -104,8 +104,11 @@ pub(super) fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> 
         o
     };
     if !a.compare {
-        if !a.also_interceptors.is_empty() || !a.also_block_options.is_empty() {
-            bail!("--also-interceptors and --also-block-option need --compare");
+        if !a.also_interceptors.is_empty()
+            || !a.also_block_options.is_empty()
+            || !a.also_vmm_binaries.is_empty()
+        {
+            bail!("--also-interceptors, --also-block-option and --also-vmm-binary need --compare");
         }
         if a.chart.is_some() {
             bail!("--chart needs --compare");
@@ -137,11 +140,31 @@ pub(super) fn bench_variants(a: &BenchArgs) -> Result<Vec<(String, GuestOpts)>> 
         let stem = chain.file_stem().unwrap_or_default().to_string_lossy();
         v.push((format!("vmm+{stem}"), with(Backend::Vmm, Some(chain))));
     }
+    // Each setting again for every vmm variant so far: plain, and each interceptor file.
+    let vmms: Vec<(String, GuestOpts)> = v
+        .iter()
+        .filter(|(_, o)| o.backend == Backend::Vmm)
+        .cloned()
+        .collect();
     for (k, val) in &a.also_block_options {
-        let mut o = with(Backend::Vmm, None);
-        o.block_options.retain(|(ok, _)| ok != k);
-        o.block_options.push((k.clone(), val.clone()));
-        v.push((format!("vmm[{k}={val}]"), o));
+        for (label, o) in &vmms {
+            let mut o = o.clone();
+            o.block_options.retain(|(ok, _)| ok != k);
+            o.block_options.push((k.clone(), val.clone()));
+            v.push((format!("{label}[{k}={val}]"), o));
+        }
+    }
+    for (name, binary) in &a.also_vmm_binaries {
+        let own: Vec<(String, GuestOpts)> = v
+            .iter()
+            .filter(|(l, o)| o.backend == Backend::Vmm && !l.contains('@'))
+            .map(|(l, o)| {
+                let mut o = o.clone();
+                o.vmm_binary = Some(binary.clone());
+                (format!("{l}@{name}"), o)
+            })
+            .collect();
+        v.extend(own);
     }
     Ok(v)
 }
@@ -214,6 +237,16 @@ pub(super) fn cmd_bench(a: BenchArgs) -> Result<i32> {
         print_compare(&qemus, vmm, &rows);
         for r in &runs[vmm_at + 1..] {
             print_ratios(&format!("{} / vmm", r[0].label), vmm, r);
+            // A variant of another binary is also compared with that binary's plain vmm.
+            let Some((_, name)) = r[0].label.split_once('@') else {
+                continue;
+            };
+            let base = format!("vmm@{name}");
+            if r[0].label != base {
+                if let Some(b) = variants.iter().position(|(l, _)| *l == base) {
+                    print_ratios(&format!("{} / {base}", r[0].label), &runs[b], r);
+                }
+            }
         }
         print_cpu_compare(&runs, &jobs);
         print_layers(&runs);
@@ -474,6 +507,67 @@ mod tests {
         assert!(Cli::try_parse_from(["lab", "bench", "--block-option", "Bad=1"]).is_err());
         assert!(Cli::try_parse_from(["lab", "bench", "--block-option", "k=[1"]).is_err());
         assert!(bench_variants(&bench_args(&["--also-block-option", "a=1"])).is_err());
+        // With interceptor files, each of their variants runs with the setting too.
+        let a = bench_args(&[
+            "--compare",
+            "--also-interceptors",
+            "y/encrypt.toml",
+            "--also-block-option",
+            "hook_threads=1",
+        ]);
+        let v = bench_variants(&a).unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "qemu",
+                "vmm",
+                "vmm+encrypt",
+                "vmm[hook_threads=1]",
+                "vmm+encrypt[hook_threads=1]"
+            ]
+        );
+        assert_eq!(
+            v[4].1.interceptors.as_deref(),
+            Some("y/encrypt.toml".as_ref())
+        );
+        assert_eq!(
+            v[4].1.block_options,
+            [(String::from("hook_threads"), "1".into())]
+        );
+    }
+
+    #[test]
+    fn compare_runs_every_vmm_variant_again_with_another_binary() {
+        let other = std::env::current_exe().unwrap();
+        let arg = format!("old={}", other.display());
+        let a = bench_args(&[
+            "--compare",
+            "--also-interceptors",
+            "y/encrypt.toml",
+            "--also-vmm-binary",
+            &arg,
+        ]);
+        let v = bench_variants(&a).unwrap();
+        let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["qemu", "vmm", "vmm+encrypt", "vmm@old", "vmm+encrypt@old"]
+        );
+        assert!(v[..3].iter().all(|(_, o)| o.vmm_binary.is_none()));
+        assert!(v[3..]
+            .iter()
+            .all(|(_, o)| o.vmm_binary.as_deref() == Some(other.as_path())));
+        assert_eq!(
+            v[4].1.interceptors.as_deref(),
+            Some("y/encrypt.toml".as_ref())
+        );
+        // A binary that is not there, or no name, is refused when the command is read.
+        for bad in ["old=/nonexistent/vmm", "=/bin/sh", "a b=/bin/sh", "/bin/sh"] {
+            let argv = ["lab", "bench", "--compare", "--also-vmm-binary", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+        }
+        assert!(bench_variants(&bench_args(&["--also-vmm-binary", &arg])).is_err());
     }
 
     #[test]

@@ -175,8 +175,13 @@ fn tap_side(net: &NetSpec) -> String {
 }
 
 fn vmm_command(spec: &GuestSpec) -> Result<Command> {
-    let exe = std::env::current_exe().context("locating the harness binary")?;
-    let vmm = exe.with_file_name("vmm");
+    let vmm = match &spec.vmm_binary {
+        Some(b) => b.clone(),
+        None => {
+            let exe = std::env::current_exe().context("locating the harness binary")?;
+            exe.with_file_name("vmm")
+        }
+    };
     if !vmm.exists() {
         bail!(
             "{} not found: build the workspace (cargo build --workspace)",
@@ -244,6 +249,8 @@ pub struct GuestSpec {
     pub num_queues: Option<u16>,
     /// More `[[block]]` settings of the data disks, `(key, TOML value)` (vmm backend).
     pub block_options: Vec<(String, String)>,
+    /// The vmm binary to run (vmm backend); unset: the one beside the harness.
+    pub vmm_binary: Option<PathBuf>,
     /// A network card on a tap of the lab (vmm backend).
     pub net: Option<NetSpec>,
     /// vmm's API socket (default: `control::socket_path()`): two guests of one harness

@@ -170,11 +170,36 @@ struct GuestOpts {
     /// A TOML file of `[[interceptor]]` entries to stack, in file order, on the card.
     #[arg(long)]
     net_interceptors: Option<std::path::PathBuf>,
+    /// The vmm binary to run (vmm backend; default: the `vmm` beside this harness), e.g.
+    /// one built from another commit.
+    #[arg(long, value_parser = parse_binary)]
+    vmm_binary: Option<PathBuf>,
     #[command(flatten)]
     lab: LabArgs,
 }
 
 /// `KEY=VALUE` of `--block-option`: a lower-case TOML key, and a value TOML accepts.
+/// An existing file, made absolute (the lab runs commands from another directory).
+fn parse_binary(s: &str) -> Result<PathBuf, String> {
+    std::fs::canonicalize(s).map_err(|e| format!("{s}: {e}"))
+}
+
+/// `NAME=PATH`: a vmm binary and the name its bench variants carry (`vmm@NAME`).
+fn parse_named_binary(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=PATH"))?;
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!("{name:?}: a name is letters, digits, - _ and ."));
+    }
+    Ok((name.to_string(), parse_binary(path.trim())?))
+}
+
 fn parse_block_option(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -233,10 +258,17 @@ struct BenchArgs {
     /// difference between them; figures are means over the rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// With --compare: vmm again with this `[[block]]` setting on its data disks
-    /// (`KEY=VALUE`, as --block-option), as its own variant `vmm[KEY=VALUE]` (repeatable).
+    /// With --compare: every vmm variant (plain, and with each interceptor file) again with
+    /// this `[[block]]` setting on its data disks (`KEY=VALUE`, as --block-option), as its
+    /// own variants `vmm[KEY=VALUE]`, `vmm+FILE[KEY=VALUE]` (repeatable).
     #[arg(long = "also-block-option", value_parser = parse_block_option)]
     also_block_options: Vec<(String, String)>,
+    /// With --compare: every vmm variant again (plain and each interceptor file) run by
+    /// another vmm binary, `NAME=PATH` (e.g. one built from the commit before a change),
+    /// as variants `vmm@NAME`, `vmm+FILE@NAME`; each of those is also compared with
+    /// `vmm@NAME`. Repeatable. One lab session then measures two builds side by side.
+    #[arg(long = "also-vmm-binary", value_parser = parse_named_binary)]
+    also_vmm_binaries: Vec<(String, PathBuf)>,
     /// With --compare: the QEMU configurations to run, comma-separated: `threads` (label
     /// `qemu`: `aio=threads`) and `io_uring` (label `qemu-io_uring`: `aio=io_uring` and an
     /// iothread per data disk). vmm's ratios are to the better of them, row by row.
@@ -552,6 +584,7 @@ fn spec_for(o: &GuestOpts, task: &str, scratch: &Scratch) -> Result<GuestSpec> {
             vhost: false,
         }),
         control_sock: None,
+        vmm_binary: o.vmm_binary.clone(),
     };
     guest::check_spec(&spec)?;
     Ok(spec)

@@ -59,6 +59,7 @@ fn spec(rootfs: RootFs, data: usize, results: bool) -> GuestSpec {
         block_options: Vec::new(),
         net: None,
         control_sock: None,
+        vmm_binary: None,
     }
 }
 
