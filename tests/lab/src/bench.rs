@@ -645,6 +645,35 @@ mod tests {
         }
     }
 
+    /// A round where a variant failed (its guest hung: no fio rows) used to empty the whole
+    /// ratio table; now each row takes the rounds where both have it and says how many.
+    #[test]
+    fn a_failed_round_leaves_its_rows_out_of_the_ratios_not_the_table() {
+        let vmm = [
+            report("vmm", Backend::Vmm, &[("a", 200.0), ("b", 100.0)]),
+            report("vmm", Backend::Vmm, &[("a", 400.0), ("b", 100.0)]),
+        ];
+        let enc = [
+            report("vmm+encrypt", Backend::Vmm, &[]),
+            report("vmm+encrypt", Backend::Vmm, &[("a", 100.0), ("b", 50.0)]),
+        ];
+        let rows = ratio_rows(&vmm, &enc);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].job.as_str(), rows[0].rounds), ("a", 1));
+        assert_eq!((rows[0].new_iops, rows[0].base_iops), (100.0, 400.0));
+        assert_eq!(rows[0].range, None);
+        assert_eq!(rows[1].base_iops, 100.0);
+        // With every round there, the means and the range cover them all.
+        let enc = [
+            report("vmm+encrypt", Backend::Vmm, &[("a", 100.0)]),
+            report("vmm+encrypt", Backend::Vmm, &[("a", 100.0)]),
+        ];
+        let rows = ratio_rows(&vmm, &enc);
+        assert_eq!(rows.len(), 1, "a row only one side has gives no ratio");
+        assert_eq!((rows[0].rounds, rows[0].base_iops), (2, 300.0));
+        assert_eq!(rows[0].range, Some((0.25, 0.5)));
+    }
+
     #[test]
     fn vmm_is_compared_with_the_better_qemu_row_by_row() {
         let q1 = [

@@ -281,6 +281,51 @@ pub(super) fn qemu_words(label: &str) -> &'static str {
 
 /// `new` against `base`, same lab session: boot time and IOPS ratios, with the lowest and
 /// highest ratio of a single round when there were several.
+/// One row of a variant against a base variant of the same session.
+#[derive(Debug, PartialEq)]
+pub(super) struct RatioRow {
+    pub(super) job: String,
+    pub(super) dir: String,
+    /// Mean IOPS of each over the rounds where both have the row.
+    pub(super) new_iops: f64,
+    pub(super) base_iops: f64,
+    /// Lowest and highest ratio of a single round, with two rounds or more.
+    pub(super) range: Option<(f64, f64)>,
+    /// The rounds where both have the row, of all the rounds.
+    pub(super) rounds: usize,
+}
+
+/// `new` against `base`, job by job, round by round: a round where either failed (a guest
+/// that hung, say) is left out of that row's means, and the row says how many it has.
+pub(super) fn ratio_rows(base: &[BenchReport], new: &[BenchReport]) -> Vec<RatioRow> {
+    let mut out: Vec<RatioRow> = Vec::new();
+    let jobs = new.iter().chain(base).flat_map(|r| &r.fio);
+    for f in jobs {
+        if out.iter().any(|o| o.job == f.job && o.dir == f.dir) {
+            continue;
+        }
+        let pairs: Vec<(f64, f64)> = new
+            .iter()
+            .zip(base)
+            .filter_map(|(n, b)| Some((n.iops(&f.job, &f.dir)?, b.iops(&f.job, &f.dir)?)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let count = pairs.len() as f64;
+        let per_round: Vec<f64> = pairs.iter().map(|(n, b)| n / b).collect();
+        out.push(RatioRow {
+            job: f.job.clone(),
+            dir: f.dir.clone(),
+            new_iops: pairs.iter().map(|p| p.0).sum::<f64>() / count,
+            base_iops: pairs.iter().map(|p| p.1).sum::<f64>() / count,
+            range: range(&per_round),
+            rounds: pairs.len(),
+        });
+    }
+    out
+}
+
 pub(super) fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport]) {
     let (Some(b0), Some(n0)) = (base.first(), new.first()) else {
         return;
@@ -306,28 +351,24 @@ pub(super) fn print_ratios(title: &str, base: &[BenchReport], new: &[BenchReport
         "ratio",
         "round range"
     );
-    for r in &n0.fio {
-        let (Some(n), Some(b)) = (
-            mean_iops(new, &r.job, &r.dir),
-            mean_iops(base, &r.job, &r.dir),
-        ) else {
-            continue;
-        };
-        let per_round: Vec<f64> = new
-            .iter()
-            .zip(base)
-            .filter_map(|(x, y)| Some(x.iops(&r.job, &r.dir)? / y.iops(&r.job, &r.dir)?))
-            .collect();
-        let range = range(&per_round)
+    let all = new.len().min(base.len());
+    for r in ratio_rows(base, new) {
+        let range = r
+            .range
             .map(|(lo, hi)| format!("{lo:.2}..{hi:.2}"))
             .unwrap_or_default();
+        let partial = if r.rounds < all {
+            format!(" ({} of {all} rounds)", r.rounds)
+        } else {
+            String::new()
+        };
         println!(
-            "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2} {:>12}",
+            "{:<20} {:<5} {:>18.0} {:>18.0} {:>7.2} {:>12}{partial}",
             r.job,
             r.dir,
-            n,
-            b,
-            n / b,
+            r.new_iops,
+            r.base_iops,
+            r.new_iops / r.base_iops,
             range
         );
     }
