@@ -15,4 +15,6 @@ cargo clippy --quiet --workspace --all-targets -- -D warnings
 step "cargo build --workspace (the harness runs the vmm binary)"
 cargo build --quiet --workspace
 step "cargo nextest run --workspace (guest tests boot the lab VM: a few minutes)"
+# A guest that hangs is reported with KVM's last timer and interrupt events (docs/lab.md).
+export VMM_LAB_KVM_TRACE="${VMM_LAB_KVM_TRACE:-1}"
 cargo nextest run --workspace --no-fail-fast "$@"

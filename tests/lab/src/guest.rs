@@ -601,6 +601,8 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    // Before the guest starts: its vCPU's timer and interrupts, should it hang.
+    let ktrace = crate::ktrace::KvmTrace::start();
     let start = Instant::now();
     let mut child = cmd
         .spawn()
@@ -632,6 +634,7 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     let mut killed = None;
     let mut threads_at_timeout = None;
     let mut queues_at_timeout = None;
+    let mut trace_at_timeout = None;
     let init_marker = format!("{} init ", console::GUEST_MARKER);
     loop {
         let left = spec.timeout.saturating_sub(start.elapsed());
@@ -641,6 +644,7 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
             let (threads, queues) = diagnose(child.id(), sock);
             threads_at_timeout = Some(threads);
             queues_at_timeout = queues;
+            trace_at_timeout = ktrace.as_ref().map(|t| t.tail(40));
             let _ = child.kill();
             break;
         }
@@ -713,6 +717,14 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
         run.problems
             .push(format!("vmm's devices when it was stopped:\n{queues}"));
     }
+    if let Some(trace) = trace_at_timeout {
+        run.problems.push(format!(
+            "KVM's last events before it was stopped (TSC-deadline writes, injected \
+             interrupts, wake-ups from halt; {}):\n{trace}",
+            crate::ktrace::ENV
+        ));
+    }
+    drop(ktrace);
     if let Some(handle) = tap_side {
         run.net_host = Some(
             handle

@@ -11,6 +11,7 @@ pub mod control;
 pub mod detect;
 pub mod fio;
 pub mod guest;
+pub mod ktrace;
 pub mod labvm;
 pub mod layers;
 pub mod lines;

@@ -207,7 +207,10 @@ fn a_guest_that_runs_past_its_limit_is_reported_with_vmms_threads_and_queues() {
         "--timeout",
         "45",
     ];
-    let Some((out, _)) = common::guest_run("vmm-past-limit", &args) else {
+    // With KVM's trace on (scripts/test.sh turns it on for the suite), the report also has
+    // the vCPU's last timer writes and injected interrupts.
+    let env = [("VMM_LAB_KVM_TRACE", "1")];
+    let Some((out, _)) = common::guest_run_env("vmm-past-limit", &args, &env) else {
         return;
     };
     let text = output(&out);
@@ -220,6 +223,14 @@ fn a_guest_that_runs_past_its_limit_is_reported_with_vmms_threads_and_queues() {
         "{text}"
     );
     assert!(text.lines().any(|l| l.contains(" io-data0 ")), "{text}");
+    assert!(
+        text.contains("KVM's last events before it was stopped"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvm_inj_virq") && text.contains("last TSC-deadline write: 0x"),
+        "{text}"
+    );
     // fio had been reading the data disk: its queue took many requests, all answered
     // (this guest was busy, not hung).
     let lines: Vec<&str> = text.lines().collect();

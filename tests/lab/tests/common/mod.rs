@@ -71,8 +71,14 @@ pub fn images_or_skip() -> Option<()> {
 
 /// Runs the `lab` binary with `args` from the repository root.
 pub fn lab(args: &[&str]) -> Output {
+    lab_env(args, &[])
+}
+
+/// As [`lab`], with more environment variables (`VMM_*` ones reach the lab VM).
+pub fn lab_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_lab"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(repo())
         .output()
         .expect("running the lab binary");
@@ -116,13 +122,22 @@ pub fn report(path: &Path) -> serde_json::Value {
 /// Boots a guest with `lab guest ARGS --json FILE` (FILE named after `name`) and returns the
 /// run's output and JSON report, or None when the test must skip.
 pub fn guest_run(name: &str, args: &[&str]) -> Option<(Output, serde_json::Value)> {
+    guest_run_env(name, args, &[])
+}
+
+/// As [`guest_run`], with more environment variables for the harness.
+pub fn guest_run_env(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Option<(Output, serde_json::Value)> {
     images_or_skip()?;
     let json = out_file(&format!("{name}.json"));
     let json_arg = json.to_string_lossy().into_owned();
     let mut all: Vec<&str> = vec!["guest"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--json", &json_arg]);
-    let out = lab(&all);
+    let out = lab_env(&all, env);
     let report = if json.exists() {
         report(&json)
     } else {
