@@ -178,7 +178,6 @@ struct GuestOpts {
     lab: LabArgs,
 }
 
-/// `KEY=VALUE` of `--block-option`: a lower-case TOML key, and a value TOML accepts.
 /// An existing file, made absolute (the lab runs commands from another directory).
 fn parse_binary(s: &str) -> Result<PathBuf, String> {
     std::fs::canonicalize(s).map_err(|e| format!("{s}: {e}"))
@@ -200,6 +199,7 @@ fn parse_named_binary(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), parse_binary(path.trim())?))
 }
 
+/// `KEY=VALUE` of `--block-option`: a lower-case TOML key, and a value TOML accepts.
 fn parse_block_option(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
