@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// The variants' labels, in the order they run.
+fn labels_of(v: &[(String, GuestOpts)]) -> Vec<&str> {
+    v.iter().map(|(l, _)| l.as_str()).collect()
+}
+
 fn bench_args(argv: &[&str]) -> BenchArgs {
     let cli = Cli::try_parse_from(["lab", "bench"].iter().chain(argv)).unwrap();
     match cli.cmd {
@@ -27,7 +32,7 @@ fn compare_runs_qemu_vmm_and_each_interceptor_file_on_vmm() {
         "y/count.toml",
     ]);
     let v = bench_variants(&a).unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(labels, ["qemu", "vmm", "vmm+interceptors", "vmm+count"]);
     assert_eq!(v[0].1.backend, Backend::Qemu);
     assert!(v[..2].iter().all(|(_, o)| o.interceptors.is_none()));
@@ -49,7 +54,7 @@ fn compare_runs_vmm_again_with_each_block_option() {
         "coalesce_us=200",
     ]);
     let v = bench_variants(&a).unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(labels, ["qemu", "vmm", "vmm[coalesce_us=200]"]);
     let opt = |s: &str| (s.to_string(), "200".to_string());
     assert_eq!(
@@ -69,7 +74,7 @@ fn compare_runs_vmm_again_with_each_block_option() {
         "hook_threads=1",
     ]);
     let v = bench_variants(&a).unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(
         labels,
         [
@@ -102,7 +107,7 @@ fn compare_runs_every_vmm_variant_again_with_another_binary() {
         &arg,
     ]);
     let v = bench_variants(&a).unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(
         labels,
         ["qemu", "vmm", "vmm+encrypt", "vmm@old", "vmm+encrypt@old"]
@@ -133,7 +138,7 @@ fn compare_with_both_qemu_configurations_runs_them_before_vmm() {
         "y/encrypt.toml",
     ]);
     let v = bench_variants(&a).unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(labels, ["qemu", "qemu-io_uring", "vmm", "vmm+encrypt"]);
     let backends: Vec<Backend> = v.iter().map(|(_, o)| o.backend).collect();
     assert_eq!(
@@ -152,7 +157,7 @@ fn compare_with_both_qemu_configurations_runs_them_before_vmm() {
         "io_uring,io_uring",
     ]))
     .unwrap();
-    let labels: Vec<&str> = v.iter().map(|(l, _)| l.as_str()).collect();
+    let labels = labels_of(&v);
     assert_eq!(labels, ["qemu-io_uring", "vmm"]);
     // One QEMU configuration alone is a backend; the compare options need --compare.
     let v = bench_variants(&bench_args(&["--backend", "qemu-io_uring"])).unwrap();
