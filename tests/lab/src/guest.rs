@@ -45,84 +45,6 @@ impl Backend {
     }
 }
 
-/// TOML string literal.
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// The guest.toml our `vmm` gets for a spec: the same disks, in the same order, as QEMU's.
-pub fn vmm_config(spec: &GuestSpec) -> String {
-    let mut t = format!(
-        "[machine]\nvcpus = {}\nmemory_mib = {}\n\n[kernel]\npath = {}\ncmdline = {}\n",
-        spec.vcpus,
-        spec.mem_mib,
-        toml_str(
-            &if spec.elf_kernel {
-                &spec.image.vmlinux
-            } else {
-                &spec.image.bzimage
-            }
-            .to_string_lossy()
-        ),
-        toml_str(&kernel_cmdline(spec))
-    );
-    let mut disks: Vec<(String, &Path, bool)> = Vec::new();
-    match spec.rootfs {
-        RootFs::Ext4 => disks.push(("rootfs".into(), &spec.image.rootfs_ext4, true)),
-        RootFs::Initramfs => {
-            t.push_str(&format!(
-                "initrd = {}\n",
-                toml_str(&spec.image.initramfs.to_string_lossy())
-            ));
-        }
-    }
-    for (i, d) in spec.data_disks.iter().enumerate() {
-        disks.push((format!("data{i}"), &d.path, d.read_only));
-    }
-    if let Some(r) = &spec.results_disk {
-        disks.push(("results".into(), r, false));
-    }
-    for (id, path, ro) in disks {
-        t.push_str(&format!(
-            "\n[[block]]\nid = {}\npath = {}\nread_only = {ro}\n",
-            toml_str(&id),
-            toml_str(&path.to_string_lossy())
-        ));
-        if let Some(engine) = &spec.engine {
-            t.push_str(&format!("engine = {}\n", toml_str(engine)));
-        }
-        if let (Some(n), true) = (spec.num_queues, id.starts_with("data")) {
-            t.push_str(&format!("num_queues = {n}\n"));
-        }
-        if id.starts_with("data") {
-            for (k, v) in &spec.block_options {
-                t.push_str(&format!("{k} = {v}\n"));
-            }
-        }
-        if let (Some(chain), "data0") = (&spec.interceptors, id.as_str()) {
-            let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
-            t.push_str(&format!("interceptors = [{}]\n", ids.join(", ")));
-        }
-    }
-    if let Some(net) = &spec.net {
-        t.push_str(&format!(
-            "\n[[net]]\nid = \"net0\"\ntap = {}\nmac = {}\n",
-            toml_str(&net.tap),
-            toml_str(&net.mac)
-        ));
-        if let Some(chain) = &net.interceptors {
-            let ids: Vec<String> = chain.ids.iter().map(|i| toml_str(i)).collect();
-            t.push_str(&format!("interceptors = [{}]\n\n", ids.join(", ")));
-            t.push_str(&chain.toml);
-        }
-    }
-    if let Some(chain) = &spec.interceptors {
-        t.push('\n');
-        t.push_str(&chain.toml);
-    }
-    t
-}
-
 /// Waits for the tap vmm creates, gives it `host_ip` and sets it up, then runs `host_cmd`:
 /// its output (or what went wrong).
 fn tap_side(net: &NetSpec) -> String {
@@ -172,34 +94,6 @@ fn tap_side(net: &NetSpec) -> String {
         ),
         Err(e) => format!("sh -c {cmd:?}: {e}"),
     }
-}
-
-fn vmm_command(spec: &GuestSpec) -> Result<Command> {
-    let vmm = match &spec.vmm_binary {
-        Some(b) => b.clone(),
-        None => {
-            let exe = std::env::current_exe().context("locating the harness binary")?;
-            exe.with_file_name("vmm")
-        }
-    };
-    if !vmm.exists() {
-        bail!(
-            "{} not found: build the workspace (cargo build --workspace)",
-            vmm.display()
-        );
-    }
-    // Beside the run's results disk when it has one: two guests of one harness run at once.
-    let config = match &spec.results_disk {
-        Some(r) => r.with_file_name("vmm.toml"),
-        None => std::env::temp_dir().join(format!("vmm-lab-{}.toml", std::process::id())),
-    };
-    std::fs::write(&config, vmm_config(spec))
-        .with_context(|| format!("writing {}", config.display()))?;
-    let mut cmd = Command::new(vmm);
-    cmd.arg("--config").arg(config);
-    // Always: when a guest hangs, its queues' figures say where (`boot_once`).
-    cmd.arg("--api-sock").arg(spec.control_socket());
-    Ok(cmd)
 }
 
 /// How the guest gets its root filesystem.
@@ -403,105 +297,11 @@ impl GuestRun {
 /// Size of the results disk: room for every job's fio JSON many times over.
 pub const RESULTS_DISK_BYTES: u64 = 4 << 20;
 
-/// The guest's name for the n-th virtio disk (0: /dev/vda).
-fn virtio_disk_name(n: usize) -> String {
-    let letter = (b'a' + (n % 26) as u8) as char;
-    format!("/dev/vd{letter}")
-}
-
-/// The kernel command line for a spec.
-pub fn kernel_cmdline(spec: &GuestSpec) -> String {
-    let root = match spec.rootfs {
-        RootFs::Ext4 => "root=/dev/vda ro rootfstype=ext4 init=/init",
-        RootFs::Initramfs => "rdinit=/init",
-    };
-    // i8042.*: the guest has no keyboard; skip the controller probe (as Firecracker does).
-    let mut line = format!(
-        "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd {root} {}",
-        spec.task
-    );
-    if spec.results_disk.is_some() {
-        let before = usize::from(spec.rootfs == RootFs::Ext4) + spec.data_disks.len();
-        line.push_str(&format!(" results={}", virtio_disk_name(before)));
-    }
-    line
-}
-
 /// The guest's report from the results disk: the text before the first NUL byte.
 fn read_results(path: &Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(0);
     (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
-}
-
-/// QEMU's command line for a spec. The root and results disks always use `aio=threads`;
-/// the data disks use the backend's configuration.
-fn qemu_command(spec: &GuestSpec) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    // debug-threads: named threads (`CPU 0/KVM`, `worker`, `IO io1`), so that the bench's
-    // CPU figures can say which of QEMU's threads did the work.
-    cmd.args([
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-name",
-        "guest,debug-threads=on",
-    ])
-    .args(crate::qemu_base_args(spec.vcpus, spec.mem_mib))
-    .arg("-kernel")
-    .arg(&spec.image.bzimage)
-    .args(["-append", &kernel_cmdline(spec)]);
-    let mut drives: Vec<(String, bool)> = Vec::new();
-    match spec.rootfs {
-        RootFs::Ext4 => drives.push((spec.image.rootfs_ext4.to_string_lossy().into_owned(), true)),
-        RootFs::Initramfs => {
-            cmd.arg("-initrd").arg(&spec.image.initramfs);
-        }
-    }
-    let first_data = drives.len();
-    for d in &spec.data_disks {
-        drives.push((d.path.to_string_lossy().into_owned(), d.read_only));
-    }
-    let data = first_data..drives.len();
-    if let Some(results) = &spec.results_disk {
-        drives.push((results.to_string_lossy().into_owned(), false));
-    }
-    for (i, (path, ro)) in drives.iter().enumerate() {
-        let is_data = data.contains(&i);
-        let uring = is_data && spec.backend == Backend::QemuIoUring;
-        // Buffered I/O: the lab's disk images live on tmpfs, which has no O_DIRECT.
-        let mut drive = format!(
-            "file={},if=none,id=d{i},format=raw,cache=writeback,aio={}",
-            path.replace(',', ",,"),
-            if uring { "io_uring" } else { "threads" }
-        );
-        if *ro {
-            drive.push_str(",readonly=on");
-        }
-        let mut device = format!("virtio-blk-pci,drive=d{i}");
-        if let (Some(n), true) = (spec.num_queues, is_data) {
-            device.push_str(&format!(",num-queues={n}"));
-        }
-        if uring {
-            cmd.args(["-object", &format!("iothread,id=io{i}")]);
-            device.push_str(&format!(",iothread=io{i}"));
-        }
-        cmd.args(["-drive", &drive]).args(["-device", &device]);
-    }
-    if let Some(net) = &spec.net {
-        // QEMU creates the tap (or opens it) like vmm; the harness puts it on the bridge.
-        let vhost = if net.vhost { "on" } else { "off" };
-        cmd.args([
-            "-netdev",
-            &format!(
-                "tap,id=n0,ifname={},script=no,downscript=no,vhost={vhost}",
-                net.tap
-            ),
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={}", net.mac),
-        ]);
-    }
-    cmd
 }
 
 /// Console lines worth showing live even when not echoing everything: the guest's own
@@ -744,93 +544,6 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     Ok(run)
 }
 
-/// How long a killed VMM may take to exit before the harness goes on without it.
-const REAP_LIMIT: Duration = Duration::from_secs(30);
-
-/// Waits for a killed VMM; `None` if it is still there after [`REAP_LIMIT`] (stuck in the
-/// kernel: the run is reported, not waited on forever).
-fn reap_killed(child: &mut std::process::Child) -> Result<Option<std::process::ExitStatus>> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the VMM")? {
-            return Ok(Some(status));
-        }
-        if start.elapsed() > REAP_LIMIT {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// What a VMM that ran past its limit was doing: its threads, and (vmm, with its API at
-/// `sock`) its disks' queues. Read on a thread of its own and given at most 20 s, so that a
-/// process that does not answer cannot hold up the kill.
-fn diagnose(pid: u32, sock: Option<PathBuf>) -> (String, Option<String>) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let threads = crate::threads::snapshot(pid);
-        let _ = tx.send((threads, None));
-        if let Some(sock) = sock {
-            let _ = tx.send((String::new(), Some(queue_figures(&sock))));
-        }
-    });
-    let limit = Instant::now() + Duration::from_secs(20);
-    let mut threads = "(reading /proc took over 20 s)".to_string();
-    let mut queues = None;
-    while let Some(left) = limit.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok((t, None)) => threads = t,
-            Ok((_, Some(q))) => {
-                queues = Some(q);
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    (threads, queues)
-}
-
-/// Each disk's device counters and queues, one line per queue, and each card's counters,
-/// from vmm's API.
-fn queue_figures(sock: &Path) -> String {
-    let devices = match crate::control::devices(sock) {
-        Ok(d) => d,
-        Err(e) => return format!("(the API did not answer: {e})"),
-    };
-    let mut out = String::new();
-    for d in devices.as_array().into_iter().flatten() {
-        if d["kind"] == "net" {
-            let counters: Vec<String> = d
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| v.is_u64() && k.as_str() != "id")
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let id = d["id"].as_str().unwrap_or("?");
-            out.push_str(&format!("{id} (net): {}\n", counters.join(" ")));
-            continue;
-        }
-        out.push_str(&format!(
-            "{}: requests={} errors={} refused={}\n",
-            d["id"].as_str().unwrap_or("?"),
-            d["requests"],
-            d["errors"],
-            d["refused"]
-        ));
-        for (i, q) in d["queues"].as_array().into_iter().flatten().enumerate() {
-            let fields: Vec<String> = q
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            out.push_str(&format!("  queue {i}: {}\n", fields.join(" ")));
-        }
-    }
-    out
-}
-
 fn judge(
     spec: &GuestSpec,
     total: Duration,
@@ -971,6 +684,12 @@ pub fn check_spec(spec: &GuestSpec) -> Result<()> {
     }
     Ok(())
 }
+
+mod command;
+mod diagnose;
+pub use command::{kernel_cmdline, vmm_config};
+use command::{qemu_command, vmm_command};
+use diagnose::{diagnose, reap_killed, REAP_LIMIT};
 
 #[cfg(test)]
 mod tests;
