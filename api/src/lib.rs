@@ -69,6 +69,16 @@ pub struct VmInfo {
 /// The VM as the API sees it.
 pub trait VmControl: Send + Sync {
     fn info(&self) -> VmInfo;
+    /// KVM's VM-wide state (IOAPIC, PICs, clock), read without disturbing the guest
+    /// (`GET /vm/kvm`). An error says why there is none (the VM has not started).
+    fn kvm_state(&self) -> Result<serde_json::Value, String> {
+        Err("no KVM state here".into())
+    }
+    /// Each vCPU's registers, local APIC, timer MSRs and pending events, each read on the
+    /// vCPU's own thread, which leaves KVM_RUN for it (`GET /vm/vcpus`).
+    fn vcpu_state(&self) -> Result<serde_json::Value, String> {
+        Err("no vCPU state here".into())
+    }
     /// Starts an orderly shutdown (disks flushed, plugins written back) and returns at once.
     fn shutdown(&self) -> Result<(), String>;
 }

@@ -20,6 +20,8 @@ type Answer = Result<Response, ApiError>;
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/vm", any(vm))
+        .route("/vm/kvm", any(vm_kvm))
+        .route("/vm/vcpus", any(vm_vcpus))
         .route("/devices", any(devices))
         .route("/interceptors", any(interceptors))
         .route("/interceptors/{id}", any(interceptor))
@@ -56,6 +58,21 @@ async fn not_found(uri: Uri) -> ApiError {
 async fn vm(State(s): Shared, method: Method) -> Answer {
     only(&method, "/vm", "GET")?;
     Ok(ok_json(&views::vm(&s)))
+}
+
+async fn vm_kvm(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/vm/kvm", "GET")?;
+    Ok(ok_json(&s.vm.kvm_state().map_err(ApiError::Conflict)?))
+}
+
+/// Blocks a worker of the runtime for as long as the vCPUs take to answer (at most 2 s
+/// each): a diagnostic, not a hot path.
+async fn vm_vcpus(State(s): Shared, method: Method) -> Answer {
+    only(&method, "/vm/vcpus", "GET")?;
+    let state = tokio::task::spawn_blocking(move || s.vm.vcpu_state())
+        .await
+        .map_err(|e| ApiError::Conflict(format!("reading the vCPUs failed: {e}")))?;
+    Ok(ok_json(&state.map_err(ApiError::Conflict)?))
 }
 
 async fn devices(State(s): Shared, method: Method) -> Answer {

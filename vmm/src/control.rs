@@ -1,5 +1,7 @@
-//! The VM as the REST API sees it: what `GET /vm` reports, and the shutdown action.
+//! The VM as the REST API sees it: what `GET /vm` reports, KVM's state for `GET /vm/kvm`
+//! and `GET /vm/vcpus`, and the shutdown action.
 
+use crate::probe::{KvmSlot, KvmView};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
@@ -11,17 +13,28 @@ pub struct VmHandle {
     /// Written to stop the guest: the main thread then flushes the disks and exits.
     exit: EventFd,
     stopping: AtomicBool,
+    /// KVM's VM and vCPUs, once they exist.
+    probe: KvmSlot,
 }
 
 impl VmHandle {
-    pub fn new(vcpus: u32, memory_mib: u64, exit: EventFd) -> VmHandle {
+    pub fn new(vcpus: u32, memory_mib: u64, exit: EventFd, probe: KvmSlot) -> VmHandle {
         VmHandle {
+            probe,
             started: Instant::now(),
             vcpus,
             memory_mib,
             exit,
             stopping: AtomicBool::new(false),
         }
+    }
+}
+
+impl VmHandle {
+    fn view(&self) -> Result<&KvmView, String> {
+        self.probe
+            .get()
+            .ok_or_else(|| "the VM has not started yet".to_string())
     }
 }
 
@@ -37,6 +50,14 @@ impl vmm_api::VmControl for VmHandle {
             memory_mib: self.memory_mib,
             uptime: self.started.elapsed(),
         }
+    }
+
+    fn kvm_state(&self) -> Result<serde_json::Value, String> {
+        Ok(self.view()?.vm_state())
+    }
+
+    fn vcpu_state(&self) -> Result<serde_json::Value, String> {
+        Ok(self.view()?.vcpu_states())
     }
 
     fn shutdown(&self) -> Result<(), String> {

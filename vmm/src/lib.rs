@@ -10,6 +10,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod network;
+pub mod probe;
 pub mod seccomp;
 pub mod storage;
 pub mod vcpu;

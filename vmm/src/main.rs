@@ -92,14 +92,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let api = match start_api(&cli, &cfg, &disks, &nics, &registry, &exit) {
+    // KVM's state for the API's `/vm/kvm` and `/vm/vcpus`, once the VM exists.
+    let probe = vmm::probe::KvmSlot::default();
+    let api = match start_api(&cli, &cfg, &disks, &nics, &registry, &exit, &probe) {
         Ok(api) => api,
         Err(e) => {
             eprintln!("vmm: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outcome = vm::run(&cfg, &disks, &nics, &exit, &signals);
+    let outcome = vm::run(&cfg, &disks, &nics, &exit, &signals, Some(&probe));
     // Orderly shutdown (the vCPUs have stopped): each disk serves what the guest queued,
     // then its chain is flushed (a write-back cache writes back, encrypt commits) and its
     // instances are destroyed, all on the disk's I/O thread.
@@ -158,6 +160,7 @@ fn start_api(
     nics: &[network::Nic],
     registry: &std::sync::Arc<compat::PluginRegistry>,
     exit: &vmm_sys_util::eventfd::EventFd,
+    probe: &vmm::probe::KvmSlot,
 ) -> Result<Option<vmm_api::Server>, String> {
     let Some(path) = cli
         .api_sock
@@ -169,7 +172,12 @@ fn start_api(
     let exit = exit
         .try_clone()
         .map_err(|e| format!("api: cannot share the exit eventfd: {e}"))?;
-    let vm = control::VmHandle::new(cfg.machine.vcpus, cfg.machine.memory_mib, exit);
+    let vm = control::VmHandle::new(
+        cfg.machine.vcpus,
+        cfg.machine.memory_mib,
+        exit,
+        probe.clone(),
+    );
     let api_disks = disks
         .iter()
         .map(|d| {

@@ -44,6 +44,8 @@ pub struct Vcpu {
     pub failed: Arc<AtomicBool>,
     /// Set by the main thread to stop every vCPU (then it sends the kick signal).
     pub stop: Arc<AtomicBool>,
+    /// The API's requests for this vCPU's state (`GET /vm/vcpus`), answered between runs.
+    pub probe: Arc<crate::probe::VcpuProbe>,
 }
 
 impl Vcpu {
@@ -61,6 +63,7 @@ impl Vcpu {
             if self.stop.load(Ordering::SeqCst) {
                 return VcpuEnd::Stopped;
             }
+            self.probe.serve(self.id, &self.fd);
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {

@@ -3,6 +3,7 @@
 use crate::config::VmConfig;
 use crate::layout::*;
 use crate::network::Nic;
+use crate::probe::{KvmSlot, KvmView, VcpuProbe};
 use crate::storage::Disk;
 use crate::vcpu::Vcpu;
 use crate::{boot, cpu, memory, mptable};
@@ -291,15 +292,18 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
 
 /// Runs the guest until it resets, a vCPU fails, or something writes `exit` (the API's
 /// shutdown action).
+/// `probe`, when given, is filled in once the VM and its vCPUs exist (the API reads KVM's
+/// state through it).
 pub fn run(
     cfg: &VmConfig,
     disks: &[Disk],
     nics: &[Nic],
     exit: &EventFd,
     signals: &StopSignals,
+    probe: Option<&KvmSlot>,
 ) -> Result<Outcome> {
     let kvm = Kvm::new().context("opening /dev/kvm")?;
-    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
     vm.set_tss_address(TSS_ADDR as usize)
         .context("KVM_SET_TSS_ADDR")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
@@ -371,8 +375,10 @@ pub fn run(
             exit: exit.try_clone()?,
             failed: failed.clone(),
             stop: stop.clone(),
+            probe: Arc::new(VcpuProbe::default()),
         });
     }
+    let probes: Vec<Arc<VcpuProbe>> = vcpus.iter().map(|v| v.probe.clone()).collect();
     let mut threads = Vec::new();
     for v in vcpus {
         let id = v.id;
@@ -384,12 +390,22 @@ pub fn run(
             })
             .with_context(|| format!("starting vcpu{id}"));
         match started {
-            Ok(t) => threads.push(t),
+            Ok(t) => {
+                use std::os::unix::thread::JoinHandleExt;
+                probes[usize::from(id)].set_thread(t.as_pthread_t());
+                threads.push(t);
+            }
             Err(e) => {
                 stop_vcpus(&stop, threads);
                 return Err(e);
             }
         }
+    }
+    if let Some(slot) = probe {
+        let _ = slot.set(KvmView {
+            vm: vm.clone(),
+            vcpus: probes,
+        });
     }
     // The first vCPU to end (reset or failure), the API's shutdown or a stop signal wakes
     // us; then every vCPU stops before the disks are settled. Every thread has started:

@@ -77,7 +77,8 @@ pub fn run(steps: &str, sock: &Path, vmm_gone: &AtomicBool) -> (Value, Vec<Strin
     (Value::Array(report), problems)
 }
 
-fn get(sock: &Path, path: &str) -> Result<Value, String> {
+/// `GET path` on vmm's API: the JSON answer, or what went wrong.
+pub fn get(sock: &Path, path: &str) -> Result<Value, String> {
     let a = request(sock, "GET", path, None).map_err(|e| format!("GET {path}: {e}"))?;
     if a.status != 200 {
         return Err(format!("GET {path}: {} {}", a.status, a.body));

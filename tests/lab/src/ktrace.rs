@@ -1,8 +1,10 @@
 //! KVM's trace events while a guest runs in the lab, for the report of a guest that runs
-//! past its limit: the vCPU's last writes of its TSC-deadline timer, the interrupts KVM
-//! injected and the vCPU's wake-ups from halt. A guest that hangs with every device queue
-//! answered and its vCPU halted waits for an interrupt that never comes; these events say
-//! whether its timer was set, to when, and whether KVM delivered it.
+//! past its limit: the vCPU's last writes of its TSC-deadline timer, the interrupts its
+//! local APIC accepted and KVM injected, the guest's EOIs (also the paravirtual ones), the
+//! vCPU's wake-ups from halt, rewrites of its TSC offset and kvmclock, and asynchronous
+//! page faults. A guest that hangs with every device queue answered and its vCPU halted
+//! waits for an interrupt that never comes; these events say whether its timer was set,
+//! to when, and whether KVM delivered it.
 //!
 //! Only inside the lab VM (the machine is ours alone) and only when `VMM_LAB_KVM_TRACE=1`
 //! (scripts/test.sh sets it): tracing costs the emulated CPU, so benches run without it.
@@ -19,11 +21,19 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// MSR_IA32_TSC_DEADLINE: a guest arms its local APIC timer by writing it.
 const TSC_DEADLINE_MSR: u32 = 0x6e0;
 
-/// The events recorded, with their filters.
-const EVENTS: [(&str, Option<&str>); 3] = [
+/// The events recorded, with their filters. An event this kernel lacks is left out.
+const EVENTS: [(&str, Option<&str>); 11] = [
     ("kvm/kvm_msr", Some("ecx == 0x6e0")),
+    ("kvm/kvm_apic_accept_irq", None),
     ("kvm/kvm_inj_virq", None),
+    ("kvm/kvm_eoi", None),
+    ("kvm/kvm_pv_eoi", None),
     ("kvm/kvm_vcpu_wakeup", None),
+    ("kvm/kvm_write_tsc_offset", None),
+    ("kvm/kvm_pvclock_update", None),
+    ("kvm/kvm_async_pf_not_present", None),
+    ("kvm/kvm_async_pf_ready", None),
+    ("kvm/kvm_async_pf_completed", None),
 ];
 
 /// A trace being recorded; stopped when dropped.
@@ -65,15 +75,44 @@ impl KvmTrace {
 
     fn arm(&self) -> std::io::Result<()> {
         self.write("tracing_on", "0")?;
-        self.write("buffer_size_kb", "256")?;
+        self.write("buffer_size_kb", "512")?;
         self.write("trace", "")?;
+        let mut armed = 0;
         for (event, filter) in EVENTS {
+            if !self.root.join("events").join(event).exists() {
+                continue;
+            }
             if let Some(f) = filter {
                 self.write(&format!("events/{event}/filter"), f)?;
             }
             self.write(&format!("events/{event}/enable"), "1")?;
+            armed += 1;
+        }
+        if armed == 0 {
+            return Err(std::io::Error::other("none of KVM's trace events exist"));
         }
         self.write("tracing_on", "1")
+    }
+
+    /// Empties the buffer and records again: what comes after says whether the guest ran.
+    pub fn restart(&self) {
+        let _ = self.write("tracing_on", "0");
+        let _ = self.write("trace", "");
+        let _ = self.write("tracing_on", "1");
+    }
+
+    /// The event lines recorded since the start or the last [`KvmTrace::restart`], up to
+    /// `lines` of the first ones (tracing goes on).
+    pub fn first_events(&self, lines: usize) -> Vec<String> {
+        match std::fs::read_to_string(self.root.join("trace")) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .take(lines)
+                .map(str::to_string)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     fn disarm(&self) {

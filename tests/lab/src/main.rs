@@ -6,12 +6,14 @@
 //!   lab guest --task "selftest"      boot the guest once and check its report
 //!   lab bench                        boot time (median of N) and the fio table
 //!   lab pair --a-task .. --b-task ..  two guests under vmm on one bridge, at once
+//!   lab soak --boots 100             many short boots per variant, counting hangs
 
 mod bench;
 mod chart;
 mod cpu;
 mod netbench;
 mod pair;
+mod soak;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -47,6 +49,11 @@ enum Cmd {
     /// on) guest to host, host to guest and guest to guest, and vmm with frame encryption,
     /// in one lab session; a table, a chart and JSON.
     Netbench(netbench::NetBenchArgs),
+    /// Many short boots of each variant (vmm, QEMU, QEMU without ACPI, each optionally with
+    /// guest kernel parameters) in one lab session, alternating, optionally with the host
+    /// or the lab kept busy: counts the guests that hang and keeps each hang's report
+    /// (docs/lab.md, "The halted guest").
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -354,6 +361,15 @@ fn run(cli: Cli) -> Result<i32> {
                 return Ok(code);
             }
             cmd_pair(a)
+        }
+        Cmd::Soak(a) => {
+            if std::env::var_os(labvm::INSIDE_ENV).is_none() {
+                soak::hog_host(&a);
+            }
+            if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {
+                return Ok(code);
+            }
+            soak::run(a)
         }
         Cmd::Netbench(a) => {
             // Built out here: the lab VM has no toolchain.

@@ -244,6 +244,8 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     let ops = api.spec.operations();
     for path in [
         "/vm",
+        "/vm/kvm",
+        "/vm/vcpus",
         "/devices",
         "/interceptors",
         "/interceptors/{id}",

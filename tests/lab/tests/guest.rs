@@ -231,6 +231,37 @@ fn a_guest_that_runs_past_its_limit_is_reported_with_vmms_threads_and_queues() {
         text.contains("kvm_inj_virq") && text.contains("last TSC-deadline write: 0x"),
         "{text}"
     );
+    // Read first, without touching the vCPU: the IOAPIC with the pins the guest set up (its
+    // disks' edge-triggered lines among them) and KVM's clock.
+    let vm_wide = text
+        .lines()
+        .skip_while(|l| !l.contains("KVM's VM-wide state, read first"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no VM-wide state in:\n{text}"));
+    let vm_wide: serde_json::Value = serde_json::from_str(vm_wide).unwrap();
+    assert!(vm_wide["clock"]["ns"].as_u64().unwrap() > 0, "{vm_wide}");
+    let pins = vm_wide["ioapic"]["pins"].as_array().unwrap();
+    assert!(
+        pins.iter()
+            .any(|p| p["masked"] == false && p["level"] == false),
+        "{vm_wide}"
+    );
+    // Then the vCPU, kicked out of KVM_RUN: its local APIC's timer in TSC-deadline mode (the
+    // guest's only clock event device) and the MSRs it set.
+    let vcpu = text
+        .lines()
+        .find(|l| l.starts_with("vcpu0: "))
+        .unwrap_or_else(|| panic!("no vCPU state in:\n{text}"));
+    assert!(
+        vcpu.contains("timer=tsc-deadline 0xec masked=false"),
+        "{vcpu}"
+    );
+    assert!(text.contains("\"kvm_pv_eoi_en\":\"0x"), "{text}");
+    // This guest was busy, so it ran on right after the kick.
+    assert!(
+        text.contains("the guest ran again after its vCPU left KVM_RUN"),
+        "{text}"
+    );
     // fio had been reading the data disk: its queue took many requests, all answered
     // (this guest was busy, not hung).
     let lines: Vec<&str> = text.lines().collect();

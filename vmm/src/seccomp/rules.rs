@@ -42,12 +42,31 @@ pub(super) fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String
         .collect()
 }
 
-/// The KVM ioctls a vCPU thread makes, by number (include/uapi/linux/kvm.h).
+/// The KVM ioctls the vCPU and API threads make, by number (include/uapi/linux/kvm.h).
 pub(super) mod kvm {
-    use kvm_bindings::KVMIO;
-    use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
+    use kvm_bindings::*;
+    use std::mem::size_of;
+    use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+    const fn ior<T>(nr: u32) -> u64 {
+        ioctl_expr(_IOC_READ, KVMIO, nr, size_of::<T>() as u32) as u64
+    }
+
+    const fn iowr<T>(nr: u32) -> u64 {
+        ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size_of::<T>() as u32) as u64
+    }
 
     pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
+    /// What `GET /vm/vcpus` reads on a vCPU's thread (vmm/src/probe.rs).
+    pub const VCPU_PROBE: [u64; 5] = [
+        ior::<kvm_regs>(0x81),
+        iowr::<kvm_msrs>(0x88),
+        ior::<kvm_lapic_state>(0x8e),
+        ior::<kvm_mp_state>(0x98),
+        ior::<kvm_vcpu_events>(0x9f),
+    ];
+    /// What `GET /vm/kvm` reads on the API's threads: KVM_GET_IRQCHIP, KVM_GET_CLOCK.
+    pub const VM_PROBE: [u64; 2] = [iowr::<kvm_irqchip>(0x62), ior::<kvm_clock_data>(0x7c)];
 }
 
 /// What every thread may call: memory for the allocator, futexes, time, its own signal
@@ -271,6 +290,8 @@ pub(super) fn rules(kind: ThreadKind, pid: u64) -> Result<Rules, String> {
         ThreadKind::Vcpu => {
             base(&mut r, pid)?;
             allow_if(&mut r, libc::SYS_ioctl, any_of(1, &[kvm::KVM_RUN])?);
+            // Its state for the API (`GET /vm/vcpus`): reads only.
+            allow_if(&mut r, libc::SYS_ioctl, any_of(1, &kvm::VCPU_PROBE)?);
             // A device's activation clones its eventfds.
             allow_if(
                 &mut r,
@@ -298,6 +319,11 @@ pub(super) fn rules(kind: ThreadKind, pid: u64) -> Result<Rules, String> {
                 &mut r,
                 &[libc::SYS_accept4, libc::SYS_recvfrom, libc::SYS_shutdown],
             );
+            // `GET /vm/kvm` reads the VM's interrupt controllers and clock; `GET
+            // /vm/vcpus` kicks each vCPU out of KVM_RUN (their signal, to this process
+            // only) so that it reads its own state.
+            allow_if(&mut r, libc::SYS_ioctl, any_of(1, &kvm::VM_PROBE)?);
+            kick_vcpus(&mut r, pid)?;
         }
         ThreadKind::Main => {
             device(&mut r, pid)?;
@@ -305,17 +331,23 @@ pub(super) fn rules(kind: ThreadKind, pid: u64) -> Result<Rules, String> {
             // signalfd), kicking the vCPUs out of KVM_RUN (their signal, to this process
             // only), removing the API socket.
             allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_unlink]);
-            allow_if(
-                &mut r,
-                libc::SYS_tgkill,
-                vec![rule(vec![
-                    cond32(0, Op::Eq, pid)?,
-                    cond32(2, Op::Eq, crate::vcpu::kick_signal() as u64)?,
-                ])?],
-            );
+            kick_vcpus(&mut r, pid)?;
         }
     }
     Ok(r)
+}
+
+/// The vCPUs' kick signal, to a thread of this process only.
+fn kick_vcpus(r: &mut Rules, pid: u64) -> Result<(), String> {
+    allow_if(
+        r,
+        libc::SYS_tgkill,
+        vec![rule(vec![
+            cond32(0, Op::Eq, pid)?,
+            cond32(2, Op::Eq, crate::vcpu::kick_signal() as u64)?,
+        ])?],
+    );
+    Ok(())
 }
 
 /// A second filter for the API thread: clone3 answers ENOSYS, everything else passes on to

@@ -146,7 +146,14 @@ pub(super) fn qemu_command(spec: &GuestSpec) -> Command {
         "-name",
         "guest,debug-threads=on",
     ])
-    .args(crate::qemu_base_args(spec.vcpus, spec.mem_mib))
+    .args(
+        crate::qemu_base_args(spec.vcpus, spec.mem_mib)
+            .into_iter()
+            .map(|a| match (a.as_str(), spec.backend) {
+                ("pc", Backend::QemuNoAcpi) => "pc,acpi=off,hpet=off".to_string(),
+                _ => a,
+            }),
+    )
     .arg("-kernel")
     .arg(&spec.image.bzimage)
     .args(["-append", &kernel_cmdline(spec)]);

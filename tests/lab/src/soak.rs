@@ -1,0 +1,323 @@
+//! `lab soak`: many short boots of each variant in one lab session, counting the guests
+//! that hang (run past a short limit) and keeping each hang's full report. For faults too
+//! rare for a bench to show, such as the halted guest of docs/lab.md: variants alternate
+//! boot by boot, so that a slow or busy stretch of the session falls on all of them, and
+//! the host or the lab can be kept busy beside the guests (`--hog-host`, `--hog-lab`).
+
+use crate::{spec_for, GuestOpts};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+use vmm_lab::guest::{self, Backend, Scratch, VmmExit};
+
+#[derive(Args, Debug)]
+pub struct SoakArgs {
+    /// Boots of each variant.
+    #[arg(long, default_value_t = 20)]
+    pub boots: usize,
+    /// The variants, comma-separated: `vmm`, `qemu` (virtio-blk-pci, ACPI), `qemu-noacpi`
+    /// (QEMU shaped like vmm: no ACPI, no HPET; the MP table and the local APIC's timer
+    /// only). Each may carry guest kernel parameters after a colon, `+` for a space, to
+    /// test one hypothesis against the plain variant in the same session:
+    /// `vmm:no-kvmapf`, `vmm:no-kvmclock+tsc=reliable`.
+    #[arg(long, value_delimiter = ',', default_value = "vmm,qemu,qemu-noacpi")]
+    pub variants: Vec<String>,
+    /// The guest's task on every boot (init's task words).
+    #[arg(long, default_value = "fio=randread-4k-qd1")]
+    pub task: String,
+    /// Seconds each fio job runs (replaces --fio-runtime).
+    #[arg(long, default_value_t = 1)]
+    pub fio_seconds: u32,
+    /// A boot that has not ended after this many seconds is a hang (replaces --timeout);
+    /// a normal one takes 10 to 30 s in the lab.
+    #[arg(long, default_value_t = 90)]
+    pub limit: u64,
+    /// Busy threads on the host beside the lab VM while the boots run (contention, as
+    /// when a second lab session shares the host).
+    #[arg(long, default_value_t = 0)]
+    pub hog_host: usize,
+    /// Busy threads inside the lab VM, beside the guests' VMMs.
+    #[arg(long, default_value_t = 0)]
+    pub hog_lab: usize,
+    /// Directory for the hang reports, one text file each (default: build/soak).
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
+    /// Write every boot's outcome and the counts as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: GuestOpts,
+}
+
+/// A variant: a backend and the guest kernel parameters added to its command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    pub label: String,
+    pub backend: Backend,
+    pub params: String,
+}
+
+/// `BACKEND[:PARAM+PARAM..]`.
+pub fn parse_variant(s: &str) -> Result<Variant> {
+    let (name, params) = s.split_once(':').unwrap_or((s, ""));
+    let backend = match name.trim() {
+        "vmm" => Backend::Vmm,
+        "qemu" => Backend::Qemu,
+        "qemu-noacpi" => Backend::QemuNoAcpi,
+        "qemu-io_uring" => Backend::QemuIoUring,
+        other => bail!("{other:?}: a variant is vmm, qemu, qemu-noacpi or qemu-io_uring"),
+    };
+    let params = params.replace('+', " ");
+    if params
+        .split_whitespace()
+        .any(|w| w.contains('"') || w.starts_with("init="))
+    {
+        bail!("{s:?}: kernel parameters without quotes, and not init=");
+    }
+    Ok(Variant {
+        label: s.trim().to_string(),
+        backend,
+        params: params.split_whitespace().collect::<Vec<_>>().join(" "),
+    })
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Counts {
+    pub boots: usize,
+    pub ok: usize,
+    pub hangs: usize,
+    pub other_failures: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Boot {
+    variant: String,
+    n: usize,
+    outcome: &'static str,
+    seconds: f64,
+    report: Option<PathBuf>,
+}
+
+/// Spins until the process ends: a CPU kept busy beside the guests.
+fn hog(n: usize) {
+    for _ in 0..n {
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+    }
+}
+
+/// The host's busy threads, before the command moves into the lab.
+pub fn hog_host(a: &SoakArgs) {
+    hog(a.hog_host);
+}
+
+/// The order of the variants in round `r`: rotated each round, so that none always boots
+/// right after another.
+pub fn round_order(n: usize, r: usize) -> Vec<usize> {
+    (0..n).map(|i| (i + r) % n.max(1)).collect()
+}
+
+pub fn run(a: SoakArgs) -> Result<i32> {
+    let variants = a
+        .variants
+        .iter()
+        .map(|v| parse_variant(v))
+        .collect::<Result<Vec<_>>>()?;
+    if variants.is_empty() || a.boots == 0 {
+        bail!("nothing to boot: give --variants and --boots");
+    }
+    hog(a.hog_lab);
+    let reports = a
+        .reports
+        .clone()
+        .unwrap_or_else(|| vmm_lab::paths::build_dir().join("soak"));
+    std::fs::create_dir_all(&reports).with_context(|| format!("creating {}", reports.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let scratch = Scratch::new("soak")?;
+    let mut counts: Vec<Counts> = variants.iter().map(|_| Counts::default()).collect();
+    let mut boots = Vec::new();
+    let total = a.boots * variants.len();
+    eprintln!(
+        "lab soak: {} boots of each of {} (task {:?}, hang after {} s, {} busy host thread(s), {} in the lab)",
+        a.boots,
+        a.variants.join(", "),
+        a.task,
+        a.limit,
+        a.hog_host,
+        a.hog_lab
+    );
+    let t0 = Instant::now();
+    for round in 0..a.boots {
+        for i in round_order(variants.len(), round) {
+            let v = &variants[i];
+            let mut opts = a.opts.clone();
+            opts.backend = v.backend;
+            opts.fio_runtime = a.fio_seconds;
+            opts.timeout = a.limit;
+            let task = format!("{} {}", a.task, v.params);
+            let spec = spec_for(&opts, task.trim(), &scratch)?;
+            let start = Instant::now();
+            let run = guest::boot(&spec)?;
+            let seconds = start.elapsed().as_secs_f64();
+            let c = &mut counts[i];
+            c.boots += 1;
+            let outcome = match (run.ok(), run.vmm_exit) {
+                (true, _) => {
+                    c.ok += 1;
+                    "ok"
+                }
+                (false, VmmExit::Timeout) => {
+                    c.hangs += 1;
+                    "hang"
+                }
+                (false, _) => {
+                    c.other_failures += 1;
+                    "failed"
+                }
+            };
+            let report = (outcome != "ok").then(|| {
+                reports.join(format!(
+                    "{stamp}-{}-{}.txt",
+                    v.label.replace(['/', ' ', ':', '+'], "_"),
+                    c.boots
+                ))
+            });
+            if let Some(path) = &report {
+                let mut text = format!(
+                    "lab soak {stamp}: {} boot {} of {}: {outcome} after {seconds:.1} s\n\n",
+                    v.label, c.boots, a.boots
+                );
+                for p in &run.problems {
+                    text.push_str(&format!("problem: {p}\n\n"));
+                }
+                text.push_str("console:\n");
+                text.push_str(&run.transcript);
+                std::fs::write(path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            eprintln!(
+                "lab soak: [{}/{total}, {:.0} min] {} boot {}: {outcome} in {seconds:.1} s{}",
+                boots.len() + 1,
+                t0.elapsed().as_secs_f64() / 60.0,
+                v.label,
+                c.boots,
+                report
+                    .as_ref()
+                    .map(|p| format!(" (report: {})", p.display()))
+                    .unwrap_or_default()
+            );
+            boots.push(Boot {
+                variant: v.label.clone(),
+                n: c.boots,
+                outcome,
+                seconds,
+                report,
+            });
+        }
+    }
+    if let Some(path) = &a.json {
+        let value = serde_json::json!({
+            "task": a.task,
+            "limit_s": a.limit,
+            "hog_host": a.hog_host,
+            "hog_lab": a.hog_lab,
+            "variants": variants,
+            "counts": counts,
+            "boots": boots,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&value)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", render(&variants, &counts));
+    Ok(if counts.iter().all(|c| c.ok == c.boots) {
+        0
+    } else {
+        1
+    })
+}
+
+/// The counts as a table; the last lines give each variant's hangs as `hangs LABEL: H/N`.
+pub fn render(variants: &[Variant], counts: &[Counts]) -> String {
+    let w = variants
+        .iter()
+        .map(|v| v.label.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    let mut out = format!(
+        "{:w$}  {:>6}  {:>6}  {:>6}  {:>6}\n",
+        "variant", "boots", "ok", "hangs", "failed"
+    );
+    for (v, c) in variants.iter().zip(counts) {
+        out.push_str(&format!(
+            "{:w$}  {:>6}  {:>6}  {:>6}  {:>6}\n",
+            v.label, c.boots, c.ok, c.hangs, c.other_failures
+        ));
+    }
+    for (v, c) in variants.iter().zip(counts) {
+        out.push_str(&format!("hangs {}: {}/{}\n", v.label, c.hangs, c.boots));
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_name_a_backend_and_the_parameters_they_add() {
+        let v = parse_variant("vmm:no-kvmapf+tsc=reliable").unwrap();
+        assert_eq!(v.backend, Backend::Vmm);
+        assert_eq!(v.params, "no-kvmapf tsc=reliable");
+        assert_eq!(v.label, "vmm:no-kvmapf+tsc=reliable");
+        assert_eq!(
+            parse_variant("qemu-noacpi").unwrap().backend,
+            Backend::QemuNoAcpi
+        );
+        assert_eq!(parse_variant("qemu").unwrap().params, "");
+        assert!(parse_variant("xen").is_err());
+        assert!(parse_variant("vmm:init=/bin/sh").is_err());
+        assert!(parse_variant("vmm:a=\"b\"").is_err());
+    }
+
+    #[test]
+    fn each_round_starts_with_another_variant() {
+        assert_eq!(round_order(3, 0), vec![0, 1, 2]);
+        assert_eq!(round_order(3, 1), vec![1, 2, 0]);
+        assert_eq!(round_order(3, 2), vec![2, 0, 1]);
+        assert_eq!(round_order(1, 5), vec![0]);
+    }
+
+    #[test]
+    fn the_table_ends_with_each_variants_hang_count() {
+        let vs = vec![
+            parse_variant("vmm").unwrap(),
+            parse_variant("qemu").unwrap(),
+        ];
+        let cs = vec![
+            Counts {
+                boots: 10,
+                ok: 8,
+                hangs: 1,
+                other_failures: 1,
+            },
+            Counts {
+                boots: 10,
+                ok: 10,
+                ..Counts::default()
+            },
+        ];
+        let t = render(&vs, &cs);
+        let last: Vec<&str> = t.lines().rev().take(2).collect();
+        assert_eq!(last, vec!["hangs qemu: 0/10", "hangs vmm: 1/10"]);
+        assert!(t.lines().nth(1).unwrap().starts_with("vmm "));
+    }
+}
