@@ -30,3 +30,32 @@ lock_cache() {
     exec 9>"$CACHE_DIR/.lock-$1"
     flock 9
 }
+
+# run_step NAME CMD ARGS..: runs a step of a script that goes on past a failed step; a
+# failure is remembered (STEPS_FAILED) and said at once, and steps_summary ends the script.
+STEPS_FAILED=()
+run_step() {
+    local name=$1 rc=0
+    shift
+    "$@" || rc=$?
+    if [ "$rc" != 0 ]; then
+        STEPS_FAILED+=("$name (exit $rc)")
+        printf '%s: step failed: %s (exit %s); going on with the next one\n' \
+            "$(basename "$0")" "$name" "$rc" >&2
+    fi
+    return 0
+}
+
+# steps_summary WHAT HINT: one line per failed step and exit 1, or a line that all passed.
+steps_summary() {
+    local what=$1 hint=$2 f
+    if [ "${#STEPS_FAILED[@]}" -gt 0 ]; then
+        step "$what finished with ${#STEPS_FAILED[@]} failed step(s)"
+        for f in "${STEPS_FAILED[@]}"; do
+            printf '%s: FAILED: %s\n' "$what" "$f" >&2
+        done
+        printf '%s: %s\n' "$what" "$hint" >&2
+        exit 1
+    fi
+    step "$what finished: every step passed"
+}

@@ -271,6 +271,14 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
     if !params.is_empty() {
         append.push_str(&format!(" lab.kvm={params}"));
     }
+    // VMM_LAB_CMDLINE: more parameters for the lab kernel (e.g. `tsc=reliable`, to test
+    // whether its unstable TSC matters: docs/lab.md, "The halted guest").
+    if let Ok(extra) = std::env::var("VMM_LAB_CMDLINE") {
+        for word in extra.split_whitespace() {
+            append.push(' ');
+            append.push_str(word);
+        }
+    }
     // VMM_LAB_ACCEL: QEMU's -accel value for the lab VM (e.g. "tcg,thread=single").
     let accel = std::env::var("VMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".to_string());
     let mut cmd = Command::new("qemu-system-x86_64");
