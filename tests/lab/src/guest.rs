@@ -417,6 +417,9 @@ fn boot_once(spec: &GuestSpec, init_deadline: Option<Duration>) -> Result<GuestR
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start the {} backend", spec.backend.name()))?;
+    if let Some(t) = &ktrace {
+        t.follow(child.id());
+    }
     let mut serial_in = child.stdin.take();
     let mut shell_ready = if held_input { serial_in.take() } else { None }.map(|pipe| {
         let (ready, wait) = mpsc::channel::<()>();

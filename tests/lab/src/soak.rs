@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Instant;
 use vmm_lab::guest::{self, Backend, Scratch, VmmExit};
 
@@ -41,6 +42,10 @@ pub struct SoakArgs {
     /// Busy threads inside the lab VM, beside the guests' VMMs.
     #[arg(long, default_value_t = 0)]
     pub hog_lab: usize,
+    /// Guests booted at once (1 to 4): with 2, each guest has another busy guest beside
+    /// it in the lab, and the session does twice the boots in the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub parallel: u8,
     /// Directory for the hang reports, one text file each (default: build/soak).
     #[arg(long)]
     pub reports: Option<PathBuf>,
@@ -89,6 +94,13 @@ pub struct Counts {
     pub ok: usize,
     pub hangs: usize,
     pub other_failures: usize,
+}
+
+/// What the workers share: the next boot of the plan, the counts, the boots done.
+struct Tally {
+    next: usize,
+    counts: Vec<Counts>,
+    boots: Vec<Boot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,94 +153,140 @@ pub fn run(a: SoakArgs) -> Result<i32> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let scratch = Scratch::new("soak")?;
-    let mut counts: Vec<Counts> = variants.iter().map(|_| Counts::default()).collect();
-    let mut boots = Vec::new();
-    let total = a.boots * variants.len();
+    // Every boot in order: one of each variant per round, the order rotated each round.
+    let plan: Vec<usize> = (0..a.boots)
+        .flat_map(|round| round_order(variants.len(), round))
+        .collect();
+    let total = plan.len();
     eprintln!(
-        "lab soak: {} boots of each of {} (task {:?}, hang after {} s, {} busy host thread(s), {} in the lab)",
+        "lab soak: {} boots of each of {}, {} at once (task {:?}, hang after {} s, {} busy host thread(s), {} in the lab)",
         a.boots,
         a.variants.join(", "),
+        a.parallel,
         a.task,
         a.limit,
         a.hog_host,
         a.hog_lab
     );
     let t0 = Instant::now();
-    for round in 0..a.boots {
-        for i in round_order(variants.len(), round) {
-            let v = &variants[i];
-            let mut opts = a.opts.clone();
-            opts.backend = v.backend;
-            opts.fio_runtime = a.fio_seconds;
-            opts.timeout = a.limit;
-            let task = format!("{} {}", a.task, v.params);
-            let spec = spec_for(&opts, task.trim(), &scratch)?;
-            let start = Instant::now();
-            let run = guest::boot(&spec)?;
-            let seconds = start.elapsed().as_secs_f64();
-            let c = &mut counts[i];
-            c.boots += 1;
-            let outcome = match (run.ok(), run.vmm_exit) {
-                (true, _) => {
-                    c.ok += 1;
-                    "ok"
-                }
-                (false, VmmExit::Timeout) => {
-                    c.hangs += 1;
-                    "hang"
-                }
-                (false, _) => {
-                    c.other_failures += 1;
-                    "failed"
-                }
-            };
-            let report = (outcome != "ok").then(|| {
-                reports.join(format!(
-                    "{stamp}-{}-{}.txt",
-                    v.label.replace(['/', ' ', ':', '+'], "_"),
-                    c.boots
-                ))
-            });
-            if let Some(path) = &report {
-                let mut text = format!(
-                    "lab soak {stamp}: {} boot {} of {}: {outcome} after {seconds:.1} s\n\n",
-                    v.label, c.boots, a.boots
-                );
-                for p in &run.problems {
-                    text.push_str(&format!("problem: {p}\n\n"));
-                }
-                text.push_str("console:\n");
-                text.push_str(&run.transcript);
-                std::fs::write(path, text)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            eprintln!(
-                "lab soak: [{}/{total}, {:.0} min] {} boot {}: {outcome} in {seconds:.1} s{}",
-                boots.len() + 1,
-                t0.elapsed().as_secs_f64() / 60.0,
-                v.label,
-                c.boots,
-                report
-                    .as_ref()
-                    .map(|p| format!(" (report: {})", p.display()))
-                    .unwrap_or_default()
-            );
-            boots.push(Boot {
-                variant: v.label.clone(),
-                n: c.boots,
-                outcome,
-                seconds,
-                report,
-            });
+    let state = Mutex::new(Tally {
+        next: 0,
+        counts: variants.iter().map(|_| Counts::default()).collect(),
+        boots: Vec::new(),
+    });
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..a.parallel)
+            .map(|w| {
+                let (a, variants, plan, state, reports) = (&a, &variants, &plan, &state, &reports);
+                scope.spawn(move || -> Result<()> {
+                    let scratch = Scratch::new(&format!("soak{w}"))?;
+                    // Guests at once each get a copy of the root image: on the lab's 9p
+                    // share, vmm's flock of the cached one reads as a POSIX lock that
+                    // QEMU's image locking refuses to share.
+                    let rootfs = if a.parallel > 1 {
+                        let cached = vmm_lab::paths::guest_image()?.rootfs_ext4;
+                        let copy = scratch.path().join("rootfs.ext4");
+                        std::fs::copy(&cached, &copy)
+                            .with_context(|| format!("copying {}", cached.display()))?;
+                        Some(copy)
+                    } else {
+                        None
+                    };
+                    loop {
+                        let i = {
+                            let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
+                            let Some(&i) = plan.get(t.next) else {
+                                return Ok(());
+                            };
+                            t.next += 1;
+                            i
+                        };
+                        let v = &variants[i];
+                        let mut opts = a.opts.clone();
+                        opts.backend = v.backend;
+                        opts.fio_runtime = a.fio_seconds;
+                        opts.timeout = a.limit;
+                        let task = format!("{} {}", a.task, v.params);
+                        let mut spec = spec_for(&opts, task.trim(), &scratch)?;
+                        spec.control_sock = Some(scratch.path().join("api.sock"));
+                        if let Some(r) = &rootfs {
+                            spec.image.rootfs_ext4 = r.clone();
+                        }
+                        let start = Instant::now();
+                        let run = guest::boot(&spec)?;
+                        let seconds = start.elapsed().as_secs_f64();
+                        let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
+                        let c = &mut t.counts[i];
+                        c.boots += 1;
+                        let n = c.boots;
+                        let outcome = match (run.ok(), run.vmm_exit) {
+                            (true, _) => {
+                                c.ok += 1;
+                                "ok"
+                            }
+                            (false, VmmExit::Timeout) => {
+                                c.hangs += 1;
+                                "hang"
+                            }
+                            (false, _) => {
+                                c.other_failures += 1;
+                                "failed"
+                            }
+                        };
+                        let report = (outcome != "ok").then(|| {
+                            reports.join(format!(
+                                "{stamp}-{}-{n}.txt",
+                                v.label.replace(['/', ' ', ':', '+'], "_")
+                            ))
+                        });
+                        if let Some(path) = &report {
+                            let mut text = format!(
+                                "lab soak {stamp}: {} boot {n} of {}: {outcome} after {seconds:.1} s ({} at once)\n\n",
+                                v.label, a.boots, a.parallel
+                            );
+                            for p in &run.problems {
+                                text.push_str(&format!("problem: {p}\n\n"));
+                            }
+                            text.push_str("console:\n");
+                            text.push_str(&run.transcript);
+                            std::fs::write(path, text)
+                                .with_context(|| format!("writing {}", path.display()))?;
+                        }
+                        eprintln!(
+                            "lab soak: [{}/{total}, {:.0} min] {} boot {n}: {outcome} in {seconds:.1} s{}",
+                            t.boots.len() + 1,
+                            t0.elapsed().as_secs_f64() / 60.0,
+                            v.label,
+                            report
+                                .as_ref()
+                                .map(|p| format!(" (report: {})", p.display()))
+                                .unwrap_or_default()
+                        );
+                        t.boots.push(Boot {
+                            variant: v.label.clone(),
+                            n,
+                            outcome,
+                            seconds,
+                            report,
+                        });
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a soak worker panicked"))??;
         }
-    }
+        Ok(())
+    })?;
+    let Tally { counts, boots, .. } = state.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(path) = &a.json {
         let value = serde_json::json!({
             "task": a.task,
             "limit_s": a.limit,
             "hog_host": a.hog_host,
             "hog_lab": a.hog_lab,
+            "parallel": a.parallel,
             "variants": variants,
             "counts": counts,
             "boots": boots,

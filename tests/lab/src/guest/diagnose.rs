@@ -66,6 +66,8 @@ pub(super) struct HangProbe<'a> {
 pub(super) fn hang_report(p: HangProbe<'_>, transcript: &mut String) -> Vec<String> {
     let mut out = Vec::new();
     let pid = p.pid;
+    // Its vCPU threads' events, out of a trace another guest may share.
+    let vcpus = crate::ktrace::vcpu_threads(pid);
     let threads = bounded(Duration::from_secs(20), move || {
         crate::threads::snapshot(pid)
     })
@@ -94,10 +96,16 @@ pub(super) fn hang_report(p: HangProbe<'_>, transcript: &mut String) -> Vec<Stri
              accepted and injected, EOIs, wake-ups from halt, TSC offset and kvmclock \
              updates, async page faults; {}):\n{}",
             crate::ktrace::ENV,
-            trace.tail(60)
+            trace.tail(60, &vcpus)
         ));
-        trace.restart();
     }
+    let mark = p.trace.and_then(KvmTrace::mark);
+    let seen = Watch {
+        trace: p.trace,
+        mark,
+        vcpus: &vcpus,
+        lines: p.lines,
+    };
     let mut woke = None;
     if let Some(sock) = p.sock.clone() {
         let vcpus = bounded(Duration::from_secs(10), move || {
@@ -107,14 +115,15 @@ pub(super) fn hang_report(p: HangProbe<'_>, transcript: &mut String) -> Vec<Stri
             "vmm's vCPUs, each kicked out of KVM_RUN to be read (GET /vm/vcpus):\n{}",
             vcpu_lines(vcpus)
         ));
-        woke = watch(p.trace, p.lines, transcript).map(|w| ("its vCPU left KVM_RUN", w));
+        woke = seen.watch(transcript).map(|w| ("its vCPU left KVM_RUN", w));
     }
     if woke.is_none() {
         if let Some(pipe) = p.serial {
             let sent = pipe.write_all(b"\n").and_then(|_| pipe.flush());
             if sent.is_ok() {
-                woke =
-                    watch(p.trace, p.lines, transcript).map(|w| ("a byte on its serial input", w));
+                woke = seen
+                    .watch(transcript)
+                    .map(|w| ("a byte on its serial input", w));
             }
         }
     }
@@ -134,38 +143,49 @@ pub(super) fn hang_report(p: HangProbe<'_>, transcript: &mut String) -> Vec<Stri
     out
 }
 
-/// Watches for [`WATCH`]: the first console line, or KVM events that only a running guest
-/// causes (a timer write, an injected interrupt, an EOI). Kicks and re-entries alone
-/// (wake-ups, TSC offset and kvmclock updates) do not count.
-fn watch(
-    trace: Option<&KvmTrace>,
-    lines: &mpsc::Receiver<(Instant, String)>,
-    transcript: &mut String,
-) -> Option<String> {
-    let until = Instant::now() + WATCH;
-    while let Some(left) = until.checked_duration_since(Instant::now()) {
-        if let Ok((_, line)) = lines.recv_timeout(left.min(Duration::from_millis(200))) {
-            transcript.push_str(&line);
-            transcript.push('\n');
-            return Some(format!("the console printed {line:?}"));
-        }
-        if let Some(t) = trace {
-            let ran: Vec<String> = t
-                .first_events(400)
-                .into_iter()
-                .filter(|l| {
-                    ["kvm_msr:", "kvm_inj_virq:", "kvm_eoi:", "kvm_pv_eoi:"]
-                        .iter()
-                        .any(|e| l.contains(e))
-                })
-                .take(4)
-                .collect();
-            if !ran.is_empty() {
-                return Some(format!("KVM saw it run:\n{}", ran.join("\n")));
+/// What shows that the guest ran again after a step.
+struct Watch<'a> {
+    trace: Option<&'a KvmTrace>,
+    /// Where the trace stood before the first step.
+    mark: Option<f64>,
+    /// The VMM's vCPU threads (whose events count).
+    vcpus: &'a [u32],
+    lines: &'a mpsc::Receiver<(Instant, String)>,
+}
+
+impl Watch<'_> {
+    /// Watches for [`WATCH`]: the first console line, or KVM events of this VMM's vCPUs that
+    /// only a running guest causes (a timer write, an injected interrupt, an EOI). Kicks and
+    /// re-entries alone (wake-ups, TSC offset and kvmclock updates) do not count.
+    fn watch(&self, transcript: &mut String) -> Option<String> {
+        let until = Instant::now() + WATCH;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if let Ok((_, line)) = self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                transcript.push_str(&line);
+                transcript.push('\n');
+                return Some(format!("the console printed {line:?}"));
+            }
+            if let Some(t) = self.trace {
+                let ran: Vec<String> = t
+                    .since(self.mark, self.vcpus, 400)
+                    .into_iter()
+                    .filter(|l| {
+                        ["kvm_msr:", "kvm_inj_virq:", "kvm_eoi:", "kvm_pv_eoi:"]
+                            .iter()
+                            .any(|e| l.contains(e))
+                    })
+                    .take(4)
+                    .collect();
+                if !ran.is_empty() {
+                    return Some(format!("KVM saw it run:\n{}", ran.join("\n")));
+                }
             }
         }
+        None
     }
-    None
 }
 
 fn answer(v: Option<Result<Value, String>>) -> String {
