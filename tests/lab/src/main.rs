@@ -363,6 +363,9 @@ fn run(cli: Cli) -> Result<i32> {
             cmd_pair(a)
         }
         Cmd::Soak(a) => {
+            if let Some(file) = &a.opts.interceptors {
+                guest::InterceptorChain::from_file(file)?.require_plugins(file)?;
+            }
             if std::env::var_os(labvm::INSIDE_ENV).is_none() {
                 soak::hog_host(&a);
             }
