@@ -367,6 +367,7 @@ fn run(cli: Cli) -> Result<i32> {
                 guest::InterceptorChain::from_file(file)?.require_plugins(file)?;
             }
             if std::env::var_os(labvm::INSIDE_ENV).is_none() {
+                soak::name_progress();
                 soak::hog_host(&a);
             }
             if let Some(code) = maybe_reexec_in_lab(&a.opts, false)? {

@@ -7,7 +7,7 @@
 use crate::{spec_for, GuestOpts};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -101,17 +101,55 @@ pub struct Counts {
 /// What the workers share: the next boot of the plan, the counts, the boots done.
 struct Tally {
     next: usize,
+    /// Plan places done before a restart of the lab.
+    done: std::collections::HashSet<usize>,
     counts: Vec<Counts>,
     boots: Vec<Boot>,
+    progress: Option<std::fs::File>,
 }
 
-#[derive(Debug, Serialize)]
+/// One boot's outcome, as the progress file keeps it (a line of JSON each).
+#[derive(Debug, Serialize, Deserialize)]
 struct Boot {
+    /// Its place in the session's plan.
+    plan_index: usize,
     variant: String,
     n: usize,
-    outcome: &'static str,
+    outcome: String,
     seconds: f64,
     report: Option<PathBuf>,
+}
+
+/// The variable naming the progress file: set by the `lab` outside the lab VM, so that a
+/// session the lab restarts after a fault of its own kernel goes on where it stopped
+/// instead of starting over.
+pub const PROGRESS_ENV: &str = "VMM_LAB_SOAK_PROGRESS";
+
+/// The boots a progress file recorded (none if there is no file yet).
+fn recorded(path: &std::path::Path) -> Result<Vec<Boot>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Names the progress file before the command moves into the lab (where it would be
+/// started again from the same arguments after a lab fault).
+pub fn name_progress() {
+    if std::env::var_os(PROGRESS_ENV).is_none() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let path = vmm_lab::paths::build_dir()
+            .join("soak")
+            .join(format!("progress-{stamp}.jsonl"));
+        std::env::set_var(PROGRESS_ENV, path);
+    }
 }
 
 /// Spins until the process ends: a CPU kept busy beside the guests.
@@ -129,6 +167,21 @@ fn hog(n: usize) {
 /// The host's busy threads, before the command moves into the lab.
 pub fn hog_host(a: &SoakArgs) {
     hog(a.hog_host);
+}
+
+/// The next place of the plan to boot, past those done before a restart; None at its end.
+fn next_place(
+    next: &mut usize,
+    done: &std::collections::HashSet<usize>,
+    len: usize,
+) -> Option<usize> {
+    while done.contains(next) {
+        *next += 1;
+    }
+    (*next < len).then(|| {
+        *next += 1;
+        *next - 1
+    })
 }
 
 /// The order of the variants in round `r`: rotated each round, so that none always boots
@@ -171,11 +224,49 @@ pub fn run(a: SoakArgs) -> Result<i32> {
         a.hog_lab
     );
     let t0 = Instant::now();
-    let state = Mutex::new(Tally {
+    let progress_path = std::env::var_os(PROGRESS_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| reports.join(format!("progress-{stamp}.jsonl")));
+    let mut tally = Tally {
         next: 0,
+        done: Default::default(),
         counts: variants.iter().map(|_| Counts::default()).collect(),
         boots: Vec::new(),
-    });
+        progress: None,
+    };
+    for b in recorded(&progress_path)? {
+        let Some(i) = variants.iter().position(|v| v.label == b.variant) else {
+            bail!(
+                "{}: variant {} is not this session's",
+                progress_path.display(),
+                b.variant
+            );
+        };
+        let c = &mut tally.counts[i];
+        c.boots += 1;
+        match b.outcome.as_str() {
+            "ok" => c.ok += 1,
+            "hang" => c.hangs += 1,
+            _ => c.other_failures += 1,
+        }
+        tally.done.insert(b.plan_index);
+        tally.boots.push(b);
+    }
+    if !tally.boots.is_empty() {
+        eprintln!(
+            "lab soak: going on after {} boots recorded in {} (the lab was started again)",
+            tally.boots.len(),
+            progress_path.display()
+        );
+    }
+    tally.progress = Some(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&progress_path)
+            .with_context(|| format!("opening {}", progress_path.display()))?,
+    );
+    let state = Mutex::new(tally);
     std::thread::scope(|scope| -> Result<()> {
         let workers: Vec<_> = (0..a.parallel)
             .map(|w| {
@@ -195,13 +286,13 @@ pub fn run(a: SoakArgs) -> Result<i32> {
                         None
                     };
                     loop {
-                        let i = {
+                        let (place, i) = {
                             let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
-                            let Some(&i) = plan.get(t.next) else {
-                                return Ok(());
-                            };
-                            t.next += 1;
-                            i
+                            let t = &mut *t;
+                            match next_place(&mut t.next, &t.done, plan.len()) {
+                                Some(place) => (place, plan[place]),
+                                None => return Ok(()),
+                            }
                         };
                         let v = &variants[i];
                         let mut opts = a.opts.clone();
@@ -269,13 +360,21 @@ pub fn run(a: SoakArgs) -> Result<i32> {
                                 .map(|p| format!(" (report: {})", p.display()))
                                 .unwrap_or_default()
                         );
-                        t.boots.push(Boot {
+                        let boot = Boot {
+                            plan_index: place,
                             variant: v.label.clone(),
                             n,
-                            outcome,
+                            outcome: outcome.to_string(),
                             seconds,
                             report,
-                        });
+                        };
+                        if let Some(f) = t.progress.as_mut() {
+                            let line = serde_json::to_string(&boot)? + "\n";
+                            std::io::Write::write_all(f, line.as_bytes())
+                                .and_then(|_| f.sync_data())
+                                .context("writing the progress file")?;
+                        }
+                        t.boots.push(boot);
                     }
                 })
             })
@@ -351,6 +450,38 @@ mod tests {
         assert!(parse_variant("xen").is_err());
         assert!(parse_variant("vmm:init=/bin/sh").is_err());
         assert!(parse_variant("vmm:a=\"b\"").is_err());
+    }
+
+    #[test]
+    fn after_a_restart_the_session_goes_on_with_the_boots_not_recorded() {
+        let dir = std::env::temp_dir().join(format!("soak-progress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.jsonl");
+        assert!(recorded(&file).unwrap().is_empty());
+        // Two workers: places 0 and 2 finished before the lab fault, 1 was in flight.
+        let line = |place: usize| {
+            serde_json::to_string(&Boot {
+                plan_index: place,
+                variant: "vmm".into(),
+                n: 1,
+                outcome: "ok".into(),
+                seconds: 12.0,
+                report: None,
+            })
+            .unwrap()
+        };
+        std::fs::write(&file, format!("{}\n{}\n", line(0), line(2))).unwrap();
+        let done: std::collections::HashSet<usize> = recorded(&file)
+            .unwrap()
+            .iter()
+            .map(|b| b.plan_index)
+            .collect();
+        let mut next = 0;
+        let places: Vec<usize> = std::iter::from_fn(|| next_place(&mut next, &done, 5)).collect();
+        assert_eq!(places, vec![1, 3, 4]);
+        std::fs::write(&file, "not json\n").unwrap();
+        assert!(recorded(&file).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
