@@ -44,6 +44,11 @@ pub struct SoakArgs {
     /// Busy threads inside the lab VM, beside the guests' VMMs.
     #[arg(long, default_value_t = 0)]
     pub hog_lab: usize,
+    /// MiB written to a file in the lab's tmpfs before the boots and kept until the end:
+    /// memory pressure inside the lab (its page cache and compaction), as after a bench's
+    /// write jobs have filled their disk images there.
+    #[arg(long, default_value_t = 0)]
+    pub lab_fill_mib: u64,
     /// Guests booted at once (1 to 4): with 2, each guest has another busy guest beside
     /// it in the lab, and the session does twice the boots in the same time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
@@ -200,6 +205,24 @@ pub fn run(a: SoakArgs) -> Result<i32> {
         bail!("nothing to boot: give --variants and --boots");
     }
     hog(a.hog_lab);
+    let fill = Scratch::new("soak-fill")?;
+    if a.lab_fill_mib > 0 {
+        let path = fill.path().join("fill");
+        let mut f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let chunk: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        for _ in 0..a.lab_fill_mib {
+            std::io::Write::write_all(&mut f, &chunk)
+                .with_context(|| format!("filling {}", path.display()))?;
+        }
+        eprintln!(
+            "lab soak: {} MiB written to {} (kept until the end)",
+            a.lab_fill_mib,
+            path.display()
+        );
+    }
     let reports = a
         .reports
         .clone()
