@@ -15,12 +15,15 @@ pub struct VmHandle {
     stopping: AtomicBool,
     /// KVM's VM and vCPUs, once they exist.
     probe: KvmSlot,
+    /// A `GET /vm/vcpus` is reading the vCPUs.
+    probing: AtomicBool,
 }
 
 impl VmHandle {
     pub fn new(vcpus: u32, memory_mib: u64, exit: EventFd, probe: KvmSlot) -> VmHandle {
         VmHandle {
             probe,
+            probing: AtomicBool::new(false),
             started: Instant::now(),
             vcpus,
             memory_mib,
@@ -57,7 +60,19 @@ impl vmm_api::VmControl for VmHandle {
     }
 
     fn vcpu_state(&self) -> Result<serde_json::Value, String> {
-        Ok(self.view()?.vcpu_states())
+        let view = self.view()?;
+        // One read at a time: each may hold an API blocking thread for up to 2 s per vCPU,
+        // and a client asking in a loop must not take them all.
+        if self
+            .probing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err("another read of the vCPUs is in progress; ask again".into());
+        }
+        let state = view.vcpu_states();
+        self.probing.store(false, Ordering::SeqCst);
+        Ok(state)
     }
 
     fn shutdown(&self) -> Result<(), String> {
