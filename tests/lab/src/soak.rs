@@ -195,6 +195,133 @@ pub fn round_order(n: usize, r: usize) -> Vec<usize> {
     (0..n).map(|i| (i + r) % n.max(1)).collect()
 }
 
+/// What every worker shares.
+struct Session<'a> {
+    a: &'a SoakArgs,
+    variants: &'a [Variant],
+    plan: &'a [usize],
+    state: &'a Mutex<Tally>,
+    reports: &'a std::path::Path,
+    stamp: u64,
+    t0: Instant,
+}
+
+/// One worker: boots the plan's next place until none is left.
+fn worker(w: u8, session: &Session<'_>) -> Result<()> {
+    let Session {
+        a,
+        variants,
+        plan,
+        state,
+        reports,
+        stamp,
+        t0,
+    } = *session;
+    let total = plan.len();
+    let scratch = Scratch::new(&format!("soak{w}"))?;
+    // Guests at once each get a copy of the root image: on the lab's 9p
+    // share, vmm's flock of the cached one reads as a POSIX lock that
+    // QEMU's image locking refuses to share.
+    let rootfs = if a.parallel > 1 {
+        let cached = vmm_lab::paths::guest_image()?.rootfs_ext4;
+        let copy = scratch.path().join("rootfs.ext4");
+        std::fs::copy(&cached, &copy).with_context(|| format!("copying {}", cached.display()))?;
+        Some(copy)
+    } else {
+        None
+    };
+    loop {
+        let (place, i) = {
+            let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
+            let t = &mut *t;
+            match next_place(&mut t.next, &t.done, plan.len()) {
+                Some(place) => (place, plan[place]),
+                None => return Ok(()),
+            }
+        };
+        let v = &variants[i];
+        let mut opts = a.opts.clone();
+        opts.backend = v.backend;
+        if v.backend != Backend::Vmm {
+            // --interceptors and --block-option are vmm's.
+            opts.interceptors = None;
+            opts.block_options.clear();
+        }
+        opts.fio_runtime = a.fio_seconds;
+        opts.timeout = a.limit;
+        let task = format!("{} {}", a.task, v.params);
+        let mut spec = spec_for(&opts, task.trim(), &scratch)?;
+        spec.control_sock = Some(scratch.path().join("api.sock"));
+        if let Some(r) = &rootfs {
+            spec.image.rootfs_ext4 = r.clone();
+        }
+        let start = Instant::now();
+        let run = guest::boot(&spec)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut t.counts[i];
+        c.boots += 1;
+        let n = c.boots;
+        let outcome = match (run.ok(), run.vmm_exit) {
+            (true, _) => {
+                c.ok += 1;
+                "ok"
+            }
+            (false, VmmExit::Timeout) => {
+                c.hangs += 1;
+                "hang"
+            }
+            (false, _) => {
+                c.other_failures += 1;
+                "failed"
+            }
+        };
+        let report = (outcome != "ok").then(|| {
+            reports.join(format!(
+                "{stamp}-{}-{n}.txt",
+                v.label.replace(['/', ' ', ':', '+'], "_")
+            ))
+        });
+        if let Some(path) = &report {
+            let mut text = format!(
+                "lab soak {stamp}: {} boot {n} of {}: {outcome} after {seconds:.1} s ({} at once)\n\n",
+                v.label, a.boots, a.parallel
+            );
+            for p in &run.problems {
+                text.push_str(&format!("problem: {p}\n\n"));
+            }
+            text.push_str("console:\n");
+            text.push_str(&run.transcript);
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        eprintln!(
+            "lab soak: [{}/{total}, {:.0} min] {} boot {n}: {outcome} in {seconds:.1} s{}",
+            t.boots.len() + 1,
+            t0.elapsed().as_secs_f64() / 60.0,
+            v.label,
+            report
+                .as_ref()
+                .map(|p| format!(" (report: {})", p.display()))
+                .unwrap_or_default()
+        );
+        let boot = Boot {
+            plan_index: place,
+            variant: v.label.clone(),
+            n,
+            outcome: outcome.to_string(),
+            seconds,
+            report,
+        };
+        if let Some(f) = t.progress.as_mut() {
+            let line = serde_json::to_string(&boot)? + "\n";
+            std::io::Write::write_all(f, line.as_bytes())
+                .and_then(|_| f.sync_data())
+                .context("writing the progress file")?;
+        }
+        t.boots.push(boot);
+    }
+}
+
 pub fn run(a: SoakArgs) -> Result<i32> {
     let variants = a
         .variants
@@ -235,7 +362,6 @@ pub fn run(a: SoakArgs) -> Result<i32> {
     let plan: Vec<usize> = (0..a.boots)
         .flat_map(|round| round_order(variants.len(), round))
         .collect();
-    let total = plan.len();
     eprintln!(
         "lab soak: {} boots of each of {}, {} at once (task {:?}, hang after {} s, {} busy host thread(s), {} in the lab)",
         a.boots,
@@ -290,116 +416,20 @@ pub fn run(a: SoakArgs) -> Result<i32> {
             .with_context(|| format!("opening {}", progress_path.display()))?,
     );
     let state = Mutex::new(tally);
+    let session = Session {
+        a: &a,
+        variants: &variants,
+        plan: &plan,
+        state: &state,
+        reports: &reports,
+        stamp,
+        t0,
+    };
     std::thread::scope(|scope| -> Result<()> {
         let workers: Vec<_> = (0..a.parallel)
             .map(|w| {
-                let (a, variants, plan, state, reports) = (&a, &variants, &plan, &state, &reports);
-                scope.spawn(move || -> Result<()> {
-                    let scratch = Scratch::new(&format!("soak{w}"))?;
-                    // Guests at once each get a copy of the root image: on the lab's 9p
-                    // share, vmm's flock of the cached one reads as a POSIX lock that
-                    // QEMU's image locking refuses to share.
-                    let rootfs = if a.parallel > 1 {
-                        let cached = vmm_lab::paths::guest_image()?.rootfs_ext4;
-                        let copy = scratch.path().join("rootfs.ext4");
-                        std::fs::copy(&cached, &copy)
-                            .with_context(|| format!("copying {}", cached.display()))?;
-                        Some(copy)
-                    } else {
-                        None
-                    };
-                    loop {
-                        let (place, i) = {
-                            let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
-                            let t = &mut *t;
-                            match next_place(&mut t.next, &t.done, plan.len()) {
-                                Some(place) => (place, plan[place]),
-                                None => return Ok(()),
-                            }
-                        };
-                        let v = &variants[i];
-                        let mut opts = a.opts.clone();
-                        opts.backend = v.backend;
-                        if v.backend != Backend::Vmm {
-                            // --interceptors and --block-option are vmm's.
-                            opts.interceptors = None;
-                            opts.block_options.clear();
-                        }
-                        opts.fio_runtime = a.fio_seconds;
-                        opts.timeout = a.limit;
-                        let task = format!("{} {}", a.task, v.params);
-                        let mut spec = spec_for(&opts, task.trim(), &scratch)?;
-                        spec.control_sock = Some(scratch.path().join("api.sock"));
-                        if let Some(r) = &rootfs {
-                            spec.image.rootfs_ext4 = r.clone();
-                        }
-                        let start = Instant::now();
-                        let run = guest::boot(&spec)?;
-                        let seconds = start.elapsed().as_secs_f64();
-                        let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
-                        let c = &mut t.counts[i];
-                        c.boots += 1;
-                        let n = c.boots;
-                        let outcome = match (run.ok(), run.vmm_exit) {
-                            (true, _) => {
-                                c.ok += 1;
-                                "ok"
-                            }
-                            (false, VmmExit::Timeout) => {
-                                c.hangs += 1;
-                                "hang"
-                            }
-                            (false, _) => {
-                                c.other_failures += 1;
-                                "failed"
-                            }
-                        };
-                        let report = (outcome != "ok").then(|| {
-                            reports.join(format!(
-                                "{stamp}-{}-{n}.txt",
-                                v.label.replace(['/', ' ', ':', '+'], "_")
-                            ))
-                        });
-                        if let Some(path) = &report {
-                            let mut text = format!(
-                                "lab soak {stamp}: {} boot {n} of {}: {outcome} after {seconds:.1} s ({} at once)\n\n",
-                                v.label, a.boots, a.parallel
-                            );
-                            for p in &run.problems {
-                                text.push_str(&format!("problem: {p}\n\n"));
-                            }
-                            text.push_str("console:\n");
-                            text.push_str(&run.transcript);
-                            std::fs::write(path, text)
-                                .with_context(|| format!("writing {}", path.display()))?;
-                        }
-                        eprintln!(
-                            "lab soak: [{}/{total}, {:.0} min] {} boot {n}: {outcome} in {seconds:.1} s{}",
-                            t.boots.len() + 1,
-                            t0.elapsed().as_secs_f64() / 60.0,
-                            v.label,
-                            report
-                                .as_ref()
-                                .map(|p| format!(" (report: {})", p.display()))
-                                .unwrap_or_default()
-                        );
-                        let boot = Boot {
-                            plan_index: place,
-                            variant: v.label.clone(),
-                            n,
-                            outcome: outcome.to_string(),
-                            seconds,
-                            report,
-                        };
-                        if let Some(f) = t.progress.as_mut() {
-                            let line = serde_json::to_string(&boot)? + "\n";
-                            std::io::Write::write_all(f, line.as_bytes())
-                                .and_then(|_| f.sync_data())
-                                .context("writing the progress file")?;
-                        }
-                        t.boots.push(boot);
-                    }
-                })
+                let session = &session;
+                scope.spawn(move || worker(w, session))
             })
             .collect();
         for w in workers {
@@ -456,87 +486,4 @@ pub fn render(variants: &[Variant], counts: &[Counts]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn variants_name_a_backend_and_the_parameters_they_add() {
-        let v = parse_variant("vmm:no-kvmapf+tsc=reliable").unwrap();
-        assert_eq!(v.backend, Backend::Vmm);
-        assert_eq!(v.params, "no-kvmapf tsc=reliable");
-        assert_eq!(v.label, "vmm:no-kvmapf+tsc=reliable");
-        assert_eq!(
-            parse_variant("qemu-noacpi").unwrap().backend,
-            Backend::QemuNoAcpi
-        );
-        assert_eq!(parse_variant("qemu").unwrap().params, "");
-        assert!(parse_variant("xen").is_err());
-        assert!(parse_variant("vmm:init=/bin/sh").is_err());
-        assert!(parse_variant("vmm:a=\"b\"").is_err());
-    }
-
-    #[test]
-    fn after_a_restart_the_session_goes_on_with_the_boots_not_recorded() {
-        let dir = std::env::temp_dir().join(format!("soak-progress-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("p.jsonl");
-        assert!(recorded(&file).unwrap().is_empty());
-        // Two workers: places 0 and 2 finished before the lab fault, 1 was in flight.
-        let line = |place: usize| {
-            serde_json::to_string(&Boot {
-                plan_index: place,
-                variant: "vmm".into(),
-                n: 1,
-                outcome: "ok".into(),
-                seconds: 12.0,
-                report: None,
-            })
-            .unwrap()
-        };
-        std::fs::write(&file, format!("{}\n{}\n", line(0), line(2))).unwrap();
-        let done: std::collections::HashSet<usize> = recorded(&file)
-            .unwrap()
-            .iter()
-            .map(|b| b.plan_index)
-            .collect();
-        let mut next = 0;
-        let places: Vec<usize> = std::iter::from_fn(|| next_place(&mut next, &done, 5)).collect();
-        assert_eq!(places, vec![1, 3, 4]);
-        std::fs::write(&file, "not json\n").unwrap();
-        assert!(recorded(&file).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn each_round_starts_with_another_variant() {
-        assert_eq!(round_order(3, 0), vec![0, 1, 2]);
-        assert_eq!(round_order(3, 1), vec![1, 2, 0]);
-        assert_eq!(round_order(3, 2), vec![2, 0, 1]);
-        assert_eq!(round_order(1, 5), vec![0]);
-    }
-
-    #[test]
-    fn the_table_ends_with_each_variants_hang_count() {
-        let vs = vec![
-            parse_variant("vmm").unwrap(),
-            parse_variant("qemu").unwrap(),
-        ];
-        let cs = vec![
-            Counts {
-                boots: 10,
-                ok: 8,
-                hangs: 1,
-                other_failures: 1,
-            },
-            Counts {
-                boots: 10,
-                ok: 10,
-                ..Counts::default()
-            },
-        ];
-        let t = render(&vs, &cs);
-        let last: Vec<&str> = t.lines().rev().take(2).collect();
-        assert_eq!(last, vec!["hangs qemu: 0/10", "hangs vmm: 1/10"]);
-        assert!(t.lines().nth(1).unwrap().starts_with("vmm "));
-    }
-}
+mod tests;
