@@ -49,6 +49,11 @@ pub struct SoakArgs {
     /// write jobs have filled their disk images there.
     #[arg(long, default_value_t = 0)]
     pub lab_fill_mib: u64,
+    /// Sample the VMM's threads, the lab's CPUs and KVM's counters every 250 ms during each
+    /// boot, its stderr through a tap, as `lab bench` does (its sessions are where the halted guest was seen): to
+    /// test whether the sampling matters. With `--parallel 1` only.
+    #[arg(long)]
+    pub sample_cpu: bool,
     /// Guests booted at once (1 to 4): with 2, each guest has another busy guest beside
     /// it in the lab, and the session does twice the boots in the same time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
@@ -256,7 +261,21 @@ fn worker(w: u8, session: &Session<'_>) -> Result<()> {
             spec.image.rootfs_ext4 = r.clone();
         }
         let start = Instant::now();
-        let run = guest::boot(&spec)?;
+        // As lab bench measures a boot: its stderr through a tap, the sampler beside it.
+        let tap = if a.sample_cpu {
+            Some(crate::cpu::StderrTap::start(|_| false)?)
+        } else {
+            None
+        };
+        let sampler = a.sample_cpu.then(crate::cpu::Sampler::start);
+        let run = guest::boot(&spec);
+        if let Some(s) = sampler {
+            s.finish();
+        }
+        if let Some(t) = tap {
+            t.finish();
+        }
+        let run = run?;
         let seconds = start.elapsed().as_secs_f64();
         let mut t = state.lock().unwrap_or_else(|p| p.into_inner());
         let c = &mut t.counts[i];
@@ -330,6 +349,9 @@ pub fn run(a: SoakArgs) -> Result<i32> {
         .collect::<Result<Vec<_>>>()?;
     if variants.is_empty() || a.boots == 0 {
         bail!("nothing to boot: give --variants and --boots");
+    }
+    if a.sample_cpu && a.parallel > 1 {
+        bail!("--sample-cpu samples the one VMM running: with --parallel 1 only");
     }
     hog(a.hog_lab);
     let fill = Scratch::new("soak-fill")?;
