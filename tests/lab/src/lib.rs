@@ -18,6 +18,7 @@ pub mod lines;
 pub mod paths;
 pub mod plugins;
 pub mod threads;
+pub mod timers;
 
 /// QEMU's arguments common to the lab VM and the guest: machine, size, serial on stdio,
 /// nothing else, and a reset ends QEMU.

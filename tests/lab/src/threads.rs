@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-/// One line per thread of `pid`: `tid name state wchan syscall cpu=S`. Empty when the
+/// One line per thread of `pid`: `tid name state wchan syscall cpu=S last_cpu=N` (the
+/// CPU it last ran on: a halted vCPU's timer lives in that CPU's queue). Empty when the
 /// process is gone.
 pub fn snapshot(pid: u32) -> String {
     let task = Path::new("/proc").join(pid.to_string()).join("task");
@@ -22,14 +23,14 @@ pub fn snapshot(pid: u32) -> String {
     for tid in tids {
         let dir = task.join(tid.to_string());
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        let Some((name, state, cpu_ticks)) = parse_stat(&read("stat")) else {
+        let Some((name, state, cpu_ticks, last_cpu)) = parse_stat(&read("stat")) else {
             continue;
         };
         let wchan = read("wchan");
         let syscall = read("syscall");
         let first = syscall.split_whitespace().next().unwrap_or("?");
         out.push_str(&format!(
-            "{tid} {name} {state} wchan={} syscall={} cpu={:.2}s\n",
+            "{tid} {name} {state} wchan={} syscall={} cpu={:.2}s last_cpu={last_cpu}\n",
             if wchan.is_empty() { "-" } else { wchan.trim() },
             syscall_name(first),
             cpu_ticks as f64 / ticks
@@ -38,9 +39,9 @@ pub fn snapshot(pid: u32) -> String {
     out
 }
 
-/// (name, state, utime + stime in ticks) from a `stat` line, whose name is in parentheses
-/// and may hold spaces.
-fn parse_stat(stat: &str) -> Option<(String, char, u64)> {
+/// (name, state, utime + stime in ticks, the CPU it last ran on) from a `stat` line, whose
+/// name is in parentheses and may hold spaces.
+fn parse_stat(stat: &str) -> Option<(String, char, u64, u32)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let name = stat.get(open + 1..close)?.to_string();
@@ -49,7 +50,9 @@ fn parse_stat(stat: &str) -> Option<(String, char, u64)> {
     let state = rest.first()?.chars().next()?;
     let utime: u64 = rest.get(11)?.parse().ok()?;
     let stime: u64 = rest.get(12)?.parse().ok()?;
-    Some((name, state, utime.saturating_add(stime)))
+    // Field 39, `processor`.
+    let cpu: u32 = rest.get(36)?.parse().ok()?;
+    Some((name, state, utime.saturating_add(stime), cpu))
 }
 
 fn clock_ticks() -> f64 {
@@ -98,8 +101,14 @@ mod tests {
 
     #[test]
     fn a_stat_line_with_spaces_in_the_name_parses() {
-        let stat = "4242 (blk-data 0) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
-        assert_eq!(parse_stat(stat), Some(("blk-data 0".into(), 'S', 300)));
+        // Fields 3..=39; utime 250 and stime 50 (14 and 15), processor 1 (39).
+        let mut fields: Vec<String> = (3..=39).map(|_| "0".to_string()).collect();
+        fields[0] = "S".into();
+        fields[14 - 3] = "250".into();
+        fields[15 - 3] = "50".into();
+        fields[39 - 3] = "1".into();
+        let stat = format!("4242 (blk-data 0) {}", fields.join(" "));
+        assert_eq!(parse_stat(&stat), Some(("blk-data 0".into(), 'S', 300, 1)));
         assert_eq!(parse_stat("garbage"), None);
     }
 

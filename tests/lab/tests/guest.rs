@@ -231,6 +231,11 @@ fn a_guest_that_runs_past_its_limit_is_reported_with_vmms_threads_and_queues() {
         text.contains("kvm_inj_virq") && text.contains("last TSC-deadline write: 0x"),
         "{text}"
     );
+    // The lab kernel's timers per CPU (a halted vCPU's deadline is an hrtimer there).
+    assert!(
+        text.contains("the lab kernel's timers") && text.contains("lab cpu 0: "),
+        "{text}"
+    );
     // Read first, without touching the vCPU: the IOAPIC with the pins the guest set up (its
     // disks' edge-triggered lines among them) and KVM's clock.
     let vm_wide = text

@@ -73,8 +73,16 @@ pub(super) fn hang_report(p: HangProbe<'_>, transcript: &mut String) -> Vec<Stri
     })
     .unwrap_or_else(|| "(reading /proc took over 20 s)".into());
     out.push(format!(
-        "{}'s threads when it was stopped (tid name state wchan syscall cpu):\n{threads}",
+        "{}'s threads when it was stopped (tid name state wchan syscall cpu last_cpu):\n{threads}",
         p.backend
+    ));
+    // The lab kernel's own timers: a halted vCPU's deadline is an hrtimer on the lab CPU
+    // its thread last ran on.
+    let timers = bounded(Duration::from_secs(10), crate::timers::snapshot)
+        .unwrap_or_else(|| "(reading /proc/timer_list took over 10 s)".into());
+    out.push(format!(
+        "the {}'s timers (/proc/timer_list: per CPU, the active timer due first and the clock event device's next event):\n{timers}",
+        if std::env::var_os(crate::labvm::INSIDE_ENV).is_some() { "lab kernel" } else { "host kernel" }
     ));
     if let Some(sock) = p.sock.clone() {
         let s = sock.clone();
