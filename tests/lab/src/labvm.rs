@@ -90,6 +90,9 @@ pub const LAB_ATTEMPTS: usize = 3;
 
 /// The lab's init prints this every 5 s while a command runs.
 pub const LAB_HEARTBEAT: &str = "@@LAB@@ alive";
+/// How long a silent lab has, after a byte on its console, to show it runs again.
+const NUDGE_WAIT: Duration = Duration::from_secs(15);
+
 /// Where lab-init leaves the heartbeat's PID (inside the lab), so a test can freeze it.
 pub const LAB_HEARTBEAT_PID: &str = "/tmp/.vmm-lab-tmpfs/lab-heartbeat.pid";
 
@@ -293,10 +296,12 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap",
         ])
+        // Otherwise the lab's console input is a pipe the harness holds: a lab that falls
+        // silent gets a byte there (an interrupt) before it counts as wedged.
         .stdin(if opts.interactive && !piped {
             Stdio::inherit()
         } else {
-            Stdio::null()
+            Stdio::piped()
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -304,6 +309,9 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
     let mut child = cmd
         .spawn()
         .context("cannot start qemu-system-x86_64 for the lab VM (run scripts/setup.sh)")?;
+    let mut console_in = child.stdin.take();
+    // When the lab fell silent and was sent a byte on its console.
+    let mut nudged: Option<Instant> = None;
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
         forward_lines(out, tx.clone());
@@ -343,8 +351,21 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
             break;
         }
         let line = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            // A blank line is no sign of life: the lab's console echoes the byte it is sent.
+            Ok((_, line)) if line.trim().is_empty() => continue,
             Ok((at, line)) => {
                 last_line = at;
+                if let Some(when) = nudged.take() {
+                    let text = format!(
+                        "lab: the lab VM ran again {:.1} s after a byte on its console, silent \
+                         {} s before it: its CPUs were idle, waiting for a timer interrupt that \
+                         did not come (docs/lab.md, \"The halted guest\")",
+                        when.elapsed().as_secs_f64(),
+                        opts.silence_limit.as_secs()
+                    );
+                    eprintln!("{text}");
+                    let _ = writeln!(log, "{text}");
+                }
                 line
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -356,9 +377,23 @@ fn run_once(argv: &[String], env: &[(String, String)], opts: &LabOptions) -> Res
                         let _ = child.kill();
                         break;
                     }
+                    // First an interrupt: a lab whose CPUs only wait for a lost timer
+                    // interrupt runs on after it; one that does not is wedged.
+                    if nudged.is_none() {
+                        if let Some(pipe) = console_in.as_mut() {
+                            if pipe.write_all(b"\n").and_then(|_| pipe.flush()).is_ok() {
+                                nudged = Some(Instant::now());
+                                continue;
+                            }
+                        }
+                    }
+                    if nudged.is_some_and(|n| n.elapsed() < NUDGE_WAIT) {
+                        continue;
+                    }
                     outcome.lab_fault = Some(format!(
-                        "no output for {} s, not even its heartbeat: its kernel is wedged",
-                        opts.silence_limit.as_secs()
+                        "no output for {} s, not even its heartbeat, nor {} s after a byte on its console: its kernel is wedged",
+                        opts.silence_limit.as_secs(),
+                        NUDGE_WAIT.as_secs()
                     ));
                     let _ = child.kill();
                     break;

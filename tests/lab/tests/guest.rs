@@ -100,6 +100,32 @@ fn a_lab_vm_that_falls_silent_is_retried_from_the_same_files_not_waited_for() {
 }
 
 #[test]
+fn a_silent_lab_gets_a_byte_on_its_console_before_it_counts_as_wedged() {
+    if common::images_or_skip().is_none() {
+        return;
+    }
+    // A lab whose CPUs only wait for an interrupt (as a lost timer interrupt leaves them)
+    // is silent but not wedged: the harness sends it a byte on its console first, and a
+    // lab that runs on after it is not started again. Here the heartbeat is frozen and the
+    // command waits for a line on the console, which only that byte gives it.
+    let script = format!(
+        "kill -STOP $(cat {pid}); read line; kill -CONT $(cat {pid}); echo woke-by-console",
+        pid = vmm_lab::labvm::LAB_HEARTBEAT_PID
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(["exec", "--lab-timeout", "300", "--", "sh", "-c", &script])
+        .env("VMM_LAB_SILENCE_S", "10")
+        .current_dir(common::repo())
+        .output()
+        .expect("running the lab binary");
+    let text = output(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("woke-by-console"), "{text}");
+    assert!(text.contains("lab: the lab VM ran again"), "{text}");
+    assert!(!text.contains("RETRY"), "{text}");
+}
+
+#[test]
 fn a_lab_vm_that_is_not_ready_in_time_is_retried_not_waited_for() {
     if common::images_or_skip().is_none() {
         return;
