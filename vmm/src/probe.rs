@@ -39,13 +39,47 @@ pub struct VcpuProbe {
     requested: AtomicBool,
     answer: Mutex<Option<Value>>,
     answered: Condvar,
-    /// The vCPU's thread, set once it runs.
-    thread: OnceLock<libc::pthread_t>,
+    /// The vCPU's thread while it runs: set once it starts, cleared by the thread itself
+    /// before it ends, so a kick never reaches a thread that was joined (the lock is held
+    /// across each kick).
+    thread: Mutex<VcpuThread>,
+}
+
+/// Where a vCPU's thread is, for the kicks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum VcpuThread {
+    #[default]
+    NotStarted,
+    Running(libc::pthread_t),
+    /// Ended, or about to: never kicked again.
+    Retired,
 }
 
 impl VcpuProbe {
+    /// The vCPU's thread, once spawned (unless it already retired: a guest can reset at
+    /// once).
     pub fn set_thread(&self, t: libc::pthread_t) {
-        let _ = self.thread.set(t);
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if *thread == VcpuThread::NotStarted {
+            *thread = VcpuThread::Running(t);
+        }
+    }
+
+    /// Called by the vCPU thread as it ends: no kick may reach it after this.
+    pub fn retire(&self) {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = VcpuThread::Retired;
+    }
+
+    /// Kicks the thread out of KVM_RUN; false if it is not running.
+    fn kick(&self) -> bool {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let VcpuThread::Running(t) = *thread else {
+            return false;
+        };
+        // SAFETY: the thread has not retired (it clears this under the same lock before it
+        // ends), so it has not been joined and its pthread_t is valid.
+        unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+        true
     }
 
     /// Called by the vCPU thread before each KVM_RUN: answers a pending request.
@@ -60,17 +94,15 @@ impl VcpuProbe {
     /// Asks the vCPU for its state: kicks it out of KVM_RUN (again every 10 ms, as a kick
     /// can land just before it enters) until it answers or `VCPU_ANSWER` passes.
     fn ask(&self, id: u8) -> Value {
-        let Some(&thread) = self.thread.get() else {
-            return json!({"id": id, "error": "the vCPU has not started"});
-        };
         let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
         *answer = None;
         self.requested.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + VCPU_ANSWER;
         loop {
-            // SAFETY: the thread runs until the VM ends; a kick to an ended thread is
-            // ESRCH, not undefined (the pthread_t is kept by the main thread until join).
-            unsafe { libc::pthread_kill(thread, crate::vcpu::kick_signal()) };
+            if !self.kick() {
+                self.requested.store(false, Ordering::SeqCst);
+                return json!({"id": id, "error": "the vCPU is not running"});
+            }
             let (a, _) = self
                 .answered
                 .wait_timeout(answer, Duration::from_millis(10))
@@ -348,6 +380,21 @@ mod tests {
         let masked = lapic(&lapic_with(&[(0x320, (1 << 16) | 0xec)]));
         assert_eq!(masked["lvt_timer"]["masked"], true);
         assert_eq!(masked["lvt_timer"]["mode"], "one-shot");
+    }
+
+    #[test]
+    fn a_vcpu_that_ended_or_never_started_is_not_kicked() {
+        let never = VcpuProbe::default();
+        assert_eq!(never.ask(0)["error"], "the vCPU is not running");
+        // A guest that resets at once: its thread retires before the main thread records
+        // it, which must not bring the (soon joined) thread back.
+        let quick = VcpuProbe::default();
+        quick.retire();
+        // SAFETY: only compared and stored, never used: the probe is retired.
+        quick.set_thread(unsafe { libc::pthread_self() });
+        assert_eq!(*quick.thread.lock().unwrap(), VcpuThread::Retired);
+        assert_eq!(quick.ask(1)["error"], "the vCPU is not running");
+        assert!(!quick.requested.load(Ordering::SeqCst));
     }
 
     #[test]

@@ -50,7 +50,10 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn run(mut self) {
-        match self.run_loop() {
+        let end = self.run_loop();
+        // Before the thread can be joined: the API kicks it no more.
+        self.probe.retire();
+        match end {
             VcpuEnd::Stopped => return,
             VcpuEnd::Error => self.failed.store(true, Ordering::SeqCst),
             VcpuEnd::Reset => {}
