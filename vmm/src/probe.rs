@@ -82,9 +82,11 @@ impl VcpuProbe {
         true
     }
 
-    /// Called by the vCPU thread before each KVM_RUN: answers a pending request.
+    /// Called by the vCPU thread before each KVM_RUN: answers a pending request. A plain
+    /// load first: this runs on every exit, and a read-modify-write there would cost each
+    /// exit a locked instruction for a request that almost never comes.
     pub fn serve(&self, id: u8, fd: &VcpuFd) {
-        if self.requested.swap(false, Ordering::SeqCst) {
+        if self.requested.load(Ordering::Relaxed) && self.requested.swap(false, Ordering::SeqCst) {
             let state = read_vcpu(id, fd);
             *self.answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
             self.answered.notify_all();
