@@ -210,12 +210,11 @@ impl Compress {
         }
         let zeros = zero.iter().filter(|&&z| z).count() as u64;
         self.stats.zero_blocks.fetch_add(zeros, Relaxed);
-        if !extents.is_empty() {
-            st.vol.store.write(extents).map_err(store_err)?;
-        }
-        st.vol.punch_zero_runs(first, &zero).map_err(store_err)?;
-        st.vol.forget_freed();
-        Ok(())
+        // The data and the holes as one change: no space, and the map is as it was.
+        let holes = extent_store::holes_for(first, &zero);
+        let result = st.vol.store.update(extents, &holes, &[]);
+        st.vol.forget_changed();
+        result.map_err(store_err)
     }
 
     /// Discard and write-zeroes: whole blocks become holes, the parts of blocks at either
@@ -223,22 +222,31 @@ impl Compress {
     fn zero(&self, req: &Request<'_>, discard: bool) -> Res<()> {
         let mut guard = self.state.lock().map_err(|_| "state lock poisoned")?;
         let st = &mut *guard;
+        let mut result = Ok(());
         for p in interceptor_sdk::block_pieces(req.offset(), req.len(), BLOCK) {
-            if p.is_whole(BLOCK) {
-                st.vol.store.punch(p.block, 1).map_err(store_err)?;
+            result = if p.is_whole(BLOCK) {
+                st.vol.store.punch(p.block, 1)
             } else if !discard {
-                let mut data = st.vol.read_block(p.block).map_err(store_err)?;
-                data[p.range()].fill(0);
-                if is_zero(&data) {
-                    st.vol.store.punch(p.block, 1).map_err(store_err)?;
-                } else {
-                    let x = self.encode(st, p.block, &[data], false);
-                    st.vol.store.write(vec![x]).map_err(store_err)?;
-                }
+                st.vol.read_block(p.block).and_then(|mut data| {
+                    data[p.range()].fill(0);
+                    if is_zero(&data) {
+                        st.vol.store.punch(p.block, 1)
+                    } else {
+                        let x = self.encode(st, p.block, &[data], false);
+                        st.vol.store.write(vec![x])
+                    }
+                })
+            } else {
+                Ok(())
+            };
+            // The decoded cache forgets changed space after each piece: the next piece's
+            // write may reuse what this one freed.
+            st.vol.forget_changed();
+            if result.is_err() {
+                break;
             }
         }
-        st.vol.forget_freed();
-        Ok(())
+        result.map_err(store_err)
     }
 
     fn flush(&self) -> Res<()> {

@@ -83,10 +83,17 @@ impl Index {
         }
     }
 
+    /// Names the extent `e` by `address`. The two tables stay one-to-one: another address
+    /// that named the same sector goes (its contents are not there any more).
     fn insert(&mut self, address: Address, e: Entry) {
         let Entry::Stored { sector, .. } = e else {
             return;
         };
+        if let Some(other) = self.by_sector.get(&sector).copied() {
+            if other != address {
+                self.by_address.pop(&other);
+            }
+        }
         if let Some((old_addr, old)) = self.by_address.push(address, e) {
             if old_addr != address {
                 self.evictions += 1;
@@ -119,6 +126,17 @@ struct Stats {
 struct State {
     vol: Volume<Arc<Lower>>,
     index: Index,
+}
+
+impl State {
+    /// Drops every address naming space that was freed or written over since the last
+    /// call (`Store::take_sector_changes`): run after every change to the map, on every
+    /// path, so the index never names a sector whose contents it has not seen.
+    fn forget_changed(&mut self) {
+        for sector in self.vol.forget_changed().all() {
+            self.index.forget(sector);
+        }
+    }
 }
 
 pub struct Dedup {
@@ -283,32 +301,25 @@ impl Dedup {
             placed.push((block, address));
         }
         let n_new = new.len() as u64;
-        // References to extents found in the index first: the new extents' writes below
-        // may drop another reference to one of them.
-        st.vol.store.share_all(&hits).map_err(store_err)?;
-        if !new.is_empty() {
-            st.vol.store.write(new).map_err(store_err)?;
-        }
-        for (block, address) in &placed {
-            if let Some(e) = st.vol.store.entry(*block) {
-                if look {
+        hits.extend(extent_store::holes_for(first, &zero));
+        // One change to the map for the whole request: it fails (no space) as if it never
+        // ran. Whatever happened, the index then drops every address that names space freed
+        // or written over, before it learns the new ones.
+        let result = st.vol.store.update(new, &hits, &later);
+        st.forget_changed();
+        result.map_err(store_err)?;
+        if look {
+            for (block, address) in &placed {
+                if let Some(e) = st.vol.store.entry(*block) {
                     st.index.insert(*address, e);
                 }
             }
         }
-        let mut copies = Vec::with_capacity(later.len());
-        for (block, of) in &later {
-            copies.push((*block, st.vol.store.entry(*of).ok_or("no entry")?));
-        }
-        st.vol.store.share_all(&copies).map_err(store_err)?;
-        st.vol.punch_zero_runs(first, &zero).map_err(store_err)?;
-        for sector in st.vol.forget_freed() {
-            st.index.forget(sector);
-        }
         let s = &self.stats;
         s.blocks_written.fetch_add(n_new, Relaxed);
+        let n_hits = hits.iter().filter(|(_, e)| *e != Entry::Hole).count();
         s.dedup_hits
-            .fetch_add((hits.len() + later.len()) as u64, Relaxed);
+            .fetch_add((n_hits + later.len()) as u64, Relaxed);
         s.zero_blocks
             .fetch_add(zero.iter().filter(|&&z| z).count() as u64, Relaxed);
         Ok(())
@@ -340,19 +351,27 @@ impl Dedup {
     fn zero(&self, req: &Request<'_>, discard: bool) -> Res<()> {
         let mut guard = self.state.lock().map_err(|_| "state lock poisoned")?;
         let st = &mut *guard;
+        let mut result = Ok(());
         for p in interceptor_sdk::block_pieces(req.offset(), req.len(), BLOCK) {
-            if p.is_whole(BLOCK) {
-                st.vol.store.punch(p.block, 1).map_err(store_err)?;
+            result = if p.is_whole(BLOCK) {
+                st.vol.store.punch(p.block, 1).map_err(store_err)
             } else if !discard {
-                let mut data = st.vol.read_block(p.block).map_err(store_err)?;
-                data[p.range()].fill(0);
-                self.store_blocks(st, p.block, &[data], true)?;
+                st.vol
+                    .read_block(p.block)
+                    .map_err(store_err)
+                    .and_then(|mut data| {
+                        data[p.range()].fill(0);
+                        self.store_blocks(st, p.block, &[data], true)
+                    })
+            } else {
+                Ok(())
+            };
+            if result.is_err() {
+                break;
             }
         }
-        for sector in st.vol.forget_freed() {
-            st.index.forget(sector);
-        }
-        Ok(())
+        st.forget_changed();
+        result
     }
 
     fn flush(&self) -> Res<()> {

@@ -40,8 +40,8 @@ pub mod testing;
 pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, MAX_THIN, VERSION};
 pub use layer::{serve, RequestCounters, StoreLayer};
 pub use space::{Extent, Space};
-pub use store::{NewExtent, OpenOptions, Store, StoreStats};
-pub use volume::{is_zero, ratio, Volume};
+pub use store::{NewExtent, OpenOptions, SectorChanges, Store, StoreStats};
+pub use volume::{holes_for, is_zero, ratio, Volume};
 
 use std::sync::{Arc, Mutex};
 

@@ -76,8 +76,24 @@ pub struct Store<D: Device> {
     journal_used: u64,
     read_only: bool,
     stats: StoreStats,
-    /// Extents whose last reference went since the caller last asked (`take_freed`).
+    /// Extents whose last reference went, and extents stored, since the caller last asked
+    /// (`take_sector_changes`).
     freed: Vec<u64>,
+    placed: Vec<u64>,
+}
+
+/// Sectors whose extents went, and sectors where extents were stored.
+#[derive(Debug, Default)]
+pub struct SectorChanges {
+    pub freed: Vec<u64>,
+    pub placed: Vec<u64>,
+}
+
+impl SectorChanges {
+    /// Every sector whose contents changed meaning.
+    pub fn all(&self) -> impl Iterator<Item = u64> + '_ {
+        self.freed.iter().chain(&self.placed).copied()
+    }
 }
 
 fn io<T>(r: Result<T, crate::IoError>, what: &str) -> Result<T, StoreError> {
@@ -152,6 +168,7 @@ impl<D: Device> Store<D> {
             read_only: opts.read_only,
             stats: StoreStats::default(),
             freed: Vec::new(),
+            placed: Vec::new(),
             sb,
         };
         s.replay()?;
@@ -210,6 +227,7 @@ impl<D: Device> Store<D> {
             read_only: false,
             stats: StoreStats::default(),
             freed: Vec::new(),
+            placed: Vec::new(),
             sb,
         })
     }
@@ -420,6 +438,23 @@ impl<D: Device> Store<D> {
     /// Stores `extents` (together where one run of free units holds them all) and points
     /// their blocks at them. `NoSpace` leaves everything as it was.
     pub fn write(&mut self, extents: Vec<NewExtent>) -> Result<(), StoreError> {
+        self.update(extents, &[], &[])
+    }
+
+    /// One request's changes to the map, applied together or not at all: `extents` stored
+    /// and their blocks pointed at them, each `(block, entry)` of `shares` pointed at an
+    /// extent that is already stored (or made a hole), then each `(block, of)` of `copies`
+    /// pointed wherever block `of` now points (a duplicate of a block stored in this same
+    /// call). Every new reference is taken before any old one is dropped, so an extent that
+    /// one block leaves and another joins survives. Space runs short (`NoSpace`) or the data
+    /// cannot be written: the map is as it was. Space is found before anything changes, so
+    /// a commit that finding space needs makes only earlier requests durable.
+    pub fn update(
+        &mut self,
+        extents: Vec<NewExtent>,
+        shares: &[(u64, Entry)],
+        copies: &[(u64, u64)],
+    ) -> Result<(), StoreError> {
         self.check_writable()?;
         for x in &extents {
             let blocks = x.checks.len() as u64;
@@ -435,53 +470,120 @@ impl<D: Device> Store<D> {
                 return Err(StoreError::Range(x.first_block));
             }
         }
+        for (block, e) in shares {
+            if *block >= self.g.logical_blocks {
+                return Err(StoreError::Range(*block));
+            }
+            if matches!(*e, Entry::Stored { sector, .. } if self.space.extent(sector).is_none()) {
+                return Err(StoreError::Damaged("sharing an extent that is gone".into()));
+            }
+        }
+        for &(block, of) in copies {
+            if block.max(of) >= self.g.logical_blocks {
+                return Err(StoreError::Range(block.max(of)));
+            }
+        }
         let sectors: Vec<u64> = extents
             .iter()
             .map(|x| (x.bytes.len() as u64).div_ceil(SECTOR))
             .collect();
+        let places = self.find_places(&sectors)?;
+        self.write_data(&extents, &sectors, &places)?;
+        // From here on nothing can fail short of damage: the map changes as one.
+        let shares: Vec<(u64, Entry)> = shares
+            .iter()
+            .copied()
+            .filter(|&(block, e)| self.map[block as usize] != e)
+            .collect();
+        for (_, e) in &shares {
+            self.space
+                .add_ref(e, false)
+                .map_err(|d| StoreError::Damaged(d.0))?;
+        }
+        for (x, &sector) in extents.iter().zip(&places) {
+            let stored_len = x.bytes.len() as u32;
+            self.space
+                .place(sector, stored_len, x.codec as u8)
+                .map_err(|d| StoreError::Damaged(d.0))?;
+            self.placed.push(sector);
+            for (k, &check) in x.checks.iter().enumerate() {
+                let e = Entry::Stored {
+                    sector,
+                    stored_len,
+                    index: k as u8,
+                    codec: x.codec,
+                    check,
+                };
+                self.set(x.first_block + k as u64, e)?;
+            }
+            self.stats.extents_written += 1;
+        }
+        for &(block, e) in &shares {
+            let old = std::mem::replace(&mut self.map[block as usize], e);
+            if let Some(sector) = self.space.drop_ref(&old) {
+                self.freed.push(sector);
+            }
+            self.dirty.insert(block, e);
+        }
+        for &(block, of) in copies {
+            let e = self.map[of as usize];
+            self.set(block, e)?;
+        }
+        self.maybe_commit()
+    }
+
+    /// Where each extent of `sectors` sectors goes: together in one run of free units if
+    /// one holds them all, else each on its own. Changes nothing (`NoSpace`: no room).
+    fn find_places(&mut self, sectors: &[u64]) -> Result<Vec<u64>, StoreError> {
+        if sectors.is_empty() {
+            return Ok(Vec::new());
+        }
         let total: u64 = sectors.iter().sum();
         let units = (total * SECTOR).div_ceil(BLOCK);
-        let places = match self.alloc(units) {
-            Some(first) => {
-                let mut at = first * BLOCK / SECTOR;
-                sectors
-                    .iter()
-                    .map(|s| {
-                        let p = at;
-                        at += s;
-                        p
-                    })
-                    .collect::<Vec<u64>>()
-            }
-            // No run holds them all: each extent on its own.
-            None => {
-                let mut places = Vec::with_capacity(extents.len());
-                for s in &sectors {
-                    match self.alloc((s * SECTOR).div_ceil(BLOCK)) {
-                        Some(b) => {
-                            let sector = b * BLOCK / SECTOR;
-                            // Reserve it so the next extent's search skips it.
-                            self.space
-                                .place(sector, (s * SECTOR) as u32, 255)
-                                .map_err(|d| StoreError::Damaged(d.0))?;
-                            places.push(sector);
-                        }
-                        None => {
-                            for p in &places {
-                                self.space.unplace(*p);
-                            }
-                            self.stats.no_space += 1;
-                            return Err(StoreError::NoSpace);
-                        }
+        if let Some(first) = self.alloc(units) {
+            let mut at = first * BLOCK / SECTOR;
+            return Ok(sectors
+                .iter()
+                .map(|s| {
+                    let p = at;
+                    at += s;
+                    p
+                })
+                .collect());
+        }
+        let mut places = Vec::with_capacity(sectors.len());
+        let mut result = Ok(());
+        for s in sectors {
+            match self.alloc((s * SECTOR).div_ceil(BLOCK)) {
+                Some(b) => {
+                    let sector = b * BLOCK / SECTOR;
+                    // Reserved so the next extent's search skips it.
+                    if let Err(d) = self.space.place(sector, (s * SECTOR) as u32, 255) {
+                        result = Err(StoreError::Damaged(d.0));
+                        break;
                     }
+                    places.push(sector);
                 }
-                for p in &places {
-                    self.space.unplace(*p);
+                None => {
+                    self.stats.no_space += 1;
+                    result = Err(StoreError::NoSpace);
+                    break;
                 }
-                places
             }
-        };
-        // The data, one write per contiguous stretch.
+        }
+        for p in &places {
+            self.space.unplace(*p);
+        }
+        result.map(|()| places)
+    }
+
+    /// The extents' bytes at their places, one device write per contiguous stretch.
+    fn write_data(
+        &mut self,
+        extents: &[NewExtent],
+        sectors: &[u64],
+        places: &[u64],
+    ) -> Result<(), StoreError> {
         let mut i = 0;
         while i < extents.len() {
             let mut j = i + 1;
@@ -500,24 +602,7 @@ impl<D: Device> Store<D> {
             self.stats.bytes_written += buf.len() as u64;
             i = j;
         }
-        for (x, &sector) in extents.iter().zip(&places) {
-            let stored_len = x.bytes.len() as u32;
-            self.space
-                .place(sector, stored_len, x.codec as u8)
-                .map_err(|d| StoreError::Damaged(d.0))?;
-            for (k, &check) in x.checks.iter().enumerate() {
-                let e = Entry::Stored {
-                    sector,
-                    stored_len,
-                    index: k as u8,
-                    codec: x.codec,
-                    check,
-                };
-                self.set(x.first_block + k as u64, e)?;
-            }
-            self.stats.extents_written += 1;
-        }
-        self.maybe_commit()
+        Ok(())
     }
 
     /// `units` contiguous free units, committing first to free held ones if need be.
@@ -531,32 +616,10 @@ impl<D: Device> Store<D> {
         None
     }
 
-    /// Points each block at the extent its entry already names (dedup hits). Every new
-    /// reference is taken before any old one is dropped, so an extent that one block leaves
-    /// and another joins in the same call survives.
+    /// Points each block at the extent its entry already names (dedup hits): an
+    /// [`Store::update`] with shares only.
     pub fn share_all(&mut self, pairs: &[(u64, Entry)]) -> Result<(), StoreError> {
-        self.check_writable()?;
-        for (block, e) in pairs {
-            if *block >= self.g.logical_blocks {
-                return Err(StoreError::Range(*block));
-            }
-            if matches!(*e, Entry::Stored { sector, .. } if self.space.extent(sector).is_none()) {
-                return Err(StoreError::Damaged("sharing an extent that is gone".into()));
-            }
-        }
-        for (_, e) in pairs {
-            self.space
-                .add_ref(e, false)
-                .map_err(|d| StoreError::Damaged(d.0))?;
-        }
-        for &(block, e) in pairs {
-            let old = std::mem::replace(&mut self.map[block as usize], e);
-            if let Some(sector) = self.space.drop_ref(&old) {
-                self.freed.push(sector);
-            }
-            self.dirty.insert(block, e);
-        }
-        self.maybe_commit()
+        self.update(Vec::new(), pairs, &[])
     }
 
     /// Makes `blocks` blocks from `first` holes (discard, zeroes).
@@ -574,9 +637,16 @@ impl<D: Device> Store<D> {
         self.maybe_commit()
     }
 
-    /// Extents whose last reference went since the last call.
-    pub fn take_freed(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.freed)
+    /// Extents whose last reference went, and extents stored, since the last call. A
+    /// layer that keeps anything by sector (an index of contents, a cache of decoded
+    /// extents) drops it for both after every change, before it adds what is new: space
+    /// freed in one request can be written over in the next, or in the same one after a
+    /// commit.
+    pub fn take_sector_changes(&mut self) -> SectorChanges {
+        SectorChanges {
+            freed: std::mem::take(&mut self.freed),
+            placed: std::mem::take(&mut self.placed),
+        }
     }
 
     fn maybe_commit(&mut self) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 //! ones).
 
 use crate::format::{Codec, Entry};
-use crate::{block_check, Device, Store, StoreError, BLOCK};
+use crate::{block_check, Device, SectorChanges, Store, StoreError, BLOCK};
 use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -109,14 +109,14 @@ impl<D: Device> Volume<D> {
         Ok(d)
     }
 
-    /// After changes to the map: forgets decoded extents that are gone (their space may be
-    /// reused) and returns their sectors.
-    pub fn forget_freed(&mut self) -> Vec<u64> {
-        let freed = self.store.take_freed();
-        for s in &freed {
-            self.decoded.pop(s);
+    /// After changes to the map: forgets decoded extents whose sectors were freed or
+    /// written over, and returns those sectors ([`Store::take_sector_changes`]).
+    pub fn forget_changed(&mut self) -> SectorChanges {
+        let changes = self.store.take_sector_changes();
+        for s in changes.all() {
+            self.decoded.pop(&s);
         }
-        freed
+        changes
     }
 
     /// The whole blocks a write of `len` bytes at `offset` leaves: the first block's number
@@ -144,25 +144,16 @@ impl<D: Device> Volume<D> {
         }
         Ok((first.unwrap_or(0), blocks))
     }
+}
 
-    /// Makes the blocks of `blocks` that are all zero holes, in as few calls as there are
-    /// runs of them.
-    pub fn punch_zero_runs(&mut self, first: u64, zero: &[bool]) -> Result<(), StoreError> {
-        let mut i = 0;
-        while i < zero.len() {
-            if !zero[i] {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < zero.len() && zero[j] {
-                j += 1;
-            }
-            self.store.punch(first + i as u64, (j - i) as u64)?;
-            i = j;
-        }
-        Ok(())
-    }
+/// `(block, hole)` for each block from `first` whose `zero` flag is set: the shares that
+/// make them holes in the same [`Store::update`] as the rest of the request.
+pub fn holes_for(first: u64, zero: &[bool]) -> Vec<(u64, Entry)> {
+    zero.iter()
+        .enumerate()
+        .filter(|(_, &z)| z)
+        .map(|(i, _)| (first + i as u64, Entry::Hole))
+        .collect()
 }
 
 impl<D: Device> Volume<D> {
