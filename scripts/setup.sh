@@ -7,6 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 PACKAGES=(
     qemu-system-x86              # lab VM (TCG) and the "qemu" backend inside it
+    qemu-utils                   # qemu-io and qemu-img: the image-lock test (QEMU refuses vmm's images)
     linux-source-6.1             # guest kernel source
     bc flex bison libelf-dev libssl-dev make gcc libc6-dev   # kernel build
     cpio xz-utils kmod file      # initramfs, module resolution

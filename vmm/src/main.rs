@@ -36,13 +36,7 @@ fn host_max_vcpus() -> u32 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    vmm::logging::init("warn");
     // Before any thread starts, so every thread inherits the blocked mask.
     let signals = match vm::StopSignals::block() {
         Ok(s) => s,

@@ -45,8 +45,9 @@ pub fn instance_spec(
 /// the open file, which the backend keeps): exclusively when writable, shared when
 /// read-only, so any number of readers or one writer. A second opener (another process,
 /// or another `[[block]]` naming the same file by any path, since each open is its own
-/// lock holder) is refused with a message naming the file. The lock is advisory (`flock`):
-/// it excludes other `vmm`s, not a program that does not take it.
+/// lock holder) is refused with a message naming the file. The locks are advisory: `flock`
+/// excludes other `vmm`s and `vmm-img`, QEMU's OFD lock bytes ([`crate::qemu_lock`]) QEMU,
+/// qemu-img, qemu-io and qemu-nbd; a program that takes neither is not stopped.
 pub fn open_image(path: &Path, read_only: bool) -> Result<File, String> {
     open_image_with(path, read_only, false)
 }
@@ -80,13 +81,18 @@ pub fn open_image_with(path: &Path, read_only: bool, direct: bool) -> Result<Fil
         file.try_lock()
     };
     match locked {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(format!(
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(format!(
             "{} is in use by another process or by another [[block]] of this config (it is locked)",
             path.display()
         )),
-        Err(TryLockError::Error(e)) => Err(format!("{}: cannot lock it: {e}", path.display())),
+        Err(TryLockError::Error(e)) => {
+            return Err(format!("{}: cannot lock it: {e}", path.display()))
+        }
     }
+    crate::qemu_lock::take(&file, read_only)
+        .map_err(|why| format!("{} is in use by another process: {why}", path.display()))?;
+    Ok(file)
 }
 
 /// Opens every disk of a validated config and builds its stack on the disk's I/O thread
@@ -261,14 +267,84 @@ mod tests {
         open_image(&img, false).unwrap();
     }
 
+    /// Issue 29, item 8: QEMU's tools and vmm refuse each other's open images. `flock`
+    /// alone did not conflict with QEMU's OFD lock bytes, so both could write one image.
+    #[test]
+    fn qemu_and_vmm_refuse_each_others_open_images() {
+        let qemu_io = |args: &[&str], img: &Path| {
+            std::process::Command::new("qemu-io")
+                .args(["-f", "raw"])
+                .args(args)
+                .arg(img)
+                .output()
+        };
+        let d = Dir::new("qemu-lock");
+        let img = d.0.join("disk.img");
+        std::fs::write(&img, [0u8; 65536]).unwrap();
+        let Ok(probe) = qemu_io(&["-c", "read 0 512"], &img) else {
+            if std::env::var_os("CI").is_some() {
+                panic!("needs qemu-io (Debian's qemu-utils; scripts/setup.sh installs it)");
+            }
+            eprintln!("SKIPPED: needs qemu-io (Debian's qemu-utils)");
+            return;
+        };
+        assert!(probe.status.success(), "{probe:?}");
+        // vmm writes: qemu-io may not.
+        let writer = open_image(&img, false).unwrap();
+        let out = qemu_io(&["-c", "write 0 512"], &img).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Failed to get \"write\" lock"),
+            "qemu-io wrote an image vmm has open: {out:?}"
+        );
+        drop(writer);
+        // vmm reads (a read-only disk, vmm-img): no writer either.
+        let reader = open_image(&img, true).unwrap();
+        assert!(!qemu_io(&["-c", "write 0 512"], &img)
+            .unwrap()
+            .status
+            .success());
+        drop(reader);
+        // qemu-io writes: vmm neither writes nor reads it.
+        let mut child = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512", "-c", "sleep 20000"])
+            .arg(&img)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let e = loop {
+            match open_image(&img, false) {
+                Err(e) => break e,
+                Ok(f) if std::time::Instant::now() < deadline => {
+                    drop(f);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Ok(_) => panic!("vmm opened an image qemu-io is writing"),
+            }
+        };
+        assert!(e.contains("with the \"write\" permission"), "{e}");
+        assert!(e.starts_with(&*img.to_string_lossy()), "{e}");
+        let e = open_image(&img, true).unwrap_err();
+        assert!(e.contains("\"write\""), "{e}");
+        let _ = child.kill();
+        let _ = child.wait();
+        open_image(&img, false).unwrap();
+    }
+
     #[test]
     fn the_same_image_named_twice_is_refused_by_any_spelling() {
-        let d = Dir::new("twice");
-        let img = d.0.join("disk.img");
-        std::fs::write(&img, [0u8; 4096]).unwrap();
-        std::os::unix::fs::symlink(&img, d.0.join("link.img")).unwrap();
-        std::fs::hard_link(&img, d.0.join("hard.img")).unwrap();
-        for other in ["disk.img", "./disk.img", "link.img", "hard.img"] {
+        for (case, other) in ["disk.img", "./disk.img", "link.img", "hard.img"]
+            .into_iter()
+            .enumerate()
+        {
+            // A directory per case: a process another test forks meanwhile holds copies of
+            // this one's descriptors (and so its locks) until it execs.
+            let d = Dir::new(&format!("twice-{case}"));
+            let img = d.0.join("disk.img");
+            std::fs::write(&img, [0u8; 4096]).unwrap();
+            std::os::unix::fs::symlink(&img, d.0.join("link.img")).unwrap();
+            std::fs::hard_link(&img, d.0.join("hard.img")).unwrap();
             let text = format!(
                 "[kernel]\npath = \"k\"\n\
                  [[block]]\nid = \"a\"\npath = \"disk.img\"\n\
@@ -289,6 +365,9 @@ mod tests {
             );
         }
         // Both read-only: they share it.
+        let d = Dir::new("twice-ro");
+        std::fs::write(d.0.join("disk.img"), [0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(d.0.join("disk.img"), d.0.join("link.img")).unwrap();
         let text = "[kernel]\npath = \"k\"\n\
              [[block]]\nid = \"a\"\npath = \"disk.img\"\nread_only = true\n\
              [[block]]\nid = \"b\"\npath = \"link.img\"\nread_only = true\n";
