@@ -99,8 +99,13 @@ fn a_store_reopens_with_its_data_and_refuses_another_disk() {
     let other = MemDisk::new();
     other.data.lock().unwrap()[3_000_000] = 1;
     let e = stack(&other, json!({})).err().unwrap();
-    assert!(e.contains("set format = true"), "{e}");
+    assert!(e.contains("`format = true`"), "{e}");
     assert!(stack(&other, json!({ "format": true })).is_ok());
+    // Nor one whose first bytes hold something (issue 29, item 7: that was "damaged").
+    let other = MemDisk::new();
+    other.data.lock().unwrap()[..5].copy_from_slice(b"hello");
+    let e = stack(&other, json!({})).err().unwrap();
+    assert!(e.contains("not blank and holds no store (byte 0"), "{e}");
     // Bad settings name the field.
     let e = stack(&MemDisk::new(), json!({ "extent_kib": 6 }))
         .err()

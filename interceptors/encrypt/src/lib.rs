@@ -125,6 +125,8 @@ pub struct Encrypt {
     /// This open's cipher and nonces, and earlier opens' ciphers: used outside the lock.
     sealer: Sealer,
     stats: Stats,
+    /// A header copy the open found unreadable (the other was used), for the check hook.
+    recovered: Option<String>,
 }
 
 type Res<T> = Result<T, String>;
@@ -133,14 +135,14 @@ fn io(e: interceptor_sdk::IoError) -> String {
     e.to_string()
 }
 
-/// The header to open the disk with: the valid copy of the highest generation, and which
-/// copy it is; or why neither is valid.
+/// The header to open the disk with: the valid copy of the highest generation, which copy
+/// it is, and what was wrong with the other one if anything; or why neither is valid.
 fn pick_header(
     block0: &[u8],
     geo: &Geometry,
     keys: &HeaderKeys<'_>,
     lower: &Lower,
-) -> Res<(Header, usize)> {
+) -> Res<(Header, usize, Option<String>)> {
     let copies = [
         &block0[..HEADER_BYTES],
         &block0[HEADER_BYTES..2 * HEADER_BYTES],
@@ -155,17 +157,18 @@ fn pick_header(
         .filter_map(|(i, p)| p.as_ref().ok().map(|h| (i, h)))
         .max_by_key(|(i, h)| (h.generation, std::cmp::Reverse(*i)));
     if let Some((i, h)) = best {
-        if let Err(e) = &parsed[1 - i] {
-            lower.log(
-                LogLevel::Warn,
-                &format!(
-                    "header copy {}: {e}; opening with copy {}",
-                    ["A", "B"][1 - i],
-                    ["A", "B"][i]
-                ),
-            );
+        let other = parsed[1 - i].as_ref().err().map(|e| {
+            format!(
+                "header copy {}: {e}; opened with copy {} (generation {})",
+                ["A", "B"][1 - i],
+                ["A", "B"][i],
+                h.generation
+            )
+        });
+        if let Some(note) = &other {
+            lower.log(LogLevel::Warn, note);
         }
-        return Ok((h.clone(), i));
+        return Ok((h.clone(), i, other));
     }
     let why = |i: usize| parsed[i].as_ref().err().cloned().unwrap_or_default();
     Err(match (has_magic(copies[0]), has_magic(copies[1])) {
@@ -191,12 +194,13 @@ impl Encrypt {
         };
         let mut block0 = vec![0u8; BLOCK as usize];
         lower.read(0, &mut block0).map_err(io)?;
-        let (header, copy) = if has_magic(&block0[..HEADER_BYTES])
+        let (header, copy, recovered) = if has_magic(&block0[..HEADER_BYTES])
             || has_magic(&block0[HEADER_BYTES..2 * HEADER_BYTES])
         {
             pick_header(&block0, &geo, &keys, &lower)?
         } else {
-            Self::format(&lower, &geo, &key.0, cfg.format)?
+            let (h, copy) = Self::format(&lower, &geo, &key.0, cfg.format)?;
+            (h, copy, None)
         };
         if header.generation < cfg.min_generation {
             return Err(format!(
@@ -221,6 +225,7 @@ impl Encrypt {
             }),
             idle: Condvar::new(),
             stats: Stats::default(),
+            recovered,
         })
     }
 
@@ -455,6 +460,10 @@ impl Interceptor for Encrypt {
         d.insert("format_version".into(), layout::VERSION.into());
         d.insert("blocks_checked".into(), self.geo.n.into());
         d.insert("generation".into(), st.tree.generation().into());
+        if let Some(note) = &self.recovered {
+            // Nothing lost, but the image is not as written (store.md's convention).
+            d.insert("recovered".into(), vec![note.clone()].into());
+        }
         Some(report)
     }
 }

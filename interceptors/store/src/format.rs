@@ -5,9 +5,12 @@
 use crate::{StoreError, BLOCK, SECTOR};
 
 pub const MAGIC: &[u8; 8] = b"VMMSTORE";
-pub const VERSION: u32 = 1;
+/// The format this build writes. Version 1 stores (one copy of each journal block,
+/// unkeyed) are read, and become version 2 at their first writable open.
+pub const VERSION: u32 = 2;
 const CKPT_MAGIC: &[u8; 8] = b"VMMSTCKP";
-const JOURNAL_MAGIC: &[u8; 8] = b"VMMSTJNL";
+const JOURNAL_MAGIC_V1: &[u8; 8] = b"VMMSTJNL";
+const JOURNAL_MAGIC: &[u8; 8] = b"VMMSTJN2";
 /// The logical size is at most this multiple of the device's (thin provisioning).
 pub const MAX_THIN: u64 = 16;
 /// Bytes of a map entry, on disk and in a journal record (after the block number).
@@ -15,8 +18,12 @@ pub const ENTRY_BYTES: usize = 16;
 pub const ENTRIES_PER_BLOCK: u64 = BLOCK / ENTRY_BYTES as u64;
 const JOURNAL_HEADER: usize = 64;
 const RECORD_BYTES: usize = 8 + ENTRY_BYTES;
+/// A version 2 journal block is two copies of the same half block, each with its own
+/// check, so that no single damaged bit or sector loses a commit.
+const JOURNAL_COPY: usize = BLOCK as usize / 2;
 /// Records in one journal block.
-pub const RECORDS_PER_BLOCK: usize = (BLOCK as usize - JOURNAL_HEADER) / RECORD_BYTES;
+pub const RECORDS_PER_BLOCK: usize = (JOURNAL_COPY - JOURNAL_HEADER) / RECORD_BYTES;
+const RECORDS_PER_BLOCK_V1: usize = (BLOCK as usize - JOURNAL_HEADER) / RECORD_BYTES;
 /// Bytes of the check at the end of a superblock or a header.
 const CHECK: usize = 32;
 
@@ -178,6 +185,9 @@ impl Geometry {
                  {MAX_THIN} times as many"
             )));
         }
+        if journal_blocks == 0 {
+            return Err(StoreError::Config("the journal has no blocks".into()));
+        }
         let g = Geometry {
             logical_blocks,
             physical_blocks,
@@ -185,14 +195,21 @@ impl Geometry {
             journal_blocks,
         };
         // At least as many data blocks as the metadata takes, so that a store is never
-        // mostly metadata.
-        let meta = g.data_start();
-        if meta.checked_mul(2).is_none_or(|m| m > physical_blocks) {
+        // mostly metadata. Checked: the sizes may come from an image someone edited, and
+        // every offset the store computes later is below the data's start.
+        let meta = g
+            .slot_blocks
+            .checked_mul(2)
+            .and_then(|m| m.checked_add(Self::SLOTS_START))
+            .and_then(|m| m.checked_add(journal_blocks));
+        let Some(meta) = meta.filter(|m| m.checked_mul(2).is_some_and(|m2| m2 <= physical_blocks))
+        else {
             return Err(StoreError::Config(format!(
                 "{physical_blocks} blocks of 4 KiB below cannot hold the metadata of {logical_blocks} \
-                 guest blocks ({meta} blocks) and as much data"
+                 guest blocks with {journal_blocks} journal blocks, and as much data"
             )));
-        }
+        };
+        debug_assert_eq!(meta, g.data_start());
         Ok(g)
     }
 }
@@ -200,6 +217,8 @@ impl Geometry {
 /// What a superblock holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version it was read as (1 or 2); a superblock written now says VERSION.
+    pub version: u32,
     /// The layer that formatted the store ("compress", "dedup"); another layer refuses it.
     pub owner: String,
     pub geometry: Geometry,
@@ -267,9 +286,9 @@ impl Superblock {
             return Err("no store superblock (wrong magic)".into());
         }
         let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(format!(
-                "store format version {version}, this build reads version {VERSION}"
+                "store format version {version}, this build reads versions 1 to {VERSION}"
             ));
         }
         if check(&b[..SUPERBLOCK_BYTES]) != b[SUPERBLOCK_BYTES..SUPERBLOCK_BYTES + CHECK] {
@@ -296,6 +315,7 @@ impl Superblock {
         let mut owner_config = [0u8; 16];
         owner_config.copy_from_slice(&b[at + 56..at + 72]);
         let sb = Superblock {
+            version,
             owner,
             geometry,
             generation,
@@ -310,7 +330,7 @@ impl Superblock {
         let g = &sb.geometry;
         let expect = Geometry::new(g.logical_blocks, g.physical_blocks, g.journal_blocks)
             .map_err(|e| format!("the superblock's geometry is impossible: {e}"))?;
-        if expect != *g || sb.checkpoint_slot > 1 || sb.journal_pos >= g.journal_blocks.max(1) {
+        if expect != *g || sb.checkpoint_slot > 1 || sb.journal_pos >= g.journal_blocks {
             return Err("the superblock's geometry is impossible".into());
         }
         Ok(Some(sb))
@@ -351,25 +371,46 @@ pub fn verify_checkpoint(header: &[u8], seq: u64, map: &[u8]) -> Result<(), Stri
     Ok(())
 }
 
-/// Encodes one journal block of `records` (at most RECORDS_PER_BLOCK).
-pub fn encode_journal_block(seq: u64, records: &[(u64, Entry)]) -> Vec<u8> {
-    debug_assert!(records.len() <= RECORDS_PER_BLOCK);
-    let mut b = vec![0u8; BLOCK as usize];
-    b[0..8].copy_from_slice(JOURNAL_MAGIC);
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
-    b[16..20].copy_from_slice(&(records.len() as u32).to_le_bytes());
-    let mut at = JOURNAL_HEADER;
-    for (block, e) in records {
-        b[at..at + 8].copy_from_slice(&block.to_le_bytes());
-        b[at + 8..at + RECORD_BYTES].copy_from_slice(&e.encode());
-        at += RECORD_BYTES;
-    }
-    let c = check_journal(&b);
-    b[20..20 + CHECK].copy_from_slice(&c);
-    b
+/// The key of the journal's checks, derived from the store's key: a journal block that
+/// another store left on the device (one formatted over it) never passes for this one's,
+/// whatever its sequence number.
+pub fn journal_key(store_key: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("vmm extent-store journal 2", store_key)
 }
 
-fn check_journal(b: &[u8]) -> [u8; CHECK] {
+/// Encodes one journal block of `records` (at most RECORDS_PER_BLOCK), part of the commit
+/// whose first journal block has sequence number `commit_seq`: the same half block twice.
+pub fn encode_journal_block(
+    key: &[u8; 32],
+    seq: u64,
+    commit_seq: u64,
+    records: &[(u64, Entry)],
+) -> Vec<u8> {
+    debug_assert!(records.len() <= RECORDS_PER_BLOCK);
+    let mut h = vec![0u8; JOURNAL_COPY];
+    h[0..8].copy_from_slice(JOURNAL_MAGIC);
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&commit_seq.to_le_bytes());
+    h[24..28].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    let mut at = JOURNAL_HEADER;
+    for (block, e) in records {
+        h[at..at + 8].copy_from_slice(&block.to_le_bytes());
+        h[at + 8..at + RECORD_BYTES].copy_from_slice(&e.encode());
+        at += RECORD_BYTES;
+    }
+    let c = check_journal_copy(key, &h);
+    h[28..28 + CHECK].copy_from_slice(&c);
+    h.repeat(2)
+}
+
+fn check_journal_copy(key: &[u8; 32], h: &[u8]) -> [u8; CHECK] {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    hasher.update(&h[0..28]);
+    hasher.update(&h[JOURNAL_HEADER..]);
+    *hasher.finalize().as_bytes()
+}
+
+fn check_journal_v1(b: &[u8]) -> [u8; CHECK] {
     let mut h = blake3::Hasher::new();
     h.update(&b[0..20]);
     h.update(&b[JOURNAL_HEADER..]);
@@ -377,22 +418,76 @@ fn check_journal(b: &[u8]) -> [u8; CHECK] {
 }
 
 /// What a journal block says.
+#[derive(Debug, PartialEq, Eq)]
 pub enum JournalBlock {
-    /// A valid block with this sequence number and records.
-    Records(u64, Vec<(u64, Entry)>),
-    /// Not a valid block (never written, torn, or of an earlier pass): replay stops.
+    /// A valid block with this sequence number and records, and the sequence number of its
+    /// commit's first block (`None`: a version 1 block, which does not say).
+    Records {
+        seq: u64,
+        commit_seq: Option<u64>,
+        records: Vec<(u64, Entry)>,
+    },
+    /// Not a valid block (never written, torn, damaged, or of an earlier pass or another
+    /// store): whether replay may stop here is the replay's question.
     End,
     /// A block whose check matches but whose records are impossible: damage.
     Damaged(String),
 }
 
-pub fn decode_journal_block(b: &[u8]) -> JournalBlock {
-    if b.len() != BLOCK as usize || &b[0..8] != JOURNAL_MAGIC || check_journal(b) != b[20..52] {
-        return JournalBlock::End;
+/// Decodes a journal block of a store of format `version`. Of a version 2 block's two
+/// copies, the one with sequence number `expected` wins (a torn write can leave one copy
+/// new and the other from an earlier pass), else the later one. The flag is set when one
+/// copy failed its check and the other was used.
+pub fn decode_journal_block(
+    b: &[u8],
+    version: u32,
+    key: &[u8; 32],
+    expected: u64,
+) -> (JournalBlock, bool) {
+    if b.len() != BLOCK as usize {
+        return (JournalBlock::End, false);
     }
-    let seq = u64_at(b, 8);
-    let n = u32::from_le_bytes([b[16], b[17], b[18], b[19]]) as usize;
-    if n > RECORDS_PER_BLOCK {
+    if version == 1 {
+        if &b[0..8] != JOURNAL_MAGIC_V1 || check_journal_v1(b) != b[20..52] {
+            return (JournalBlock::End, false);
+        }
+        let n = u32::from_le_bytes([b[16], b[17], b[18], b[19]]) as usize;
+        return (
+            decode_records(u64_at(b, 8), None, n, RECORDS_PER_BLOCK_V1, b),
+            false,
+        );
+    }
+    let valid = |h: &[u8]| &h[0..8] == JOURNAL_MAGIC && check_journal_copy(key, h) == h[28..60];
+    let (a, c) = b.split_at(JOURNAL_COPY);
+    let h = match (valid(a), valid(c)) {
+        (true, true) if a == c => a,
+        (true, true) if u64_at(a, 8) == u64_at(c, 8) => {
+            return (
+                JournalBlock::Damaged(format!(
+                    "journal block {}: its two copies differ",
+                    u64_at(a, 8)
+                )),
+                false,
+            )
+        }
+        (true, true) if u64_at(c, 8) == expected || u64_at(c, 8) > u64_at(a, 8) => c,
+        (true, _) => a,
+        (false, true) => c,
+        (false, false) => return (JournalBlock::End, false),
+    };
+    let n = u32::from_le_bytes([h[24], h[25], h[26], h[27]]) as usize;
+    let decoded = decode_records(u64_at(h, 8), Some(u64_at(h, 16)), n, RECORDS_PER_BLOCK, h);
+    (decoded, valid(a) != valid(c))
+}
+
+fn decode_records(
+    seq: u64,
+    commit_seq: Option<u64>,
+    n: usize,
+    most: usize,
+    b: &[u8],
+) -> JournalBlock {
+    if n > most || commit_seq.is_some_and(|c| c > seq) {
         return JournalBlock::Damaged(format!("journal block {seq} claims {n} records"));
     }
     let mut records = Vec::with_capacity(n);
@@ -406,7 +501,11 @@ pub fn decode_journal_block(b: &[u8]) -> JournalBlock {
         };
         records.push((block, e));
     }
-    JournalBlock::Records(seq, records)
+    JournalBlock::Records {
+        seq,
+        commit_seq,
+        records,
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +543,7 @@ mod tests {
     #[test]
     fn a_superblock_round_trips_and_a_flipped_bit_is_refused() {
         let sb = Superblock {
+            version: VERSION,
             owner: "compress".into(),
             geometry: Geometry::new(1000, 4096, 16).unwrap(),
             generation: 5,
@@ -477,13 +577,36 @@ mod tests {
                 },
             ),
         ];
-        let b = encode_journal_block(42, &recs);
-        match decode_journal_block(&b) {
-            JournalBlock::Records(42, r) => assert_eq!(r, recs),
-            _ => panic!("not decoded"),
+        let key = journal_key(&[9; 32]);
+        let b = encode_journal_block(&key, 42, 41, &recs);
+        let want = JournalBlock::Records {
+            seq: 42,
+            commit_seq: Some(41),
+            records: recs.clone(),
+        };
+        assert_eq!(decode_journal_block(&b, VERSION, &key, 42), (want, false));
+        // One copy damaged anywhere: the other is used, and the damage is told.
+        for at in [3, 20, 40, 100, 2047, 2048, 2050, 3000, 4095] {
+            let mut one = b.clone();
+            one[at] ^= 1;
+            match decode_journal_block(&one, VERSION, &key, 42) {
+                (JournalBlock::Records { seq: 42, .. }, true) => {}
+                other => panic!("a flip at byte {at}: {other:?}"),
+            }
         }
-        let mut torn = b.clone();
-        torn[3000] ^= 1;
-        assert!(matches!(decode_journal_block(&torn), JournalBlock::End));
+        // Both copies: not a block (the replay decides whether that is an end or damage).
+        let mut both = b.clone();
+        both[100] ^= 1;
+        both[2048 + 100] ^= 1;
+        assert_eq!(
+            decode_journal_block(&both, VERSION, &key, 42).0,
+            JournalBlock::End
+        );
+        // Another store's block (another key) is nobody's.
+        let other = journal_key(&[8; 32]);
+        assert_eq!(
+            decode_journal_block(&b, VERSION, &other, 42).0,
+            JournalBlock::End
+        );
     }
 }

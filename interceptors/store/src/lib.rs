@@ -129,7 +129,7 @@ impl<T: Device + ?Sized> Device for &T {
 pub enum StoreError {
     #[error("the store is damaged: {0}")]
     Damaged(String),
-    #[error("the device holds data (byte {0} is not zero) and is not a store; set format = true to format it")]
+    #[error("the device below is not blank and holds no store (byte {0} is not zero): it is formatted only with `format = true` in this layer's config")]
     NotBlank(u64),
     #[error("{0}")]
     Config(String),

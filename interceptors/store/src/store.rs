@@ -9,8 +9,9 @@
 //!   writes the older superblock copy naming it, and flushes.
 
 use crate::format::{
-    decode_journal_block, encode_checkpoint_header, encode_journal_block, verify_checkpoint, Codec,
-    Entry, Geometry, JournalBlock, Superblock, ENTRY_BYTES, RECORDS_PER_BLOCK,
+    decode_journal_block, encode_checkpoint_header, encode_journal_block, journal_key,
+    verify_checkpoint, Codec, Entry, Geometry, JournalBlock, Superblock, ENTRY_BYTES,
+    RECORDS_PER_BLOCK, VERSION,
 };
 use crate::space::Space;
 use crate::{Device, StoreError, BLOCK, SECTOR};
@@ -80,6 +81,12 @@ pub struct Store<D: Device> {
     /// (`take_sector_changes`).
     freed: Vec<u64>,
     placed: Vec<u64>,
+    /// The key of the journal blocks' checks (format version 2).
+    journal_key: [u8; 32],
+    /// Damage the open found and worked around (a superblock copy, one copy of a journal
+    /// block), for the check hook to report.
+    recovered: Vec<String>,
+    opened_version: u32,
 }
 
 /// Sectors whose extents went, and sectors where extents were stored.
@@ -118,11 +125,16 @@ impl<D: Device> Store<D> {
             .cloned();
         let Some(sb) = newest else {
             let blank = copies.iter().all(|c| matches!(c, Ok(None)));
-            // A format writes one superblock copy and nothing else: copy A blank, copy B
-            // torn and every other byte zero is a format that did not finish.
+            // Neither copy is a store's (no magic): what is there is someone else's data.
+            let foreign = copies
+                .iter()
+                .zip([&first[..BLOCK as usize], &first[BLOCK as usize..]])
+                .all(|(c, b)| matches!(c, Ok(None)) || &b[..8] != crate::format::MAGIC);
+            // A format writes copy B first: copy A blank, copy B torn and every other byte
+            // zero is a format that did not finish.
             let unfinished = matches!(&copies, [Ok(None), Err(_)])
                 && first_nonzero(&dev, 2 * BLOCK, blocks * BLOCK)?.is_none();
-            if blank && !opts.format {
+            if (blank || (foreign && !unfinished)) && !opts.format {
                 if let Some(at) = first_nonzero(&dev, 0, blocks * BLOCK)? {
                     return Err(StoreError::NotBlank(at));
                 }
@@ -154,6 +166,16 @@ impl<D: Device> Store<D> {
                 sb.geometry.physical_blocks
             )));
         }
+        let mut recovered = Vec::new();
+        for (copy, c) in ["A", "B"].iter().zip(&copies) {
+            if let Err(why) = c {
+                recovered.push(format!(
+                    "superblock copy {copy} is unreadable ({why}): torn by a crash or damaged; \
+                     the other copy (generation {}) was used",
+                    sb.generation
+                ));
+            }
+        }
         let g = sb.geometry;
         let map = Self::load_checkpoint(&dev, &g, &sb)?;
         let mut s = Store {
@@ -169,6 +191,9 @@ impl<D: Device> Store<D> {
             stats: StoreStats::default(),
             freed: Vec::new(),
             placed: Vec::new(),
+            journal_key: journal_key(&sb.key),
+            recovered,
+            opened_version: sb.version,
             sb,
         };
         s.replay()?;
@@ -201,6 +226,7 @@ impl<D: Device> Store<D> {
             .map_err(|e| StoreError::Io(format!("no random sequence number: {e}")))?;
         let journal_seq = (u64::from_le_bytes(seq) >> 2) | 1;
         let sb = Superblock {
+            version: VERSION,
             owner: opts.owner.clone(),
             geometry: g,
             generation: 1,
@@ -211,8 +237,15 @@ impl<D: Device> Store<D> {
             key,
             owner_config: opts.owner_config,
         };
-        io(dev.write(BLOCK, &sb.encode()), "writing the superblock")?;
-        io(dev.flush(), "flushing the superblock")?;
+        // Copy B, then copy A: a crash during B leaves A blank (an unfinished format), one
+        // during A leaves B.
+        for copy in [1, 0] {
+            io(
+                dev.write(copy * BLOCK, &sb.encode()),
+                "writing the superblock",
+            )?;
+            io(dev.flush(), "flushing the superblock")?;
+        }
         let logical = usize::try_from(g.logical_blocks)
             .map_err(|_| StoreError::Config("logical size too large".into()))?;
         Ok(Store {
@@ -228,6 +261,9 @@ impl<D: Device> Store<D> {
             stats: StoreStats::default(),
             freed: Vec::new(),
             placed: Vec::new(),
+            journal_key: journal_key(&sb.key),
+            recovered: Vec::new(),
+            opened_version: VERSION,
             sb,
         })
     }
@@ -260,35 +296,99 @@ impl<D: Device> Store<D> {
             .collect()
     }
 
-    /// Applies the journal from the superblock's position until the first block that is not
-    /// the next in sequence.
+    /// Applies the journal from the superblock's position, each block that is valid and the
+    /// next in sequence. Where that stops must be where the last commit ended: a commit
+    /// that had not completed may be torn anywhere in its blocks, but a valid block of a
+    /// later commit past the stop (or of a later pass of the ring than the superblock's)
+    /// proves that a durable block (or the newest superblock) is damaged, and the store is
+    /// refused rather than served without flushed writes. Version 1 journals carry no
+    /// commit marks and are replayed as before: up to the first block out of line.
     fn replay(&mut self) -> Result<(), StoreError> {
+        let j = self.g.journal_blocks;
+        let v2 = self.sb.version >= 2;
+        // The first sequence number no block of this pass can carry.
+        let pass_end = self.journal_seq.checked_add(j);
+        // (position, sequence number expected there) where the replay stopped.
+        let mut stop: Option<(u64, u64)> = None;
         let mut buf = vec![0u8; BLOCK as usize];
-        for _ in 0..self.g.journal_blocks {
-            let at = (self.g.journal_start() + self.journal_pos) * BLOCK;
+        for k in 0..j {
+            let pos = (self.sb.journal_pos + k) % j;
+            let at = (self.g.journal_start() + pos) * BLOCK;
             io(self.dev.read(at, &mut buf), "reading the journal")?;
-            match decode_journal_block(&buf) {
-                JournalBlock::Records(seq, records) if seq == self.journal_seq => {
-                    for (block, e) in records {
-                        let slot = usize::try_from(block)
-                            .ok()
-                            .filter(|&b| b < self.map.len())
-                            .ok_or_else(|| {
-                                StoreError::Damaged(format!(
-                                    "journal block {seq} maps block {block}, past the end"
-                                ))
-                            })?;
-                        self.map[slot] = e;
-                    }
-                }
+            let (block, one_copy_bad) =
+                decode_journal_block(&buf, self.sb.version, &self.journal_key, self.journal_seq);
+            let (seq, commit_seq, records) = match block {
                 JournalBlock::Damaged(why) => return Err(StoreError::Damaged(why)),
-                _ => break,
+                JournalBlock::End => {
+                    if stop.is_none() {
+                        stop = Some((pos, self.journal_seq));
+                    }
+                    if v2 {
+                        continue;
+                    }
+                    break;
+                }
+                JournalBlock::Records {
+                    seq,
+                    commit_seq,
+                    records,
+                } => (seq, commit_seq, records),
+            };
+            if stop.is_none() && seq == self.journal_seq {
+                if one_copy_bad {
+                    self.recovered.push(format!(
+                        "journal block {seq} (position {pos}): one of its two copies is unreadable \
+                         (torn by a crash or damaged); the other was used"
+                    ));
+                }
+                for (block, e) in records {
+                    let slot = usize::try_from(block)
+                        .ok()
+                        .filter(|&b| b < self.map.len())
+                        .ok_or_else(|| {
+                            StoreError::Damaged(format!(
+                                "journal block {seq} maps block {block}, past the end"
+                            ))
+                        })?;
+                    self.map[slot] = e;
+                }
+                self.journal_seq = self.journal_seq.checked_add(1).ok_or_else(|| {
+                    StoreError::Damaged("the journal's sequence numbers run out".into())
+                })?;
+                self.journal_pos = (self.journal_pos + 1) % j;
+                self.journal_used += 1;
+                continue;
             }
-            self.journal_seq += 1;
-            self.journal_pos = (self.journal_pos + 1) % self.g.journal_blocks;
-            self.journal_used += 1;
+            let (stop_pos, expected) = *stop.get_or_insert((pos, self.journal_seq));
+            if !v2 {
+                break;
+            }
+            if pass_end.is_some_and(|end| seq >= end) {
+                return Err(StoreError::Damaged(format!(
+                    "journal block {seq} (position {pos}) was written after the newest readable \
+                     superblock (generation {}), so a newer one is damaged",
+                    self.sb.generation
+                )));
+            }
+            if seq > expected && commit_seq.is_some_and(|c| c > expected) {
+                return Err(StoreError::Damaged(format!(
+                    "journal block {expected} (position {stop_pos}) is damaged: a later commit \
+                     (journal block {seq}, position {pos}) follows it, so it was durable"
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// The format version of the store now, and the one it was found in at open (a
+    /// writable open rewrites an older store as [`VERSION`]).
+    pub fn format_version(&self) -> (u32, u32) {
+        (self.sb.version, self.opened_version)
+    }
+
+    /// Damage the open found and worked around (none on a sound store).
+    pub fn recovered(&self) -> &[String] {
+        &self.recovered
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -672,8 +772,13 @@ impl<D: Device> Store<D> {
         if self.journal_used + need > self.g.journal_blocks {
             return self.checkpoint();
         }
+        let commit_seq = self.journal_seq;
+        // Checked before anything is written: a counter at its end refuses the commit.
+        self.journal_seq
+            .checked_add(need + self.g.journal_blocks + 1)
+            .ok_or_else(|| StoreError::Damaged("the journal's sequence numbers run out".into()))?;
         for chunk in records.chunks(RECORDS_PER_BLOCK) {
-            let b = encode_journal_block(self.journal_seq, chunk);
+            let b = encode_journal_block(&self.journal_key, self.journal_seq, commit_seq, chunk);
             let at = (self.g.journal_start() + self.journal_pos) * BLOCK;
             io(self.dev.write(at, &b), "writing the journal")?;
             self.journal_seq += 1;
@@ -707,7 +812,20 @@ impl<D: Device> Store<D> {
         }
         io(self.dev.flush(), "flushing data")?;
         let slot = 1 - self.sb.checkpoint_slot;
-        let seq = self.sb.checkpoint_seq + 1;
+        // Counters at their end (only an edited image gets there) refuse, never wrap: a
+        // wrapped one would make an older state win at the next open.
+        let exhausted =
+            |what: &str| StoreError::Damaged(format!("the store's {what} is at its end"));
+        let seq = self
+            .sb
+            .checkpoint_seq
+            .checked_add(1)
+            .ok_or_else(|| exhausted("checkpoint number"))?;
+        let generation = self
+            .sb
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| exhausted("superblock generation"))?;
         let mut raw = Vec::with_capacity(self.map.len() * ENTRY_BYTES);
         for e in &self.map {
             raw.extend_from_slice(&e.encode());
@@ -725,7 +843,8 @@ impl<D: Device> Store<D> {
         }
         io(self.dev.flush(), "flushing the checkpoint")?;
         let mut sb = self.sb.clone();
-        sb.generation += 1;
+        sb.version = VERSION;
+        sb.generation = generation;
         sb.checkpoint_slot = slot;
         sb.checkpoint_seq = seq;
         sb.journal_pos = 0;
@@ -733,13 +852,18 @@ impl<D: Device> Store<D> {
         sb.journal_seq = self
             .journal_seq
             .checked_add(self.g.journal_blocks + 1)
-            .ok_or(StoreError::Damaged("journal sequence overflow".into()))?;
-        let copy = sb.generation % 2;
-        io(
-            self.dev.write(copy * BLOCK, &sb.encode()),
-            "writing the superblock",
-        )?;
-        io(self.dev.flush(), "flushing the superblock")?;
+            .filter(|s| s.checked_add(self.g.journal_blocks + 1).is_some())
+            .ok_or_else(|| exhausted("journal sequence number"))?;
+        // Both copies, one after the other: a crash tears at most one, and afterwards no
+        // single damaged copy can take the store back to an older checkpoint.
+        let bytes = sb.encode();
+        for copy in [0, 1] {
+            io(
+                self.dev.write(copy * BLOCK, &bytes),
+                "writing the superblock",
+            )?;
+            io(self.dev.flush(), "flushing the superblock")?;
+        }
         self.journal_pos = 0;
         self.journal_seq = sb.journal_seq;
         self.journal_used = 0;

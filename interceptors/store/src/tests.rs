@@ -197,7 +197,7 @@ impl Device for Recording {
             &self.log.lock().unwrap(),
             self.len,
             usize::MAX,
-            |_| true,
+            |_, _| true,
         );
         buf.copy_from_slice(&img[offset as usize..offset as usize + buf.len()]);
         Ok(())
@@ -216,8 +216,9 @@ impl Device for Recording {
 }
 
 /// The image after the first `upto` ops, where writes after the last flush before `upto`
-/// survive only if `keep(i)` (a disk that lost or reordered them).
-fn image(log: &[Op], len: usize, upto: usize, keep: impl Fn(usize) -> bool) -> Vec<u8> {
+/// survive only where `keep(i, sector)` (a disk that lost, reordered or tore them: each
+/// 512-byte sector of write `i` lands or not).
+fn image(log: &[Op], len: usize, upto: usize, keep: impl Fn(usize, usize) -> bool) -> Vec<u8> {
     image_over(None, log, len, upto, keep)
 }
 
@@ -226,7 +227,7 @@ fn image_over(
     log: &[Op],
     len: usize,
     upto: usize,
-    keep: impl Fn(usize) -> bool,
+    keep: impl Fn(usize, usize) -> bool,
 ) -> Vec<u8> {
     let upto = upto.min(log.len());
     let last_flush = log[..upto]
@@ -236,8 +237,11 @@ fn image_over(
     let mut img = base.map_or_else(|| vec![0u8; len], |b| b.to_vec());
     for (i, op) in log[..upto].iter().enumerate() {
         if let Op::Write(off, data) = op {
-            if i < last_flush || keep(i) {
-                img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            for (k, sector) in data.chunks(SECTOR as usize).enumerate() {
+                if i < last_flush || keep(i, k) {
+                    let at = *off as usize + k * SECTOR as usize;
+                    img[at..at + sector.len()].copy_from_slice(sector);
+                }
             }
         }
     }
@@ -310,19 +314,18 @@ fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_st
             // The last commit that had returned by position k, and what followed it.
             let (at, base) = commits.iter().rev().find(|(p, _)| *p <= k).unwrap();
             // Which writes since the last flush reached the disk: all, none, only the
-            // latest (the one a missing flush would let overtake the others), or a
-            // pseudo-random half.
-            for variant in 0..5u64 {
-                let keep = |i: usize| match variant {
+            // latest (the one a missing flush would let overtake the others), a
+            // pseudo-random half, or all but the latest, torn: a pseudo-random half of its
+            // sectors, or its first sectors only.
+            for variant in 0..7u64 {
+                let half = |x: u64| (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) & 1 == 1;
+                let keep = |i: usize, sector: usize| match variant {
                     0 => true,
                     1 => false,
                     2 => i + 1 == k,
-                    _ => {
-                        ((i as u64 ^ (seed << 8) ^ variant).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                            >> 40)
-                            & 1
-                            == 1
-                    }
+                    3 | 4 => half(i as u64 ^ (seed << 8) ^ variant),
+                    5 => i + 1 != k || half((sector as u64) ^ (seed << 16) ^ i as u64),
+                    _ => i + 1 != k || sector < 3,
                 };
                 let img = image(&log, LEN, k, keep);
                 let s = Store::open(MemDevice::from_bytes(img), &opts(BLOCKS))
@@ -377,11 +380,13 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
         }
         let log = dev.log.lock().unwrap().clone();
         for k in 0..=log.len() {
-            for variant in 0..3u64 {
-                let keep = |i: usize| match variant {
+            for variant in 0..4u64 {
+                let keep = |i: usize, sector: usize| match variant {
                     0 => true,
                     1 => i + 1 == k,
-                    _ => ((i as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) & 1 == 1,
+                    2 => ((i as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) & 1 == 1,
+                    // The latest write torn: its first sector only.
+                    _ => i + 1 != k || sector == 0,
                 };
                 let img = Arc::new(image(&log, LEN, k, keep));
                 let dev2 = Recording {
@@ -399,7 +404,9 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
                 }
                 let log2 = dev2.log.lock().unwrap().clone();
                 for k2 in (0..=log2.len()).step_by(3) {
-                    let img2 = image_over(Some(&img), &log2, LEN, k2, |i| (i + k) % 2 == 0);
+                    let img2 = image_over(Some(&img), &log2, LEN, k2, |i, sector| {
+                        (i + k) % 2 == 0 && (i + 1 != k2 || sector % 2 == 0)
+                    });
                     let s3 = Store::open(MemDevice::from_bytes(img2), &opts(BLOCKS))
                         .unwrap_or_else(|e| {
                             panic!("seed {seed}, crash at {k}/{variant}, then at {k2}: {e}")
@@ -413,4 +420,269 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
             }
         }
     }
+}
+
+/// The superblock of `img` as copy `copy` holds it.
+fn superblock_of(img: &[u8], copy: usize) -> crate::format::Superblock {
+    let b = &img[copy * BLOCK as usize..(copy + 1) * BLOCK as usize];
+    crate::format::Superblock::decode(b).unwrap().unwrap()
+}
+
+/// `img` with both superblock copies replaced by `sb`, its check made right again (the
+/// check is not keyed: anyone who can write the image can do this).
+fn with_superblock(img: &[u8], sb: &crate::format::Superblock) -> Vec<u8> {
+    let mut img = img.to_vec();
+    let b = sb.encode();
+    img[..BLOCK as usize].copy_from_slice(&b);
+    img[BLOCK as usize..2 * BLOCK as usize].copy_from_slice(&b);
+    img
+}
+
+/// Issue 29, item 5: fields of a superblock someone edited (and signed again) are checked
+/// against the device and each other, and counters at their end refuse rather than wrap:
+/// `journal_blocks` near 2^64 once put data over the map and journal; `checkpoint_seq` and
+/// `generation` at u64::MAX made the next open read an older state.
+#[test]
+fn edited_superblock_fields_are_refused_and_counters_never_wrap() {
+    let dev = MemDevice::new(1 << 20);
+    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    write_raw(&mut s, 5, &[block(5)]).unwrap();
+    s.checkpoint().unwrap();
+    drop(s);
+    let good = dev.snapshot();
+    let sb = superblock_of(&good, 0);
+
+    let mut bad = sb.clone();
+    bad.geometry.journal_blocks = u64::MAX - 2;
+    let e = Store::open(
+        MemDevice::from_bytes(with_superblock(&good, &bad)),
+        &opts(64),
+    )
+    .err()
+    .expect("a journal past the device opened");
+    assert!(e.to_string().contains("geometry is impossible"), "{e}");
+    let mut bad = sb.clone();
+    bad.geometry.journal_blocks = 0;
+    assert!(Store::open(
+        MemDevice::from_bytes(with_superblock(&good, &bad)),
+        &opts(64)
+    )
+    .is_err());
+
+    for (what, edit) in [
+        (
+            "checkpoint number",
+            (|sb| sb.checkpoint_seq = u64::MAX) as fn(&mut crate::format::Superblock),
+        ),
+        ("superblock generation", |sb| sb.generation = u64::MAX),
+        ("journal sequence number", |sb| {
+            sb.journal_seq = u64::MAX - 3
+        }),
+    ] {
+        let mut bad = sb.clone();
+        edit(&mut bad);
+        if what == "checkpoint number" {
+            // The checkpoint slot must carry the number the superblock names.
+            let mut img = with_superblock(&good, &bad);
+            let start = (sb.geometry.slot_start(sb.checkpoint_slot) * BLOCK) as usize;
+            let map_len = (sb.geometry.logical_blocks as usize) * 16;
+            let map = img[start + BLOCK as usize..start + BLOCK as usize + map_len].to_vec();
+            let header = crate::format::encode_checkpoint_header(u64::MAX, &map);
+            img[start..start + BLOCK as usize].copy_from_slice(&header);
+            check_counter_refusal(what, img);
+        } else {
+            check_counter_refusal(what, with_superblock(&good, &bad));
+        }
+    }
+}
+
+/// A writable open of `img` refuses with `what` at its end; a read-only one still serves
+/// block 5.
+fn check_counter_refusal(what: &str, img: Vec<u8>) {
+    let e = Store::open(MemDevice::from_bytes(img.clone()), &opts(64))
+        .err()
+        .unwrap_or_else(|| panic!("{what} at its end: opened writable"));
+    assert!(e.to_string().contains(what), "{what}: {e}");
+    let mut ro = opts(64);
+    ro.read_only = true;
+    let s = Store::open(MemDevice::from_bytes(img), &ro).unwrap();
+    assert_eq!(read_raw(&s, 5).unwrap(), Some(block(5)), "{what}");
+}
+
+/// A store with six commits in its journal (one block each) and nothing checkpointed since
+/// the format; returns the image and the byte where the journal starts.
+fn store_with_six_commits() -> (Vec<u8>, usize) {
+    let dev = MemDevice::new(1 << 20);
+    let mut o = opts(64);
+    o.journal_blocks = 16;
+    let mut s = Store::open(dev.clone(), &o).unwrap();
+    for c in 0..6u64 {
+        write_raw(&mut s, c, &[block(100 + c)]).unwrap();
+        s.commit().unwrap();
+    }
+    assert_eq!(s.stats().checkpoints, 0);
+    let at = (s.geometry().journal_start() * BLOCK) as usize;
+    drop(s);
+    (dev.snapshot(), at)
+}
+
+fn open_16(img: Vec<u8>) -> Result<Store<MemDevice>, StoreError> {
+    let mut o = opts(64);
+    o.journal_blocks = 16;
+    Store::open(MemDevice::from_bytes(img), &o)
+}
+
+/// Issue 29, item 10: one flipped bit in a journal block made the replay stop there, as at
+/// a torn tail, and the store opened without every flushed write after it. Each journal
+/// block is now two copies with their own checks: one bit, or one sector, costs nothing,
+/// and is reported; both copies damaged with a later commit after them is damage, and the
+/// store is refused with the block named.
+#[test]
+fn a_damaged_journal_block_is_recovered_or_refused_never_taken_for_the_end() {
+    let (good, j) = store_with_six_commits();
+    let s = open_16(good.clone()).unwrap();
+    for c in 0..6 {
+        assert_eq!(read_raw(&s, c).unwrap(), Some(block(100 + c)));
+    }
+    assert!(s.recovered().is_empty(), "{:?}", s.recovered());
+    drop(s);
+    for victim in [0usize, 3, 5] {
+        // One copy: a bit, then a whole sector.
+        for (at, len) in [
+            (j + victim * 4096 + 700, 1),
+            (j + victim * 4096 + 2048, 512),
+        ] {
+            let mut img = good.clone();
+            img[at..at + len].iter_mut().for_each(|b| *b ^= 0x5a);
+            let s = open_16(img).unwrap_or_else(|e| panic!("block {victim}: {e}"));
+            for c in 0..6 {
+                assert_eq!(
+                    read_raw(&s, c).unwrap(),
+                    Some(block(100 + c)),
+                    "block {victim}"
+                );
+            }
+            assert_eq!(s.recovered().len(), 1, "{:?}", s.recovered());
+            assert!(
+                s.recovered()[0].contains("two copies"),
+                "{:?}",
+                s.recovered()
+            );
+        }
+    }
+    // Both copies of a block that later commits follow.
+    for victim in [0usize, 3] {
+        let mut img = good.clone();
+        img[j + victim * 4096 + 100] ^= 1;
+        img[j + victim * 4096 + 2048 + 100] ^= 1;
+        let e = open_16(img)
+            .err()
+            .unwrap_or_else(|| panic!("block {victim} lost silently"));
+        assert!(e.to_string().contains("a later commit"), "{e}");
+        assert!(e.to_string().contains(&format!("position {victim}")), "{e}");
+    }
+}
+
+/// Issue 29, item 10: a superblock copy damaged is reported and the other used; a newest
+/// superblock lost while an older one survives (both copies edited back) is found by the
+/// journal blocks written after it, not served as the older state.
+#[test]
+fn a_damaged_superblock_copy_is_recovered_and_an_older_one_is_not_taken_for_the_newest() {
+    let dev = MemDevice::new(1 << 20);
+    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    write_raw(&mut s, 1, &[block(1)]).unwrap();
+    s.checkpoint().unwrap();
+    let older = dev.snapshot();
+    write_raw(&mut s, 2, &[block(2)]).unwrap();
+    s.checkpoint().unwrap();
+    write_raw(&mut s, 3, &[block(3)]).unwrap();
+    s.commit().unwrap();
+    drop(s);
+    let img = dev.snapshot();
+    for copy in 0..2 {
+        let mut bad = img.clone();
+        bad[copy * 4096 + 30] ^= 4;
+        let s = Store::open(MemDevice::from_bytes(bad), &opts(64)).unwrap();
+        for b in 1..4 {
+            assert_eq!(read_raw(&s, b).unwrap(), Some(block(b)));
+        }
+        assert!(
+            s.recovered().iter().any(|r| r.contains("superblock copy")),
+            "{:?}",
+            s.recovered()
+        );
+    }
+    let rolled_back = with_superblock(&img, &superblock_of(&older, 0));
+    let e = Store::open(MemDevice::from_bytes(rolled_back), &opts(64))
+        .err()
+        .expect("an older superblock was served as the newest");
+    assert!(e.to_string().contains("newer one is damaged"), "{e}");
+}
+
+/// A version 1 journal block, as builds before version 2 wrote it (one copy, unkeyed).
+fn journal_block_v1(seq: u64, records: &[(u64, Entry)]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK as usize];
+    b[0..8].copy_from_slice(b"VMMSTJNL");
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b[16..20].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    let mut at = 64;
+    for (block, e) in records {
+        b[at..at + 8].copy_from_slice(&block.to_le_bytes());
+        b[at + 8..at + 24].copy_from_slice(&e.encode());
+        at += 24;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&b[0..20]);
+    h.update(&b[64..]);
+    let c = *h.finalize().as_bytes();
+    b[20..52].copy_from_slice(&c);
+    b
+}
+
+/// A version 1 store (its superblock says 1, its journal holds a version 1 block) is read,
+/// served read-only as it is, and rewritten as version 2 by a writable open, its data kept.
+#[test]
+fn a_version_1_store_is_read_and_upgraded_at_its_first_writable_open() {
+    let dev = MemDevice::new(1 << 20);
+    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    write_raw(&mut s, 5, &[block(5)]).unwrap();
+    s.checkpoint().unwrap();
+    let (g, key) = (s.geometry(), *s.key());
+    drop(s);
+    let mut img = dev.snapshot();
+    let sb = superblock_of(&img, 0);
+    // Block 7 only in the journal, its data in a free unit.
+    let unit = g.data_start() + 10;
+    img[(unit * BLOCK) as usize..((unit + 1) * BLOCK) as usize].copy_from_slice(&block(7));
+    let e = Entry::Stored {
+        sector: unit * BLOCK / SECTOR,
+        stored_len: BLOCK as u32,
+        index: 0,
+        codec: Codec::Raw,
+        check: block_check(&key, &block(7)),
+    };
+    let j = (g.journal_start() * BLOCK) as usize;
+    img[j..j + BLOCK as usize].copy_from_slice(&journal_block_v1(sb.journal_seq, &[(7, e)]));
+    // The superblock as version 1 wrote it: the same bytes, version 1, signed again.
+    let mut b = sb.encode();
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let c = *blake3::hash(&b[..141]).as_bytes();
+    b[141..173].copy_from_slice(&c);
+    img[..BLOCK as usize].copy_from_slice(&b);
+    img[BLOCK as usize..2 * BLOCK as usize].copy_from_slice(&b);
+
+    let mut ro = opts(64);
+    ro.read_only = true;
+    let s = Store::open(MemDevice::from_bytes(img.clone()), &ro).unwrap();
+    assert_eq!(s.format_version(), (1, 1));
+    assert_eq!(read_raw(&s, 7).unwrap(), Some(block(7)));
+    drop(s);
+    let dev = MemDevice::from_bytes(img);
+    let s = Store::open(dev.clone(), &opts(64)).unwrap();
+    assert_eq!(s.format_version(), (2, 1));
+    drop(s);
+    let s = Store::open(dev, &opts(64)).unwrap();
+    assert_eq!(s.format_version(), (2, 2));
+    assert_eq!(read_raw(&s, 5).unwrap(), Some(block(5)));
+    assert_eq!(read_raw(&s, 7).unwrap(), Some(block(7)));
 }

@@ -219,9 +219,17 @@ impl<D: Device> Volume<D> {
         }
         let mut details = serde_json::Map::new();
         details.insert("format".into(), "extent-store".into());
-        details.insert("format_version".into(), crate::VERSION.into());
+        let (now, found) = self.store.format_version();
+        details.insert("format_version".into(), now.into());
+        if found != now {
+            details.insert("upgraded_from_version".into(), found.into());
+        }
         details.insert("blocks_checked".into(), blocks.into());
         details.insert("extents_checked".into(), (refs.len() as u64).into());
+        if !self.store.recovered().is_empty() {
+            // Damage the open worked around: nothing lost, but the image is not as written.
+            details.insert("recovered".into(), self.store.recovered().into());
+        }
         (problems, details)
     }
 }
@@ -255,7 +263,8 @@ impl<D: Device> Volume<D> {
         let physical = (store.space().units() - store.space().free_units()) * BLOCK;
         serde_json::json!({
             "format": "extent-store",
-            "format_version": crate::VERSION,
+            "format_version": store.format_version().0,
+            "found_as_version": store.format_version().1,
             "logical_bytes": logical,
             "physical_bytes": physical,
             "ratio": ratio(logical, physical),

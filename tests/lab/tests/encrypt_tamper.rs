@@ -211,6 +211,14 @@ fn a_flipped_bit_in_the_header_is_refused_and_never_reuses_a_nonce() {
     std::fs::write(&image, &raw).unwrap();
     let s = open(&image, &key);
     assert_eq!(read(&s, 3).unwrap(), vec![4u8; BLOCK]);
+    // And the check hook reports it (issue 29, item 10: `vmm-img check` said "clean").
+    let c = s.layers()[0].check().unwrap().unwrap();
+    assert!(c.problems.is_empty(), "{:?}", c.problems);
+    let recovered = c.details["recovered"].to_string();
+    assert!(
+        recovered.contains(&format!("header copy {}", ["A", "B"][newest])),
+        "{recovered}"
+    );
     fill(&s, 9);
     drop(s);
     no_keystream_repeats(&[("d", before.clone()), ("d", std::fs::read(&image).unwrap())]);

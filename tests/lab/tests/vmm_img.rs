@@ -222,3 +222,94 @@ fn check_finds_a_tampered_extent_and_a_wrong_key_and_says_which() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("damaged: ") && out.contains("enc"), "{out}");
 }
+
+/// Issue 29, item 10: damage a store recovers from (one copy of a journal block, one
+/// superblock copy) is reported (`recovered:` lines, exit 3), never "clean"; both copies of
+/// a journal block that a later commit follows refuse the image, naming the block. The image
+/// is never changed by the check.
+#[test]
+fn check_reports_recovered_damage_and_names_a_damaged_journal_block() {
+    let image = blank("vmm-img-journal.img", 4 << 20);
+    let chain = chain_file("vmm-img-journal", false);
+    drop({
+        let s = build(&image, &chain);
+        fill(&s);
+        fill(&s); // a second commit, after the first
+        s
+    });
+    let good = std::fs::read(&image).unwrap();
+    let journal: Vec<usize> = good
+        .chunks(4096)
+        .enumerate()
+        .filter(|(_, b)| &b[..8] == b"VMMSTJN2")
+        .map(|(i, _)| i * 4096)
+        .collect();
+    assert!(journal.len() >= 2, "journal blocks at {journal:?}");
+    let check = |bytes: &[u8]| {
+        std::fs::write(&image, bytes).unwrap();
+        let r = run(&[
+            "check",
+            image.to_str().unwrap(),
+            "--interceptors",
+            chain.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&image).unwrap() == bytes,
+            "check changed the image"
+        );
+        r
+    };
+    let mut one = good.clone();
+    one[journal[0] + 100] ^= 1;
+    one[30] ^= 1; // superblock copy A
+    let (code, out, err) = check(&one);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("zstd: clean after recovering from damage"),
+        "{out}"
+    );
+    assert!(out.contains("recovered: journal block"), "{out}");
+    assert!(out.contains("recovered: superblock copy A"), "{out}");
+    let mut both = good.clone();
+    both[journal[0] + 100] ^= 1;
+    both[journal[0] + 2048 + 100] ^= 1;
+    let (code, out, err) = check(&both);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("a later commit"), "{out}");
+    let (code, out, err) = check(&good);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Issue 29, item 7: log lines carry colour only on a terminal (a WARN about a damaged
+/// encryption header copy came with ANSI escape codes into a log file), and the damaged copy
+/// is reported by the check.
+#[test]
+fn a_log_into_a_file_has_no_colour_codes_and_a_damaged_header_copy_is_reported() {
+    let image = blank("vmm-img-hdr.img", 8 << 20);
+    let chain = chain_file("vmm-img-hdr", true);
+    drop({
+        let s = build(&image, &chain);
+        fill(&s);
+        s
+    });
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[72] ^= 1; // encryption header copy A: its MAC fails
+    std::fs::write(&image, &bytes).unwrap();
+    let out = Command::new(vmm_img())
+        .args(["check", image.to_str().unwrap(), "--interceptors"])
+        .arg(&chain)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stderr.contains("header copy A"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("recovered: header copy A"), "{stdout}");
+}

@@ -11,7 +11,8 @@
 //!
 //! Exit status: 0 clean (or `info` done), 1 damaged (a layer's check found problems, or a
 //! layer refused to open the image: the reason says which), 2 an error (no such image, a
-//! bad config, a plugin that does not load).
+//! bad config, a plugin that does not load), 3 damage found and worked around (a layer
+//! reports it under `recovered`: nothing is lost, and a writable open rewrites it).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -228,11 +229,13 @@ fn check(w: &Which) -> Result<u8, String> {
         }
     };
     let mut clean = true;
+    let mut recovered = false;
     let mut out = Vec::new();
     for l in opened.stack.layers() {
         let v = match l.check() {
             Ok(Some(c)) => {
                 clean &= c.problems.is_empty();
+                recovered |= c.details.contains_key("recovered");
                 serde_json::json!({
                     "id": l.id(),
                     "checked": true,
@@ -251,7 +254,7 @@ fn check(w: &Which) -> Result<u8, String> {
     if w.json {
         println!(
             "{}",
-            serde_json::json!({ "clean": clean, "layers": out, "image": image_json(&t, Some(&opened)) })
+            serde_json::json!({ "clean": clean, "recovered": recovered, "layers": out, "image": image_json(&t, Some(&opened)) })
         );
     } else {
         for v in &out {
@@ -263,34 +266,53 @@ fn check(w: &Which) -> Result<u8, String> {
             let problems = v["problems"].as_array().cloned().unwrap_or_default();
             let details: Vec<String> = v["details"]
                 .as_object()
-                .map(|m| m.iter().map(|(k, x)| format!("{k} {x}")).collect())
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| *k != "recovered")
+                        .map(|(k, x)| format!("{k} {x}"))
+                        .collect()
+                })
                 .unwrap_or_default();
-            if problems.is_empty() {
+            let worked_around = v["details"]["recovered"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if problems.is_empty() && worked_around.is_empty() {
                 println!("{id}: clean ({})", details.join(", "));
+            } else if problems.is_empty() {
+                println!(
+                    "{id}: clean after recovering from damage ({})",
+                    details.join(", ")
+                );
             } else {
                 println!("{id}: {} problems ({})", problems.len(), details.join(", "));
                 for p in problems {
                     println!("    {}", p.as_str().unwrap_or_default());
                 }
             }
+            for r in worked_around {
+                println!("    recovered: {}", r.as_str().unwrap_or_default());
+            }
         }
         println!(
             "{}: {}",
             t.image.display(),
-            if clean { "clean" } else { "damaged" }
+            match (clean, recovered) {
+                (false, _) => "damaged",
+                (true, true) => "damage recovered, nothing lost (a writable open rewrites it)",
+                (true, false) => "clean",
+            }
         );
     }
-    Ok(if clean { 0 } else { 1 })
+    Ok(match (clean, recovered) {
+        (false, _) => 1,
+        (true, true) => 3,
+        (true, false) => 0,
+    })
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    vmm::logging::init("error");
     let cli = Cli::parse();
     let done = match &cli.cmd {
         Cmd::Info(w) => info(w),
