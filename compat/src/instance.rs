@@ -84,6 +84,10 @@ fn c_string(s: &str) -> CString {
     CString::new(s.replace('\0', " ")).unwrap_or_default()
 }
 
+/// How many times the bytes below a plugin that owns its format may expose (thin
+/// provisioning: the extent store allows as much, `extent_store::MAX_THIN`).
+pub const MAX_THIN_FACTOR: u64 = 16;
+
 impl Instance {
     /// Creates the instance over `below` (the device's stack under it). `keep_capacity`:
     /// refuse a plugin that would expose another size (a running guest's disk cannot change
@@ -190,11 +194,20 @@ impl Instance {
                 message,
             })
         };
+        // More than below (thin provisioning) only from a plugin that answers every request
+        // itself (F_OWNS_FORMAT): nothing past the end below is ever passed down.
+        let owns_format = self.flags & abi::F_OWNS_FORMAT != 0;
+        let most = if owns_format {
+            below.saturating_mul(MAX_THIN_FACTOR)
+        } else {
+            below
+        };
         if exposed == below {
             Ok(below)
-        } else if exposed == 0 || exposed > below || !exposed.is_multiple_of(crate::SECTOR_SIZE) {
+        } else if exposed == 0 || exposed > most || !exposed.is_multiple_of(crate::SECTOR_SIZE) {
             bad(format!(
-                "capacity {exposed} must be a non-zero multiple of 512 up to the {below} bytes below"
+                "capacity {exposed} must be a non-zero multiple of 512 up to the {below} bytes \
+                 below ({MAX_THIN_FACTOR} times that for a plugin that owns its format)"
             ))
         } else if self.flags & abi::F_KEEP_WHEN_DISABLED == 0 {
             bad("only a plugin that stays in the path when disabled may change the capacity".into())

@@ -86,16 +86,6 @@ fn size_blocks(size_mib: u64, available_mib: Option<u64>) -> Res<NonZeroUsize> {
         .ok_or_else(|| format!("{field}: too large for this host"))
 }
 
-/// The host's available memory (`MemAvailable`), in MiB; None when it cannot be read.
-fn host_available_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kib| kib / 1024)
-}
-
 /// What the cache holds: each block's data in LRU order, and which of them are dirty (newer
 /// than the layers below), in disk order. `dirty` is always a subset of `lru`'s keys.
 struct State {
@@ -479,8 +469,8 @@ impl Interceptor for Cache {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
-        let blocks =
-            size_blocks(cfg.size_mib, host_available_mib()).map_err(|e| format!("config: {e}"))?;
+        let blocks = size_blocks(cfg.size_mib, interceptor_sdk::host_available_mib())
+            .map_err(|e| format!("config: {e}"))?;
         Ok(Cache {
             lower: ctx.lower,
             write_back: cfg.write_back,

@@ -93,20 +93,11 @@ impl Compress {
         if !(1..=19).contains(&cfg.level) {
             return Err(format!("config: level = {}: 1 to 19", cfg.level));
         }
-        let below = lower.capacity() / BLOCK;
-        let logical_blocks = match cfg.logical_mib {
-            Some(m) => {
-                m.checked_mul(1 << 20)
-                    .ok_or("config: logical_mib too large")?
-                    / BLOCK
-            }
-            None => below,
-        };
-        let journal_blocks = cfg
-            .journal_kib
-            .map(|k| k / 4)
-            .unwrap_or(1024)
-            .clamp(1, (below / 64).max(1));
+        let extent_store::Sizing {
+            logical_blocks,
+            journal_blocks,
+        } = extent_store::sizing(cfg.logical_mib, cfg.journal_kib, lower.capacity())
+            .map_err(|e| format!("config: {e}"))?;
         let mut owner_config = [0u8; 16];
         owner_config[0] = (cfg.extent_kib / 4) as u8;
         owner_config[1] = cfg.level as u8;

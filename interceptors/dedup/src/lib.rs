@@ -154,11 +154,17 @@ fn store_err(e: StoreError) -> String {
     e.to_string()
 }
 
-/// Blocks the index holds in `index_mib`, or why that size is refused.
-fn index_capacity(index_mib: u64) -> Res<usize> {
+/// Blocks the index holds in `index_mib`, or why that size is refused: at least 1 MiB, at
+/// most [`MAX_INDEX_MIB`] and the host's available memory where it is known.
+fn index_capacity(index_mib: u64, available_mib: Option<u64>) -> Res<usize> {
     if index_mib == 0 || index_mib > MAX_INDEX_MIB {
         return Err(format!(
             "config: index_mib = {index_mib}: 1 to {MAX_INDEX_MIB}"
+        ));
+    }
+    if let Some(available) = available_mib.filter(|&a| index_mib > a) {
+        return Err(format!(
+            "config: index_mib = {index_mib}: more than the host's available memory ({available} MiB)"
         ));
     }
     usize::try_from((index_mib << 20) / INDEX_BYTES_PER_BLOCK)
@@ -167,21 +173,12 @@ fn index_capacity(index_mib: u64) -> Res<usize> {
 
 impl Dedup {
     fn open(lower: Lower, cfg: &Config) -> Res<Dedup> {
-        let capacity = index_capacity(cfg.index_mib)?;
-        let below = lower.capacity() / BLOCK;
-        let logical_blocks = match cfg.logical_mib {
-            Some(m) => {
-                m.checked_mul(1 << 20)
-                    .ok_or("config: logical_mib too large")?
-                    / BLOCK
-            }
-            None => below,
-        };
-        let journal_blocks = cfg
-            .journal_kib
-            .map(|k| k / 4)
-            .unwrap_or(1024)
-            .clamp(1, (below / 64).max(1));
+        let capacity = index_capacity(cfg.index_mib, interceptor_sdk::host_available_mib())?;
+        let extent_store::Sizing {
+            logical_blocks,
+            journal_blocks,
+        } = extent_store::sizing(cfg.logical_mib, cfg.journal_kib, lower.capacity())
+            .map_err(|e| format!("config: {e}"))?;
         let lower = Arc::new(lower);
         let opts = OpenOptions {
             owner: OWNER.into(),

@@ -305,8 +305,10 @@ fn assert_clean(s: &BlockStack, when: &str) {
 /// flushed, and read back as an I/O error.
 #[test]
 fn a_commit_inside_a_request_never_leaves_the_index_naming_reused_space() {
+    // As large as the disk: more than the store can hold (the default keeps a reserve).
+    let cfg = json!({ "logical_mib": 2 });
     let disk = MemDisk::with_size(2 << 20);
-    let s = stack(&disk, json!({})).unwrap();
+    let s = stack(&disk, cfg.clone()).unwrap();
     let stored = fill_with_distinct_blocks(&s, 500);
     assert!(stored > 400, "{stored}");
     flush(&s);
@@ -326,7 +328,7 @@ fn a_commit_inside_a_request_never_leaves_the_index_naming_reused_space() {
     assert_eq!(read(&s, 0, request.len()).unwrap(), request);
     assert_clean(&s, "at the end");
     drop(s);
-    let s = stack(&disk, json!({})).unwrap();
+    let s = stack(&disk, cfg).unwrap();
     assert_eq!(read(&s, 11 * 4096, 4096).unwrap(), old);
     assert_clean(&s, "after a reopen");
 }
@@ -339,8 +341,9 @@ fn a_commit_inside_a_request_never_leaves_the_index_naming_reused_space() {
 #[test]
 fn a_request_that_finds_no_space_leaves_map_and_index_as_they_were() {
     let disk = MemDisk::with_size(2 << 20);
-    let s = stack(&disk, json!({})).unwrap();
+    let s = stack(&disk, json!({ "logical_mib": 2 })).unwrap();
     let stored = fill_with_distinct_blocks(&s, 900);
+    assert!(stored < 500, "{stored}: the store was not full");
     flush(&s);
     let before = read(&s, 0, (stored * 4096) as usize).unwrap();
     // Block 0 takes block 4's contents (a hit that frees block 0's extent); blocks 1 and 2
@@ -371,4 +374,118 @@ fn a_request_that_finds_no_space_leaves_map_and_index_as_they_were() {
     );
     assert_eq!(read(&s, 9 * 4096, 4096).unwrap(), noise(4096, 3));
     assert_clean(&s, "at the end");
+}
+
+/// Issue 29, item 7: sizes out of range are refused before anything is written, naming the
+/// field (a journal of 4 TiB was clamped silently, one of 0 accepted, an index larger than
+/// the host's memory accepted).
+#[test]
+fn sizes_out_of_range_are_refused_by_name_and_the_disk_is_not_touched() {
+    for (cfg, want) in [
+        (
+            json!({ "journal_kib": 4294967296u64 }),
+            "journal_kib = 4294967296: 4 to",
+        ),
+        (json!({ "journal_kib": 0 }), "journal_kib = 0: 4 to"),
+        (
+            json!({ "logical_mib": 1000 }),
+            "logical_mib = 1000: 1 to 256",
+        ),
+        (json!({ "index_mib": 0 }), "index_mib = 0"),
+        (
+            json!({ "index_mib": 5 }),
+            "index_mib = 5: more than the host's available memory (4 MiB)",
+        ),
+        (
+            json!({ "index_mib": "x" }),
+            "config: index_mib: invalid type",
+        ),
+    ] {
+        let disk = MemDisk::new();
+        let e = match cfg["index_mib"].as_u64() {
+            // The memory check against a host with 4 MiB available.
+            Some(5) => index_capacity(5, Some(4)).unwrap_err(),
+            _ => stack(&disk, cfg.clone()).err().unwrap(),
+        };
+        assert!(e.contains(want), "{cfg}: {e}");
+        assert!(disk.data.lock().unwrap().iter().all(|&b| b == 0), "{cfg}");
+    }
+}
+
+/// Issue 29, item 4: by default the guest sees what the store can always hold: every block
+/// written with distinct data, then every block overwritten, all succeed (the metadata once
+/// came out of the guest's space: on a 1 MiB disk the 247th block of 256 failed).
+#[test]
+fn the_default_size_holds_every_block_and_takes_overwrites_when_full() {
+    for size in [1usize << 20, 2 << 20, 16 << 20] {
+        let disk = MemDisk::with_size(size);
+        let s = stack(&disk, json!({})).unwrap();
+        let blocks = n(&stats(&s), "capacity_bytes") / 4096;
+        for round in 0..2u64 {
+            for b in 0..blocks {
+                write(&s, b * 4096, &noise(4096, round * 100_000 + b));
+            }
+            flush(&s);
+        }
+        for b in (0..blocks).step_by(7) {
+            assert_eq!(read(&s, b * 4096, 4096).unwrap(), noise(4096, 100_000 + b));
+        }
+        assert_eq!(n(&stats(&s), "no_space_errors"), 0);
+    }
+}
+
+/// Issue 29, item 3: thin provisioning through the real loading path (the shim refused any
+/// capacity over the bytes below). A guest size 8 times the disk: writes past what fits fail
+/// (counted), everything written before reads back, and after discards and a flush, writes
+/// succeed again.
+#[test]
+fn a_thin_disk_fails_writes_past_its_space_keeps_the_rest_and_takes_writes_after_a_discard() {
+    let disk = MemDisk::with_size(2 << 20);
+    let s = stack(&disk, json!({ "logical_mib": 16 })).unwrap();
+    assert_eq!(s.capacity(), 16 << 20);
+    let mut written = Vec::new();
+    let mut failed = 0;
+    for b in 0..1024u64 {
+        let mut data = noise(4096, 7000 + b);
+        match testing::submit(&s, BlockRequestKind::Write, b * 4096 * 4, &mut data) {
+            compat::RequestStatus::Ok => written.push(b),
+            _ => failed += 1,
+        }
+    }
+    flush(&s);
+    assert!(
+        written.len() > 400 && failed > 400,
+        "{} written, {failed} failed",
+        written.len()
+    );
+    assert_eq!(n(&stats(&s), "no_space_errors"), failed);
+    for &b in &written {
+        assert_eq!(
+            read(&s, b * 4096 * 4, 4096).unwrap(),
+            noise(4096, 7000 + b),
+            "block {b}"
+        );
+    }
+    // Blocks never written read as zeroes (holes), never as an error.
+    assert_eq!(read(&s, (15 << 20) + 4096, 4096).unwrap(), vec![0u8; 4096]);
+    // The guest frees half (fstrim): the space comes back after the flush.
+    for &b in written.iter().step_by(2) {
+        discard(&s, BlockRequestKind::Discard, b * 4096 * 4, 4096);
+    }
+    flush(&s);
+    for b in 0..100u64 {
+        write(&s, (b * 4 + 1) * 4096, &noise(4096, 9000 + b));
+    }
+    flush(&s);
+    for &b in written.iter().skip(1).step_by(2) {
+        assert_eq!(
+            read(&s, b * 4096 * 4, 4096).unwrap(),
+            noise(4096, 7000 + b),
+            "block {b}"
+        );
+    }
+    drop(s);
+    let s = stack(&disk, json!({ "logical_mib": 16 })).unwrap();
+    assert_eq!(read(&s, 5 * 4096, 4096).unwrap(), noise(4096, 9001));
+    assert_clean(&s, "after a reopen");
 }

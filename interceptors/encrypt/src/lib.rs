@@ -63,16 +63,6 @@ fn cache_nodes(cache_mib: u64, available_mib: Option<u64>) -> Res<usize> {
     usize::try_from((mib << 20) / NODE_MEMORY).map_err(|_| format!("{field}: too large"))
 }
 
-/// The host's available memory (`MemAvailable`), in MiB; None when it cannot be read.
-fn host_available_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kib| kib / 1024)
-}
-
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -362,7 +352,7 @@ impl Interceptor for Encrypt {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
-        cache_nodes(cfg.cache_mib, host_available_mib())?;
+        cache_nodes(cfg.cache_mib, interceptor_sdk::host_available_mib())?;
         let key = key::read_key_file(&cfg.key_file)?;
         Encrypt::open_disk(ctx.lower, &key, &cfg)
     }
@@ -545,7 +535,8 @@ mod config_bounds {
         };
         let e = create(99_999_999);
         assert!(e.contains("cache_mib = 99999999: more than"), "{e}");
-        let available = host_available_mib().expect("MemAvailable in /proc/meminfo");
+        let available =
+            interceptor_sdk::host_available_mib().expect("MemAvailable in /proc/meminfo");
         let over = available + 1;
         let e = create(over);
         assert!(

@@ -128,6 +128,23 @@ pub struct CreateContext<'a> {
     pub lower: Lower,
 }
 
+/// The host's available memory (`MemAvailable`), in MiB; `None` where it cannot be read. A
+/// plugin that takes memory by its config (a cache, an index) refuses a size over it, so
+/// that a typo does not become an out-of-memory kill later.
+///
+/// ```
+/// let mib = interceptor_sdk::host_available_mib();
+/// assert!(mib.is_none_or(|m| m > 0));
+/// ```
+pub fn host_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+}
+
 impl CreateContext<'_> {
     /// The config deserialized into `T`, or a message naming what is wrong.
     ///
@@ -141,7 +158,16 @@ impl CreateContext<'_> {
     /// }
     /// ```
     pub fn config_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_value(self.config.clone()).map_err(|e| format!("config: {e}"))
+        // The error names the field it is about (`key_file: invalid type ...`): the shim
+        // adds the config file and the instance.
+        serde_path_to_error::deserialize(self.config.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                format!("config: {}", e.inner())
+            } else {
+                format!("config: {path}: {}", e.inner())
+            }
+        })
     }
 }
 

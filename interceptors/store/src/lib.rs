@@ -30,6 +30,7 @@
 
 mod format;
 mod layer;
+mod sizing;
 mod space;
 mod store;
 mod volume;
@@ -39,6 +40,9 @@ pub mod testing;
 
 pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, MAX_THIN, VERSION};
 pub use layer::{serve, RequestCounters, StoreLayer};
+pub use sizing::{
+    sizing, Sizing, DEFAULT_JOURNAL_BLOCKS, MAX_JOURNAL_KIB, OVERWRITE_RESERVE_BLOCKS,
+};
 pub use space::{Extent, Space};
 pub use store::{NewExtent, OpenOptions, SectorChanges, Store, StoreStats};
 pub use volume::{holes_for, is_zero, ratio, Volume};

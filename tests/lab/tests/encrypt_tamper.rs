@@ -361,3 +361,46 @@ fn a_whole_image_rolled_back_is_refused_when_the_operator_pins_its_generation() 
     assert_eq!(read(&s, 0).unwrap(), pattern("old ", BLOCK));
     drop(s);
 }
+
+/// Issue 29, item 9: what docs/encryption.md says an operator sees when the header alone is
+/// put back. One generation old is exactly what a crash between the last commit's nodes and
+/// its header leaves: it opens, every block reads its newest contents. Two generations old:
+/// its nodes were overwritten, the blocks read as I/O errors. `min_generation` refuses both.
+#[test]
+fn a_header_put_back_one_generation_opens_as_after_a_crash_and_two_back_reads_as_errors() {
+    let key = key_file("tamper-hdrback.key");
+    let image = blank_disk("tamper-hdrback.img");
+    let mut block0 = Vec::new();
+    {
+        let s = open(&image, &key);
+        for base in [1u8, 9, 17] {
+            fill(&s, base);
+            flush(&s);
+            block0.push(std::fs::read(&image).unwrap()[..BLOCK].to_vec());
+        }
+    }
+    let last = std::fs::read(&image).unwrap();
+    let newest = encfmt::newest(&last).generation;
+    for (back, header) in [(1, &block0[1]), (2, &block0[0])] {
+        let mut raw = last.clone();
+        raw[..BLOCK].copy_from_slice(header);
+        assert_eq!(encfmt::newest(&raw).generation, newest - back);
+        std::fs::write(&image, &raw).unwrap();
+        let e = open_with(
+            &image,
+            serde_json::json!({ "key_file": key, "min_generation": newest }),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{back} back: opened under min_generation"));
+        assert!(e.contains("older than min_generation"), "{e}");
+        let s = open(&image, &key);
+        let reads: Vec<_> = (0..8).map(|b| read(&s, b)).collect();
+        if back == 1 {
+            for (b, r) in reads.iter().enumerate() {
+                assert_eq!(r.as_ref().unwrap(), &vec![17 + b as u8; BLOCK], "block {b}");
+            }
+        } else {
+            assert!(reads.iter().all(|r| r.is_err()), "two back: {reads:?}");
+        }
+    }
+}

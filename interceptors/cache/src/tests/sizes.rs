@@ -60,7 +60,7 @@ fn create(config: serde_json::Value) -> Result<Arc<BlockStack>, String> {
 fn a_size_over_the_hosts_memory_is_refused_not_allocated() {
     let e = create(serde_json::json!({ "size_mib": 99_999_999_u64 })).unwrap_err();
     assert!(e.contains("size_mib = 99999999: more than"), "{e}");
-    let available = host_available_mib().expect("MemAvailable in /proc/meminfo");
+    let available = interceptor_sdk::host_available_mib().expect("MemAvailable in /proc/meminfo");
     if available < MAX_SIZE_MIB {
         let over = available + 1;
         let e = create(serde_json::json!({ "size_mib": over })).unwrap_err();
