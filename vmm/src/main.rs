@@ -156,10 +156,19 @@ fn start_api(
     exit: &vmm_sys_util::eventfd::EventFd,
     probe: &vmm::probe::KvmSlot,
 ) -> Result<Option<vmm_api::Server>, String> {
-    let Some(path) = cli
+    // Where the path came from, for an error: the command line, or the config's field.
+    let Some((path, origin)) = cli
         .api_sock
         .clone()
-        .or_else(|| cfg.api.as_ref().map(|a| a.socket.clone()))
+        .map(|p| (p, "--api-sock".to_string()))
+        .or_else(|| {
+            cfg.api.as_ref().map(|a| {
+                (
+                    a.socket.clone(),
+                    format!("{}: api.socket", cli.config.display()),
+                )
+            })
+        })
     else {
         return Ok(None);
     };
@@ -206,7 +215,7 @@ fn start_api(
         vmm_api::Limits::default(),
         Some(confined(ThreadKind::Api)),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("{origin}: {e}"))?;
     tracing::info!("api: serving on {}", server.path().display());
     Ok(Some(server))
 }

@@ -81,6 +81,13 @@ fn fake_bzimage() -> Vec<u8> {
 
 #[test]
 fn bad_configs_exit_2_naming_file_and_field() {
+    // The data disk through a dedup instance with `config` as given.
+    let dedup_with = |config: &str| {
+        let so = vmm_lab::plugins::plugins().unwrap().dedup;
+        format!(
+            "[[interceptor]]\nid = \"dd\"\npath = {so:?}\nconfig = {{ {config} }}\n[[block]]\ninterceptors = [\"dd\"]"
+        )
+    };
     let dir = common::repo().join("build/test-out");
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("cfg-disk.img");
@@ -147,6 +154,26 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "id = \"data\"",
             "id = \"data\"\nengine = \"posix-aio\"",
             "engine",
+        ),
+        // Issue 29, item 7: the socket was named, the file and the field not.
+        (
+            "bad-api.toml",
+            "[[block]]",
+            "[api]\nsocket = \"/nonexistent/dir/api.sock\"\n[[block]]",
+            "api.socket",
+        ),
+        // A plugin's own config: the file, the instance and the field.
+        (
+            "plugin-type.toml",
+            "[[block]]",
+            &dedup_with("index_mib = \"x\""),
+            "interceptor[0] (dd): plugin `dedup` refused its config: config: index_mib: invalid type",
+        ),
+        (
+            "plugin-journal.toml",
+            "[[block]]",
+            &dedup_with("journal_kib = 4294967296"),
+            "interceptor[0] (dd): plugin `dedup` refused its config: config: journal_kib = 4294967296: 4 to",
         ),
     ] {
         let body = good.replace(from, to);
