@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Build the guest root filesystem: busybox + Debian's fio and iperf3 with their libraries, our init and
-# the fio job files. Two forms of the same tree:
+# Build the guest root filesystem: busybox + Debian's fio, iperf3 and e2fsprogs (mkfs.ext4,
+# e2fsck) with their libraries, our init and the fio job files. To add a tool: add its
+# binary to TOOLS (its libraries follow by ldd), its package to the versions line (so the
+# cache is rebuilt when it changes) and to scripts/setup.sh (docs/lab.md, "Guest tools"). Two forms of the same tree:
 #   rootfs.ext4          read-only ext4 root disk (/dev/vda), the default
 #   initramfs.cpio.gz    the same tree as an initramfs (kept for the boot-time comparison)
 # Output: symlinks in $BUILD_DIR/guest/, cached by the hash of the inputs.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 
-for bin in /bin/busybox /usr/bin/fio /usr/bin/iperf3 /sbin/mkfs.ext4 /usr/bin/cpio; do
+# Debian's binaries copied into the guest with their shared libraries.
+TOOLS=(/usr/bin/fio /usr/bin/iperf3 /usr/sbin/mke2fs /usr/sbin/e2fsck)
+for bin in /bin/busybox "${TOOLS[@]}" /sbin/mkfs.ext4 /usr/bin/cpio; do
     [ -x "$bin" ] || die "$bin missing: run scripts/setup.sh"
 done
 busybox_path=/bin/busybox
@@ -16,7 +20,7 @@ file -L "$busybox_path" 2>/dev/null | grep -q 'statically linked' || die "$busyb
 
 here="$REPO_ROOT/guest-kernel"
 versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version iperf3) $(pkg_version libc6) $(pkg_version e2fsprogs)"
-RECIPE="rootfs-2"
+RECIPE="rootfs-3"
 key="$(inputs_hash "$RECIPE $versions" "$here/rootfs/init" "$REPO_ROOT"/benches/fio/*)"
 out="$CACHE_DIR/rootfs-$key"
 mkdir -p "$BUILD_DIR/guest"
@@ -25,22 +29,27 @@ lock_cache rootfs
 if [ -f "$out/rootfs.ext4" ] && [ -f "$out/initramfs.cpio.gz" ]; then
     step "guest rootfs: cached ($out)"
 else
-    step "guest rootfs: assembling busybox + fio + iperf3"
+    step "guest rootfs: assembling busybox + fio + iperf3 + e2fsprogs"
     tmp="$out.tmp"; rm -rf "$tmp"; tree="$tmp/tree"
     mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,mnt,etc,fio}
     cp "$busybox_path" "$tree/bin/busybox"
     for app in $("$busybox_path" --list); do
         [ -e "$tree/bin/$app" ] || ln -s busybox "$tree/bin/$app"
     done
-    # fio and iperf3 with their shared libraries and the dynamic loader, at the paths the
+    # The tools with their shared libraries and the dynamic loader, at the paths the
     # binaries expect
-    for bin in /usr/bin/fio /usr/bin/iperf3; do
+    mkdir -p "$tree/usr/sbin"
+    for bin in "${TOOLS[@]}"; do
         cp "$bin" "$tree$bin"
         ldd "$bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
             mkdir -p "$tree$(dirname "$lib")"
             cp -L "$lib" "$tree$lib"
         done
     done
+    # e2fsprogs under the names people type, ahead of busybox's own mke2fs in PATH
+    for name in mke2fs mkfs.ext4 mkfs.ext2; do ln -sfn /usr/sbin/mke2fs "$tree/bin/$name"; done
+    for name in e2fsck fsck.ext4; do ln -sfn /usr/sbin/e2fsck "$tree/bin/$name"; done
+    cp /etc/mke2fs.conf "$tree/etc/mke2fs.conf"
     cp "$here/rootfs/init" "$tree/init"
     cp "$REPO_ROOT"/benches/fio/* "$tree/fio/"
     printf 'root:x:0:0:root:/:/bin/sh\n' > "$tree/etc/passwd"
