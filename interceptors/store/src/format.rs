@@ -434,6 +434,11 @@ pub enum JournalBlock {
     Damaged(String),
 }
 
+/// Whether one copy (half block) of a version 2 journal block passes its check.
+pub fn journal_copy_valid(h: &[u8], key: &[u8; 32]) -> bool {
+    h.len() == JOURNAL_COPY && &h[0..8] == JOURNAL_MAGIC && check_journal_copy(key, h) == h[28..60]
+}
+
 /// Decodes a journal block of a store of format `version`. Of a version 2 block's two
 /// copies, the one with sequence number `expected` wins (a torn write can leave one copy
 /// new and the other from an earlier pass), else the later one. The flag is set when one
@@ -457,7 +462,7 @@ pub fn decode_journal_block(
             false,
         );
     }
-    let valid = |h: &[u8]| &h[0..8] == JOURNAL_MAGIC && check_journal_copy(key, h) == h[28..60];
+    let valid = |h: &[u8]| journal_copy_valid(h, key);
     let (a, c) = b.split_at(JOURNAL_COPY);
     let h = match (valid(a), valid(c)) {
         (true, true) if a == c => a,

@@ -51,14 +51,14 @@ pub fn sizing(
     };
     let logical_blocks = match logical_mib {
         Some(m) => {
-            let most = MAX_THIN.saturating_mul(below_bytes >> 20);
+            let most = MAX_THIN.saturating_mul(below_bytes) >> 20;
             let blocks = m
                 .checked_mul((1 << 20) / BLOCK)
                 .filter(|_| m >= 1 && m <= most);
             let Some(blocks) = blocks else {
                 return Err(format!(
-                    "logical_mib = {m}: 1 to {most} ({MAX_THIN} times the {} MiB below)",
-                    below_bytes >> 20
+                    "logical_mib = {m}: 1 to {most} ({MAX_THIN} times the {} KiB below)",
+                    below_bytes >> 10
                 ));
             };
             Geometry::new(blocks, below, journal_blocks)

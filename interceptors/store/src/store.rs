@@ -89,6 +89,15 @@ pub struct Store<D: Device> {
     opened_version: u32,
 }
 
+/// What a replay found to put right before the journal can go on: journal positions past
+/// the end holding blocks of a commit a crash cut short, and applied blocks with one
+/// unreadable copy (position and the block as read).
+#[derive(Default)]
+struct Repairs {
+    remnants: Vec<u64>,
+    half_blocks: Vec<(u64, Vec<u8>)>,
+}
+
 /// Sectors whose extents went, and sectors where extents were stored.
 #[derive(Debug, Default)]
 pub struct SectorChanges {
@@ -196,7 +205,7 @@ impl<D: Device> Store<D> {
             opened_version: sb.version,
             sb,
         };
-        s.replay()?;
+        let repairs = s.replay()?;
         for e in &s.map {
             s.space
                 .add_ref(e, true)
@@ -206,8 +215,14 @@ impl<D: Device> Store<D> {
             .check_disjoint()
             .map_err(|d| StoreError::Damaged(d.0))?;
         if !s.read_only {
-            // A clean journal: nothing written after the cut can ever be replayed.
-            s.checkpoint()?;
+            if s.sb.version < VERSION {
+                // An older format: a checkpoint writes this one's superblocks and journal.
+                s.checkpoint()?;
+            } else {
+                // No checkpoint: an open writes what the journal needs, never the whole map
+                // (a store of any size opens in the time and the writes its journal takes).
+                s.repair_after_replay(&first, &copies, repairs)?;
+            }
         }
         Ok(s)
     }
@@ -303,7 +318,8 @@ impl<D: Device> Store<D> {
     /// proves that a durable block (or the newest superblock) is damaged, and the store is
     /// refused rather than served without flushed writes. Version 1 journals carry no
     /// commit marks and are replayed as before: up to the first block out of line.
-    fn replay(&mut self) -> Result<(), StoreError> {
+    fn replay(&mut self) -> Result<Repairs, StoreError> {
+        let mut repairs = Repairs::default();
         let j = self.g.journal_blocks;
         let v2 = self.sb.version >= 2;
         // The first sequence number no block of this pass can carry.
@@ -336,6 +352,7 @@ impl<D: Device> Store<D> {
             };
             if stop.is_none() && seq == self.journal_seq {
                 if one_copy_bad {
+                    repairs.half_blocks.push((pos, buf.clone()));
                     self.recovered.push(format!(
                         "journal block {seq} (position {pos}): one of its two copies is unreadable \
                          (torn by a crash or damaged); the other was used"
@@ -353,7 +370,7 @@ impl<D: Device> Store<D> {
                     self.map[slot] = e;
                 }
                 self.journal_seq = self.journal_seq.checked_add(1).ok_or_else(|| {
-                    StoreError::Damaged("the journal's sequence numbers run out".into())
+                    StoreError::Damaged("the store's journal sequence number is at its end".into())
                 })?;
                 self.journal_pos = (self.journal_pos + 1) % j;
                 self.journal_used += 1;
@@ -376,6 +393,68 @@ impl<D: Device> Store<D> {
                      (journal block {seq}, position {pos}) follows it, so it was durable"
                 )));
             }
+            if seq > expected {
+                // A block of the commit a crash cut short: new commits go where the replay
+                // stopped, so it must not be taken for one of theirs later.
+                repairs.remnants.push(pos);
+            }
+        }
+        Ok(repairs)
+    }
+
+    /// After a writable open's replay: the journal goes on where the replay stopped, as if
+    /// the store had never closed. What must be true first: no block of the commit a crash
+    /// cut short is left past that point (zeroed), and what the open recovered from is
+    /// written right again (the unreadable copy of a journal block or of the superblock,
+    /// from the good one, never touching the good one).
+    fn repair_after_replay(
+        &mut self,
+        first: &[u8],
+        copies: &[Result<Option<Superblock>, String>; 2],
+        repairs: Repairs,
+    ) -> Result<(), StoreError> {
+        let mut wrote = false;
+        for (pos, block) in &repairs.half_blocks {
+            let at = (self.g.journal_start() + pos) * BLOCK;
+            let half = BLOCK as usize / 2;
+            let good = if crate::format::journal_copy_valid(&block[..half], &self.journal_key) {
+                0
+            } else {
+                1
+            };
+            let bad = 1 - good;
+            let fixed = block[good * half..(good + 1) * half].to_vec();
+            io(
+                self.dev.write(at + (bad * half) as u64, &fixed),
+                "rewriting a journal block's damaged copy",
+            )?;
+            wrote = true;
+        }
+        for pos in &repairs.remnants {
+            let at = (self.g.journal_start() + pos) * BLOCK;
+            io(
+                self.dev.write(at, &vec![0u8; BLOCK as usize]),
+                "clearing the journal past its end",
+            )?;
+            wrote = true;
+        }
+        for (copy, c) in copies.iter().enumerate() {
+            let bad = match c {
+                Err(_) => true,
+                Ok(Some(sb)) => sb.generation < self.sb.generation,
+                Ok(None) => true,
+            };
+            if bad {
+                let good = &first[(1 - copy) * BLOCK as usize..(2 - copy) * BLOCK as usize];
+                io(
+                    self.dev.write(copy as u64 * BLOCK, good),
+                    "rewriting a superblock copy",
+                )?;
+                wrote = true;
+            }
+        }
+        if wrote {
+            io(self.dev.flush(), "flushing the journal's repairs")?;
         }
         Ok(())
     }
@@ -776,7 +855,9 @@ impl<D: Device> Store<D> {
         // Checked before anything is written: a counter at its end refuses the commit.
         self.journal_seq
             .checked_add(need + self.g.journal_blocks + 1)
-            .ok_or_else(|| StoreError::Damaged("the journal's sequence numbers run out".into()))?;
+            .ok_or_else(|| {
+                StoreError::Damaged("the store's journal sequence number is at its end".into())
+            })?;
         for chunk in records.chunks(RECORDS_PER_BLOCK) {
             let b = encode_journal_block(&self.journal_key, self.journal_seq, commit_seq, chunk);
             let at = (self.g.journal_start() + self.journal_pos) * BLOCK;

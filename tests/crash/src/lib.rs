@@ -101,6 +101,26 @@ pub fn crash_image(
     at: usize,
     mut keep: impl FnMut() -> bool,
 ) -> Vec<u8> {
+    crash_image_torn(base, log, at, |_| keep().then_some(Landed::Whole))
+}
+
+/// How much of an unflushed write reached the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Landed {
+    Whole,
+    /// Only the 512-byte sectors whose flag is set (a write torn by the crash, its sectors
+    /// landing in any order).
+    Sectors(Vec<bool>),
+}
+
+/// As [`crash_image`], with each unflushed write (given its sector count) landing whole,
+/// in part, or not at all (`None`) as `landed` says.
+pub fn crash_image_torn(
+    base: &[u8],
+    log: &[DiskOp],
+    at: usize,
+    mut landed: impl FnMut(usize) -> Option<Landed>,
+) -> Vec<u8> {
     let mut image = base.to_vec();
     let last_flush = log[..at]
         .iter()
@@ -108,8 +128,23 @@ pub fn crash_image(
         .map_or(0, |i| i + 1);
     for (i, op) in log[..at].iter().enumerate() {
         if let DiskOp::Write { offset, data } = op {
-            if i < last_flush || keep() {
-                image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            let at = *offset as usize;
+            let how = if i < last_flush {
+                Some(Landed::Whole)
+            } else {
+                landed(data.len().div_ceil(512))
+            };
+            match how {
+                Some(Landed::Whole) => image[at..at + data.len()].copy_from_slice(data),
+                Some(Landed::Sectors(flags)) => {
+                    for (k, sector) in data.chunks(512).enumerate() {
+                        if flags.get(k).copied().unwrap_or(false) {
+                            let o = at + k * 512;
+                            image[o..o + sector.len()].copy_from_slice(sector);
+                        }
+                    }
+                }
+                None => {}
             }
         }
     }
@@ -224,6 +259,25 @@ impl Model {
                 data: data.to_vec(),
             },
         ));
+    }
+
+    /// Call after the write last announced with [`Model::before_write`] failed: a failed
+    /// request leaves every block as it was (the stores promise it: docs/store.md), so it
+    /// is as if it never ran.
+    pub fn write_failed(&mut self) {
+        if let Some(i) = self
+            .events
+            .iter()
+            .rposition(|(_, e)| matches!(e, Event::Write { .. }))
+        {
+            self.events.remove(i);
+        }
+        self.current = self.initial.clone();
+        for (_, e) in &self.events {
+            if let Event::Write { offset, data } = e {
+                Self::apply(&mut self.current, self.block_bytes, *offset, data);
+            }
+        }
     }
 
     /// Call after a flush completed, with the disk's position.

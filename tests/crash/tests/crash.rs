@@ -14,7 +14,9 @@ use compat::{
     BlockBackend, BlockRequestKind, BlockStack, InFlight, InstanceSpec, PluginRegistry,
     RequestStatus, Segment, Started,
 };
-use crash_harness::{check, crash_image, submit, Model, RecordingDisk, Rng};
+use crash_harness::{
+    check, check_layers, crash_image, crash_image_torn, submit, Landed, Model, RecordingDisk, Rng,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vmm_lab::plugins::{plugin_dir, plugins};
@@ -32,6 +34,9 @@ struct Chain {
     /// The chain handles discard (reads of discarded blocks return zeroes): the workload
     /// discards too.
     discards: bool,
+    /// The disk is thin and fills: a write may fail for lack of space, and must then leave
+    /// every block as it was (the workload runs one request at a time).
+    full: bool,
 }
 
 /// The contents of the workload's writes.
@@ -43,6 +48,9 @@ enum Fill {
     Compressible,
     /// Each 4 KiB block one of 8 contents (so whole-block writes repeat), some all zero.
     FewContents,
+    /// Each 4 KiB block one of 2,048 contents: mostly new, now and then a repeat (a dedup
+    /// hit) on a disk that fills.
+    ManyContents,
 }
 
 impl Chain {
@@ -55,6 +63,7 @@ impl Chain {
             toggles,
             fill: Fill::Random,
             discards: false,
+            full: false,
         }
     }
 }
@@ -91,6 +100,8 @@ struct Workload<'a> {
     /// The most that were at once (a chain that completes every request in its pre hooks,
     /// as encrypt does with its own I/O, never has any).
     most_in_flight: std::cell::Cell<usize>,
+    /// Writes that failed (a full disk).
+    failed_writes: std::cell::Cell<usize>,
 }
 
 /// A request of the concurrent workload between its start and its finish.
@@ -160,19 +171,25 @@ impl Workload<'_> {
                 }
                 out
             }
-            Fill::FewContents => {
+            Fill::FewContents | Fill::ManyContents => {
+                let n = if self.chain.fill == Fill::FewContents {
+                    8
+                } else {
+                    2048
+                };
                 // Byte o of content c: the same for every block that holds content c.
                 let byte = |c: u64, o: usize| {
-                    ((c + 1).wrapping_mul(0x9e37_79b9) >> (o % 24)) as u8 ^ o as u8
+                    let x = (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    (x >> ((o % 7) * 8)) as u8 ^ o as u8 ^ (o / 256) as u8
                 };
                 let mut out = Vec::with_capacity(len);
-                let mut c = rng.below(9);
+                let mut c = rng.below(n + 1);
                 for o in offset..offset + len {
                     if o % BLOCK == 0 {
-                        c = rng.below(9);
+                        c = rng.below(n + 1);
                     }
-                    // Content 8 is zeroes.
-                    out.push(if c == 8 { 0 } else { byte(c, o % BLOCK) });
+                    // Content n is zeroes.
+                    out.push(if c == n { 0 } else { byte(c, o % BLOCK) });
                 }
                 out
             }
@@ -226,7 +243,12 @@ impl Workload<'_> {
                     let mut data = self.data(rng, offset, len);
                     model.before_write(disk.position(), offset as u64, &data);
                     let st = submit(stack, BlockRequestKind::Write, offset as u64, &mut data);
-                    assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
+                    if st != RequestStatus::Ok && self.chain.full {
+                        model.write_failed();
+                        self.failed_writes.set(self.failed_writes.get() + 1);
+                    } else {
+                        assert_eq!(st, RequestStatus::Ok, "seed {seed}: write {op}");
+                    }
                 }
                 60..=74 => {
                     let st = submit(stack, BlockRequestKind::Flush, 0, &mut []);
@@ -247,6 +269,13 @@ impl Workload<'_> {
                     assert!(buf == want, "seed {seed}: read {op} of block {block}");
                 }
                 _ => self.toggle(stack, rng),
+            }
+            // On a full disk, every layer's own check while it runs too (dedup's index
+            // names only contents it holds, whatever commits happened inside a request).
+            if self.chain.full && op % 10 == 9 {
+                if let Err(e) = check_layers(stack) {
+                    panic!("seed {seed}: after op {op}: {e}");
+                }
             }
         }
     }
@@ -392,6 +421,9 @@ impl Workload<'_> {
 }
 
 /// A crash somewhere in `disk`'s log over `base`: the crash image and what it may hold.
+/// One crash in three also tears writes: each unflushed write that lands does so whole or,
+/// half the time, only in some of its 512-byte sectors (any of them, as a disk that writes
+/// a request's sectors in any order and loses power midway).
 fn crash(
     base: &[u8],
     disk: &RecordingDisk,
@@ -401,10 +433,22 @@ fn crash(
     let log = disk.log();
     let at = rng.below(log.len() as u64 + 1) as usize;
     let survive = rng.below(101);
-    let image = crash_image(base, &log, at, || rng.below(100) < survive);
+    let torn = rng.below(3) == 0;
+    let image = crash_image_torn(base, &log, at, |sectors| {
+        if rng.below(100) >= survive {
+            return None;
+        }
+        if torn && sectors > 1 && rng.below(2) == 0 {
+            return Some(Landed::Sectors(
+                (0..sectors).map(|_| rng.below(2) == 0).collect(),
+            ));
+        }
+        Some(Landed::Whole)
+    });
     let what = format!(
-        "at log position {at} of {}, {survive}% of unflushed writes kept",
-        log.len()
+        "at log position {at} of {}, {survive}% of unflushed writes kept{}",
+        log.len(),
+        if torn { ", some torn" } else { "" }
     );
     (image, model.expectation_at(at), what)
 }
@@ -413,6 +457,7 @@ fn crash(
 struct Outcome {
     violations: Vec<String>,
     most_in_flight: usize,
+    failed_writes: usize,
 }
 
 /// Runs the workload with `seed`, then `points` crashes; every third crashed image is
@@ -426,8 +471,12 @@ fn run(
     ops: usize,
     points: usize,
 ) -> Outcome {
-    // Odd seeds one request at a time, even ones up to 8 in flight.
-    let depth = if seed.is_multiple_of(2) { 8 } else { 1 };
+    // Odd seeds one request at a time, even ones up to 8 in flight (a full disk: one).
+    let depth = if seed.is_multiple_of(2) && !chain.full {
+        8
+    } else {
+        1
+    };
     let reg = PluginRegistry::new();
     let disk = RecordingDisk::new(vec![0u8; disk_bytes]);
     let stack = build(&reg, chain, disk.clone()).expect("the first open");
@@ -440,6 +489,7 @@ fn run(
         seed,
         depth,
         most_in_flight: Default::default(),
+        failed_writes: Default::default(),
     };
     let mut model = Model::new(blocks * BLOCK / unit, unit);
     let mut rng = Rng(seed);
@@ -483,6 +533,7 @@ fn run(
     Outcome {
         violations,
         most_in_flight: work.most_in_flight.get(),
+        failed_writes: work.failed_writes.get(),
     }
 }
 
@@ -594,14 +645,60 @@ fn remap_survives_a_thousand_crash_points() {
     });
 }
 
-/// The store's layers: small journals (16 KiB), so that checkpoints come often.
+/// The store's layers: small journals (12 KiB, the most a disk of 192 blocks takes), so that
+/// checkpoints come often.
 fn store_layer(id: &'static str, path: &Path) -> (&'static str, PathBuf, serde_json::Value) {
     let config = if id == "zstd" {
-        serde_json::json!({ "extent_kib": 16, "journal_kib": 16 })
+        serde_json::json!({ "extent_kib": 16, "journal_kib": 12 })
     } else {
-        serde_json::json!({ "journal_kib": 16, "index_mib": 1 })
+        serde_json::json!({ "journal_kib": 12, "index_mib": 1 })
     };
     (id, path.to_path_buf(), config)
+}
+
+/// A store layer over-committed: 1 MiB for the guest on a disk of 192 blocks (thin), data
+/// that does not compress and seldom repeats, so the data area fills, fragments under
+/// overwrites and discards, and writes fail for lack of space (issue 29, item 6).
+fn full_store_chain(id: &'static str, path: &Path) -> Chain {
+    let (id, path, mut config) = store_layer(id, path);
+    config["logical_mib"] = 1.into();
+    // Dedup: contents that repeat now and then, so requests mix hits and new blocks.
+    let fill = if id == "dedup" {
+        Fill::ManyContents
+    } else {
+        Fill::Random
+    };
+    let mut chain = store_chain(vec![(id, path, config)], fill);
+    chain.full = true;
+    chain
+}
+
+/// Runs `chain` full: 2,000 crash points (torn writes among them), and writes that failed
+/// for lack of space in every seed.
+fn run_full(chain: &Chain, seeds: &[u64]) {
+    let mut violations = Vec::new();
+    for &seed in seeds {
+        let o = run(chain, BLOCK, 192 * BLOCK, 256, seed, 300, 500);
+        assert!(
+            o.failed_writes > 10,
+            "seed {seed}: only {} writes failed: the disk never filled",
+            o.failed_writes
+        );
+        violations.extend(o.violations);
+    }
+    report(violations, seeds.len() * 500);
+}
+
+#[test]
+fn dedup_on_a_full_thin_disk_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    run_full(&full_store_chain("dedup", &p.dedup), &[71, 73, 75, 77]);
+}
+
+#[test]
+fn compress_on_a_full_thin_disk_survives_two_thousand_crash_points() {
+    let p = plugins().expect("building the plugins");
+    run_full(&full_store_chain("zstd", &p.compress), &[81, 83, 85, 87]);
 }
 
 fn store_chain(layers: Vec<(&'static str, PathBuf, serde_json::Value)>, fill: Fill) -> Chain {
@@ -611,6 +708,7 @@ fn store_chain(layers: Vec<(&'static str, PathBuf, serde_json::Value)>, fill: Fi
         toggles,
         fill,
         discards: true,
+        full: false,
     }
 }
 
