@@ -82,10 +82,12 @@ pub fn open_image_with(path: &Path, read_only: bool, direct: bool) -> Result<Fil
     };
     match locked {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Err(format!(
+        Err(TryLockError::WouldBlock) => {
+            return Err(format!(
             "{} is in use by another process or by another [[block]] of this config (it is locked)",
             path.display()
-        )),
+        ))
+        }
         Err(TryLockError::Error(e)) => {
             return Err(format!("{}: cannot lock it: {e}", path.display()))
         }
