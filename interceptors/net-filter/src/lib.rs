@@ -202,7 +202,10 @@ impl Interceptor for NetFilter {
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
         if cfg.rules.len() > MAX_RULES {
-            return Err(format!("{} rules; at most {MAX_RULES}", cfg.rules.len()));
+            return Err(format!(
+                "config: rules: {} rules; at most {MAX_RULES}",
+                cfg.rules.len()
+            ));
         }
         let spoofing = match cfg.anti_spoof {
             Some(a) => Some(Spoofing {

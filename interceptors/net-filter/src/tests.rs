@@ -140,13 +140,22 @@ fn short_and_odd_frames_get_the_default() {
 fn bad_configs_are_refused_with_the_reason() {
     for (config, says) in [
         (serde_json::json!({ "rulez": [] }), "unknown field"),
+        // Each names the field (issue 29, item 7: type errors named nothing).
         (
             serde_json::json!({ "rules": [{ "port": 70000 }] }),
-            "expected u16",
+            "config: rules[0].port: invalid value: integer `70000`, expected u16",
         ),
         (
-            serde_json::json!({ "rules": [{ "action": "reject" }] }),
-            "unknown variant",
+            serde_json::json!({ "rules": [{}, { "action": "reject" }] }),
+            "config: rules[1].action: unknown variant",
+        ),
+        (
+            serde_json::json!({ "rules": [{ "ethertype": "ipv4" }] }),
+            "config: rules[0].ethertype: invalid type",
+        ),
+        (
+            serde_json::json!({ "rules": [{ "src_ip": "10.0.0.300" }] }),
+            "config: rules[0].src_ip: invalid IP address",
         ),
         (
             serde_json::json!({ "anti_spoof": { "mac": "zz" } }),
