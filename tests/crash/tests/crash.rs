@@ -645,13 +645,13 @@ fn remap_survives_a_thousand_crash_points() {
     });
 }
 
-/// The store's layers: small journals (12 KiB, the most a disk of 192 blocks takes), so that
-/// checkpoints come often.
+/// The store's layers: small journals (8 KiB: the most a store over fewer than 192 blocks
+/// may have is 1/64 of them), so that checkpoints come often.
 fn store_layer(id: &'static str, path: &Path) -> (&'static str, PathBuf, serde_json::Value) {
     let config = if id == "zstd" {
-        serde_json::json!({ "extent_kib": 16, "journal_kib": 12 })
+        serde_json::json!({ "extent_kib": 16, "journal_kib": 8 })
     } else {
-        serde_json::json!({ "journal_kib": 12, "index_mib": 1 })
+        serde_json::json!({ "journal_kib": 8, "index_mib": 1 })
     };
     (id, path.to_path_buf(), config)
 }
