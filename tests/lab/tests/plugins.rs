@@ -358,7 +358,7 @@ fn vmm_refuses_each_bad_plugin_with_one_line_and_exit_2() {
         (
             "plug-rust-config.toml",
             interceptor("a", &p.counter, "config = { trace = 3 }"),
-            "refused its config: config: invalid type",
+            "refused its config: config: trace: invalid type",
         ),
         (
             "plug-dup-id.toml",
