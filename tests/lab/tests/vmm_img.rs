@@ -94,6 +94,19 @@ fn fill(stack: &BlockStack) {
     );
 }
 
+/// An image of `bytes` written once through the chain `chain_file(name, full)` writes
+/// (`fill`), closed; the image and the chain file.
+fn filled_image(name: &str, bytes: usize, full: bool) -> (PathBuf, PathBuf) {
+    let image = blank(&format!("{name}.img"), bytes);
+    let chain = chain_file(name, full);
+    drop({
+        let s = build(&image, &chain);
+        fill(&s);
+        s
+    });
+    (image, chain)
+}
+
 fn blank(name: &str, bytes: usize) -> PathBuf {
     let image = out_file(name);
     std::fs::write(&image, vec![0u8; bytes]).unwrap();
@@ -102,13 +115,7 @@ fn blank(name: &str, bytes: usize) -> PathBuf {
 
 #[test]
 fn info_names_every_layer_and_check_finds_a_clean_image_clean() {
-    let image = blank("vmm-img-full.img", 8 << 20);
-    let chain = chain_file("vmm-img-full", true);
-    drop({
-        let s = build(&image, &chain);
-        fill(&s);
-        s
-    });
+    let (image, chain) = filled_image("vmm-img-full", 8 << 20, true);
     let before = std::fs::read(&image).unwrap();
     let (code, out, err) = run(&[
         "info",
@@ -170,13 +177,7 @@ fn info_names_every_layer_and_check_finds_a_clean_image_clean() {
 #[test]
 fn check_finds_a_tampered_extent_and_a_wrong_key_and_says_which() {
     // Compression alone, so the extents are on the file as zstd frames.
-    let image = blank("vmm-img-zstd.img", 4 << 20);
-    let chain = chain_file("vmm-img-zstd", false);
-    drop({
-        let s = build(&image, &chain);
-        fill(&s);
-        s
-    });
+    let (image, chain) = filled_image("vmm-img-zstd", 4 << 20, false);
     let mut bytes = std::fs::read(&image).unwrap();
     let frame = bytes
         .windows(4)
@@ -205,13 +206,7 @@ fn check_finds_a_tampered_extent_and_a_wrong_key_and_says_which() {
     );
 
     // The full stack with another key: encryption refuses to open it, exit 1 with why.
-    let image = blank("vmm-img-key.img", 8 << 20);
-    let chain = chain_file("vmm-img-key", true);
-    drop({
-        let s = build(&image, &chain);
-        fill(&s);
-        s
-    });
+    let (image, chain) = filled_image("vmm-img-key", 8 << 20, true);
     std::fs::write(out_file("vmm-img-key.key"), [0x43u8; 32]).unwrap();
     let (code, out, err) = run(&[
         "check",
@@ -285,13 +280,7 @@ fn check_reports_recovered_damage_and_names_a_damaged_journal_block() {
 /// is reported by the check.
 #[test]
 fn a_log_into_a_file_has_no_colour_codes_and_a_damaged_header_copy_is_reported() {
-    let image = blank("vmm-img-hdr.img", 8 << 20);
-    let chain = chain_file("vmm-img-hdr", true);
-    drop({
-        let s = build(&image, &chain);
-        fill(&s);
-        s
-    });
+    let (image, chain) = filled_image("vmm-img-hdr", 8 << 20, true);
     let mut bytes = std::fs::read(&image).unwrap();
     bytes[72] ^= 1; // encryption header copy A: its MAC fails
     std::fs::write(&image, &bytes).unwrap();
