@@ -307,7 +307,7 @@ impl Dedup {
         result.map_err(store_err)?;
         if look {
             for (block, address) in &placed {
-                if let Some(e) = st.vol.store.entry(*block) {
+                if let Ok(e) = st.vol.store.entry(*block) {
                     st.index.insert(*address, e);
                 }
             }

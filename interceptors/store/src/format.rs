@@ -1,13 +1,24 @@
 //! The on-disk format (docs/store.md has every byte): two superblock copies, two checkpoint
-//! slots of the map, a journal ring, then data. Every metadata block carries a BLAKE3 check
-//! of its own bytes, so a torn or damaged block is recognized, never trusted.
+//! slots of the map's directory, a journal ring, the map's pages (two slots each), then
+//! data. Every metadata block carries a BLAKE3 check of its own bytes, so a torn or damaged
+//! block is recognized, never trusted. Versions 1 and 2 kept the whole map in each
+//! checkpoint slot and had no pages; they are still read and written as they are.
 
 use crate::{StoreError, BLOCK, SECTOR};
 
 pub const MAGIC: &[u8; 8] = b"VMMSTORE";
-/// The format this build writes. Version 1 stores (one copy of each journal block,
+/// The format this build formats. Version 2 stores (the whole map in each checkpoint) are
+/// read and written as version 2; version 1 stores (one copy of each journal block,
 /// unkeyed) are read, and become version 2 at their first writable open.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The last format without map pages.
+pub const VERSION_WHOLE_MAP: u32 = 2;
+const PAGE_MAGIC: &[u8; 8] = b"VMMSTPG3";
+const PAGE_HEADER: usize = 64;
+/// Map entries in one page (a block less its header).
+pub const PAGE_ENTRIES: u64 = ((BLOCK as usize - PAGE_HEADER) / ENTRY_BYTES) as u64;
+/// Bytes of a directory entry: where a page's durable copy is.
+pub const DIR_ENTRY_BYTES: u64 = 8;
 const CKPT_MAGIC: &[u8; 8] = b"VMMSTCKP";
 const JOURNAL_MAGIC_V1: &[u8; 8] = b"VMMSTJNL";
 const JOURNAL_MAGIC: &[u8; 8] = b"VMMSTJN2";
@@ -144,17 +155,31 @@ fn check(bytes: &[u8]) -> [u8; CHECK] {
 pub struct Geometry {
     pub logical_blocks: u64,
     pub physical_blocks: u64,
-    /// Blocks of one checkpoint slot: its header and the map.
+    /// Blocks of one checkpoint slot: its header and the directory (format 3) or the whole
+    /// map (before).
     pub slot_blocks: u64,
     pub journal_blocks: u64,
+    /// Format 3: the map in pages after the journal, two slots each, found through the
+    /// directory. Before: the whole map in each checkpoint slot, no pages.
+    pub paged: bool,
 }
 
 impl Geometry {
     /// Superblock copies A and B are blocks 0 and 1.
     pub const SLOTS_START: u64 = 2;
 
+    /// Blocks of the whole map (format 2's checkpoint).
     pub fn map_blocks(&self) -> u64 {
         self.logical_blocks.div_ceil(ENTRIES_PER_BLOCK)
+    }
+
+    /// Map pages (format 3; none before).
+    pub fn pages(&self) -> u64 {
+        if self.paged {
+            self.logical_blocks.div_ceil(PAGE_ENTRIES)
+        } else {
+            0
+        }
     }
 
     pub fn slot_start(&self, slot: u8) -> u64 {
@@ -165,13 +190,30 @@ impl Geometry {
         Self::SLOTS_START + 2 * self.slot_blocks
     }
 
-    /// First block of the data area.
-    pub fn data_start(&self) -> u64 {
-        self.journal_start() + self.journal_blocks
+    /// The block of slot `slot` (0 or 1) of map page `page`: a page's two slots are
+    /// neighbours, so a run of pages is one read whichever slots they use.
+    pub fn page_block(&self, page: u64, slot: u8) -> u64 {
+        self.journal_start() + self.journal_blocks + 2 * page + u64::from(slot)
     }
 
-    /// The layout for `logical_blocks` on `physical_blocks`, or why it does not fit.
+    /// First block of the data area.
+    pub fn data_start(&self) -> u64 {
+        self.journal_start() + self.journal_blocks + 2 * self.pages()
+    }
+
+    /// The layout of format 3 for `logical_blocks` on `physical_blocks`, or why it does not
+    /// fit.
     pub fn new(
+        logical_blocks: u64,
+        physical_blocks: u64,
+        journal_blocks: u64,
+    ) -> Result<Geometry, StoreError> {
+        Self::for_version(VERSION, logical_blocks, physical_blocks, journal_blocks)
+    }
+
+    /// The layout a store of format `version` has.
+    pub fn for_version(
+        version: u32,
         logical_blocks: u64,
         physical_blocks: u64,
         journal_blocks: u64,
@@ -188,11 +230,19 @@ impl Geometry {
         if journal_blocks == 0 {
             return Err(StoreError::Config("the journal has no blocks".into()));
         }
+        let paged = version > VERSION_WHOLE_MAP;
+        let pages = logical_blocks.div_ceil(PAGE_ENTRIES);
+        let slot_blocks = if paged {
+            1 + (pages * DIR_ENTRY_BYTES).div_ceil(BLOCK)
+        } else {
+            1 + logical_blocks.div_ceil(ENTRIES_PER_BLOCK)
+        };
         let g = Geometry {
             logical_blocks,
             physical_blocks,
-            slot_blocks: 1 + logical_blocks.div_ceil(ENTRIES_PER_BLOCK),
+            slot_blocks,
             journal_blocks,
+            paged,
         };
         // At least as many data blocks as the metadata takes, so that a store is never
         // mostly metadata. Checked: the sizes may come from an image someone edited, and
@@ -201,7 +251,8 @@ impl Geometry {
             .slot_blocks
             .checked_mul(2)
             .and_then(|m| m.checked_add(Self::SLOTS_START))
-            .and_then(|m| m.checked_add(journal_blocks));
+            .and_then(|m| m.checked_add(journal_blocks))
+            .and_then(|m| m.checked_add(2 * g.pages()));
         let Some(meta) = meta.filter(|m| m.checked_mul(2).is_some_and(|m2| m2 <= physical_blocks))
         else {
             return Err(StoreError::Config(format!(
@@ -212,12 +263,21 @@ impl Geometry {
         debug_assert_eq!(meta, g.data_start());
         Ok(g)
     }
+
+    /// The format version a superblock of this layout is written as.
+    pub fn version(&self) -> u32 {
+        if self.paged {
+            VERSION
+        } else {
+            VERSION_WHOLE_MAP
+        }
+    }
 }
 
 /// What a superblock holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
-    /// The format version it was read as (1 or 2); a superblock written now says VERSION.
+    /// The format version it was read as (1 to 3), and is written as.
     pub version: u32,
     /// The layer that formatted the store ("compress", "dedup"); another layer refuses it.
     pub owner: String,
@@ -249,7 +309,7 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(BLOCK as usize);
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
         let mut owner = [0u8; OWNER_BYTES];
         let n = self.owner.len().min(OWNER_BYTES);
         owner[..n].copy_from_slice(&self.owner.as_bytes()[..n]);
@@ -306,6 +366,7 @@ impl Superblock {
             physical_blocks: u64_at(b, at + 8),
             slot_blocks: u64_at(b, at + 16),
             journal_blocks: u64_at(b, at + 24),
+            paged: version > VERSION_WHOLE_MAP,
         };
         let generation = u64_at(b, at + 32);
         let checkpoint_slot = b[at + 40];
@@ -328,8 +389,13 @@ impl Superblock {
         };
         // Fields the check covers can still be nonsense written by a careless tool.
         let g = &sb.geometry;
-        let expect = Geometry::new(g.logical_blocks, g.physical_blocks, g.journal_blocks)
-            .map_err(|e| format!("the superblock's geometry is impossible: {e}"))?;
+        let expect = Geometry::for_version(
+            version,
+            g.logical_blocks,
+            g.physical_blocks,
+            g.journal_blocks,
+        )
+        .map_err(|e| format!("the superblock's geometry is impossible: {e}"))?;
         if expect != *g || sb.checkpoint_slot > 1 || sb.journal_pos >= g.journal_blocks {
             return Err("the superblock's geometry is impossible".into());
         }
@@ -376,6 +442,78 @@ pub fn verify_checkpoint(header: &[u8], seq: u64, map: &[u8]) -> Result<(), Stri
 /// whatever its sequence number.
 pub fn journal_key(store_key: &[u8; 32]) -> [u8; 32] {
     blake3::derive_key("vmm extent-store journal 2", store_key)
+}
+
+/// The key of the map pages' checks (format 3), derived from the store's key: a page is
+/// never taken from another store, nor made by anyone without the key.
+pub fn page_key(store_key: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("vmm extent-store page 3", store_key)
+}
+
+fn check_page(key: &[u8; 32], b: &[u8]) -> [u8; CHECK] {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    hasher.update(&b[0..24]);
+    hasher.update(&b[PAGE_HEADER..]);
+    *hasher.finalize().as_bytes()
+}
+
+/// Encodes map page `page` (its [`PAGE_ENTRIES`] entries, fewer in the last page), written
+/// by checkpoint `seq`.
+pub fn encode_page(key: &[u8; 32], page: u64, seq: u64, entries: &[Entry]) -> Vec<u8> {
+    debug_assert!(entries.len() as u64 <= PAGE_ENTRIES);
+    let mut b = vec![0u8; BLOCK as usize];
+    b[0..8].copy_from_slice(PAGE_MAGIC);
+    b[8..16].copy_from_slice(&page.to_le_bytes());
+    b[16..24].copy_from_slice(&seq.to_le_bytes());
+    for (i, e) in entries.iter().enumerate() {
+        let at = PAGE_HEADER + i * ENTRY_BYTES;
+        b[at..at + ENTRY_BYTES].copy_from_slice(&e.encode());
+    }
+    let c = check_page(key, &b);
+    b[24..24 + CHECK].copy_from_slice(&c);
+    b
+}
+
+/// Decodes map page `page`, which the directory says checkpoint `seq` wrote: anything else
+/// (torn, damaged, another page's or an older copy put back) is refused with the reason.
+pub fn decode_page(key: &[u8; 32], b: &[u8], page: u64, seq: u64) -> Result<Vec<Entry>, String> {
+    let what = format!("map page {page} (written by checkpoint {seq})");
+    if b.len() != BLOCK as usize || &b[0..8] != PAGE_MAGIC || check_page(key, b) != b[24..56] {
+        return Err(format!("{what} does not match its check (damaged)"));
+    }
+    if u64_at(b, 8) != page || u64_at(b, 16) != seq {
+        return Err(format!(
+            "{what} holds page {} of checkpoint {} (an older or misplaced copy)",
+            u64_at(b, 8),
+            u64_at(b, 16)
+        ));
+    }
+    b[PAGE_HEADER..]
+        .chunks(ENTRY_BYTES)
+        .enumerate()
+        .map(|(i, c)| Entry::decode(c).ok_or_else(|| format!("{what}: entry {i} is not an entry")))
+        .collect()
+}
+
+/// A directory entry: where page's durable copy is, `None` for a page never written (every
+/// block a hole).
+pub fn encode_dir_entry(at: Option<(u64, u8)>) -> u64 {
+    at.map_or(0, |(seq, slot)| seq << 1 | u64::from(slot))
+}
+
+/// Decodes a directory entry of a directory written by checkpoint `checkpoint_seq`:
+/// `(seq, slot)` of the checkpoint that wrote the page and the slot it is in.
+pub fn decode_dir_entry(v: u64, checkpoint_seq: u64) -> Result<Option<(u64, u8)>, String> {
+    if v == 0 {
+        return Ok(None);
+    }
+    let seq = v >> 1;
+    if seq == 0 || seq > checkpoint_seq {
+        return Err(format!(
+            "a directory entry names checkpoint {seq}, the directory is checkpoint {checkpoint_seq}'s"
+        ));
+    }
+    Ok(Some((seq, (v & 1) as u8)))
 }
 
 /// Encodes one journal block of `records` (at most RECORDS_PER_BLOCK), part of the commit
@@ -565,6 +703,38 @@ mod tests {
         bad[40] ^= 1;
         assert!(Superblock::decode(&bad).unwrap_err().contains("check"));
         assert_eq!(Superblock::decode(&vec![0; 4096]).unwrap(), None);
+    }
+
+    #[test]
+    fn pages_round_trip_and_a_flipped_bit_or_a_stale_copy_is_refused() {
+        let key = page_key(&[3; 32]);
+        let mut entries = vec![Entry::Hole; PAGE_ENTRIES as usize];
+        entries[7] = Entry::Stored {
+            sector: 800,
+            stored_len: 4096,
+            index: 0,
+            codec: Codec::Raw,
+            check: 9,
+        };
+        let b = encode_page(&key, 5, 12, &entries);
+        assert_eq!(decode_page(&key, &b, 5, 12).unwrap(), entries);
+        for at in [3, 10, 20, 30, 64, 4095] {
+            let mut bad = b.clone();
+            bad[at] ^= 1;
+            assert!(decode_page(&key, &bad, 5, 12)
+                .unwrap_err()
+                .contains("damaged"));
+        }
+        // A valid page of another checkpoint, or another page, in the slot named.
+        assert!(decode_page(&key, &b, 5, 13).unwrap_err().contains("older"));
+        assert!(decode_page(&key, &b, 6, 12).unwrap_err().contains("older"));
+        assert!(decode_page(&page_key(&[4; 32]), &b, 5, 12).is_err());
+        assert_eq!(
+            decode_dir_entry(encode_dir_entry(Some((12, 1))), 12),
+            Ok(Some((12, 1)))
+        );
+        assert_eq!(decode_dir_entry(0, 12), Ok(None));
+        assert!(decode_dir_entry(encode_dir_entry(Some((13, 0))), 12).is_err());
     }
 
     #[test]

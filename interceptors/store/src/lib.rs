@@ -25,7 +25,7 @@
 //! store.commit().unwrap();
 //! drop(store);
 //! let store = Store::open(dev, &opts).unwrap();
-//! assert_ne!(store.entry(3), Some(extent_store::Entry::Hole));
+//! assert_ne!(store.entry(3).unwrap(), extent_store::Entry::Hole);
 //! ```
 
 mod format;

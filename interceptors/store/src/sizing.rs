@@ -82,8 +82,11 @@ pub fn sizing(
 /// The most guest blocks that fit with their metadata, one unit each, and the reserve.
 fn default_logical_blocks(below: u64, journal_blocks: u64) -> Option<u64> {
     let reserve = (below / 64).clamp(1, OVERWRITE_RESERVE_BLOCKS);
-    // The metadata of `below` guest blocks is at least that of fewer.
-    let meta = Geometry::SLOTS_START + 2 * (1 + below.div_ceil(crate::format::ENTRIES_PER_BLOCK));
+    // The metadata of `below` guest blocks is at least that of fewer: two slots of a
+    // directory entry per page, and two blocks per page.
+    let pages = below.div_ceil(crate::format::PAGE_ENTRIES);
+    let dir = (pages * crate::format::DIR_ENTRY_BYTES).div_ceil(BLOCK);
+    let meta = Geometry::SLOTS_START + 2 * (1 + dir) + 2 * pages;
     let mut l = below
         .checked_sub(meta)?
         .checked_sub(journal_blocks)?

@@ -21,10 +21,12 @@ pub struct Extent {
 pub struct Space {
     /// First block of the data area and its number of units (4 KiB blocks).
     data_start: u64,
-    /// Per unit: live extents overlapping it.
-    overlaps: Vec<u16>,
-    /// Per unit: freed since the last durable commit.
-    held: Vec<bool>,
+    /// Per unit: live extents overlapping it (at most 9: extents start on 512-byte
+    /// sectors, 8 to a unit, and one more can run into it). One byte and one bit per unit:
+    /// 288 MiB for a TiB of disk below.
+    overlaps: Vec<u8>,
+    /// Per unit, one bit: freed since the last durable commit.
+    held: Vec<u64>,
     held_list: Vec<usize>,
     extents: HashMap<u64, Extent>,
     free_units: u64,
@@ -42,11 +44,23 @@ impl Space {
         Space {
             data_start,
             overlaps: vec![0; n],
-            held: vec![false; n],
+            held: vec![0; n.div_ceil(64)],
             held_list: Vec::new(),
             extents: HashMap::new(),
             free_units: units,
             cursor: 0,
+        }
+    }
+
+    fn is_held(&self, u: usize) -> bool {
+        self.held[u / 64] & (1 << (u % 64)) != 0
+    }
+
+    fn set_held(&mut self, u: usize, held: bool) {
+        if held {
+            self.held[u / 64] |= 1 << (u % 64);
+        } else {
+            self.held[u / 64] &= !(1 << (u % 64));
         }
     }
 
@@ -132,13 +146,13 @@ impl Space {
         })?;
         // Check every unit before changing any.
         for u in range.clone() {
-            if self.overlaps[u] == 0 && self.held[u] {
+            if self.overlaps[u] == 0 && self.is_held(u) {
                 // A crash could still bring back the map that points into it.
                 return Err(Damage(format!(
                     "unit {u} is held until the next commit and cannot be written"
                 )));
             }
-            if self.overlaps[u] == u16::MAX {
+            if self.overlaps[u] == u8::MAX {
                 return Err(Damage("too many extents share a unit".into()));
             }
         }
@@ -177,7 +191,7 @@ impl Space {
             for u in range {
                 self.overlaps[u] = self.overlaps[u].saturating_sub(1);
                 if self.overlaps[u] == 0 {
-                    self.held[u] = true;
+                    self.set_held(u, true);
                     self.held_list.push(u);
                 }
             }
@@ -192,7 +206,7 @@ impl Space {
         units.sort_unstable();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for u in units {
-            self.held[u] = false;
+            self.set_held(u, false);
             self.free_units += 1;
             let block = self.data_start + u as u64;
             match runs.last_mut() {
@@ -210,7 +224,7 @@ impl Space {
         if n == 0 || n > total || (self.free_units as usize) < n {
             return None;
         }
-        let free = |s: &Space, u: usize| s.overlaps[u] == 0 && !s.held[u];
+        let free = |s: &Space, u: usize| s.overlaps[u] == 0 && !s.is_held(u);
         // Next fit: from the cursor to the end, then the whole area from the start (a run
         // may span the cursor).
         for (from, to) in [(self.cursor.min(total), total), (0, total)] {

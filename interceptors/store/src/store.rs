@@ -1,21 +1,23 @@
-//! The store: the map of guest blocks to stored extents, kept in memory, made durable by a
-//! journal of map changes and by checkpoints of the whole map (docs/store.md).
+//! The store: the map of guest blocks to stored extents (paged, `map.rs`), made durable by
+//! a journal of map changes and by checkpoints of the pages that changed (docs/store.md).
 //!
 //! Ordering, which is the whole of crash consistency here:
 //! - data is written to free units only, never over anything the durable map references;
 //! - a commit flushes the data first, then writes the journal blocks that point at it, then
 //!   flushes again; only then are units freed by that commit reused (`Space::release_held`);
-//! - a checkpoint writes the map to the slot the superblock does not name, flushes, then
-//!   writes the older superblock copy naming it, and flushes.
+//! - a checkpoint writes the changed pages and the directory to slots nothing durable
+//!   names, flushes, then writes the superblock copies naming them, each flushed.
 
 use crate::format::{
-    encode_checkpoint_header, encode_journal_block, journal_key, verify_checkpoint, Codec, Entry,
-    Geometry, Superblock, ENTRY_BYTES, RECORDS_PER_BLOCK, VERSION,
+    encode_journal_block, journal_key, page_key, Codec, Entry, Geometry, Superblock,
+    RECORDS_PER_BLOCK, VERSION,
 };
 use crate::space::Space;
 use crate::{Device, StoreError, BLOCK, SECTOR};
-use std::collections::BTreeMap;
+use map::Map;
+use std::collections::{BTreeMap, HashMap};
 
+mod map;
 mod replay;
 
 /// Journal records kept in memory before a commit is forced without a flush from above.
@@ -67,7 +69,7 @@ pub struct Store<D: Device> {
     dev: D,
     sb: Superblock,
     g: Geometry,
-    map: Vec<Entry>,
+    map: Map,
     space: Space,
     /// Map changes not yet in the journal (a block's latest change only).
     dirty: BTreeMap<u64, Entry>,
@@ -153,7 +155,7 @@ impl<D: Device> Store<D> {
                     "a blank device cannot be formatted read-only".into(),
                 ));
             }
-            return Self::format(dev, opts, blocks);
+            return Self::format(dev, opts, blocks, VERSION);
         };
         if sb.owner != opts.owner {
             return Err(StoreError::Damaged(format!(
@@ -178,7 +180,7 @@ impl<D: Device> Store<D> {
             }
         }
         let g = sb.geometry;
-        let map = Self::load_checkpoint(&dev, &g, &sb)?;
+        let map = Map::load(&dev, &sb, page_key(&sb.key))?;
         let mut s = Store {
             dev,
             space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
@@ -198,17 +200,23 @@ impl<D: Device> Store<D> {
             sb,
         };
         let repairs = s.replay()?;
-        for e in &s.map {
-            s.space
-                .add_ref(e, true)
-                .map_err(|d| StoreError::Damaged(d.0))?;
-        }
+        // The space from the map: every page that holds an entry is read once, and not
+        // kept.
+        let mut mapped = 0;
+        let space = &mut s.space;
+        s.map.for_each(&s.dev, |_, e| {
+            mapped += 1;
+            space
+                .add_ref(&e, true)
+                .map_err(|d| StoreError::Damaged(d.0))
+        })?;
+        s.map.count_mapped(mapped);
         s.space
             .check_disjoint()
             .map_err(|d| StoreError::Damaged(d.0))?;
         if !s.read_only {
-            if s.sb.version < VERSION {
-                // An older format: a checkpoint writes this one's superblocks and journal.
+            if s.sb.version < s.g.version() {
+                // Version 1: a checkpoint writes version 2's superblocks and journal.
                 s.checkpoint()?;
             } else {
                 // No checkpoint: an open writes what the journal needs, never the whole map
@@ -221,8 +229,18 @@ impl<D: Device> Store<D> {
 
     /// Writes a superblock naming no checkpoint (an empty map) and nothing else, so that a
     /// crash leaves either no store or a valid one.
-    fn format(dev: D, opts: &OpenOptions, blocks: u64) -> Result<Store<D>, StoreError> {
-        let g = Geometry::new(opts.logical_blocks, blocks, opts.journal_blocks.max(1))?;
+    fn format(
+        dev: D,
+        opts: &OpenOptions,
+        blocks: u64,
+        version: u32,
+    ) -> Result<Store<D>, StoreError> {
+        let g = Geometry::for_version(
+            version,
+            opts.logical_blocks,
+            blocks,
+            opts.journal_blocks.max(1),
+        )?;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)
             .map_err(|e| StoreError::Io(format!("no random key for the store: {e}")))?;
@@ -233,7 +251,7 @@ impl<D: Device> Store<D> {
             .map_err(|e| StoreError::Io(format!("no random sequence number: {e}")))?;
         let journal_seq = (u64::from_le_bytes(seq) >> 2) | 1;
         let sb = Superblock {
-            version: VERSION,
+            version: g.version(),
             owner: opts.owner.clone(),
             geometry: g,
             generation: 1,
@@ -253,13 +271,13 @@ impl<D: Device> Store<D> {
             )?;
             io(dev.flush(), "flushing the superblock")?;
         }
-        let logical = usize::try_from(g.logical_blocks)
+        usize::try_from(g.pages())
             .map_err(|_| StoreError::Config("logical size too large".into()))?;
         Ok(Store {
             dev,
             space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
             g,
-            map: vec![Entry::Hole; logical],
+            map: Map::empty(g, page_key(&key)),
             dirty: BTreeMap::new(),
             journal_pos: 0,
             journal_seq,
@@ -270,37 +288,17 @@ impl<D: Device> Store<D> {
             placed: Vec::new(),
             journal_key: journal_key(&sb.key),
             recovered: Vec::new(),
-            opened_version: VERSION,
+            opened_version: g.version(),
             sb,
         })
     }
 
-    fn load_checkpoint(dev: &D, g: &Geometry, sb: &Superblock) -> Result<Vec<Entry>, StoreError> {
-        let n = usize::try_from(g.logical_blocks)
-            .map_err(|_| StoreError::Damaged("logical size too large".into()))?;
-        if sb.checkpoint_seq == 0 {
-            // Formatted, never checkpointed: every block a hole (and the journal).
-            return Ok(vec![Entry::Hole; n]);
-        }
-        let start = g.slot_start(sb.checkpoint_slot) * BLOCK;
-        let mut header = vec![0u8; BLOCK as usize];
-        io(dev.read(start, &mut header), "reading the checkpoint")?;
-        let bytes = n
-            .checked_mul(ENTRY_BYTES)
-            .ok_or(StoreError::Damaged("logical size too large".into()))?;
-        let mut raw = vec![0u8; bytes.next_multiple_of(BLOCK as usize)];
-        io(dev.read(start + BLOCK, &mut raw), "reading the map")?;
-        verify_checkpoint(&header, sb.checkpoint_seq, &raw[..bytes])
-            .map_err(StoreError::Damaged)?;
-        raw[..bytes]
-            .chunks(ENTRY_BYTES)
-            .enumerate()
-            .map(|(i, c)| {
-                Entry::decode(c).ok_or_else(|| {
-                    StoreError::Damaged(format!("map entry {i} is not a valid entry"))
-                })
-            })
-            .collect()
+    /// Formats a store of an older `version` (2: the whole map in each checkpoint), as
+    /// builds before version 3 did, for the tests of reading one.
+    #[cfg(test)]
+    pub(crate) fn format_as(dev: D, opts: &OpenOptions, version: u32) -> Result<Self, StoreError> {
+        let blocks = dev.capacity() / BLOCK;
+        Self::format(dev, opts, blocks, version)
     }
 
     /// Damage the open found and worked around (none on a sound store).
@@ -341,8 +339,23 @@ impl<D: Device> Store<D> {
         self.space.free_units() * BLOCK
     }
 
-    pub fn entry(&self, block: u64) -> Option<Entry> {
-        self.map.get(usize::try_from(block).ok()?).copied()
+    /// Block `block`'s entry (an error past the end, or where its map page cannot be read).
+    pub fn entry(&self, block: u64) -> Result<Entry, StoreError> {
+        self.map.get(&self.dev, block)
+    }
+
+    /// Calls `f` with each block that is not a hole, in order, and its entry.
+    pub fn for_each_mapped(
+        &self,
+        f: impl FnMut(u64, Entry) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.map.for_each(&self.dev, f)
+    }
+
+    /// Map entries held in memory: those changed since the last checkpoint (the whole map
+    /// of a store formatted before version 3).
+    pub fn map_entries_in_memory(&self) -> usize {
+        self.map.changed_len()
     }
 
     /// What is wrong with the space kept in memory, found by deriving it again from the
@@ -353,10 +366,15 @@ impl<D: Device> Store<D> {
         let mut problems = Vec::new();
         let g = &self.g;
         let mut fresh = Space::new(g.data_start(), g.physical_blocks - g.data_start());
-        for (block, e) in self.map.iter().enumerate() {
-            if let Err(d) = fresh.add_ref(e, true) {
+        let walked = self.map.for_each(&self.dev, |block, e| {
+            if let Err(d) = fresh.add_ref(&e, true) {
                 problems.push(format!("block {block}: {}", d.0));
             }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            problems.push(format!("the map cannot be read: {e}"));
+            return problems;
         }
         if let Err(d) = fresh.check_disjoint() {
             problems.push(d.0);
@@ -394,7 +412,7 @@ impl<D: Device> Store<D> {
 
     /// Guest blocks that are not holes.
     pub fn mapped_blocks(&self) -> u64 {
-        self.map.iter().filter(|e| **e != Entry::Hole).count() as u64
+        self.map.mapped()
     }
 
     /// The stored bytes of `e`'s extent.
@@ -436,15 +454,17 @@ impl<D: Device> Store<D> {
         Ok(())
     }
 
-    fn set(&mut self, block: u64, e: Entry) -> Result<(), StoreError> {
-        let i = usize::try_from(block)
-            .ok()
-            .filter(|&i| i < self.map.len())
-            .ok_or(StoreError::Range(block))?;
+    /// Points `block` at `e`. `old` is its entry if the caller read it before (a block the
+    /// store changed already is in memory: reading it cannot fail).
+    fn set(&mut self, block: u64, e: Entry, old: Option<Entry>) -> Result<(), StoreError> {
+        let old = match old {
+            Some(old) => old,
+            None => self.map.get(&self.dev, block)?,
+        };
         self.space
             .add_ref(&e, false)
             .map_err(|d| StoreError::Damaged(d.0))?;
-        let old = std::mem::replace(&mut self.map[i], e);
+        self.map.put(block, old, e);
         if let Some(sector) = self.space.drop_ref(&old) {
             self.freed.push(sector);
         }
@@ -504,13 +524,26 @@ impl<D: Device> Store<D> {
             .iter()
             .map(|x| (x.bytes.len() as u64).div_ceil(SECTOR))
             .collect();
+        // Every entry the request changes, read before anything changes (a map page that
+        // cannot be read fails the request here, not half-way).
+        let mut olds = HashMap::new();
+        let touched = extents
+            .iter()
+            .flat_map(|x| x.first_block..x.first_block + x.checks.len() as u64)
+            .chain(shares.iter().map(|(b, _)| *b))
+            .chain(copies.iter().flat_map(|&(b, of)| [b, of]));
+        for block in touched {
+            if let std::collections::hash_map::Entry::Vacant(v) = olds.entry(block) {
+                v.insert(self.map.get(&self.dev, block)?);
+            }
+        }
         let places = self.find_places(&sectors)?;
         self.write_data(&extents, &sectors, &places)?;
         // From here on nothing can fail short of damage: the map changes as one.
         let shares: Vec<(u64, Entry)> = shares
             .iter()
             .copied()
-            .filter(|&(block, e)| self.map[block as usize] != e)
+            .filter(|(block, e)| olds.get(block) != Some(e))
             .collect();
         for (_, e) in &shares {
             self.space
@@ -531,20 +564,31 @@ impl<D: Device> Store<D> {
                     codec: x.codec,
                     check,
                 };
-                self.set(x.first_block + k as u64, e)?;
+                let block = x.first_block + k as u64;
+                let old = olds.remove(&block);
+                self.set(block, e, old)?;
             }
             self.stats.extents_written += 1;
         }
         for &(block, e) in &shares {
-            let old = std::mem::replace(&mut self.map[block as usize], e);
+            let old = match olds.remove(&block) {
+                Some(old) => old,
+                None => self.map.get(&self.dev, block)?,
+            };
+            self.map.put(block, old, e);
             if let Some(sector) = self.space.drop_ref(&old) {
                 self.freed.push(sector);
             }
             self.dirty.insert(block, e);
         }
         for &(block, of) in copies {
-            let e = self.map[of as usize];
-            self.set(block, e)?;
+            // `of` was stored by this request (in memory now) or read above.
+            let e = match self.map.in_memory(of) {
+                Some(e) => e,
+                None => olds.get(&of).copied().ok_or(StoreError::Range(of))?,
+            };
+            let old = olds.remove(&block);
+            self.set(block, e, old)?;
         }
         self.maybe_commit()
     }
@@ -646,12 +690,19 @@ impl<D: Device> Store<D> {
             .checked_add(blocks)
             .filter(|&e| e <= self.g.logical_blocks)
             .ok_or(StoreError::Range(first))?;
-        for b in first..end {
-            if self.map[b as usize] != Entry::Hole {
-                self.set(b, Entry::Hole)?;
+        // A piece at a time: what changed is committed (or checkpointed) as it grows, so a
+        // discard of the whole disk holds no more in memory than any other change.
+        const PIECE: u64 = 64 * crate::format::PAGE_ENTRIES;
+        let mut from = first;
+        while from < end {
+            let to = end.min(from.saturating_add(PIECE));
+            for (b, old) in self.map.mapped_in(&self.dev, from, to)? {
+                self.set(b, Entry::Hole, Some(old))?;
             }
+            self.maybe_commit()?;
+            from = to;
         }
-        self.maybe_commit()
+        Ok(())
     }
 
     /// Extents whose last reference went, and extents stored, since the last call. A
@@ -745,24 +796,10 @@ impl<D: Device> Store<D> {
             .generation
             .checked_add(1)
             .ok_or_else(|| exhausted("superblock generation"))?;
-        let mut raw = Vec::with_capacity(self.map.len() * ENTRY_BYTES);
-        for e in &self.map {
-            raw.extend_from_slice(&e.encode());
-        }
-        let header = encode_checkpoint_header(seq, &raw);
-        raw.resize(raw.len().next_multiple_of(BLOCK as usize), 0);
-        let start = self.g.slot_start(slot) * BLOCK;
-        io(self.dev.write(start, &header), "writing the checkpoint")?;
-        for (k, piece) in raw.chunks(1 << 20).enumerate() {
-            io(
-                self.dev
-                    .write(start + BLOCK + (k as u64) * (1 << 20), piece),
-                "writing the checkpoint",
-            )?;
-        }
+        let written = self.map.write_checkpoint(&self.dev, seq, slot)?;
         io(self.dev.flush(), "flushing the checkpoint")?;
         let mut sb = self.sb.clone();
-        sb.version = VERSION;
+        sb.version = self.g.version();
         sb.generation = generation;
         sb.checkpoint_slot = slot;
         sb.checkpoint_seq = seq;
@@ -787,6 +824,7 @@ impl<D: Device> Store<D> {
         self.journal_seq = sb.journal_seq;
         self.journal_used = 0;
         self.sb = sb;
+        self.map.finish(written);
         self.dirty.clear();
         self.stats.checkpoints += 1;
         self.stats.commits += 1;

@@ -39,7 +39,7 @@ fn write_raw<D: Device>(
 
 /// What a raw store says block `b` holds: `None` for a hole, an error for a bad check.
 fn read_raw<D: Device>(s: &Store<D>, b: u64) -> Result<Option<Vec<u8>>, String> {
-    match s.entry(b).ok_or("no such block")? {
+    match s.entry(b).map_err(|e| e.to_string())? {
         Entry::Hole => Ok(None),
         Entry::Stored {
             sector,
@@ -61,7 +61,25 @@ fn read_raw<D: Device>(s: &Store<D>, b: u64) -> Result<Option<Vec<u8>>, String> 
 #[test]
 fn data_survives_a_reopen_and_a_journal_that_wraps_into_checkpoints() {
     let dev = MemDevice::new(2 << 20);
-    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    let s = Store::open(dev.clone(), &opts(64)).unwrap();
+    assert_eq!(s.format_version(), (3, 3));
+    survives_reopens_and_checkpoints(dev, s);
+}
+
+/// A store formatted before version 3 (the whole map in each checkpoint) is written,
+/// checkpointed and reopened as it is, and stays version 2.
+#[test]
+fn a_version_2_store_keeps_working_as_version_2() {
+    let dev = MemDevice::new(2 << 20);
+    let s = Store::format_as(dev.clone(), &opts(64), 2).unwrap();
+    assert_eq!(s.format_version(), (2, 2));
+    survives_reopens_and_checkpoints(dev.clone(), s);
+    let s = Store::open(dev, &opts(64)).unwrap();
+    assert_eq!(s.format_version(), (2, 2));
+    assert_eq!(s.map_entries_in_memory(), 8);
+}
+
+fn survives_reopens_and_checkpoints(dev: MemDevice, mut s: Store<MemDevice>) {
     for round in 0..40u64 {
         for b in 0..8 {
             write_raw(&mut s, b * 3, &[block(round * 100 + b)]).unwrap();
@@ -130,16 +148,29 @@ fn damage_is_refused_with_a_reason_and_a_foreign_device_is_not_formatted() {
         .unwrap();
     assert!(e.to_string().contains("formatted by `test`"), "{e}");
 
-    // A bit of the map in the named checkpoint slot (slot of the newest superblock): the
-    // store has alternated slots, so damage both to be sure one is the named one.
+    // A bit of the directory in the named checkpoint slot (slot of the newest superblock):
+    // the store has alternated slots, so damage both to be sure one is the named one.
     let mut bad = good.clone();
     for slot in 0..2 {
-        bad[(g.slot_start(slot) * BLOCK + BLOCK + 80) as usize] ^= 0x10;
+        bad[(g.slot_start(slot) * BLOCK + BLOCK + 1) as usize] ^= 0x10;
     }
     let e = Store::open(MemDevice::from_bytes(bad), &opts(64))
         .err()
         .unwrap();
-    assert!(matches!(e, StoreError::Damaged(_)), "{e}");
+    assert!(e.to_string().contains("does not match its check"), "{e}");
+
+    // A bit of the map page holding block 5, in both its slots.
+    let mut bad = good.clone();
+    for slot in 0..2 {
+        bad[(g.page_block(0, slot) * BLOCK + 64 + 5 * 16) as usize] ^= 0x10;
+    }
+    let e = Store::open(MemDevice::from_bytes(bad), &opts(64))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("map page 0") && e.to_string().contains("damaged"),
+        "{e}"
+    );
 
     // Both superblocks.
     let mut bad = good.clone();
@@ -259,19 +290,24 @@ impl Rng {
     }
 }
 
+/// The crash tests' guest blocks start here, so that they straddle two map pages.
+const OFF: u64 = crate::format::PAGE_ENTRIES - 24;
+const STRADDLING: u64 = crate::format::PAGE_ENTRIES + 48;
+
 #[test]
 fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_stay() {
     const BLOCKS: u64 = 48;
-    // Tight space (10 blocks of metadata, 60 of data for 48 guest blocks), so that freed
+    // Tight space (14 blocks of metadata, 56 of data for 48 guest blocks), so that freed
     // units are soon needed again: reusing one before its commit is durable must show.
     const LEN: usize = 70 * BLOCK as usize;
+    // The blocks written straddle two map pages: a checkpoint writes one or both.
     let mut points = 0;
     for seed in 1..=6u64 {
         let dev = Recording {
             len: LEN,
             ..Default::default()
         };
-        let mut s = Store::open(dev.clone(), &opts(BLOCKS)).unwrap();
+        let mut s = Store::open(dev.clone(), &opts(STRADDLING)).unwrap();
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         // For each block: its value after each commit, and every value written since.
         let mut committed: HashMap<u64, Option<u64>> = HashMap::new();
@@ -289,7 +325,7 @@ fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_st
                 let n = (1 + rng.next() % 4).min(BLOCKS - first);
                 let vals: Vec<u64> = (0..n).map(|k| seed * 100_000 + step * 10 + k).collect();
                 let data: Vec<Vec<u8>> = vals.iter().map(|&v| block(v)).collect();
-                if write_raw(&mut s, first, &data).is_ok() {
+                if write_raw(&mut s, OFF + first, &data).is_ok() {
                     for (k, v) in vals.iter().enumerate() {
                         current.insert(first + k as u64, Some(*v));
                         history.push((dev.log.lock().unwrap().len(), first + k as u64, Some(*v)));
@@ -298,7 +334,7 @@ fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_st
             } else if r < 8 {
                 let first = rng.next() % BLOCKS;
                 let n = (1 + rng.next() % 3).min(BLOCKS - first);
-                s.punch(first, n).unwrap();
+                s.punch(OFF + first, n).unwrap();
                 for b in first..first + n {
                     current.insert(b, None);
                     history.push((dev.log.lock().unwrap().len(), b, None));
@@ -328,11 +364,11 @@ fn after_a_crash_at_any_point_every_block_reads_old_or_new_and_flushed_writes_st
                     _ => i + 1 != k || sector < 3,
                 };
                 let img = image(&log, LEN, k, keep);
-                let s = Store::open(MemDevice::from_bytes(img), &opts(BLOCKS))
+                let s = Store::open(MemDevice::from_bytes(img), &opts(STRADDLING))
                     .unwrap_or_else(|e| panic!("seed {seed}, crash at {k}/{variant}: {e}"));
                 points += 1;
                 for b in 0..BLOCKS {
-                    let got = read_raw(&s, b)
+                    let got = read_raw(&s, OFF + b)
                         .unwrap_or_else(|e| panic!("seed {seed}, crash at {k}/{variant}: {e}"));
                     let mut allowed: Vec<Option<Vec<u8>>> =
                         vec![base.get(&b).copied().flatten().map(block)];
@@ -369,10 +405,10 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
             len: LEN,
             ..Default::default()
         };
-        let mut s = Store::open(dev.clone(), &opts(BLOCKS)).unwrap();
+        let mut s = Store::open(dev.clone(), &opts(STRADDLING)).unwrap();
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for step in 0..80u64 {
-            let first = rng.next() % (BLOCKS - 2);
+            let first = OFF + rng.next() % (BLOCKS - 2);
             let _ = write_raw(&mut s, first, &[block(step), block(step + 1)]);
             if rng.next().is_multiple_of(4) {
                 s.commit().unwrap();
@@ -394,10 +430,10 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
                     base: Some(img.clone()),
                     ..Default::default()
                 };
-                let mut s2 = Store::open(dev2.clone(), &opts(BLOCKS))
+                let mut s2 = Store::open(dev2.clone(), &opts(STRADDLING))
                     .unwrap_or_else(|e| panic!("seed {seed}, crash at {k}/{variant}: {e}"));
                 for step in 0..12u64 {
-                    let _ = write_raw(&mut s2, step * 3 % BLOCKS, &[block(1000 + step)]);
+                    let _ = write_raw(&mut s2, OFF + step * 3 % BLOCKS, &[block(1000 + step)]);
                     if step % 5 == 4 {
                         s2.commit().unwrap();
                     }
@@ -407,12 +443,12 @@ fn a_crash_during_or_after_recovery_is_recovered_too() {
                     let img2 = image_over(Some(&img), &log2, LEN, k2, |i, sector| {
                         (i + k) % 2 == 0 && (i + 1 != k2 || sector % 2 == 0)
                     });
-                    let s3 = Store::open(MemDevice::from_bytes(img2), &opts(BLOCKS))
+                    let s3 = Store::open(MemDevice::from_bytes(img2), &opts(STRADDLING))
                         .unwrap_or_else(|e| {
                             panic!("seed {seed}, crash at {k}/{variant}, then at {k2}: {e}")
                         });
                     for b in 0..BLOCKS {
-                        read_raw(&s3, b).unwrap_or_else(|e| {
+                        read_raw(&s3, OFF + b).unwrap_or_else(|e| {
                             panic!("seed {seed}, crash at {k}/{variant}, then at {k2}: {e}")
                         });
                     }
@@ -485,7 +521,7 @@ fn edited_superblock_fields_are_refused_and_counters_never_wrap() {
             // The checkpoint slot must carry the number the superblock names.
             let mut img = with_superblock(&good, &bad);
             let start = (sb.geometry.slot_start(sb.checkpoint_slot) * BLOCK) as usize;
-            let map_len = (sb.geometry.logical_blocks as usize) * 16;
+            let map_len = (sb.geometry.pages() as usize) * 8;
             let map = img[start + BLOCK as usize..start + BLOCK as usize + map_len].to_vec();
             let header = crate::format::encode_checkpoint_header(u64::MAX, &map);
             img[start..start + BLOCK as usize].copy_from_slice(&header);
@@ -653,7 +689,7 @@ fn journal_block_v1(seq: u64, records: &[(u64, Entry)]) -> Vec<u8> {
 #[test]
 fn a_version_1_store_is_read_and_upgraded_at_its_first_writable_open() {
     let dev = MemDevice::new(1 << 20);
-    let mut s = Store::open(dev.clone(), &opts(64)).unwrap();
+    let mut s = Store::format_as(dev.clone(), &opts(64), 2).unwrap();
     write_raw(&mut s, 5, &[block(5)]).unwrap();
     s.checkpoint().unwrap();
     let (g, key) = (s.geometry(), *s.key());

@@ -43,7 +43,7 @@ impl<D: Device> Volume<D> {
     /// The contents of guest block `block` (zeroes for a hole). A block whose bytes do not
     /// match its check, or an extent that does not decode, is an error, never data.
     pub fn read_block(&mut self, block: u64) -> Result<Vec<u8>, StoreError> {
-        let e = self.store.entry(block).ok_or(StoreError::Range(block))?;
+        let e = self.store.entry(block)?;
         let Entry::Stored {
             sector,
             index,
@@ -166,21 +166,23 @@ impl<D: Device> Volume<D> {
         // Per extent (by sector): its entry, and (block, index, check) of each block in it.
         type Users = Vec<(u64, u8, u32)>;
         let mut refs: std::collections::BTreeMap<u64, (Entry, Users)> = Default::default();
-        for block in 0..self.store.logical_blocks() {
-            if let Some(
-                e @ Entry::Stored {
-                    sector,
-                    index,
-                    check,
-                    ..
-                },
-            ) = self.store.entry(block)
+        let walked = self.store.for_each_mapped(|block, e| {
+            if let Entry::Stored {
+                sector,
+                index,
+                check,
+                ..
+            } = e
             {
                 refs.entry(sector)
                     .or_insert_with(|| (e, Vec::new()))
                     .1
                     .push((block, index, check));
             }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            problems.push(format!("the map cannot be read: {e}"));
         }
         let mut blocks = 0u64;
         for (sector, (e, users)) in &refs {

@@ -89,7 +89,7 @@ pub fn store_open(data: &[u8]) {
                     }
                     2 => {
                         let to = inp.below(LOGICAL_BLOCKS as usize) as u64;
-                        if let Some(e) = store.entry(first) {
+                        if let Ok(e) = store.entry(first) {
                             if store.share_all(&[(to, e)]).is_ok() {
                                 let c = current.get(&first).cloned().unwrap_or(zero.clone());
                                 current.insert(to, c);

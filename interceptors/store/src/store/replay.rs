@@ -63,15 +63,11 @@ impl<D: Device> Store<D> {
                     ));
                 }
                 for (block, e) in records {
-                    let slot = usize::try_from(block)
-                        .ok()
-                        .filter(|&b| b < self.map.len())
-                        .ok_or_else(|| {
-                            StoreError::Damaged(format!(
-                                "journal block {seq} maps block {block}, past the end"
-                            ))
-                        })?;
-                    self.map[slot] = e;
+                    self.map.replay(block, e).map_err(|()| {
+                        StoreError::Damaged(format!(
+                            "journal block {seq} maps block {block}, past the end"
+                        ))
+                    })?;
                 }
                 self.journal_seq = self.journal_seq.checked_add(1).ok_or_else(|| {
                     StoreError::Damaged("the store's journal sequence number is at its end".into())
