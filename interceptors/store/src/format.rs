@@ -432,7 +432,7 @@ pub fn verify_checkpoint(header: &[u8], seq: u64, map: &[u8]) -> Result<(), Stri
         ));
     }
     if u64_at(header, 16) != map.len() as u64 || check(map) != header[24..24 + CHECK] {
-        return Err("the checkpoint's map does not match its check (damaged)".into());
+        return Err("the checkpoint (directory or map) does not match its check (damaged)".into());
     }
     Ok(())
 }

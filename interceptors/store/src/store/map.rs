@@ -179,7 +179,7 @@ impl Map {
         }
         match (old == Entry::Hole, e == Entry::Hole) {
             (true, false) => self.mapped += 1,
-            (false, true) => self.mapped -= 1,
+            (false, true) => self.mapped = self.mapped.saturating_sub(1),
             _ => {}
         }
     }
