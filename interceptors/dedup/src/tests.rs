@@ -489,3 +489,54 @@ fn a_thin_disk_fails_writes_past_its_space_keeps_the_rest_and_takes_writes_after
     assert_eq!(read(&s, 5 * 4096, 4096).unwrap(), noise(4096, 9001));
     assert_clean(&s, "after a reopen");
 }
+
+/// What the guest test of a thin disk does, on the host: the whole disk discarded (mkfs),
+/// small metadata writes overwritten again and again at the start, files of 1 MiB written in
+/// 128 KiB requests with a flush after each, until the disk is full; then every block reads
+/// back what was last written to it.
+#[test]
+fn a_thin_disk_filled_like_a_file_system_reads_back_everything_written_before_it_filled() {
+    let disk = MemDisk::with_size(48 << 20);
+    let s = stack(&disk, json!({ "logical_mib": 192, "index_mib": 16 })).unwrap();
+    discard(&s, BlockRequestKind::Discard, 0, 192 << 20);
+    flush(&s);
+    let mut model: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let mut seed = 1u64;
+    let mut full = false;
+    for file in 0..200u64 {
+        // Metadata: a few blocks near the start, rewritten.
+        for m in 0..4u64 {
+            seed += 1;
+            let data = noise(4096, seed);
+            let at = (m * 37 + file % 5) * 4096;
+            if testing::submit(&s, BlockRequestKind::Write, at, &mut data.clone())
+                == compat::RequestStatus::Ok
+            {
+                model.insert(at / 4096, data);
+            }
+        }
+        for piece in 0..8u64 {
+            seed += 1;
+            let data = noise(128 << 10, seed);
+            let at = (8 << 20) + file * (1 << 20) + piece * (128 << 10);
+            if testing::submit(&s, BlockRequestKind::Write, at, &mut data.clone())
+                != compat::RequestStatus::Ok
+            {
+                full = true;
+                break;
+            }
+            for (k, b) in data.chunks(4096).enumerate() {
+                model.insert(at / 4096 + k as u64, b.to_vec());
+            }
+        }
+        flush(&s);
+        if full {
+            break;
+        }
+    }
+    assert!(full, "the disk never filled");
+    for (&b, want) in &model {
+        assert!(read(&s, b * 4096, 4096).unwrap() == *want, "block {b}");
+    }
+    assert_clean(&s, "full");
+}

@@ -788,3 +788,67 @@ fn a_writable_open_writes_nothing_on_a_clean_store_and_data_stays() {
         assert_eq!(read_raw(&s, b).unwrap(), Some(block(b)));
     }
 }
+
+/// The paged map against a model: random writes, discards and shares over many pages, with
+/// a journal so short that nearly every commit is a checkpoint, every block read back after
+/// each step and after reopens.
+#[test]
+fn a_map_of_many_pages_reads_back_what_was_written_through_checkpoints_and_reopens() {
+    const BLOCKS: u64 = 12 * crate::format::PAGE_ENTRIES;
+    let dev = MemDevice::new(8 << 20);
+    let mut s = Store::open(dev.clone(), &opts(BLOCKS)).unwrap();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut model: HashMap<u64, u64> = HashMap::new();
+    let mut checkpoints = 0;
+    for step in 0..3000u64 {
+        let first = rng.next() % BLOCKS;
+        match rng.next() % 10 {
+            0..=5 => {
+                let n = (1 + rng.next() % 16).min(BLOCKS - first);
+                let data: Vec<Vec<u8>> = (0..n).map(|k| block(step * 100 + k)).collect();
+                match write_raw(&mut s, first, &data) {
+                    Ok(()) => {
+                        for k in 0..n {
+                            model.insert(first + k, step * 100 + k);
+                        }
+                    }
+                    Err(StoreError::NoSpace) => {}
+                    Err(e) => panic!("step {step}: {e}"),
+                }
+            }
+            6 | 7 => {
+                let n = (1 + rng.next() % 600).min(BLOCKS - first);
+                s.punch(first, n).unwrap();
+                for b in first..first + n {
+                    model.remove(&b);
+                }
+            }
+            8 => {
+                let to = rng.next() % BLOCKS;
+                let e = s.entry(first).unwrap();
+                s.share_all(&[(to, e)]).unwrap();
+                match model.get(&first).copied() {
+                    Some(v) => model.insert(to, v),
+                    None => model.remove(&to),
+                };
+            }
+            _ => s.commit().unwrap(),
+        }
+        if step % 97 == 0 || step > 2990 {
+            for b in 0..BLOCKS {
+                let want = model.get(&b).map(|&v| block(v)[..8].to_vec());
+                let got = read_raw(&s, b).unwrap().map(|v| v[..8].to_vec());
+                assert!(got == want, "step {step}, block {b}: {got:?}, not {want:?}");
+            }
+            assert_eq!(s.check_space(), Vec::<String>::new(), "step {step}");
+            assert_eq!(s.mapped_blocks(), model.len() as u64, "step {step}");
+        }
+        if step % 500 == 499 {
+            s.commit().unwrap();
+            checkpoints += s.stats().checkpoints;
+            drop(s);
+            s = Store::open(dev.clone(), &opts(BLOCKS)).unwrap();
+        }
+    }
+    assert!(checkpoints > 20, "{checkpoints}");
+}

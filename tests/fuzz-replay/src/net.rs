@@ -43,8 +43,13 @@ pub fn net_tx(data: &[u8]) {
             if let Ok(header) = chain::read_tx(&mem, &b, &mut frame) {
                 assert_eq!(frame.len() + VNET_HDR_LEN, b.total, "{b:?}");
                 assert!(frame.len() <= MAX_FRAME);
-                if chain::check_tx_header(&header, frame.len(), acked).is_ok() {
+                // Any MTU from the smallest the card tells to the largest.
+                let mtu = 68 + (inp.below(9000) as u16);
+                if chain::check_tx_header(&header, frame.len(), acked, mtu).is_ok() {
                     let h = header.0;
+                    if h.gso_type == 0 {
+                        assert!(frame.len() <= usize::from(mtu) + 18, "past the MTU");
+                    }
                     if h.flags & 1 != 0 {
                         let end = usize::from(u16::from_le(h.csum_start))
                             + usize::from(u16::from_le(h.csum_offset))

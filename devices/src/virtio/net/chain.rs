@@ -99,11 +99,26 @@ pub fn read_tx(
     Ok(header)
 }
 
+/// Bytes a frame may carry beyond its MTU: the Ethernet header and one VLAN tag (a guest's
+/// VLAN device over the card sends frames of the card's MTU behind a tag).
+pub const MAX_FRAME_OVER_MTU: usize = 14 + 4;
+/// The smallest IP and TCP headers a segment carries besides its `gso_size` bytes.
+const TCP4_HEADERS: usize = 20 + 20;
+const TCP6_HEADERS: usize = 40 + 20;
+
 /// Whether a transmitted frame's offload header asks only for what the device offered and
-/// the guest accepted (`acked`; none under a chain that needs plain frames), and points
-/// inside the frame.
-pub fn check_tx_header(h: &VnetHeader, frame_len: usize, acked: u64) -> Result<(), &'static str> {
+/// the guest accepted (`acked`; none under a chain that needs plain frames), points inside
+/// the frame, and whether the frame (each segment, for a segmentation offload) fits the
+/// `mtu` the guest was told: a longer one would not fit the link (or, under net-encrypt,
+/// would not fit once sealed).
+pub fn check_tx_header(
+    h: &VnetHeader,
+    frame_len: usize,
+    acked: u64,
+    mtu: u16,
+) -> Result<(), &'static str> {
     let has = |bit: u32| acked & (1u64 << bit) != 0;
+    let mtu = usize::from(mtu);
     let h = h.0;
     if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
         if !has(VIRTIO_NET_F_CSUM) {
@@ -119,12 +134,15 @@ pub fn check_tx_header(h: &VnetHeader, frame_len: usize, acked: u64) -> Result<(
     }
     let gso = h.gso_type & !(VIRTIO_NET_HDR_GSO_ECN as u8);
     if gso == VIRTIO_NET_HDR_GSO_NONE as u8 {
+        if frame_len > mtu + MAX_FRAME_OVER_MTU {
+            return Err("a frame longer than the MTU the guest was told");
+        }
         return Ok(());
     }
-    let allowed = match u32::from(gso) {
-        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4),
-        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6),
-        _ => false,
+    let (allowed, headers) = match u32::from(gso) {
+        VIRTIO_NET_HDR_GSO_TCPV4 => (has(VIRTIO_NET_F_HOST_TSO4), TCP4_HEADERS),
+        VIRTIO_NET_HDR_GSO_TCPV6 => (has(VIRTIO_NET_F_HOST_TSO6), TCP6_HEADERS),
+        _ => (false, 0),
     };
     if !allowed || h.gso_type & VIRTIO_NET_HDR_GSO_ECN as u8 != 0 {
         return Err("a segmentation offload the device did not offer");
@@ -134,6 +152,9 @@ pub fn check_tx_header(h: &VnetHeader, frame_len: usize, acked: u64) -> Result<(
     }
     if u16::from_le(h.gso_size) == 0 || usize::from(u16::from_le(h.hdr_len)) > frame_len {
         return Err("a segmentation offload with a bad segment size or header length");
+    }
+    if usize::from(u16::from_le(h.gso_size)) + headers > mtu {
+        return Err("segments longer than the MTU the guest was told");
     }
     Ok(())
 }
@@ -162,25 +183,35 @@ mod tests {
             | (1 << VIRTIO_NET_F_HOST_TSO6);
         let csum = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
         let tcp4 = VIRTIO_NET_HDR_GSO_TCPV4 as u8;
-        assert!(check_tx_header(&VnetHeader::default(), 60, 0).is_ok());
-        assert!(check_tx_header(&hdr(csum, 0, (34, 16), 0), 60, all).is_ok());
+        assert!(check_tx_header(&VnetHeader::default(), 60, 0, 1500).is_ok());
+        assert!(check_tx_header(&hdr(csum, 0, (34, 16), 0), 60, all, 1500).is_ok());
         assert!(
-            check_tx_header(&hdr(csum, 0, (34, 16), 0), 60, 0).is_err(),
+            check_tx_header(&hdr(csum, 0, (34, 16), 0), 60, 0, 1500).is_err(),
             "not offered"
         );
         assert!(
-            check_tx_header(&hdr(csum, 0, (50, 16), 0), 60, all).is_err(),
+            check_tx_header(&hdr(csum, 0, (50, 16), 0), 60, all, 1500).is_err(),
             "past the end"
         );
-        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1448), 60000, all).is_ok());
-        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 0), 60000, all).is_err());
-        assert!(check_tx_header(&hdr(0, tcp4, (0, 0), 1448), 60000, all).is_err());
+        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1448), 60000, all, 1500).is_ok());
+        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 0), 60000, all, 1500).is_err());
+        assert!(check_tx_header(&hdr(0, tcp4, (0, 0), 1448), 60000, all, 1500).is_err());
         assert!(
-            check_tx_header(&hdr(csum, 3, (34, 16), 1448), 60000, all).is_err(),
+            check_tx_header(&hdr(csum, 3, (34, 16), 1448), 60000, all, 1500).is_err(),
             "UDP"
         );
-        assert!(check_tx_header(&hdr(0x80, 0, (0, 0), 0), 60, all).is_err());
+        assert!(check_tx_header(&hdr(0x80, 0, (0, 0), 0), 60, all, 1500).is_err());
         let plain = 0;
-        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1448), 60000, plain).is_err());
+        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1448), 60000, plain, 1500).is_err());
+        // Issue 30, item 5: nothing longer than the MTU the guest was told (1468 under
+        // net-encrypt): a plain frame past it and its tag, or segments past it.
+        assert!(check_tx_header(&VnetHeader::default(), 1468 + 18, 0, 1468).is_ok());
+        assert!(check_tx_header(&VnetHeader::default(), 1468 + 19, 0, 1468).is_err());
+        assert!(check_tx_header(&VnetHeader::default(), 9000, all, 1500).is_err());
+        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1428), 60000, all, 1468).is_ok());
+        assert!(check_tx_header(&hdr(csum, tcp4, (34, 16), 1448), 60000, all, 1468).is_err());
+        let tcp6 = VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+        assert!(check_tx_header(&hdr(csum, tcp6, (54, 16), 1440), 60000, all, 1500).is_ok());
+        assert!(check_tx_header(&hdr(csum, tcp6, (54, 16), 1448), 60000, all, 1500).is_err());
     }
 }

@@ -81,7 +81,9 @@ pub struct NetCounters {
     pub tx_dropped: AtomicU64,
     /// Frames from the guest an interceptor took.
     pub tx_taken: AtomicU64,
-    /// TX chains refused (outside guest memory, writable, too long or too short).
+    /// TX chains refused (outside guest memory, writable, too long or too short, an offload
+    /// header asking for what was not negotiated, a frame longer than the MTU the guest was
+    /// told).
     pub tx_bad_chains: AtomicU64,
 }
 
@@ -283,6 +285,7 @@ impl VirtioDevice for Net {
             tap_watched: false,
             tap_offloads: offloads,
             acked: acked_features & self.features(),
+            mtu: self.guest_mtu,
             rx_used: false,
             tx_used: false,
         };

@@ -75,6 +75,8 @@ pub(super) struct Worker {
     pub(super) tap_offloads: u32,
     /// The features the guest accepted (what its TX headers may ask for).
     pub(super) acked: u64,
+    /// The MTU the guest was told: no frame it transmits may be longer.
+    pub(super) mtu: u16,
     /// Used buffers added since the guest was last notified, per queue.
     pub(super) rx_used: bool,
     pub(super) tx_used: bool,
@@ -152,10 +154,12 @@ impl Worker {
                 let limit = chain::MAX_TX_CHAIN;
                 match chain::buffers(&mem, chain, false, limit) {
                     Ok(b) => {
+                        // Read, then publish: once used, the guest may reuse the buffers
+                        // (Linux reclaims used TX buffers without waiting for an interrupt).
+                        self.transmit(&mem, &b);
                         if !self.add_used(false, b.head, 0) {
                             return;
                         }
-                        self.transmit(&mem, &b);
                     }
                     Err((head, why)) => {
                         self.counters.tx_bad_chains.fetch_add(1, Relaxed);
@@ -186,7 +190,8 @@ impl Worker {
     /// written to the tap.
     fn transmit(&mut self, mem: &GuestMemoryMmap, b: &Buffers) {
         let checked = chain::read_tx(mem, b, &mut self.tx_frame).and_then(|header| {
-            chain::check_tx_header(&header, self.tx_frame.len(), self.acked).map(|()| header)
+            chain::check_tx_header(&header, self.tx_frame.len(), self.acked, self.mtu)
+                .map(|()| header)
         });
         let header = match checked {
             Ok(h) => h,
@@ -506,6 +511,11 @@ impl MutEventSubscriber for Worker {
                 // goes now, and its completions share this wake-up's interrupt.
                 self.process_tx();
             }
+        }
+        if self.broken.load(SeqCst) {
+            // Nothing is served until the guest resets the card: a tap left in the epoll
+            // set with frames unread would wake this thread at once, forever.
+            self.watch_tap(ops, false);
         }
         self.notify_guest();
     }
