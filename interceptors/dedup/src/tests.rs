@@ -346,9 +346,13 @@ fn a_request_that_finds_no_space_leaves_map_and_index_as_they_were() {
     assert!(stored < 500, "{stored}: the store was not full");
     flush(&s);
     let before = read(&s, 0, (stored * 4096) as usize).unwrap();
-    // Block 0 takes block 4's contents (a hit that frees block 0's extent); blocks 1 and 2
-    // take new contents: one unit comes free, two are needed.
-    let mut request = [noise(4096, 904), noise(4096, 1), noise(4096, 2)].concat();
+    // Block 0 takes block 4's contents (a hit that frees block 0's extent); blocks 1 to 15
+    // take new contents: one unit comes free, fifteen are needed, more than the 8 units
+    // kept for overwrites (the only ones left: new blocks may not take them).
+    let mut request: Vec<u8> = std::iter::once(noise(4096, 904))
+        .chain((1..16).map(|k| noise(4096, k)))
+        .flatten()
+        .collect();
     let st = testing::submit(&s, BlockRequestKind::Write, 0, &mut request);
     assert_ne!(st, compat::RequestStatus::Ok);
     assert!(

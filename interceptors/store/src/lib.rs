@@ -41,7 +41,8 @@ pub mod testing;
 pub use format::{Codec, Entry, Geometry, MAX_EXTENT_BLOCKS, MAX_STORED_LEN, MAX_THIN, VERSION};
 pub use layer::{serve, RequestCounters, StoreLayer};
 pub use sizing::{
-    sizing, Sizing, DEFAULT_JOURNAL_BLOCKS, MAX_JOURNAL_KIB, OVERWRITE_RESERVE_BLOCKS,
+    overwrite_reserve, sizing, Sizing, DEFAULT_JOURNAL_BLOCKS, MAX_JOURNAL_KIB,
+    OVERWRITE_RESERVE_BLOCKS,
 };
 pub use space::{Extent, Space};
 pub use store::{NewExtent, OpenOptions, SectorChanges, Store, StoreStats};

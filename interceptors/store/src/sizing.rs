@@ -79,9 +79,17 @@ pub fn sizing(
     })
 }
 
+/// Units of a store over `below` blocks that only overwrites may use: 2 MiB, or 1/64 of a
+/// disk under 128 MiB. A write that maps a block that was a hole fails rather than take
+/// them, so a full disk (thin or not) still takes the overwrites a file system's metadata
+/// needs (copy on write needs an overwrite's new units before its old ones come free).
+pub fn overwrite_reserve(below: u64) -> u64 {
+    (below / 64).clamp(1, OVERWRITE_RESERVE_BLOCKS)
+}
+
 /// The most guest blocks that fit with their metadata, one unit each, and the reserve.
 fn default_logical_blocks(below: u64, journal_blocks: u64) -> Option<u64> {
-    let reserve = (below / 64).clamp(1, OVERWRITE_RESERVE_BLOCKS);
+    let reserve = overwrite_reserve(below);
     // The metadata of `below` guest blocks is at least that of fewer: two slots of a
     // directory entry per page, and two blocks per page.
     let pages = below.div_ceil(crate::format::PAGE_ENTRIES);

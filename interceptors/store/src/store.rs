@@ -537,7 +537,13 @@ impl<D: Device> Store<D> {
                 v.insert(self.map.get(&self.dev, block)?);
             }
         }
-        let places = self.find_places(&sectors)?;
+        // A request that maps a hole grows what the store holds: it may not take the units
+        // kept for overwrites.
+        let grows = extents.iter().any(|x| {
+            (x.first_block..x.first_block + x.checks.len() as u64)
+                .any(|b| olds.get(&b) == Some(&Entry::Hole))
+        });
+        let places = self.find_places(&sectors, grows)?;
         self.write_data(&extents, &sectors, &places)?;
         // From here on nothing can fail short of damage: the map changes as one.
         let shares: Vec<(u64, Entry)> = shares
@@ -594,13 +600,28 @@ impl<D: Device> Store<D> {
     }
 
     /// Where each extent of `sectors` sectors goes: together in one run of free units if
-    /// one holds them all, else each on its own. Changes nothing (`NoSpace`: no room).
-    fn find_places(&mut self, sectors: &[u64]) -> Result<Vec<u64>, StoreError> {
+    /// one holds them all, else each on its own; a request that `grows` the store must leave
+    /// the overwrite reserve free ([`crate::overwrite_reserve`]). Changes nothing
+    /// (`NoSpace`: no room).
+    fn find_places(&mut self, sectors: &[u64], grows: bool) -> Result<Vec<u64>, StoreError> {
         if sectors.is_empty() {
             return Ok(Vec::new());
         }
         let total: u64 = sectors.iter().sum();
         let units = (total * SECTOR).div_ceil(BLOCK);
+        if grows {
+            let most: u64 = sectors.iter().map(|s| (s * SECTOR).div_ceil(BLOCK)).sum();
+            let keep = crate::overwrite_reserve(self.g.physical_blocks);
+            let short = |s: &Self| s.space.free_units() < most + keep;
+            if short(self) && self.space.held_units() > 0 {
+                // Units held since the last commit come free with the next one.
+                let _ = self.commit();
+            }
+            if short(self) {
+                self.stats.no_space += 1;
+                return Err(StoreError::NoSpace);
+            }
+        }
         if let Some(first) = self.alloc(units) {
             let mut at = first * BLOCK / SECTOR;
             return Ok(sectors

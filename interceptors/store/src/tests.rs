@@ -96,38 +96,50 @@ fn survives_reopens_and_checkpoints(dev: MemDevice, mut s: Store<MemDevice>) {
     assert_eq!(s.owner_config(), [3; 16]);
 }
 
+/// A full store refuses a write that maps a hole once only the overwrite reserve is left,
+/// without harm; overwrites of stored blocks still go in (copy on write takes the new units
+/// first, and the store commits by itself to free the old ones); space discarded comes back
+/// after the commit.
 #[test]
 fn overwritten_space_comes_back_after_the_commit_and_a_full_store_refuses_without_harm() {
     let dev = MemDevice::new(1 << 20);
     // Thin: 1024 guest blocks (4 MiB) on 1 MiB.
     let mut s = Store::open(dev.clone(), &opts(1024)).unwrap();
-    let free0 = s.free_bytes();
-    let units = free0 / BLOCK;
-    for b in 0..units {
+    let units = s.free_bytes() / BLOCK;
+    let reserve = crate::overwrite_reserve(s.geometry().physical_blocks);
+    assert_eq!(reserve, 4);
+    for b in 0..units - reserve {
         write_raw(&mut s, b, &[block(b)]).unwrap();
     }
-    assert_eq!(s.free_bytes(), 0);
+    assert_eq!(s.free_bytes(), reserve * BLOCK);
     assert_eq!(
         write_raw(&mut s, units + 1, &[block(9)]),
         Err(StoreError::NoSpace)
     );
     assert_eq!(s.stats().no_space, 1);
-    // An overwrite of a held block needs the commit that frees the old copy first; the
-    // store commits by itself to find the space.
-    s.commit().unwrap();
-    s.punch(0, 4).unwrap();
-    assert_eq!(s.free_bytes(), 0, "held until the commit");
-    write_raw(&mut s, 0, &[block(1000)]).unwrap();
-    s.commit().unwrap();
-    assert_eq!(s.free_bytes(), 3 * BLOCK);
-    for b in 1..4 {
-        assert_eq!(read_raw(&s, b).unwrap(), None);
+    // Three times the reserve of overwrites: each takes a unit before its old one is free.
+    for b in 0..3 * reserve {
+        write_raw(&mut s, b, &[block(b + 5000)]).unwrap();
     }
-    for b in 4..units {
-        assert_eq!(read_raw(&s, b).unwrap(), Some(block(b)), "block {b}");
+    s.commit().unwrap();
+    assert_eq!(s.free_bytes(), reserve * BLOCK);
+    // Discarded blocks are held until the commit, then free: a new block fits again.
+    s.punch(3 * reserve, 4).unwrap();
+    assert_eq!(s.free_bytes(), reserve * BLOCK, "held until the commit");
+    s.commit().unwrap();
+    assert_eq!(s.free_bytes(), (reserve + 4) * BLOCK);
+    write_raw(&mut s, units + 1, &[block(9)]).unwrap();
+    for b in 0..units - reserve {
+        let want = match b {
+            b if b < 3 * reserve => Some(block(b + 5000)),
+            b if b < 3 * reserve + 4 => None,
+            b => Some(block(b)),
+        };
+        assert_eq!(read_raw(&s, b).unwrap(), want, "block {b}");
     }
-    assert_eq!(read_raw(&s, 0).unwrap(), Some(block(1000)));
-    assert_eq!(s.stats().units_reclaimed, 4);
+    assert_eq!(read_raw(&s, units + 1).unwrap(), Some(block(9)));
+    assert_eq!(s.stats().no_space, 1);
+    assert_eq!(s.check_space(), Vec::<String>::new());
 }
 
 #[test]
