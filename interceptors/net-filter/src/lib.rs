@@ -161,13 +161,17 @@ pub struct NetFilter {
     passed: AtomicU64,
     dropped: AtomicU64,
     spoofed: AtomicU64,
+    unparsed: AtomicU64,
 }
 
 impl NetFilter {
     /// What becomes of a frame going `dir`.
     fn judge(&self, dir: Direction, frame: &[u8]) -> Action {
-        let Some(h) = parse(frame) else {
-            return self.count(self.default);
+        // What cannot be read whole cannot be judged: dropped, whatever the rules and the
+        // default say (a stack behind it may read it differently).
+        let Some(h) = parse(frame).filter(|h| h.complete) else {
+            self.unparsed.fetch_add(1, Relaxed);
+            return self.count(Action::Drop);
         };
         if dir == Direction::Tx {
             if let Some(s) = &self.spoofing {
@@ -231,6 +235,7 @@ impl Interceptor for NetFilter {
             passed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             spoofed: AtomicU64::new(0),
+            unparsed: AtomicU64::new(0),
         })
     }
 
@@ -271,6 +276,7 @@ impl Interceptor for NetFilter {
             "passed": self.passed.load(Relaxed),
             "dropped": self.dropped.load(Relaxed),
             "spoofed": self.spoofed.load(Relaxed),
+            "unparsed": self.unparsed.load(Relaxed),
         })
     }
 }
