@@ -15,7 +15,7 @@ use crate::format::{
 use crate::space::Space;
 use crate::{Device, StoreError, BLOCK, SECTOR};
 use map::Map;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 mod map;
 mod replay;
@@ -71,8 +71,9 @@ pub struct Store<D: Device> {
     g: Geometry,
     map: Map,
     space: Space,
-    /// Map changes not yet in the journal (a block's latest change only).
-    dirty: BTreeMap<u64, Entry>,
+    /// Blocks changed since the last commit (their entries are in the map's memory of what
+    /// changed since the checkpoint); a block may be listed more than once.
+    dirty: Vec<u64>,
     /// Where the next journal block goes, its sequence number, and journal blocks used
     /// since the last checkpoint.
     journal_pos: u64,
@@ -186,7 +187,7 @@ impl<D: Device> Store<D> {
             space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
             g,
             map,
-            dirty: BTreeMap::new(),
+            dirty: Vec::new(),
             journal_pos: sb.journal_pos,
             journal_seq: sb.journal_seq,
             journal_used: 0,
@@ -278,7 +279,7 @@ impl<D: Device> Store<D> {
             space: Space::new(g.data_start(), g.physical_blocks - g.data_start()),
             g,
             map: Map::empty(g, page_key(&key)),
-            dirty: BTreeMap::new(),
+            dirty: Vec::new(),
             journal_pos: 0,
             journal_seq,
             journal_used: 0,
@@ -468,7 +469,7 @@ impl<D: Device> Store<D> {
         if let Some(sector) = self.space.drop_ref(&old) {
             self.freed.push(sector);
         }
-        self.dirty.insert(block, e);
+        self.dirty.push(block);
         Ok(())
     }
 
@@ -526,7 +527,7 @@ impl<D: Device> Store<D> {
             .collect();
         // Every entry the request changes, read before anything changes (a map page that
         // cannot be read fails the request here, not half-way).
-        let mut olds = HashMap::new();
+        let mut olds: HashMap<u64, Entry, map::NumberHash> = HashMap::default();
         let touched = extents
             .iter()
             .flat_map(|x| x.first_block..x.first_block + x.checks.len() as u64)
@@ -585,7 +586,7 @@ impl<D: Device> Store<D> {
             if let Some(sector) = self.space.drop_ref(&old) {
                 self.freed.push(sector);
             }
-            self.dirty.insert(block, e);
+            self.dirty.push(block);
         }
         for &(block, of) in copies {
             // `of` was stored by this request (in memory now) or read above.
@@ -756,7 +757,20 @@ impl<D: Device> Store<D> {
             self.release();
             return Ok(());
         }
-        let records: Vec<(u64, Entry)> = self.dirty.iter().map(|(&b, &e)| (b, e)).collect();
+        // Each block changed since the last commit once, as it is now (in memory: changed
+        // since the checkpoint).
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        let records: Vec<(u64, Entry)> = self
+            .dirty
+            .iter()
+            .map(|&b| {
+                let e = self.map.in_memory(b).ok_or_else(|| {
+                    StoreError::Damaged(format!("block {b} changed, but its entry is not held"))
+                })?;
+                Ok((b, e))
+            })
+            .collect::<Result<_, StoreError>>()?;
         let need = records.len().div_ceil(RECORDS_PER_BLOCK) as u64;
         if self.journal_used + need > self.g.journal_blocks {
             return self.checkpoint();
