@@ -142,18 +142,22 @@ pub(crate) fn ids(state: &ApiState) -> Vec<String> {
     ids
 }
 
+/// Every flag the plugin declares in its table, by name (the ABI's `F_*`, lower case).
 fn flags(i: &Instance) -> Vec<&'static str> {
-    let mut f = Vec::new();
-    if i.modifies_data() {
-        f.push("modifies_data");
-    }
-    if i.keeps_when_disabled() {
-        f.push("keep_when_disabled");
-    }
-    if i.owns_format() {
-        f.push("owns_format");
-    }
-    f
+    use compat::abi;
+    let declared = i.plugin().flags();
+    [
+        (abi::F_MODIFIES_DATA, "modifies_data"),
+        (abi::F_KEEP_WHEN_DISABLED, "keep_when_disabled"),
+        (abi::F_OWNS_FORMAT, "owns_format"),
+        (abi::F_HANDLES_DISCARD, "handles_discard"),
+        (abi::F_NET_PLAIN_FRAMES, "net_plain_frames"),
+        (abi::F_CONCURRENT, "concurrent"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| declared & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 pub(crate) fn counters(i: &Instance) -> Value {

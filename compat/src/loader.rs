@@ -106,6 +106,11 @@ impl Plugin {
         self.table.abi_version
     }
 
+    /// The flags the plugin declares (`abi::F_*`).
+    pub fn flags(&self) -> u32 {
+        self.table.flags
+    }
+
     pub(crate) fn table(&self) -> &InterceptorTable {
         &self.table
     }

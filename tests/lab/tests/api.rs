@@ -214,6 +214,12 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     let enc = api.interceptor("enc").json();
     assert_eq!(enc["plugin"], "encrypt");
     assert_eq!(enc["abi_version"], 1);
+    // Every flag the plugin declares (issue 30, item 8: only three kinds were shown, so
+    // net-encrypt's net_plain_frames and encrypt's concurrent were missing).
+    assert_eq!(
+        enc["flags"],
+        serde_json::json!(["keep_when_disabled", "owns_format", "concurrent"])
+    );
     assert_eq!(enc["blake3"].as_str().map(str::len), Some(64));
     assert!(
         !api.interceptor("enc").body.contains("4242"),

@@ -317,7 +317,7 @@ fn peak_rss_mib() -> u64 {
 /// with a block written in every 256 MiB of it (4,096 map pages) opens, takes writes,
 /// checkpoints (a 64 KiB journal: several per round), flushes, closes, reopens and checks
 /// clean, in memory that does not hold the map. Before format 3 the whole map was in memory
-/// (16 bytes per guest block: 16 GiB here) and every checkpoint wrote all of it; before
+/// (16 bytes per guest block: 4 GiB here) and every checkpoint wrote all of it; before
 /// that, every writable open checkpointed it, which the shim refused past about 64 GiB.
 /// Prints the peak memory and the time of each open. (`format = true` skips the check that
 /// a new device is blank, which reads all of it: 64 GiB of zeroes here.)
