@@ -108,6 +108,8 @@ pub struct NetCard {
     /// The thread that calls the chain's hooks: edits run there.
     pub io: Arc<IoThread>,
     pub counters: NetCounters,
+    /// Its receive and transmit queues' figures, as a disk's.
+    pub queues: QueueFigures,
 }
 
 /// Everything the handlers reach.

@@ -27,6 +27,14 @@ pub(crate) fn vm(state: &ApiState) -> Value {
     })
 }
 
+/// Each queue's figures as an object, queue 0 first.
+fn queue_values(figures: &crate::QueueFigures) -> Vec<Value> {
+    figures()
+        .into_iter()
+        .map(|q| Value::Object(q.into_iter().map(|(k, v)| (k.into(), json!(v))).collect()))
+        .collect()
+}
+
 pub(crate) fn devices(state: &ApiState) -> Value {
     let list: Vec<Value> = state
         .disks
@@ -39,10 +47,7 @@ pub(crate) fn devices(state: &ApiState) -> Value {
                 .map(|l| json!({ "id": l.id(), "plugin": l.plugin().name(), "enabled": l.enabled() }))
                 .collect();
             let c = snapshot.counters();
-            let queues: Vec<Value> = (d.queues)()
-                .into_iter()
-                .map(|q| Value::Object(q.into_iter().map(|(k, v)| (k.into(), json!(v))).collect()))
-                .collect();
+            let queues = queue_values(&d.queues);
             json!({
                 "id": d.id,
                 "kind": "block",
@@ -65,12 +70,14 @@ pub(crate) fn devices(state: &ApiState) -> Value {
             .iter()
             .map(|l| json!({ "id": l.id(), "plugin": l.plugin().name(), "enabled": l.enabled() }))
             .collect();
+        let queues = queue_values(&n.queues);
         let mut v = json!({
             "id": n.id,
             "kind": "net",
             "tap": n.tap,
             "mac": n.mac,
             "chain": chain,
+            "queues": queues,
         });
         for (k, c) in (n.counters)() {
             v[k] = json!(c);

@@ -197,6 +197,7 @@ fn start_api(
         .iter()
         .map(|n| {
             let counters = n.counters.clone();
+            let stats = n.queue_stats.clone();
             vmm_api::NetCard {
                 id: n.id.clone(),
                 tap: n.tap_name.clone(),
@@ -204,6 +205,7 @@ fn start_api(
                 chain: n.chain.clone(),
                 io: n.io.clone(),
                 counters: std::sync::Arc::new(move || counters.fields().to_vec()),
+                queues: std::sync::Arc::new(move || stats.fields()),
             }
         })
         .collect();

@@ -22,6 +22,8 @@ pub struct Nic {
     pub io: Arc<IoThread>,
     /// The device's counters.
     pub counters: Arc<NetCounters>,
+    /// Its queues' ring positions and what it holds (receive, then transmit).
+    pub queue_stats: Arc<devices::virtio::queue_stats::QueueStats>,
 }
 
 /// Opens every `[[net]]` of a validated config.
@@ -94,6 +96,7 @@ pub fn open_nets(
             chain: Arc::new(chain),
             io: Arc::new(io),
             counters: Arc::default(),
+            queue_stats: Arc::default(),
         });
     }
     Ok(nics)

@@ -239,7 +239,8 @@ fn add_net_devices(
             n.io.clone(),
             n.counters.clone(),
         )
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(|e| anyhow::anyhow!(e))?
+        .with_queue_stats(n.queue_stats.clone());
         let ack = eventfd()?;
         vm.register_ioevent(
             &ack,

@@ -3,6 +3,7 @@
 pub mod block;
 mod mmio;
 pub mod net;
+pub mod queue_stats;
 
 pub use mmio::{MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_SIZE};
 

@@ -6,13 +6,12 @@
 mod coalesce;
 mod order;
 pub mod request;
-mod stats;
 mod worker;
 
+pub use super::queue_stats::QueueStats;
 pub use block::RawFile;
 pub use coalesce::MAX_COALESCE_US;
 pub use request::{BlockRequest, Refused, RequestError};
-pub use stats::QueueStats;
 
 use super::{ActivateError, Interrupt, VirtioDevice};
 use block::AsyncIo;

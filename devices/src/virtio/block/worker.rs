@@ -13,8 +13,8 @@
 use super::coalesce::{Coalescer, QueueTimer, Signal};
 use super::order::Footprint;
 use super::request::{self, BlockRequest, Refused, RequestError};
-use super::stats::QueueStats;
 use crate::logger::LogLimiter;
+use crate::virtio::queue_stats::QueueStats;
 use crate::virtio::Interrupt;
 use block::AsyncIo;
 use compat::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};

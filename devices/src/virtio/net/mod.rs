@@ -15,6 +15,7 @@ mod worker;
 
 pub use tap::{Tap, TapError};
 
+use super::queue_stats::QueueStats;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use compat::event_manager::SubscriberId;
 use compat::{FrameBuf, IoThread, NetChain, MAX_FRAME};
@@ -123,6 +124,7 @@ pub struct Net {
     chain: Arc<NetChain>,
     io: Arc<IoThread>,
     counters: Arc<NetCounters>,
+    stats: Arc<QueueStats>,
     broken: Arc<AtomicBool>,
     serving: Option<SubscriberId>,
     queue_sizes: [u16; 2],
@@ -157,6 +159,7 @@ impl Net {
             chain,
             io,
             counters,
+            stats: Arc::default(),
             broken: Arc::default(),
             serving: None,
             queue_sizes: [QUEUE_SIZE; 2],
@@ -165,6 +168,18 @@ impl Net {
 
     pub fn counters(&self) -> Arc<NetCounters> {
         self.counters.clone()
+    }
+
+    /// Publishes both queues' figures into `stats` (made before the device, for the API).
+    pub fn with_queue_stats(mut self, stats: Arc<QueueStats>) -> Net {
+        self.stats = stats;
+        self
+    }
+
+    /// Both queues' figures (receive, then transmit): ring positions, buffers held, kicks
+    /// and interrupts, as a disk's queues show them.
+    pub fn queue_stats(&self) -> Arc<QueueStats> {
+        self.stats.clone()
     }
 
     /// The MTU the guest is told.
@@ -288,7 +303,10 @@ impl VirtioDevice for Net {
             mtu: self.guest_mtu,
             rx_used: false,
             tx_used: false,
+            stats: self.stats.clone(),
         };
+        self.stats.set_active(2);
+        worker.publish_rings();
         let id = self
             .io
             .add(Box::new(worker))

@@ -297,6 +297,24 @@ fn frames_cross_a_real_tap_both_ways() {
         assert_eq!(&ours[12..], &back[..]);
         assert!(dev.counters().rx_frames.load(Ordering::Relaxed) >= 1);
         assert_eq!(dev.counters().tx_frames.load(Ordering::Relaxed), 1);
+        // The queues' figures, as the API shows them (issue 30, item 8): receive, then
+        // transmit, with the rings as guest memory holds them.
+        let figures = dev.queue_stats().fields();
+        assert_eq!(figures.len(), 2);
+        let get = |q: usize, name: &str| {
+            figures[q]
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("no {name} in {figures:?}"))
+        };
+        assert_eq!(get(1, "next_avail"), 1);
+        assert_eq!(get(1, "next_used"), 1);
+        assert_eq!(get(1, "used_idx"), 1);
+        assert_eq!(get(1, "kicks"), 1);
+        assert!(get(0, "next_used") >= 1);
+        assert_eq!(get(0, "guest_avail_idx"), 8);
+        assert!(get(0, "interrupts") >= 1);
         assert!(dev.reset());
         let _ = wire.0.as_raw_fd();
     })

@@ -13,6 +13,7 @@ use super::chain::{self, Buffers};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{NetCounters, VnetHeader};
 use crate::logger::LogLimiter;
+use crate::virtio::queue_stats::QueueStats;
 use crate::virtio::Interrupt;
 use compat::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use compat::{Direction, FrameBuf, IoSubscriber, NetChain, Verdict};
@@ -80,9 +81,42 @@ pub(super) struct Worker {
     /// Used buffers added since the guest was last notified, per queue.
     pub(super) rx_used: bool,
     pub(super) tx_used: bool,
+    /// Each queue's figures for the API (receive is queue 0, transmit queue 1).
+    pub(super) stats: Arc<QueueStats>,
 }
 
 impl Worker {
+    /// Tells `stats` where both queues' rings are (at activation).
+    pub(super) fn publish_rings(&self) {
+        for (i, q) in [&self.rx, &self.tx].into_iter().enumerate() {
+            if let Some(s) = self.stats.queue(i) {
+                let (avail, used) = (q.avail_ring(), q.used_ring());
+                s.set_rings(
+                    self.mem.clone(),
+                    avail,
+                    used,
+                    q.size(),
+                    q.event_idx_enabled(),
+                );
+            }
+        }
+    }
+
+    /// Stores both queues' positions and what the card holds, for the API.
+    fn publish(&self) {
+        for (i, q) in [&self.rx, &self.tx].into_iter().enumerate() {
+            if let Some(s) = self.stats.queue(i) {
+                s.next_avail.store(u64::from(q.next_avail()), Relaxed);
+                s.next_used.store(u64::from(q.next_used()), Relaxed);
+            }
+        }
+        if let Some(s) = self.stats.queue(0) {
+            s.in_flight.store(self.rx_held.len() as u64, Relaxed);
+            let waiting = usize::from(self.rx_pending) + self.answers_for_guest.len();
+            s.held.store(waiting as u64, Relaxed);
+        }
+    }
+
     fn fail(&mut self, why: &str) {
         crate::limited_error!(
             GUEST_LOG,
@@ -131,6 +165,9 @@ impl Worker {
         }
         if needed {
             self.interrupt.signal_used_queue();
+            if let Some(s) = self.stats.queue(0) {
+                s.interrupts.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -496,10 +533,16 @@ impl MutEventSubscriber for Worker {
         match events.data() {
             RX_KICK => {
                 let _ = self.rx_kick.read();
+                if let Some(s) = self.stats.queue(0) {
+                    s.kicks.fetch_add(1, Relaxed);
+                }
                 self.process_rx(Some(ops));
             }
             TX_KICK => {
                 let _ = self.tx_kick.read();
+                if let Some(s) = self.stats.queue(1) {
+                    s.kicks.fetch_add(1, Relaxed);
+                }
                 self.process_tx();
                 if !self.answers_for_guest.is_empty() {
                     self.process_rx(Some(ops));
@@ -518,6 +561,7 @@ impl MutEventSubscriber for Worker {
             self.watch_tap(ops, false);
         }
         self.notify_guest();
+        self.publish();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

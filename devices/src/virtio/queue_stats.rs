@@ -1,11 +1,12 @@
-//! What each queue of a disk is doing, for the API (`GET /devices`): its ring positions,
-//! the requests it holds, and how often the guest kicked it and it interrupted the guest.
-//! The queue's handler publishes them after each batch it serves and each pass over its
-//! engine's completions (relaxed stores, on its own cache line's worth of counters); any
-//! thread reads them. A queue whose guest waits while `in_flight` and `held` are 0 and
-//! `next_used` equals `next_avail` has answered everything it was given.
+//! What each queue of a device is doing, for the API (`GET /devices`): its ring positions,
+//! what it holds, and how often the guest kicked it and it interrupted the guest. The
+//! queue's handler publishes them after each batch it serves (relaxed stores); any thread
+//! reads them. A disk queue whose guest waits while `in_flight` and `held` are 0 and
+//! `next_used` equals `next_avail` has answered everything it was given. A network card's
+//! queues (receive first, then transmit) count the same, with `in_flight` the receive
+//! buffers taken for a frame that needs more and `held` the frames waiting for buffers.
 
-use super::MAX_QUEUES;
+use super::block::MAX_QUEUES;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -19,7 +20,7 @@ pub struct QueueStats {
 }
 
 #[derive(Default)]
-pub(super) struct QueueState {
+pub(crate) struct QueueState {
     /// Wake-ups by the queue's kick (the guest's notification, or the handler's own when
     /// it leaves work for the next turn).
     pub kicks: AtomicU64,
@@ -47,7 +48,7 @@ struct Rings {
 
 impl QueueState {
     /// The handler took a queue whose rings are at `avail` and `used`.
-    pub(super) fn set_rings(
+    pub(crate) fn set_rings(
         &self,
         mem: GuestMemoryMmap,
         avail: u64,
@@ -95,11 +96,11 @@ impl QueueState {
 }
 
 impl QueueStats {
-    pub(super) fn queue(&self, index: usize) -> Option<&QueueState> {
+    pub(crate) fn queue(&self, index: usize) -> Option<&QueueState> {
         self.queues.get(index)
     }
 
-    pub(super) fn set_active(&self, queues: usize) {
+    pub(crate) fn set_active(&self, queues: usize) {
         self.active.store(queues.min(self.queues.len()), Relaxed);
     }
 
