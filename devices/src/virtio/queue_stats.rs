@@ -9,6 +9,7 @@
 use super::block::MAX_QUEUES;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The queues of one disk; created with the disk, before its device exists.
@@ -48,14 +49,7 @@ struct Rings {
 
 impl QueueState {
     /// The handler took a queue whose rings are at `avail` and `used`.
-    pub(crate) fn set_rings(
-        &self,
-        mem: GuestMemoryMmap,
-        avail: u64,
-        used: u64,
-        size: u16,
-        event_idx: bool,
-    ) {
+    fn set_rings(&self, mem: GuestMemoryMmap, avail: u64, used: u64, size: u16, event_idx: bool) {
         let rings = Rings {
             mem,
             avail: GuestAddress(avail),
@@ -64,6 +58,17 @@ impl QueueState {
             event_idx,
         };
         *self.rings.lock().unwrap_or_else(|p| p.into_inner()) = Some(rings);
+    }
+
+    /// The handler took `q`, whose rings lie in `mem`.
+    pub(crate) fn set_queue(&self, mem: &GuestMemoryMmap, q: &Queue) {
+        self.set_rings(
+            mem.clone(),
+            q.avail_ring(),
+            q.used_ring(),
+            q.size(),
+            q.event_idx_enabled(),
+        );
     }
 
     /// The rings' indices as guest memory holds them: the guest's avail index (and, with

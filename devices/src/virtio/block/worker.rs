@@ -181,15 +181,7 @@ impl Worker {
     /// Publishes this queue's figures into `stats`.
     pub(super) fn with_stats(mut self, stats: Arc<QueueStats>) -> Worker {
         if let Some(s) = stats.queue(self.queue_index) {
-            let q = &self.queue;
-            let (avail, used) = (q.avail_ring(), q.used_ring());
-            s.set_rings(
-                self.mem.clone(),
-                avail,
-                used,
-                q.size(),
-                q.event_idx_enabled(),
-            );
+            s.set_queue(&self.mem, &self.queue);
         }
         self.stats = stats;
         self

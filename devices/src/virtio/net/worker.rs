@@ -90,14 +90,7 @@ impl Worker {
     pub(super) fn publish_rings(&self) {
         for (i, q) in [&self.rx, &self.tx].into_iter().enumerate() {
             if let Some(s) = self.stats.queue(i) {
-                let (avail, used) = (q.avail_ring(), q.used_ring());
-                s.set_rings(
-                    self.mem.clone(),
-                    avail,
-                    used,
-                    q.size(),
-                    q.event_idx_enabled(),
-                );
+                s.set_queue(&self.mem, q);
             }
         }
     }
