@@ -4,7 +4,8 @@
 //! The input first builds a history: a small store formatted on a blank device and written
 //! (whole blocks, raw or zstd extents, shared blocks, punched runs) over a few commits; then
 //! tampers with the image (bits flipped, ranges overwritten or zeroed, anywhere: the
-//! superblocks, the checkpoint slots, the journal, the data); then opens it (read-only or
+//! superblocks, the checkpoint slots and their directories, the map pages, the journal, the
+//! data); then opens it (read-only or
 //! not) and, if it opens, reads every block and runs the check.
 //!
 //! What must hold: nothing panics; a refusal is a `StoreError`; a block that reads back OK
@@ -16,7 +17,9 @@ use crate::input::Input;
 use extent_store::{block_check, Codec, MemDevice, NewExtent, OpenOptions, Store, Volume, BLOCK};
 use std::collections::{HashMap, HashSet};
 
-const LOGICAL_BLOCKS: u64 = 64;
+/// Two map pages (format 3), so that a checkpoint writes one or both and tampering can hit
+/// either, the directory naming them, or a page's other slot.
+const LOGICAL_BLOCKS: u64 = 300;
 const DEVICE_BYTES: usize = 512 << 10;
 const MAX_COMMITS: usize = 4;
 const MAX_WRITES: usize = 6;
@@ -108,7 +111,13 @@ pub fn store_open(data: &[u8]) {
                     versions.entry(*b).or_default().insert(c.clone());
                 }
             }
-            if store.commit().is_ok() {
+            // A commit, or a checkpoint (which writes the map pages and their directory).
+            let durable = if inp.bool() {
+                store.checkpoint()
+            } else {
+                store.commit()
+            };
+            if durable.is_ok() {
                 committed.extend(current.iter().map(|(b, c)| (*b, c.clone())));
             }
         }
