@@ -12,12 +12,14 @@ mod body;
 pub mod client;
 mod error;
 mod metrics;
+mod policy;
 mod routes;
 mod server;
 mod socket;
 mod views;
 
 pub use error::ApiError;
+pub use policy::LoadPolicy;
 pub use socket::SocketError;
 
 use compat::{IoThread, LiveStack, NetChain, PluginRegistry};
@@ -118,6 +120,9 @@ pub struct ApiState {
     disks: Vec<Disk>,
     nets: Vec<NetCard>,
     registry: Arc<PluginRegistry>,
+    /// What run-time loads may load and name; `None` checks nothing (the vmm always sets
+    /// one, from its config's `[landlock]`).
+    policy: Option<LoadPolicy>,
     /// Serializes loads and removals across devices (an id is unique VM-wide).
     edits: Mutex<()>,
     /// How long a request body may take to arrive ([`Limits::body_timeout`]).
@@ -131,6 +136,7 @@ impl ApiState {
             disks,
             nets: Vec::new(),
             registry,
+            policy: None,
             edits: Mutex::new(()),
             body_timeout: Limits::default().body_timeout,
         }
@@ -139,6 +145,12 @@ impl ApiState {
     /// The VM's network cards too.
     pub fn with_nets(mut self, nets: Vec<NetCard>) -> Self {
         self.nets = nets;
+        self
+    }
+
+    /// Run-time loads checked against `policy` (403 outside it).
+    pub fn with_load_policy(mut self, policy: LoadPolicy) -> Self {
+        self.policy = Some(policy);
         self
     }
 }

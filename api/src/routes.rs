@@ -235,6 +235,10 @@ fn load_instance(s: &ApiState, id: String, load: Load) -> Result<(), ApiError> {
             load.path.display()
         )));
     }
+    if let Some(policy) = &s.policy {
+        policy.check_plugin(&load.path)?;
+        policy.check_config(&load.config)?;
+    }
     let plugin = s
         .registry
         .load(&load.path, load.blake3.as_deref())

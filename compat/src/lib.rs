@@ -31,5 +31,11 @@ pub use loader::{LoadError, Plugin, PluginRegistry};
 pub use net::{Direction, FrameBuf, NetChain, Verdict, MAX_ANSWERS, MAX_FRAME, MAX_HEADROOM};
 pub use stack::{BlockStack, BuildError, InFlight, StackCounters, Started, MAX_CHAIN};
 
+/// An instance config's string values under keys that end in this are files its plugin
+/// reads (`key_file`): the vmm takes them relative to its config's folder and lets the
+/// device's thread read them under Landlock, and the API lets a run-time load name only
+/// files the config allows (docs/security.md, "Landlock").
+pub const FILE_KEY_SUFFIX: &str = "_file";
+
 #[cfg(test)]
 mod tests;

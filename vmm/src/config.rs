@@ -13,8 +13,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 mod kernel;
+mod landlock;
 use kernel::check_initrd;
 pub use kernel::{host_available_mib, kernel_kind, KernelKind};
+pub use landlock::{LandlockConfig, MAX_LANDLOCK_PATHS};
 
 /// The smallest guest memory we accept: below it Linux cannot unpack itself.
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -52,6 +54,9 @@ pub struct VmConfig {
     #[serde(default)]
     pub interceptor: Vec<InterceptorConfig>,
     pub api: Option<ApiConfig>,
+    /// What may be opened once the guest runs, beyond the files named above.
+    #[serde(default)]
+    pub landlock: LandlockConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,7 +329,9 @@ impl VmConfig {
         // A tap is a name, not a path.
         for i in &mut self.interceptor {
             fix(&mut i.path);
+            i.resolve_files(base);
         }
+        self.landlock.resolve_paths(base);
         if let Some(api) = self.api.as_mut() {
             fix(&mut api.socket);
         }
@@ -500,6 +507,9 @@ impl VmConfig {
                 ));
             }
         }
+        self.landlock
+            .validate()
+            .map_err(|(field, message)| invalid(&field, message))?;
         self.validate_interceptors(file)
     }
 

@@ -131,7 +131,8 @@ pub struct Target {
 }
 
 /// A file of `[[interceptor]]` entries (as in `configs/interceptors/`), each plugin path and
-/// `key_file` taken relative to the file's directory; the chain is the entries in order.
+/// `*_file` value (`key_file`) taken relative to the file's directory; the chain is the
+/// entries in order.
 pub fn chain_file(path: &Path) -> Result<Vec<InterceptorConfig>, String> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -147,11 +148,7 @@ pub fn chain_file(path: &Path) -> Result<Vec<InterceptorConfig>, String> {
         if ic.path.is_relative() {
             ic.path = base.join(&ic.path);
         }
-        if let Some(toml::Value::String(k)) = ic.config.get_mut("key_file") {
-            if Path::new(k.as_str()).is_relative() {
-                *k = base.join(&*k).to_string_lossy().into_owned();
-            }
-        }
+        ic.resolve_files(base);
     }
     Ok(chain)
 }

@@ -3,9 +3,11 @@
 
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod cpu;
 pub mod image;
+pub mod landlock;
 pub mod layout;
 pub mod logging;
 pub mod memory;

@@ -21,6 +21,10 @@ struct Cli {
     /// naming the thread and the call, `log` lets the kernel log it, `off` installs none.
     #[arg(long, value_enum, default_value_t = seccomp::SeccompMode::Trap)]
     seccomp: seccomp::SeccompMode,
+    /// Landlock rules per thread kind (docs/security.md): `on` lets each thread open only
+    /// what its kind needs (what the config names), `off` lets any open what the user can.
+    #[arg(long, value_enum, default_value_t = vmm::landlock::LandlockMode::On)]
+    landlock: vmm::landlock::LandlockMode,
 }
 
 /// Exit status for a config the VMM refuses.
@@ -62,6 +66,20 @@ fn main() -> ExitCode {
         eprintln!("vmm: {e}");
         return ExitCode::FAILURE;
     }
+    // Built before any thread starts, as the filters; each thread restricts itself first.
+    let api_socket = api_socket(&cli, &cfg).map(|(p, _)| p);
+    let landlock = match vmm::landlock::Rulesets::build(cli.landlock, &cfg, api_socket.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let landlock_note = landlock.note().map(str::to_string);
+    if let Err(e) = vmm::landlock::install(landlock) {
+        eprintln!("vmm: {e}");
+        return ExitCode::FAILURE;
+    }
     let registry = std::sync::Arc::new(compat::PluginRegistry::new());
     let disks =
         match storage::open_disks(&cfg, &file, &registry, Some(confined(ThreadKind::Device))) {
@@ -95,6 +113,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(note) = landlock_note {
+        eprintln!("vmm: landlock: {note}");
+    }
     let outcome = vm::run(&cfg, &disks, &nics, &exit, &signals, Some(&probe));
     // Orderly shutdown (the vCPUs have stopped): each disk serves what the guest queued,
     // then its chain is flushed (a write-back cache writes back, encrypt commits) and its
@@ -146,19 +167,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Serves the API if `--api-sock` or `[api] socket` names a socket.
-fn start_api(
-    cli: &Cli,
-    cfg: &VmConfig,
-    disks: &[storage::Disk],
-    nics: &[network::Nic],
-    registry: &std::sync::Arc<compat::PluginRegistry>,
-    exit: &vmm_sys_util::eventfd::EventFd,
-    probe: &vmm::probe::KvmSlot,
-) -> Result<Option<vmm_api::Server>, String> {
-    // Where the path came from, for an error: the command line, or the config's field.
-    let Some((path, origin)) = cli
-        .api_sock
+/// The API's socket, if `--api-sock` or `[api] socket` names one, with where the path came
+/// from (for an error: the command line, or the config's field).
+fn api_socket(cli: &Cli, cfg: &VmConfig) -> Option<(std::path::PathBuf, String)> {
+    cli.api_sock
         .clone()
         .map(|p| (p, "--api-sock".to_string()))
         .or_else(|| {
@@ -169,7 +181,19 @@ fn start_api(
                 )
             })
         })
-    else {
+}
+
+/// Serves the API if `--api-sock` or `[api] socket` names a socket.
+fn start_api(
+    cli: &Cli,
+    cfg: &VmConfig,
+    disks: &[storage::Disk],
+    nics: &[network::Nic],
+    registry: &std::sync::Arc<compat::PluginRegistry>,
+    exit: &vmm_sys_util::eventfd::EventFd,
+    probe: &vmm::probe::KvmSlot,
+) -> Result<Option<vmm_api::Server>, String> {
+    let Some((path, origin)) = api_socket(cli, cfg) else {
         return Ok(None);
     };
     let exit = exit
@@ -210,7 +234,8 @@ fn start_api(
         })
         .collect();
     let state = vmm_api::ApiState::new(std::sync::Arc::new(vm), api_disks, registry.clone())
-        .with_nets(api_nets);
+        .with_nets(api_nets)
+        .with_load_policy(load_policy(cfg));
     let server = vmm_api::serve_on(
         &path,
         state,
@@ -222,7 +247,20 @@ fn start_api(
     Ok(Some(server))
 }
 
-/// What a thread of `kind` runs first: its seccomp filter.
+/// What a thread of `kind` runs first: its Landlock rules and seccomp filter.
 fn confined(kind: ThreadKind) -> compat::ThreadStart {
-    std::sync::Arc::new(move || seccomp::apply_current_or_exit(kind))
+    std::sync::Arc::new(move || vmm::confine::current_thread(kind))
+}
+
+/// What run-time loads may load and name: the same as the API's and devices' Landlock rules
+/// (`vmm::landlock::grants`), checked first for a clear answer.
+fn load_policy(cfg: &VmConfig) -> vmm_api::LoadPolicy {
+    let readable: Vec<std::path::PathBuf> = cfg
+        .interceptor
+        .iter()
+        .flat_map(|i| i.files())
+        .map(std::path::Path::to_path_buf)
+        .chain(cfg.landlock.read_paths.iter().cloned())
+        .collect();
+    vmm_api::LoadPolicy::new(&cfg.landlock.plugin_dirs, &readable)
 }

@@ -267,7 +267,7 @@ fn spawn_stdin(serial: Arc<Mutex<SerialConsole>>) {
     let _ = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
-            crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Stdin);
+            crate::confine::current_thread(crate::seccomp::ThreadKind::Stdin);
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             loop {
@@ -386,7 +386,7 @@ pub fn run(
         let started = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                crate::confine::current_thread(crate::seccomp::ThreadKind::Vcpu);
                 v.run()
             })
             .with_context(|| format!("starting vcpu{id}"));
@@ -411,7 +411,7 @@ pub fn run(
     // The first vCPU to end (reset or failure), the API's shutdown or a stop signal wakes
     // us; then every vCPU stops before the disks are settled. Every thread has started:
     // the main thread takes its own filter now (a filter is inherited by later threads).
-    crate::seccomp::apply_current_or_exit(crate::seccomp::ThreadKind::Main);
+    crate::confine::current_thread(crate::seccomp::ThreadKind::Main);
     let woke = wait(exit, signals);
     stop_vcpus(&stop, threads);
     Ok(match woke? {

@@ -471,3 +471,47 @@ fn counts_and_sizes_have_hard_bounds_whatever_the_host_says() {
     ));
     assert_one_line(&e, "block[1].id");
 }
+
+#[test]
+fn landlock_paths_and_instance_files_resolve_against_the_config_and_must_exist() {
+    let (d, file) = dir_with_files();
+    std::fs::create_dir_all(d.0.join("plugins")).unwrap();
+    std::fs::write(d.0.join("disk.key"), [1u8; 32]).unwrap();
+    let text = format!(
+        "{GOOD}\n[[interceptor]]\nid = \"enc\"\npath = \"plugins/enc.so\"\n\
+         config = {{ key_file = \"disk.key\", note_file = \"/abs/n\", key = \"k\", size_file = 3 }}\n\
+         [landlock]\nplugin_dirs = [\"plugins\"]\nread_paths = [\"disk.key\", \"{}\"]\n",
+        d.0.display()
+    );
+    std::fs::write(&file, text).unwrap();
+    let cfg = VmConfig::load(Path::new(&file)).unwrap();
+    cfg.validate(&file, HOST).unwrap();
+    assert_eq!(cfg.landlock.plugin_dirs, vec![d.0.join("plugins")]);
+    assert_eq!(cfg.landlock.read_paths[0], d.0.join("disk.key"));
+    // Only string values under `*_file` keys are files, relative ones taken from here.
+    let files: Vec<&Path> = cfg.interceptor[0].files().collect();
+    assert_eq!(
+        files,
+        vec![d.0.join("disk.key").as_path(), Path::new("/abs/n")]
+    );
+    assert_eq!(cfg.interceptor[0].config["key"].as_str(), Some("k"));
+}
+
+#[test]
+fn each_bad_landlock_entry_is_refused_naming_it() {
+    let with = |section: &str| err(&format!("{GOOD}\n[landlock]\n{section}\n"));
+    let e = with("plugin_dirs = [\"missing\"]");
+    assert_one_line(&e, "landlock.plugin_dirs[0]");
+    assert!(e.contains("No such file"), "{e}");
+    let e = with("plugin_dirs = [\"disk.img\"]");
+    assert_one_line(&e, "landlock.plugin_dirs[0]");
+    assert!(e.contains("is not a folder"), "{e}");
+    let e = with("read_paths = [\"disk.img\", \"nope\"]");
+    assert_one_line(&e, "landlock.read_paths[1]");
+    let many = vec!["\"disk.img\""; MAX_LANDLOCK_PATHS + 1].join(", ");
+    let e = with(&format!("read_paths = [{many}]"));
+    assert_one_line(&e, "landlock.read_paths");
+    assert!(e.contains("at most 64"), "{e}");
+    let e = with("plugins = []");
+    assert!(e.contains("plugins"), "{e}");
+}

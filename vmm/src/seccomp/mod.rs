@@ -187,16 +187,6 @@ pub fn apply_current(kind: ThreadKind) -> Result<(), String> {
     }
 }
 
-/// [`apply_current`] for a thread's start hook, which cannot return an error: a filter
-/// that cannot be applied ends the process with status 1 and one line on stderr (the vmm
-/// never runs a thread without its filter when filters are on).
-pub fn apply_current_or_exit(kind: ThreadKind) {
-    if let Err(e) = apply_current(kind) {
-        eprintln!("vmm: {e}");
-        std::process::exit(1);
-    }
-}
-
 mod names;
 mod rules;
 mod sigsys;

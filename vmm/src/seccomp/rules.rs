@@ -145,9 +145,9 @@ pub(super) fn exec_maps(r: &mut Rules) {
     allow(r, &[libc::SYS_mmap, libc::SYS_mprotect]);
 }
 
-/// Files already open (the disk images, eventfds): reads, writes, positioned and vectored,
-/// syncs, sizes, descriptor flags.
-pub(super) fn file_io(r: &mut Rules) {
+/// Descriptors already open, read and written in order (sockets, eventfds, a plugin's file
+/// and its memfd copy): reads, writes, vectored, seeks, sizes, descriptor flags.
+pub(super) fn stream_io(r: &mut Rules) {
     allow(
         r,
         &[
@@ -155,17 +155,28 @@ pub(super) fn file_io(r: &mut Rules) {
             libc::SYS_readv,
             libc::SYS_write,
             libc::SYS_writev,
+            libc::SYS_lseek,
+            libc::SYS_fstat,
+            libc::SYS_fcntl,
+        ],
+    );
+}
+
+/// Files already open (the disk images, eventfds): [`stream_io`], positioned and vectored
+/// reads and writes, syncs.
+pub(super) fn file_io(r: &mut Rules) {
+    stream_io(r);
+    allow(
+        r,
+        &[
             libc::SYS_pread64,
             libc::SYS_pwrite64,
             libc::SYS_preadv,
             libc::SYS_pwritev,
             libc::SYS_preadv2,
             libc::SYS_pwritev2,
-            libc::SYS_lseek,
             libc::SYS_fsync,
             libc::SYS_fdatasync,
-            libc::SYS_fstat,
-            libc::SYS_fcntl,
         ],
     );
 }
@@ -201,8 +212,6 @@ pub(super) fn open_read_only(r: &mut Rules) -> Result<(), String> {
             libc::SYS_newfstatat,
             libc::SYS_statx,
             libc::SYS_readlink,
-            libc::SYS_getcwd,
-            libc::SYS_flock,
             // Permission checks on a path (the dynamic loader checks a library's before
             // mapping it): they open nothing.
             libc::SYS_access,
@@ -263,6 +272,9 @@ pub(super) fn device(r: &mut Rules, pid: u64) -> Result<(), String> {
     file_io(r);
     event_loop(r);
     open_read_only(r)?;
+    // A plugin's relative paths and locks on the files it opens (the API takes absolute
+    // paths only, and locks nothing).
+    allow(r, &[libc::SYS_getcwd, libc::SYS_flock]);
     // The io_uring engine: submitting to and waiting on its ring, and dropping its file
     // when it goes. Rings are set up and restricted at start on the main thread, before any
     // filter: one runs only reads, writes and fsync on its disk, and its only registration
@@ -310,7 +322,12 @@ pub(super) fn rules(kind: ThreadKind, pid: u64) -> Result<Rules, String> {
             );
         }
         ThreadKind::Api => {
-            device(&mut r, pid)?;
+            // Not the device list: the API does no disk I/O (edits run on the devices'
+            // threads), only its socket, plugin files and their copies.
+            base(&mut r, pid)?;
+            stream_io(&mut r);
+            event_loop(&mut r);
+            open_read_only(&mut r)?;
             exec_maps(&mut r);
             plugin_loader(&mut r);
             threads(&mut r)?;

@@ -78,6 +78,15 @@ pub fn vmm_config(spec: &GuestSpec) -> String {
         t.push('\n');
         t.push_str(&chain.toml);
     }
+    // `--control load:...` loads the harness's plugin builds at run time: the only folder
+    // this vmm's API may load from (docs/security.md, "Landlock").
+    let plugins = crate::plugins::plugin_dir();
+    if plugins.is_dir() {
+        t.push_str(&format!(
+            "\n[landlock]\nplugin_dirs = [{}]\n",
+            toml_str(&plugins.to_string_lossy())
+        ));
+    }
     t
 }
 
