@@ -13,6 +13,8 @@
 #   scripts/fuzz.sh merge TARGET               minimize fuzz/corpus/TARGET and fuzz/work/TARGET
 #                                              into fuzz/corpus/TARGET (libFuzzer -merge=1)
 #   scripts/fuzz.sh replay                     the replay test (stable): every corpus input
+#   scripts/fuzz.sh lock                       rewrite fuzz/Cargo.lock from the workspace's
+#                                              (same versions), with the fuzz crates' own
 #
 # FUZZ_SANITIZER=none|address (default address), FUZZ_JOBS=N (parallel fuzzing jobs for
 # `run`, default 1). cargo-fuzz is installed if missing.
@@ -23,7 +25,7 @@ cd "$REPO_ROOT"
 TOOLCHAIN="${FUZZ_TOOLCHAIN:-nightly}"
 SANITIZER="${FUZZ_SANITIZER:-address}"
 JOBS="${FUZZ_JOBS:-1}"
-TARGETS=(blk_request blk_queue mmio config api plugin_boundary encrypt_open store_open net_tx)
+TARGETS=(blk_request blk_queue mmio config api plugin_boundary encrypt_open store_open net_tx net_worker)
 
 need_cargo_fuzz() {
     rustup toolchain list | grep -q "^$TOOLCHAIN" || die "no $TOOLCHAIN toolchain: rustup toolchain install $TOOLCHAIN"
@@ -39,8 +41,16 @@ known() {
     die "no fuzz target '$1' (scripts/fuzz.sh list)"
 }
 
+# The fuzz crate builds from its committed lock file: a stale one (the workspace's
+# dependencies changed) is refused here rather than rewritten under the fuzzer.
+need_current_lock() {
+    cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null 2>&1 ||
+        die "fuzz/Cargo.lock is stale: scripts/fuzz.sh lock, then commit it"
+}
+
 # Release mode (-O) with debug assertions and overflow checks (-a), ASan unless told.
 fuzz() {
+    need_current_lock
     local cmd="$1"; shift
     cargo "+$TOOLCHAIN" fuzz "$cmd" -O -a -s "$SANITIZER" "$@"
 }
@@ -99,8 +109,14 @@ merge)
 replay)
     cargo test -p fuzz-replay
     ;;
+lock)
+    cp Cargo.lock fuzz/Cargo.lock
+    cargo metadata --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
+    need_current_lock
+    step "fuzz/Cargo.lock: the workspace's versions, and the fuzz crates'"
+    ;;
 *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

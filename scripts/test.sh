@@ -14,6 +14,10 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 step "cargo build --workspace (the harness runs the vmm binary)"
 cargo build --quiet --workspace
+# The fuzz crate is a workspace of its own: it must still build, from its committed lock
+# file, against today's code (scripts/fuzz.sh builds it the same way on nightly).
+step "cargo check --locked of the fuzz targets (fuzz/Cargo.lock current)"
+cargo check --quiet --locked --manifest-path fuzz/Cargo.toml --bins
 step "cargo nextest run --workspace (guest tests boot the lab VM: a few minutes)"
 # A guest that hangs is reported with KVM's last timer and interrupt events (docs/lab.md).
 export VMM_LAB_KVM_TRACE="${VMM_LAB_KVM_TRACE:-1}"

@@ -357,8 +357,93 @@ fn encrypt(corpus: &Path) {
     write(&d, "seed-formatted", &e.0);
 }
 
+/// `net_worker`: RX rings of 16 at 0x0, 0x100, 0x200 and TX rings of 16 at 0x400, 0x500,
+/// 0x600; RX buffers from 0x1000, TX frames from 0x8000; every feature offered.
+fn net_worker(corpus: &Path) {
+    let d = corpus.join("net_worker");
+    // `net_buffers` on RX: one writable buffer of 1526 bytes (or `small`: 100) at `at`.
+    let rx_buffer = |e: &mut E, head: u16, at: u16, small: bool| {
+        e.u8(0).u8(0).u16(head).u8(0).addr(at);
+        if small {
+            e.u8(2).u16(100);
+        } else {
+            e.u8(1);
+        }
+    };
+    // `net_buffers` on TX: a zero header of 12 bytes, then a frame of 60 + `extra` bytes.
+    let tx_frame = |e: &mut E, head: u16, at: u16, extra: u8| {
+        e.u8(0).u8(1).u16(head).u8(1);
+        e.addr(at).u8(0).u8(1);
+        e.addr(at + 0x20).u8(3).u8(extra);
+    };
+    // A wire frame: zero header, `len` choice (3: 60 bytes, 4: 1514), fill, last byte.
+    let send = |e: &mut E, len: u8, fill: u8, last: u8| {
+        e.u8(2).u8(1).u8(len).u8(fill).u8(last);
+    };
+    let start = |e: &mut E, mangle: bool| {
+        if mangle {
+            e.u8(1).u8(1);
+        } else {
+            e.u8(0);
+        }
+        e.u8(0); // MTU 1500
+        e.rings(4, 0x0, 0x100, 0x200).rings(4, 0x400, 0x500, 0x600);
+        e.queue().queue().bytes(&[0xff; 8]);
+    };
+    for (name, mangle, small) in [
+        ("seed-plain", false, false),
+        ("seed-mangle", true, false),
+        ("seed-mergeable", false, true),
+    ] {
+        let mut e = E::default();
+        start(&mut e, mangle);
+        // Before DRIVER_OK: four RX buffers and two TX frames.
+        e.u8(6);
+        for i in 0..4u16 {
+            rx_buffer(&mut e, i, 0x1000 + 0x800 * i, small);
+        }
+        tx_frame(&mut e, 0, 0x8000, 0);
+        tx_frame(&mut e, 2, 0x8100, 3);
+        // Round 1: no interrupt ack, two more TX frames; the wire sends three frames whose
+        // last bytes make the plugin pass, take and answer.
+        e.u8(1).u8(2);
+        tx_frame(&mut e, 4, 0x8200, 1);
+        tx_frame(&mut e, 6, 0x8300, 2);
+        e.u8(3);
+        send(&mut e, 3, 0x11, 0);
+        send(&mut e, 4, 0x22, 1);
+        send(&mut e, 3, 0x33, 3);
+        write(&d, name, &e.0);
+    }
+    // The wire hangs up after one frame; the guest posts more buffers after it.
+    let mut e = E::default();
+    start(&mut e, false);
+    e.u8(2);
+    rx_buffer(&mut e, 0, 0x1000, false);
+    tx_frame(&mut e, 0, 0x8000, 0);
+    e.u8(1).u8(0).u8(2);
+    send(&mut e, 3, 0x44, 0);
+    e.u8(0);
+    e.u8(1).u8(2);
+    rx_buffer(&mut e, 1, 0x1800, false);
+    tx_frame(&mut e, 2, 0x8100, 0);
+    e.u8(1);
+    send(&mut e, 3, 0x55, 0);
+    write(&d, "seed-hangup", &e.0);
+    // The wire stops reading; the guest sends eight frames.
+    let mut e = E::default();
+    start(&mut e, false);
+    e.u8(0).u8(1).u8(8);
+    for i in 0..8u16 {
+        tx_frame(&mut e, 2 * i, 0x8000 + 0x100 * i, 0);
+    }
+    e.u8(1).u8(1);
+    write(&d, "seed-deaf", &e.0);
+}
+
 fn main() {
     let corpus = root().join("fuzz/corpus");
+    net_worker(&corpus);
     blk(&corpus);
     mmio(&corpus);
     config(&corpus);

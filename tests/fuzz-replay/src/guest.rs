@@ -85,7 +85,7 @@ fn put<const N: usize>(mem: &GuestMemoryMmap, at: u64, bytes: [u8; N]) {
     let _ = mem.write_slice(&bytes, GuestAddress(at));
 }
 
-fn descriptor(mem: &GuestMemoryMmap, rings: &Rings, i: u16, d: (u64, u32, u16, u16)) {
+pub(crate) fn descriptor(mem: &GuestMemoryMmap, rings: &Rings, i: u16, d: (u64, u32, u16, u16)) {
     let mut raw = [0u8; 16];
     raw[..8].copy_from_slice(&d.0.to_le_bytes());
     raw[8..12].copy_from_slice(&d.1.to_le_bytes());
@@ -95,7 +95,7 @@ fn descriptor(mem: &GuestMemoryMmap, rings: &Rings, i: u16, d: (u64, u32, u16, u
 }
 
 /// The next free avail slot: the guest's own avail index, read back.
-fn make_available(mem: &GuestMemoryMmap, rings: &Rings, head: u16) {
+pub(crate) fn make_available(mem: &GuestMemoryMmap, rings: &Rings, head: u16) {
     let idx: u16 = mem
         .read_obj(GuestAddress(rings.avail.wrapping_add(2)))
         .unwrap_or(0);

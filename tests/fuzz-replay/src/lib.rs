@@ -33,6 +33,7 @@ mod guest;
 mod input;
 mod mmio;
 mod net;
+mod net_worker;
 mod plugin;
 mod store;
 
@@ -42,6 +43,7 @@ pub use config::config;
 pub use encrypt::encrypt_open;
 pub use mmio::mmio;
 pub use net::net_tx;
+pub use net_worker::net_worker;
 pub use plugin::plugin_boundary;
 pub use store::store_open;
 
@@ -59,4 +61,5 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("encrypt_open", encrypt_open),
     ("store_open", store_open),
     ("net_tx", net_tx),
+    ("net_worker", net_worker),
 ];

@@ -99,6 +99,11 @@ fn net_tx() {
 }
 
 #[test]
+fn net_worker() {
+    corpus("net_worker");
+}
+
+#[test]
 fn store_open() {
     corpus("store_open");
 }
@@ -115,6 +120,7 @@ fn every_target_has_a_test() {
         "encrypt_open",
         "net_tx",
         "store_open",
+        "net_worker",
     ];
     for (name, _) in fuzz_replay::TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");

@@ -298,6 +298,7 @@ impl VirtioDevice for Net {
             answers_for_guest: VecDeque::new(),
             tx_frame: FrameBuf::with_capacity(capacity),
             tap_watched: false,
+            tap_failed: false,
             tap_offloads: offloads,
             acked: acked_features & self.features(),
             mtu: self.guest_mtu,

@@ -112,6 +112,32 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A card's tap over any descriptor that keeps a tap's framing, one frame (behind its
+    /// header) per read and per write, non-blocking: a `SOCK_SEQPACKET` socket in tests
+    /// and the fuzz harness, whose other end plays the host's network (a misbehaving one
+    /// too: it can hang up, stay full, or send what no tap would). Offloads cannot be set
+    /// on it (`set_offload` fails; the card goes on with finished frames).
+    ///
+    /// ```
+    /// use std::os::fd::{FromRawFd, OwnedFd};
+    /// let mut fds = [0; 2];
+    /// // SAFETY: socketpair writes two new descriptors into `fds`.
+    /// let rc = unsafe {
+    ///     libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr())
+    /// };
+    /// assert_eq!(rc, 0);
+    /// // SAFETY: both are new and owned here.
+    /// let (ours, _wire) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    /// let tap = devices::virtio::net::tap::Tap::from_fd(ours, "wire");
+    /// assert_eq!(tap.name(), "wire");
+    /// ```
+    pub fn from_fd(fd: std::os::fd::OwnedFd, name: &str) -> Tap {
+        Tap {
+            file: File::from(fd),
+            name: name.into(),
+        }
+    }
+
     fn setup_error(&self, what: &'static str) -> TapError {
         TapError::Setup {
             name: self.name.clone(),

@@ -613,3 +613,71 @@ fn a_transmitted_frame_is_read_before_its_buffer_goes_back_to_the_guest() {
     .join()
     .unwrap();
 }
+
+/// A card over a `SOCK_SEQPACKET` pair (no namespace needed): the tap and its wire.
+fn card_on_socket(id: &str) -> (Net, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two new descriptors into `fds`.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors are new and owned here.
+    let (ours, theirs) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let chain = Arc::new(NetChain::build(id, &[]).unwrap());
+    let io = Arc::new(IoThread::spawn(id, None).unwrap());
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x5c];
+    let dev = Net::new(
+        id,
+        Tap::from_fd(ours, id),
+        mac,
+        1500,
+        chain,
+        io,
+        Arc::default(),
+    )
+    .unwrap();
+    (dev, theirs)
+}
+
+/// Found by the `net_worker` fuzz target: a tap that hangs up (a read returns the end of
+/// the file, forever after) held the card's thread in an endless loop of empty reads, and
+/// stayed ready in the epoll set. It is now given up until the guest resets the card: the
+/// thread sleeps, and the card still transmits.
+#[test]
+fn a_tap_that_hangs_up_is_given_up_and_the_thread_sleeps() {
+    let (mut dev, wire) = card_on_socket("nh");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+    post(&rxq, 0, &[(0x2_0000, 2048, true)]);
+    let kicks = activate(&mut dev, &mem, &rxq, &txq);
+    let counters = dev.counters();
+    drop(wire);
+    kicks[0].write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = thread_ticks("io-nh");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = thread_ticks("io-nh") - before;
+    // A spinning thread takes most of the second (about 100 ticks); a sleeping one none.
+    assert!(used < 20, "the card's thread used {used} ticks in 1 s");
+    // It still transmits (the frame is dropped at the tap, which has no reader).
+    mem.write_slice(VnetHeader::default().as_slice(), GuestAddress(0x3_0000))
+        .unwrap();
+    post(&txq, 0, &[(0x3_0000, 12, false), (0x3_1000, 60, false)]);
+    kicks[1].write(1).unwrap();
+    wait_for("the TX chain used", || txq.used().idx().load() == 1);
+    assert_eq!(counters.tx_dropped.load(Ordering::Relaxed), 1);
+    assert!(dev.reset());
+}

@@ -71,6 +71,10 @@ pub(super) struct Worker {
     pub(super) tx_frame: FrameBuf,
     /// The tap is in the epoll set (it leaves it while the guest has no RX buffers).
     pub(super) tap_watched: bool,
+    /// The tap failed (a read error, or the end of the file): nothing more is read from it
+    /// until the guest resets the card, and it leaves the epoll set, where it would be
+    /// ready forever.
+    pub(super) tap_failed: bool,
     /// What the tap may hand us unfinished (`TUN_F_*`), set when the handler starts: on
     /// the device's thread, whose filter allows that one ioctl.
     pub(super) tap_offloads: u32,
@@ -314,7 +318,7 @@ impl Worker {
             self.signal(true);
         }
         if let Some(ops) = ops {
-            self.watch_tap(ops, !starved);
+            self.watch_tap(ops, !starved && !self.tap_failed);
         }
     }
 
@@ -341,17 +345,27 @@ impl Worker {
             self.rx_pending = true;
             return true;
         }
-        loop {
+        // Frames read and not kept (too short, dropped or taken by the chain) count against
+        // the wake-up's budget too: a flood of them must not hold the thread. What is left
+        // waits on the tap, which stays ready and wakes the thread again.
+        for _ in 0..BUDGET {
+            if self.tap_failed {
+                return false;
+            }
             let mut hdr = VnetHeader::default();
             let n = match self
                 .tap
                 .read_frame(hdr.as_mut_slice(), self.rx_frame.buffer_mut())
             {
+                Ok(0) => {
+                    self.tap_failure("it hung up (end of file)");
+                    return false;
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    crate::limited_warn!(TAP_LOG, "net-{}: tap read: {e}", self.id);
+                    self.tap_failure(&e.to_string());
                     return false;
                 }
             };
@@ -388,6 +402,18 @@ impl Worker {
             self.rx_pending = true;
             return true;
         }
+        false
+    }
+
+    /// The tap cannot be read any more: said once, and the card stops receiving until the
+    /// guest resets it (it still transmits).
+    fn tap_failure(&mut self, why: &str) {
+        self.tap_failed = true;
+        crate::limited_error!(
+            TAP_LOG,
+            "net-{}: tap read: {why}; the card stops receiving until it is reset",
+            self.id
+        );
     }
 
     /// Writes `rx_frame` (behind its header) into the guest's RX buffers. `None` if the
@@ -513,10 +539,7 @@ impl MutEventSubscriber for Worker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if !events.event_set().contains(EventSet::IN) {
             if events.data() == TAP {
-                tracing::error!(
-                    "net-{}: the tap failed; the device stops receiving",
-                    self.id
-                );
+                self.tap_failure("the tap reports an error or a hang-up");
                 self.watch_tap(ops, false);
             } else {
                 tracing::error!("net-{}: a queue eventfd failed", self.id);
@@ -569,14 +592,22 @@ impl MutEventSubscriber for Worker {
             }
         }
         self.tap_watched = false;
-        self.watch_tap(ops, true);
+        self.watch_tap(ops, !self.tap_failed);
     }
 }
 
 impl IoSubscriber for Worker {
+    /// Serves what is pending now, both ways, as a wake-up would: frames waiting on the tap
+    /// (and answers) for the guest, what the guest queued to send, and the answers that
+    /// made.
     fn drain(&mut self) {
+        self.process_rx(None);
         self.process_tx();
+        if !self.answers_for_guest.is_empty() {
+            self.process_rx(None);
+        }
         self.notify_guest();
+        self.publish();
     }
 
     fn quiesce_step(&mut self) -> bool {
