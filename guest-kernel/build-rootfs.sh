@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the guest root filesystem: busybox + Debian's fio, iperf3 and e2fsprogs (mkfs.ext4,
-# e2fsck) with their libraries, our init and the fio job files. To add a tool: add its
+# Build the guest root filesystem: busybox + Debian's fio, iperf3, e2fsprogs (mkfs.ext4,
+# e2fsck), ping and wget with their libraries, our init and the fio job files. To add a tool: add its
 # binary to TOOLS (its libraries follow by ldd), its package to the versions line (so the
 # cache is rebuilt when it changes) and to scripts/setup.sh (docs/lab.md, "Guest tools"). Two forms of the same tree:
 #   rootfs.ext4          read-only ext4 root disk (/dev/vda), the default
@@ -10,7 +10,7 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 
 # Debian's binaries copied into the guest with their shared libraries.
-TOOLS=(/usr/bin/fio /usr/bin/iperf3 /usr/sbin/mke2fs /usr/sbin/e2fsck)
+TOOLS=(/usr/bin/fio /usr/bin/iperf3 /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/ping /usr/bin/wget)
 for bin in /bin/busybox "${TOOLS[@]}" /sbin/mkfs.ext4 /usr/bin/cpio; do
     [ -x "$bin" ] || die "$bin missing: run scripts/setup.sh"
 done
@@ -19,8 +19,8 @@ busybox_path=/bin/busybox
 file -L "$busybox_path" 2>/dev/null | grep -q 'statically linked' || die "$busybox_path is not static (install busybox-static)"
 
 here="$REPO_ROOT/guest-kernel"
-versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version iperf3) $(pkg_version libc6) $(pkg_version e2fsprogs)"
-RECIPE="rootfs-3"
+versions="$(pkg_version busybox-static) $(pkg_version fio) $(pkg_version iperf3) $(pkg_version libc6) $(pkg_version e2fsprogs) $(pkg_version iputils-ping) $(pkg_version wget)"
+RECIPE="rootfs-4"
 key="$(inputs_hash "$RECIPE $versions" "$here/rootfs/init" "$REPO_ROOT"/benches/fio/*)"
 out="$CACHE_DIR/rootfs-$key"
 mkdir -p "$BUILD_DIR/guest"
@@ -29,7 +29,7 @@ lock_cache rootfs
 if [ -f "$out/rootfs.ext4" ] && [ -f "$out/initramfs.cpio.gz" ]; then
     step "guest rootfs: cached ($out)"
 else
-    step "guest rootfs: assembling busybox + fio + iperf3 + e2fsprogs"
+    step "guest rootfs: assembling busybox + fio + iperf3 + e2fsprogs + ping + wget"
     tmp="$out.tmp"; rm -rf "$tmp"; tree="$tmp/tree"
     mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,mnt,etc,fio}
     cp "$busybox_path" "$tree/bin/busybox"
@@ -49,6 +49,9 @@ else
     # e2fsprogs under the names people type, ahead of busybox's own mke2fs in PATH
     for name in mke2fs mkfs.ext4 mkfs.ext2; do ln -sfn /usr/sbin/mke2fs "$tree/bin/$name"; done
     for name in e2fsck fsck.ext4; do ln -sfn /usr/sbin/e2fsck "$tree/bin/$name"; done
+    # Debian's ping (`-M do`, which busybox's lacks) and wget (busybox's crashes on a URL
+    # without a port) ahead of busybox's in PATH
+    for name in ping wget; do ln -sfn "/usr/bin/$name" "$tree/bin/$name"; done
     cp /etc/mke2fs.conf "$tree/etc/mke2fs.conf"
     cp "$here/rootfs/init" "$tree/init"
     cp "$REPO_ROOT"/benches/fio/* "$tree/fio/"

@@ -17,6 +17,7 @@ PACKAGES=(
                                  # zstd -3 beside the compression plugin in a guest test
     iproute2 iperf3 tcpdump      # taps and bridges in the lab, the network benchmark (in
                                  # the guest too), captures on the lab's bridge
+    iputils-ping wget            # the guest's ping (-M do: what fits the link) and wget
     linux-perf                   # benches/lab-profile.sh: where the lab's CPUs go in a job
 )
 missing=()

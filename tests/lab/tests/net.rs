@@ -198,6 +198,13 @@ fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
     // 16 MiB: under the lab's emulated CPU every frame's AES (and the guests' own checksums
     // and segments, with no offloads) is slow: 64 MiB each way takes 9 minutes there.
     let (a_task, b_task) = exchange(16);
+    // Before the exchange: B serves a file over HTTP, A fetches it by a URL without a port,
+    // then pings B with the most the told MTU (1468) takes unfragmented, and one byte more.
+    let b_task = b_task.replace("net.ip=10.0.0.3/24 ", "net.ip=10.0.0.3/24 httpd=80 ");
+    let a_task = a_task.replace(
+        "ping=10.0.0.3 ",
+        "ping=10.0.0.3 fetch=http://10.0.0.3/blob pingdf=10.0.0.3,1440 pingdf=10.0.0.3,1441 ",
+    );
     let Some((out, _, text)) = pair(
         "pair-sealed",
         &[
@@ -221,6 +228,25 @@ fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
     assert!(
         a.contains("mtu=1468"),
         "the guest's MTU leaves room for the seal"
+    );
+    // A full-size frame of the told MTU crosses sealed, unfragmented; the guest's own stack
+    // refuses one byte more (what the card would refuse too).
+    assert!(
+        a.contains("@@GUEST@@ pingdf addr=10.0.0.3 size=1440 ok"),
+        "the most the MTU takes, unfragmented, through both seals: {a}"
+    );
+    assert!(
+        a.contains(
+            "@@GUEST@@ pingdf addr=10.0.0.3 size=1441 refused why=message too long, mtu=1468"
+        ),
+        "one byte past the MTU: {a}"
+    );
+    let b = lines_of(&text, "b");
+    let served = field(&b, "@@GUEST@@ httpd", "sha256=").expect("B's httpd");
+    let fetched = field(&a, "@@GUEST@@ fetch", "sha256=").expect("A's fetch");
+    assert_eq!(
+        served, fetched,
+        "wget by a URL without a port, through both seals"
     );
     let pcap = std::fs::read(&capture).expect("the capture");
     assert!(
