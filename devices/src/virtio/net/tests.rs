@@ -681,3 +681,44 @@ fn a_tap_that_hangs_up_is_given_up_and_the_thread_sleeps() {
     assert_eq!(counters.tx_dropped.load(Ordering::Relaxed), 1);
     assert!(dev.reset());
 }
+
+/// Found by the `net_worker` fuzz target, the sibling of a bug the disks had: a TX used
+/// ring laid over the avail index (its flags word is the avail index), so that turning
+/// notifications off and on moves the index between 1 and 0. The handler found nothing,
+/// was told there was more, and looked again, forever. The card now breaks (needs a reset)
+/// after two empty passes, and its thread sleeps.
+#[test]
+fn a_used_ring_laid_over_the_avail_index_breaks_the_card_instead_of_spinning() {
+    let (mut dev, _wire) = card_on_socket("no");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+    let mut tx = txq.create_queue::<virtio_queue::Queue>().unwrap();
+    // The avail ring at 0x9_0002 and the used ring at 0x9_0004: the used ring's flags word
+    // is the avail index. Without VIRTIO_RING_F_EVENT_IDX, notifications are that word
+    // (1 off, 0 on).
+    let avail = 0x9_0002u64;
+    tx.set_ready(false);
+    tx.set_avail_ring_address(Some(avail as u32), Some(0));
+    tx.set_used_ring_address(Some((avail + 2) as u32), Some(0));
+    tx.set_ready(true);
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    let acked = dev.features() & !(1u64 << VIRTIO_RING_F_EVENT_IDX);
+    dev.activate(
+        mem.clone(),
+        acked,
+        vec![rxq.create_queue().unwrap(), tx],
+        kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+        Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+    )
+    .unwrap();
+    kicks[1].write(1).unwrap();
+    wait_for("the card to break", || dev.needs_reset());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = thread_ticks("io-no");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = thread_ticks("io-no") - before;
+    assert!(used < 20, "the card's thread used {used} ticks in 1 s");
+    assert!(dev.reset());
+}

@@ -176,9 +176,10 @@ impl Worker {
             return;
         }
         let mem = self.mem.clone();
-        let mut sent = 0usize;
+        let (mut sent, mut empty_passes) = (0usize, 0u32);
         loop {
             let _ = self.tx.disable_notification(&mem);
+            let before = sent;
             while sent < BUDGET {
                 let chain = match self.tx.iter(&mem) {
                     Ok(mut chains) => chains.next(),
@@ -209,8 +210,12 @@ impl Worker {
                 let _ = self.tx_kick.write(1);
                 break;
             }
+            empty_passes = if sent > before { 0 } else { empty_passes + 1 };
             match self.tx.enable_notification(&mem) {
-                Ok(true) => continue,
+                Ok(true) if empty_passes < 2 => continue,
+                // Nothing found twice in a row while the ring says there is more: the guest
+                // laid its rings over each other (our own writes move its avail index).
+                Ok(true) => return self.fail("the TX avail index moves under the used ring"),
                 Ok(false) => break,
                 Err(_) => return self.fail("cannot access the TX avail ring"),
             }
@@ -424,7 +429,9 @@ impl Worker {
         // Buffers taken for this frame by an earlier try that found too few.
         let mut taken = std::mem::take(&mut self.rx_held);
         let mut room: usize = taken.iter().map(|b| b.total).sum();
+        let mut empty_passes = 0u32;
         loop {
+            let before = taken.len();
             while room < total && (taken.is_empty() || self.mergeable) {
                 let chain = match self.rx.iter(&mem) {
                     Ok(mut chains) => chains.next(),
@@ -464,8 +471,19 @@ impl Worker {
             // VIRTIO_RING_F_EVENT_IDX the guest's next buffer passes `avail_event` and
             // kicks; putting them back would leave the event behind and the kick would
             // never come) and ask for a kick, unless buffers arrived meanwhile.
+            empty_passes = if taken.len() > before {
+                0
+            } else {
+                empty_passes + 1
+            };
             match self.rx.enable_notification(&mem) {
-                Ok(true) => continue,
+                Ok(true) if empty_passes < 2 => continue,
+                // As on TX: rings laid over each other.
+                Ok(true) => {
+                    self.rx_held = taken;
+                    self.fail("the RX avail index moves under the used ring");
+                    return None;
+                }
                 Ok(false) => {
                     self.rx_held = taken;
                     return Some(Delivery::NoBuffers);
