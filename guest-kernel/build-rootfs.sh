@@ -50,8 +50,8 @@ else
     for name in mke2fs mkfs.ext4 mkfs.ext2; do ln -sfn /usr/sbin/mke2fs "$tree/bin/$name"; done
     for name in e2fsck fsck.ext4; do ln -sfn /usr/sbin/e2fsck "$tree/bin/$name"; done
     # Debian's ping (`-M do`, which busybox's lacks) and wget (busybox's crashes on a URL
-    # without a port) ahead of busybox's in PATH
-    for name in ping wget; do ln -sfn "/usr/bin/$name" "$tree/bin/$name"; done
+    # without a port) stay at /usr/bin: busybox's shell runs its own applets for `ping` and
+    # `wget` whatever PATH says, so init calls these by their paths.
     cp /etc/mke2fs.conf "$tree/etc/mke2fs.conf"
     cp "$here/rootfs/init" "$tree/init"
     cp "$REPO_ROOT"/benches/fio/* "$tree/fio/"
