@@ -27,9 +27,13 @@ pub fn plugin_dir() -> PathBuf {
     repo_root().join("target/plugins")
 }
 
-/// Compiles a C plugin source with `cc -shared` against `interceptors/include`.
+/// Compiles a C plugin source with `cc -shared` against `interceptors/include`, into a file
+/// of this process's own, then renamed over `out_name`: test binaries run side by side, each
+/// building the plugins, and one must never load the library another is still writing
+/// ("file too short").
 pub fn build_c(source: &std::path::Path, out_name: &str) -> Result<PathBuf> {
     let out = plugin_dir().join(out_name);
+    let partial = plugin_dir().join(format!(".{out_name}.{}.tmp", std::process::id()));
     std::fs::create_dir_all(plugin_dir())?;
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
@@ -39,12 +43,15 @@ pub fn build_c(source: &std::path::Path, out_name: &str) -> Result<PathBuf> {
         .arg(repo_root().join("interceptors/include"))
         .arg(source)
         .arg("-o")
-        .arg(&out)
+        .arg(&partial)
         .status()
         .with_context(|| format!("running the C compiler {cc}"))?;
     if !status.success() {
+        let _ = std::fs::remove_file(&partial);
         bail!("{cc} failed on {}", source.display());
     }
+    std::fs::rename(&partial, &out)
+        .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
     Ok(out)
 }
 

@@ -17,18 +17,7 @@ use vmm_lab::plugins::{plugin_dir, plugins};
 
 #[test]
 fn landlock_is_on_unless_the_operator_says_otherwise() {
-    let out = std::process::Command::new(common::vmm_bin())
-        .arg("--help")
-        .output()
-        .expect("running vmm --help");
-    let text = output(&out);
-    // The option's help: from its line to the next option's.
-    let mut lines = text.lines().skip_while(|l| !l.contains("--landlock"));
-    let first = lines.next().unwrap_or("");
-    let rest: Vec<&str> = lines
-        .take_while(|l| !l.trim_start().starts_with('-') || l.trim_start().starts_with("- "))
-        .collect();
-    let line = format!("{first} {}", rest.join(" "));
+    let line = common::option_help("--landlock");
     for word in ["on", "off", "[default: on]"] {
         assert!(line.contains(word), "--landlock: no `{word}` in: {line}");
     }

@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{out_file, output, vmm_bin};
-use std::process::Command;
+use common::{out_file, output};
 use vmm_lab::plugins::plugins;
 
 /// `vmm::seccomp::EXIT_SECCOMP`: 128 + SIGSYS.
@@ -14,19 +13,7 @@ const EXIT_SECCOMP: i64 = 159;
 
 #[test]
 fn filters_are_on_unless_the_operator_says_otherwise() {
-    let out = Command::new(vmm_bin())
-        .arg("--help")
-        .output()
-        .expect("running vmm --help");
-    let text = output(&out);
-    assert!(out.status.success(), "{text}");
-    // The option's help: from its line to the next option's.
-    let mut lines = text.lines().skip_while(|l| !l.contains("--seccomp"));
-    let first = lines.next().unwrap_or("");
-    let rest: Vec<&str> = lines
-        .take_while(|l| !l.trim_start().starts_with('-') || l.trim_start().starts_with("- "))
-        .collect();
-    let line = format!("{first} {}", rest.join(" "));
+    let line = common::option_help("--seccomp");
     for word in ["trap", "log", "off", "[default: trap]"] {
         assert!(line.contains(word), "--seccomp: no `{word}` in: {line}");
     }

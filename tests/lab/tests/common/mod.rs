@@ -170,3 +170,19 @@ pub fn pattern(text: &str, len: usize) -> Vec<u8> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// `vmm --help`'s text for `option`, from its line to the next option's, as one line.
+pub fn option_help(option: &str) -> String {
+    let out = Command::new(vmm_bin())
+        .arg("--help")
+        .output()
+        .expect("running vmm --help");
+    let text = output(&out);
+    assert!(out.status.success(), "{text}");
+    let mut lines = text.lines().skip_while(|l| !l.contains(option));
+    let first = lines.next().unwrap_or("");
+    let rest: Vec<&str> = lines
+        .take_while(|l| !l.trim_start().starts_with('-') || l.trim_start().starts_with("- "))
+        .collect();
+    format!("{first} {}", rest.join(" "))
+}
