@@ -12,8 +12,10 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+mod interceptor;
 mod kernel;
 mod landlock;
+pub use interceptor::InterceptorConfig;
 use kernel::check_initrd;
 pub use kernel::{host_available_mib, kernel_kind, KernelKind};
 pub use landlock::{LandlockConfig, MAX_LANDLOCK_PATHS};
@@ -209,26 +211,6 @@ impl Engine {
             Engine::Sync => block::EngineChoice::Sync,
         }
     }
-}
-
-/// One interceptor instance: a plugin loaded by path, with its own config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InterceptorConfig {
-    pub id: String,
-    /// The plugin's shared object.
-    pub path: PathBuf,
-    /// When set, the file's BLAKE3 (hex) must match before it is loaded.
-    pub blake3: Option<String>,
-    #[serde(default = "default_enabled")]
-    pub enabled: bool,
-    /// Handed to the plugin's create() as a JSON object.
-    #[serde(default)]
-    pub config: toml::Table,
-}
-
-fn default_enabled() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -549,79 +531,6 @@ impl VmConfig {
                 cmdline.len(),
                 self.block.len()
             ));
-        }
-        Ok(())
-    }
-
-    /// Instance ids are unique; each chain names known instances; an instance serves one
-    /// disk (it sits over that disk's layers below); pins are BLAKE3 hex.
-    fn validate_interceptors(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid {
-            file: file.to_string(),
-            field,
-            message,
-        };
-        if self.interceptor.len() > MAX_INTERCEPTORS {
-            return Err(invalid(
-                "interceptor".into(),
-                format!(
-                    "{} entries; at most {MAX_INTERCEPTORS} (a full chain on every disk)",
-                    self.interceptor.len()
-                ),
-            ));
-        }
-        let mut ids = HashSet::new();
-        for (i, ic) in self.interceptor.iter().enumerate() {
-            if !valid_id(&ic.id) {
-                return Err(invalid(format!("interceptor[{i}].id"), bad_id(&ic.id)));
-            }
-            if !ids.insert(ic.id.as_str()) {
-                return Err(invalid(
-                    format!("interceptor[{i}].id"),
-                    format!("{} is used twice", quoted(&ic.id)),
-                ));
-            }
-            if let Some(pin) = &ic.blake3 {
-                if pin.len() != 64 || !pin.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(invalid(
-                        format!("interceptor[{i}].blake3"),
-                        "must be 64 hex digits".into(),
-                    ));
-                }
-            }
-        }
-        let mut used: std::collections::HashMap<&str, &str> = Default::default();
-        let chains = self
-            .block
-            .iter()
-            .enumerate()
-            .map(|(i, b)| ("block", i, &b.id, &b.interceptors))
-            .chain(
-                self.net
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| ("net", i, &n.id, &n.interceptors)),
-            );
-        for (kind, i, device, chain) in chains {
-            for (j, id) in chain.iter().enumerate() {
-                let field = format!("{kind}[{i}].interceptors[{j}]");
-                if !ids.contains(id.as_str()) {
-                    return Err(invalid(
-                        field,
-                        format!("no [[interceptor]] has id {}", quoted(id)),
-                    ));
-                }
-                if let Some(other) = used.insert(id, device) {
-                    return Err(invalid(
-                        field,
-                        format!(
-                            "{} already serves device {}; an instance serves one device (add another [[interceptor]] with the same path)",
-                            quoted(id),
-                            quoted(other)
-                        ),
-                    ));
-                }
-            }
         }
         Ok(())
     }

@@ -181,17 +181,15 @@ fn in_a_real_guest_a_hook_cannot_read_etc_passwd_and_the_api_loads_only_declared
     let p = plugins().expect("building the plugins");
     let outside: PathBuf = out_file("landlock-outside-xor.so");
     std::fs::copy(&p.xor, &outside).unwrap();
-    let disk = out_file("landlock-guest.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
+    let disk = common::chain::fresh_disk("landlock-guest");
     let toml = out_file("landlock-guest.toml");
     let faulty = |id: &str, target: &str| {
-        format!(
-            "[[interceptor]]\nid = \"{id}\"\npath = {:?}\n\
-             config = {{ mode = \"read-file\", from = 0, to = 1099511627776, target = \"{target}\" }}\n",
-            p.faulty
+        common::chain::interceptor(
+            id,
+            &p.faulty,
+            &format!(
+                "config = {{ mode = \"read-file\", from = 0, to = 1099511627776, target = {target:?} }}"
+            ),
         )
     };
     std::fs::write(
@@ -227,14 +225,7 @@ fn in_a_real_guest_a_hook_cannot_read_etc_passwd_and_the_api_loads_only_declared
     };
     let text = output(&out);
     assert_eq!(r["vmm_exit"]["status"], 0, "{r}\n{text}");
-    let stats = |id: &str| -> serde_json::Value {
-        let line = text
-            .lines()
-            .find_map(|l| l.split(&format!("vmm: interceptor {id} on data0: ")).nth(1))
-            .unwrap_or_else(|| panic!("no exit report line for {id}: {text}"));
-        let json = line.split("stats=").nth(1).unwrap_or("{}");
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {line}"))
-    };
+    let stats = |id: &str| common::chain::plugin_stats(&text, id);
     let (passwd, meminfo) = (stats("passwd"), stats("meminfo"));
     assert_eq!(passwd["read_ok"], 0, "{passwd}");
     assert!(

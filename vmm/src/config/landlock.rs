@@ -1,6 +1,5 @@
 //! The `[landlock]` section: what the vmm may open once the guest runs, beyond the files
-//! the rest of the config names (docs/security.md, "Landlock"), and the `*_file` values of
-//! instance configs (files their plugins read).
+//! the rest of the config names (docs/security.md, "Landlock").
 
 use super::*;
 
@@ -53,29 +52,5 @@ impl LandlockConfig {
             }
         }
         Ok(())
-    }
-}
-
-impl InterceptorConfig {
-    /// The files its plugin reads: the string values of its config's keys that end in
-    /// [`compat::FILE_KEY_SUFFIX`] (`key_file`).
-    pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.config.iter().filter_map(|(k, v)| match v {
-            toml::Value::String(s) if k.ends_with(compat::FILE_KEY_SUFFIX) => {
-                Some(Path::new(s.as_str()))
-            }
-            _ => None,
-        })
-    }
-
-    /// Takes its files relative to `base`, the config's folder, as every other path.
-    pub fn resolve_files(&mut self, base: &Path) {
-        for (k, v) in self.config.iter_mut() {
-            if let toml::Value::String(s) = v {
-                if k.ends_with(compat::FILE_KEY_SUFFIX) && Path::new(s.as_str()).is_relative() {
-                    *s = base.join(&*s).to_string_lossy().into_owned();
-                }
-            }
-        }
     }
 }
