@@ -199,11 +199,11 @@ fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
     // and segments, with no offloads) is slow: 64 MiB each way takes 9 minutes there.
     let (a_task, b_task) = exchange(16);
     // Before the exchange: B serves a file over HTTP, A fetches it by a URL without a port,
-    // then pings B with the most the told MTU (1468) takes unfragmented, and one byte more.
+    // then pings B with the most the told MTU (1454) takes unfragmented, and one byte more.
     let b_task = b_task.replace("net.ip=10.0.0.3/24 ", "net.ip=10.0.0.3/24 httpd=80 ");
     let a_task = a_task.replace(
         "ping=10.0.0.3 ",
-        "ping=10.0.0.3 fetch=http://10.0.0.3/blob pingdf=10.0.0.3,1440 pingdf=10.0.0.3,1441 ",
+        "ping=10.0.0.3 fetch=http://10.0.0.3/blob pingdf=10.0.0.3,1426 pingdf=10.0.0.3,1427 ",
     );
     let Some((out, _, text)) = pair(
         "pair-sealed",
@@ -226,18 +226,18 @@ fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
     assert_exchanged(&text, 16);
     let a = lines_of(&text, "a");
     assert!(
-        a.contains("mtu=1468"),
+        a.contains("mtu=1454"),
         "the guest's MTU leaves room for the seal"
     );
     // A full-size frame of the told MTU crosses sealed, unfragmented; the guest's own stack
     // refuses one byte more (what the card would refuse too).
     assert!(
-        a.contains("@@GUEST@@ pingdf addr=10.0.0.3 size=1440 ok"),
+        a.contains("@@GUEST@@ pingdf addr=10.0.0.3 size=1426 ok"),
         "the most the MTU takes, unfragmented, through both seals: {a}"
     );
     assert!(
         a.contains(
-            "@@GUEST@@ pingdf addr=10.0.0.3 size=1441 refused why=message too long, mtu=1468"
+            "@@GUEST@@ pingdf addr=10.0.0.3 size=1427 refused why=message too long, mtu=1454"
         ),
         "one byte past the MTU: {a}"
     );
@@ -263,6 +263,8 @@ fn with_frame_encryption_on_both_cards_the_bridge_sees_none_of_the_payload() {
             .expect("the seal's exit report");
         assert!(stats.contains("\"forged\":0"), "{stats}");
         assert!(stats.contains("\"replayed\":0"), "{stats}");
+        // One handshake each way: each card admitted the other once.
+        assert!(stats.contains("\"admitted\":1,"), "{stats}");
     }
 }
 
