@@ -28,6 +28,7 @@ pub fn args(
     runtime: Duration,
     bytes: u64,
     batch: bool,
+    direct: bool,
 ) -> Vec<String> {
     // fio splits --filename at ':' unless escaped.
     let name = path.display().to_string().replace(':', "\\:");
@@ -38,7 +39,7 @@ pub fn args(
         format!("--rw={}", rw.name()),
         "--bs=4k".into(),
         format!("--iodepth={depth}"),
-        "--direct=0".into(),
+        format!("--direct={}", u8::from(direct)),
         "--time_based".into(),
         format!("--runtime={}", runtime.as_secs().max(1)),
         format!("--size={bytes}"),
@@ -57,6 +58,7 @@ pub fn args(
 }
 
 /// Runs one job.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     fio: &str,
     path: &Path,
@@ -65,10 +67,11 @@ pub fn run(
     runtime: Duration,
     bytes: u64,
     batch: bool,
+    direct: bool,
 ) -> Result<Outcome, String> {
     let before = cpu_time(Who::Children);
     let out = Command::new(fio)
-        .args(args(path, rw, depth, runtime, bytes, batch))
+        .args(args(path, rw, depth, runtime, bytes, batch, direct))
         .output()
         .map_err(|e| format!("cannot run `{fio}`: {e}"))?;
     let whole = (cpu_time(Who::Children) - before).as_secs_f64();
@@ -215,6 +218,7 @@ mod tests {
             Duration::from_secs(5),
             1 << 30,
             false,
+            false,
         );
         for want in [
             "--filename=/var/tmp/a\\:b.img",
@@ -237,8 +241,13 @@ mod tests {
             Duration::from_secs(1),
             4096,
             true,
+            true,
         );
         assert!(b.iter().any(|x| x == "--iodepth_batch_submit=8"));
         assert!(b.iter().any(|x| x == "--iodepth_batch_complete_max=8"));
+        assert!(
+            b.iter().any(|x| x == "--direct=1"),
+            "--direct: past the page cache"
+        );
     }
 }

@@ -9,6 +9,7 @@ mod fio;
 mod ours;
 mod pool;
 mod rng;
+mod slow;
 mod sys;
 
 use block::EngineChoice;
@@ -55,6 +56,24 @@ struct Args {
     /// (`<file>.chain.img`, made blank and written once through the chain at start).
     #[arg(long, value_name = "FILE")]
     interceptors: Option<PathBuf>,
+    /// O_DIRECT on both sides (ours and fio --direct=1): past the host's page cache, as on
+    /// a host whose disk is the limit. By default both run buffered from a warm cache.
+    #[arg(long)]
+    direct: bool,
+    /// A slow layer below, standing in for remote storage: every request to the file (the
+    /// engine's, and a plugin's own I/O below it) completes this many microseconds after it
+    /// was issued. fio runs without it.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    delay_us: u64,
+}
+
+/// What lies under both of our stacks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Below {
+    /// The file opened with O_DIRECT.
+    pub direct: bool,
+    /// Added to every request below (`--delay-us`).
+    pub delay: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -181,7 +200,19 @@ fn run(args: Args) -> Result<(), String> {
     );
     let written =
         sys::prepare_file(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    sys::warm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !args.direct {
+        sys::warm(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if args.delay_us > 1_000_000 {
+        return Err("--delay-us: at most 1000000 (one second)".into());
+    }
+    if args.delay_us > 0 {
+        slow::precise_sleeps();
+    }
+    let below = Below {
+        direct: args.direct,
+        delay: Duration::from_micros(args.delay_us),
+    };
     let chain = match &args.interceptors {
         None => None,
         Some(file) => {
@@ -193,7 +224,7 @@ fn run(args: Args) -> Result<(), String> {
                 image.display(),
                 file.display()
             );
-            let shown = ours::fill(&image, &specs)?;
+            let shown = ours::fill(&image, &specs, args.direct)?;
             Some((file.clone(), specs, image, shown))
         }
     };
@@ -217,10 +248,26 @@ fn run(args: Args) -> Result<(), String> {
         sys::kernel_release(),
         sys::cpus(),
     );
-    println!(
-        "buffered I/O on both sides (no O_DIRECT; fio --direct=0 --invalidate=0): the file \
-         is read once first, so requests are served by the host page cache for both equally"
-    );
+    if args.direct {
+        println!(
+            "O_DIRECT on both sides (ours: the file opened with O_DIRECT; fio --direct=1): \
+             every request goes to the disk, past the host's page cache"
+        );
+    } else {
+        println!(
+            "buffered I/O on both sides (no O_DIRECT; fio --direct=0 --invalidate=0): the \
+             file is read once first, so requests are served by the host page cache for both \
+             equally"
+        );
+    }
+    if args.delay_us > 0 {
+        println!(
+            "a slow layer below ours (--delay-us {}): every request to the file completes \
+             {} µs after it was issued (the engine's overlap; a plugin's own I/O below it \
+             waits); fio runs without it",
+            args.delay_us, args.delay_us
+        );
+    }
     println!(
         "ours: the disk's LiveStack (no interceptors) + our {} engine, on one thread, one \
          commit per batch of completions; fio: its io_uring engine, {}",
@@ -257,7 +304,7 @@ fn run(args: Args) -> Result<(), String> {
         for rw in [Rw::RandRead, Rw::RandWrite] {
             let seed = 0x0123_4567_89ab_cdef ^ ((depth as u64) << 8) ^ rw as u64;
             let engine = args.engine.choice();
-            let ours = ours::run(&path, &[], engine, rw, depth, runtime, bytes, seed)
+            let ours = ours::run(&path, &[], engine, rw, depth, runtime, bytes, seed, below)
                 .map_err(|e| format!("ours {} qd{depth}: {e}", rw.name()))?;
             let settle = |p: &std::path::Path| {
                 sys::settle(p).map_err(|e| format!("{}: fdatasync: {e}", p.display()))
@@ -266,7 +313,7 @@ fn run(args: Args) -> Result<(), String> {
             let through = match &chain {
                 None => None,
                 Some((_, specs, image, _)) => {
-                    let c = ours::run(image, specs, engine, rw, depth, runtime, bytes, seed)
+                    let c = ours::run(image, specs, engine, rw, depth, runtime, bytes, seed, below)
                         .map_err(|e| format!("chain {} qd{depth}: {e}", rw.name()))?;
                     settle(image)?;
                     eprintln!(
@@ -279,7 +326,16 @@ fn run(args: Args) -> Result<(), String> {
                     Some(c)
                 }
             };
-            let fio = fio::run(&args.fio, &path, rw, depth, runtime, bytes, args.fio_batch)?;
+            let fio = fio::run(
+                &args.fio,
+                &path,
+                rw,
+                depth,
+                runtime,
+                bytes,
+                args.fio_batch,
+                args.direct,
+            )?;
             settle(&path)?;
             let row = Row {
                 rw,
@@ -352,9 +408,36 @@ fn run(args: Args) -> Result<(), String> {
         println!();
         println!("{}", chain_line(&rows));
     }
+    if args.delay_us > 0 {
+        println!();
+        println!("{}", depth_line("plain", &rows, |r| Some(r.ours.iops)));
+        println!(
+            "{}",
+            depth_line("chain", &rows, |r| r.chain.map(|c| c.iops))
+        );
+    }
     println!();
     println!("{}", last_line(&rows));
     Ok(())
+}
+
+/// `NAME qd32/qd1 iops ratio: X.XX` (geometric mean over randread and randwrite): what depth
+/// buys over a slow layer below; `not measured` without both depths.
+fn depth_line(name: &str, rows: &[Row], iops: fn(&Row) -> Option<f64>) -> String {
+    let at = |rw: Rw, depth: usize| {
+        rows.iter()
+            .find(|r| r.rw == rw && r.depth == depth)
+            .and_then(iops)
+    };
+    let ratios: Vec<f64> = [Rw::RandRead, Rw::RandWrite]
+        .into_iter()
+        .filter_map(|rw| Some(at(rw, 32)? / at(rw, 1)?))
+        .collect();
+    if ratios.is_empty() {
+        return format!("{name} qd32/qd1 iops ratio: not measured (--depths needs 1 and 32)");
+    }
+    let mean = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
+    format!("{name} qd32/qd1 iops ratio: {mean:.2}")
 }
 
 /// `<file>.chain.img`, beside the test file.
@@ -465,5 +548,24 @@ mod tests {
             [1, 32, 128]
         );
         assert!(Args::try_parse_from(["engine-bench", "--engine", "aio"]).is_err());
+        let slow = Args::try_parse_from(["engine-bench", "--direct", "--delay-us", "200"]).unwrap();
+        assert!(slow.direct);
+        assert_eq!(slow.delay_us, 200);
+    }
+
+    #[test]
+    fn the_depth_line_is_qd32_over_qd1() {
+        let rows = [
+            row(Rw::RandRead, 1, 10.0, 1.0),
+            row(Rw::RandRead, 32, 200.0, 1.0),
+            row(Rw::RandWrite, 1, 10.0, 1.0),
+            row(Rw::RandWrite, 32, 50.0, 1.0),
+        ];
+        // sqrt(20 × 5) = 10.
+        assert_eq!(
+            depth_line("plain", &rows, |r| Some(r.ours.iops)),
+            "plain qd32/qd1 iops ratio: 10.00"
+        );
+        assert!(depth_line("chain", &rows, |r| r.chain.map(|c| c.iops)).contains("not measured"));
     }
 }

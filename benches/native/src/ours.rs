@@ -9,12 +9,14 @@
 //! hook pool instead (`pool.rs`).
 
 use crate::rng::XorShift;
+use crate::slow::{SlowBackend, SlowIo};
 use crate::sys::{cpu_time, Who};
-use crate::{Outcome, Rw, BS};
+use crate::{Below, Outcome, Rw, BS};
 use block::{AsyncIo, BlockBackend, EngineChoice, RawFile, RequestStatus};
 use compat::{BlockRequestKind, InFlight, InstanceSpec, LiveStack, Segment, Started};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,18 +149,35 @@ impl Queue<'_> {
     }
 }
 
-/// Opens `path` under `chain` (top first; empty: no interceptors).
-fn open_stack(path: &Path, chain: &[InstanceSpec]) -> Result<(Arc<RawFile>, LiveStack), String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
+/// An open disk: its file, the backend the engine falls back on, and its stack.
+type Opened = (Arc<RawFile>, Arc<dyn BlockBackend>, LiveStack);
+
+/// Opens `path` (with O_DIRECT if `below.direct`) under `chain` (top first; empty: no
+/// interceptors); the plugins' own I/O goes through `below.delay`.
+fn open_stack(path: &Path, chain: &[InstanceSpec], below: Below) -> Result<Opened, String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    if below.direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let file = options
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let raw = Arc::new(RawFile::new(file, false, "bench").map_err(|e| format!("raw file: {e}"))?);
-    let backend: Arc<dyn BlockBackend> = raw.clone();
-    let stack = LiveStack::start("bench", backend, chain, None)
+    let mut raw = RawFile::new(file, false, "bench").map_err(|e| format!("raw file: {e}"))?;
+    if below.direct {
+        raw = raw.with_direct();
+    }
+    let raw = Arc::new(raw);
+    let mut backend: Arc<dyn BlockBackend> = raw.clone();
+    if !below.delay.is_zero() {
+        backend = Arc::new(SlowBackend {
+            inner: backend,
+            delay: below.delay,
+        });
+    }
+    let stack = LiveStack::start("bench", backend.clone(), chain, None)
         .map_err(|e| format!("the disk's stack: {e}"))?;
-    Ok((raw, stack))
+    Ok((raw, backend, stack))
 }
 
 /// Shuts the stack down as the VMM does (flush, then every instance destroyed: a plugin
@@ -173,10 +192,13 @@ fn close(stack: &LiveStack) -> Result<(), String> {
 /// Writes every byte of the disk `chain` shows over `path` once, in 1 MiB requests on the
 /// synchronous engine, then closes it: so that reads through the chain find data, as on
 /// the plain file (a transform answers a never-written block without any I/O).
-pub fn fill(path: &Path, chain: &[InstanceSpec]) -> Result<u64, String> {
+pub fn fill(path: &Path, chain: &[InstanceSpec], direct: bool) -> Result<u64, String> {
     const LEN: u64 = 1 << 20;
-    let (raw, stack) = open_stack(path, chain)?;
-    let backend: Arc<dyn BlockBackend> = raw.clone();
+    let below = Below {
+        direct,
+        delay: Duration::ZERO,
+    };
+    let (raw, backend, stack) = open_stack(path, chain, below)?;
     let mut engine = EngineChoice::Sync.open(raw.file(), false, 1, &backend)?;
     let buf = Buffers::new(1, LEN as usize, 0x5eed)?;
     let capacity = stack.capacity();
@@ -229,11 +251,14 @@ pub fn run(
     runtime: Duration,
     bytes: u64,
     seed: u64,
+    below: Below,
 ) -> Result<Outcome, String> {
-    let (raw, stack) = open_stack(path, chain)?;
-    let backend: Arc<dyn BlockBackend> = raw.clone();
+    let (raw, backend, stack) = open_stack(path, chain, below)?;
     let depth16 = u16::try_from(depth).map_err(|_| format!("depth {depth} is over 65535"))?;
     let mut engine = engine.open(raw.file(), false, depth16, &backend)?;
+    if !below.delay.is_zero() {
+        engine = Box::new(SlowIo::new(engine, below.delay));
+    }
     let name = engine.name();
     let kind = match rw {
         Rw::RandRead => BlockRequestKind::Read,
