@@ -5,8 +5,7 @@
 
 use crate::config::InterceptorConfig;
 use compat::{
-    BlockBackend, BlockRequestKind, BlockStack, InstanceSpec, IoRequest, PluginRegistry,
-    RequestStatus,
+    BlockBackend, BlockRequestKind, BlockStack, IoRequest, PluginRegistry, RequestStatus,
 };
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -209,17 +208,9 @@ pub fn open(target: &Target) -> Result<Opened, OpenFailure> {
     let registry = PluginRegistry::new();
     let mut specs = Vec::new();
     for ic in &target.chain {
-        let plugin = registry
-            .load(&ic.path, ic.blake3.as_deref())
+        let spec = crate::storage::instance_spec(&registry, ic)
             .map_err(|e| OpenFailure::Error(format!("interceptor {}: {e}", ic.id)))?;
-        let config_json = serde_json::to_string(&ic.config)
-            .map_err(|e| OpenFailure::Error(format!("interceptor {}: config: {e}", ic.id)))?;
-        specs.push(InstanceSpec {
-            id: ic.id.clone(),
-            plugin,
-            config_json,
-            enabled: ic.enabled,
-        });
+        specs.push(spec);
     }
     let backend: Arc<dyn BlockBackend> = overlay.clone();
     let stack = BlockStack::build("image", backend, &specs)

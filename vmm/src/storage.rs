@@ -32,11 +32,10 @@ pub fn instance_spec(
     let plugin = registry
         .load(&ic.path, ic.blake3.as_deref())
         .map_err(|e| e.to_string())?;
-    let config_json = serde_json::to_string(&ic.config).map_err(|e| format!("config: {e}"))?;
     Ok(InstanceSpec {
         id: ic.id.clone(),
         plugin,
-        config_json,
+        config_json: ic.config_json(),
         enabled: ic.enabled,
     })
 }

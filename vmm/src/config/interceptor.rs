@@ -25,6 +25,13 @@ fn default_enabled() -> bool {
 }
 
 impl InterceptorConfig {
+    /// The JSON object `create` gets (docs/plugins.md, "The config a plugin gets"): the
+    /// `config` table as written, TOML's types as JSON's (a date or time as its TOML text),
+    /// `*_file` values already made absolute; `{}` when the entry has no `config`.
+    pub fn config_json(&self) -> String {
+        toml_to_json(&toml::Value::Table(self.config.clone())).to_string()
+    }
+
     /// The files its plugin reads: the string values of its config's keys that end in
     /// [`compat::FILE_KEY_SUFFIX`] (`key_file`).
     pub fn files(&self) -> impl Iterator<Item = &Path> {
@@ -45,6 +52,24 @@ impl InterceptorConfig {
                 }
             }
         }
+    }
+}
+
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        // TOML allows nan and inf, JSON has neither: null, which a plugin refuses by type.
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(a) => J::Array(a.iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
     }
 }
 

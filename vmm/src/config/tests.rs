@@ -515,3 +515,38 @@ fn each_bad_landlock_entry_is_refused_naming_it() {
     let e = with("plugins = []");
     assert!(e.contains("plugins"), "{e}");
 }
+
+/// docs/plugins.md, "The config a plugin gets": the JSON `create` gets, exactly.
+#[test]
+fn an_instance_config_reaches_the_plugin_as_this_json() {
+    let (d, file) = dir_with_files();
+    std::fs::write(d.0.join("disk.key"), [1u8; 32]).unwrap();
+    let text = format!(
+        "{GOOD}\n[[interceptor]]\nid = \"full\"\npath = \"/p.so\"\n\
+         [interceptor.config]\nkey_file = \"disk.key\"\nsize_mib = 64\nratio = 0.5\n\
+         on = true\nnames = [\"a\", \"b\"]\nwhen = 1979-05-27T07:32:00Z\nnan = nan\n\
+         [interceptor.config.nested]\nx = -1\n\
+         [[interceptor]]\nid = \"bare\"\npath = \"/p.so\"\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    let cfg = VmConfig::load(Path::new(&file)).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&cfg.interceptor[0].config_json()).unwrap();
+    assert_eq!(
+        got,
+        serde_json::json!({
+            "key_file": d.0.join("disk.key").to_string_lossy(),
+            "size_mib": 64,
+            "ratio": 0.5,
+            "on": true,
+            "names": ["a", "b"],
+            "when": "1979-05-27T07:32:00Z",
+            "nan": null,
+            "nested": { "x": -1 },
+        })
+    );
+    assert_eq!(
+        cfg.interceptor[1].config_json(),
+        "{}",
+        "no config: an empty object"
+    );
+}
