@@ -329,6 +329,17 @@ impl NetEncrypt {
         false
     }
 
+    /// What to keep for a sender about to be asked: the cipher its frame was opened
+    /// with, if it was derived for it.
+    fn keep(&self, derived: Option<Aes256Gcm>, h: &Header) -> Aes256Gcm {
+        match (derived, self.key(h.key_id)) {
+            (Some(c), _) => c,
+            (None, Some(k)) => sender_cipher(k, h.key_id, &h.epoch),
+            // Not reached: the key was found before the frame was opened.
+            (None, None) => self.cipher.clone(),
+        }
+    }
+
     /// A sender not admitted: ask it (unless a question is out, or the table is full).
     fn ask(
         &self,
@@ -338,13 +349,7 @@ impl NetEncrypt {
         derived: Option<Aes256Gcm>,
         now: Instant,
     ) {
-        let key = self.key(h.key_id);
-        let keep = || match (derived, key) {
-            (Some(c), _) => c,
-            (None, Some(k)) => sender_cipher(k, h.key_id, &h.epoch),
-            // Not reached: the key was found before the frame was opened.
-            (None, None) => self.cipher.clone(),
-        };
+        let keep = || self.keep(derived, h);
         match peers.ask(h.epoch, h.key_id, self.question(), keep, now) {
             Ask::Send(q) => self.send_control(frame, h.epoch, NONE, q),
             Ask::Wait => {}
@@ -393,12 +398,7 @@ impl NetEncrypt {
         let ours = if peers.is_admitted(&h.epoch) {
             NONE
         } else {
-            let key = self.key(h.key_id);
-            let keep = || match (derived, key) {
-                (Some(c), _) => c,
-                (None, Some(k)) => sender_cipher(k, h.key_id, &h.epoch),
-                (None, None) => self.cipher.clone(),
-            };
+            let keep = || self.keep(derived, h);
             match peers.ask(h.epoch, h.key_id, self.question(), keep, now) {
                 Ask::Send(q) => q,
                 Ask::Wait | Ask::Full => NONE,
