@@ -217,4 +217,3 @@ fn hostile_bytes_are_dropped_without_a_panic() {
         assert_eq!(receive_raw(&b, &f).0, None, "frame {i} passed");
     }
 }
-
