@@ -89,8 +89,8 @@ struct PairArgs {
 
 #[derive(Args, Debug, Clone)]
 struct LabArgs {
-    /// Lab VM time limit in seconds.
-    #[arg(long, default_value_t = 1800)]
+    /// Lab VM time limit in seconds (`lab soak` raises the default to fit its boots).
+    #[arg(long, default_value_t = DEFAULT_LAB_TIMEOUT)]
     lab_timeout: u64,
     /// Lab VM memory in MiB (its tmpfs for disk images takes up to 75% of it).
     #[arg(long, default_value_t = 4096)]
@@ -362,10 +362,11 @@ fn run(cli: Cli) -> Result<i32> {
             }
             cmd_pair(a)
         }
-        Cmd::Soak(a) => {
+        Cmd::Soak(mut a) => {
             if let Some(file) = &a.opts.interceptors {
                 guest::InterceptorChain::from_file(file)?.require_plugins(file)?;
             }
+            fit_lab_timeout(&mut a);
             if std::env::var_os(labvm::INSIDE_ENV).is_none() {
                 soak::name_progress();
                 soak::hog_host(&a);
@@ -470,6 +471,22 @@ fn cmd_pair(a: PairArgs) -> Result<i32> {
     }
     write_json(&a.json, &serde_json::Value::Object(report))?;
     Ok(if ok { 0 } else { 1 })
+}
+
+/// The lab VM's time limit unless `--lab-timeout` says otherwise.
+const DEFAULT_LAB_TIMEOUT: u64 = 1800;
+
+/// A soak of many boots outlasts the default limit (a 200-boot session ended at boot 183,
+/// 30 minutes in): unless `--lab-timeout` was given, the limit fits the boots at 45 s each
+/// (a slow boot of a contended lab), plus 10 minutes.
+fn fit_lab_timeout(a: &mut soak::SoakArgs) {
+    let lab = &mut a.opts.lab;
+    let boots = a.boots.saturating_mul(a.variants.len().max(1)) as u64;
+    let need = boots.saturating_mul(45) / u64::from(a.parallel.max(1)) + 600;
+    if lab.lab_timeout == DEFAULT_LAB_TIMEOUT && need > lab.lab_timeout {
+        eprintln!("lab soak: the lab's time limit is {need} s for {boots} boots");
+        lab.lab_timeout = need;
+    }
 }
 
 fn lab_options(a: &LabArgs) -> LabOptions {
@@ -671,4 +688,31 @@ fn cmd_guest(a: GuestArgs) -> Result<i32> {
     write_json(&a.json, &run)?;
     print_problems(&run);
     Ok(if run.ok() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn soak_args(extra: &[&str]) -> soak::SoakArgs {
+        let mut argv = vec!["lab", "soak"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().cmd {
+            Cmd::Soak(a) => a,
+            _ => panic!("not a soak"),
+        }
+    }
+
+    #[test]
+    fn a_long_soak_gets_a_lab_time_limit_that_fits_it() {
+        let mut a = soak_args(&["--boots", "200", "--variants", "vmm", "--parallel", "2"]);
+        fit_lab_timeout(&mut a);
+        assert_eq!(a.opts.lab.lab_timeout, 200 * 45 / 2 + 600);
+        let mut short = soak_args(&["--boots", "10", "--variants", "vmm"]);
+        fit_lab_timeout(&mut short);
+        assert_eq!(short.opts.lab.lab_timeout, DEFAULT_LAB_TIMEOUT);
+        let mut given = soak_args(&["--boots", "200", "--lab-timeout", "900"]);
+        fit_lab_timeout(&mut given);
+        assert_eq!(given.opts.lab.lab_timeout, 900, "what the operator said");
+    }
 }
