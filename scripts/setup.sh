@@ -9,7 +9,8 @@ PACKAGES=(
     qemu-system-x86              # lab VM (TCG) and the "qemu" backend inside it
     qemu-utils                   # qemu-io and qemu-img: the image-lock test (QEMU refuses vmm's images)
     linux-source-6.1             # guest kernel source
-    bc flex bison libelf-dev libssl-dev make gcc libc6-dev   # kernel build
+    bc flex bison libelf-dev libssl-dev make gcc libc6-dev   # kernel build; gcc also builds
+                                 # the guest's rawsend (guest-kernel/rootfs/rawsend.c)
     cpio xz-utils kmod file      # initramfs, module resolution
     busybox-static fio e2fsprogs # guest userland and root image
     openssl                      # the peer of the encryption benchmark (openssl speed)
