@@ -76,7 +76,7 @@ fn a_guest_pings_and_moves_64_mib_each_way_over_a_tap() {
 
 // ---- two guests on one bridge (`lab pair`) ----
 
-use common::{images_or_skip, lab, out_file};
+use common::{images_or_skip, lab, lines_of, out_file};
 use vmm_lab::plugins::plugins;
 
 /// Runs `lab pair` with `args`; the JSON report (`{"a": .., "b": .., "host": ..}`) and
@@ -102,15 +102,6 @@ fn pair(name: &str, args: &[&str]) -> Option<(std::process::Output, serde_json::
         .unwrap_or(serde_json::Value::Null);
     let text = output(&out);
     Some((out, report, text))
-}
-
-/// Guest `who`'s console lines as `lab pair` printed them.
-fn lines_of(text: &str, who: &str) -> String {
-    let prefix = format!("{who}| ");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// A chain file for one card: `body` after the plugin's path, the plugin `path`.

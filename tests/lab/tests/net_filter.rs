@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{images_or_skip, lab, out_file, output};
+use common::{images_or_skip, lab, lines_of, out_file, output};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use vmm_lab::plugins::plugins;
 
@@ -268,15 +268,6 @@ fn sends_of_b() -> Vec<Send> {
             ..s
         })
         .collect()
-}
-
-/// Guest `who`'s console lines as `lab pair` printed them.
-fn lines_of(text: &str, who: &str) -> String {
-    let prefix = format!("{who}| ");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The first source port of each `rawsend` task, in order, from the guest's lines: every

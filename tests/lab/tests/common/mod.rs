@@ -113,6 +113,15 @@ pub fn output(o: &Output) -> String {
     )
 }
 
+/// Guest `who`'s console lines as `lab pair` printed them (`who| ` before each).
+pub fn lines_of(text: &str, who: &str) -> String {
+    let prefix = format!("{who}| ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A guest run's JSON report (`lab guest --json`).
 pub fn report(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("the run's JSON report");
