@@ -125,9 +125,10 @@ impl Instance {
             instance_id: instance_id.as_ptr(),
             config_json: config.as_ptr(),
             device_kind: device_kind as u32,
-            lower_features: abi::LOWER_F_DISCARD,
+            lower_features: abi::LOWER_F_DISCARD | abi::LOWER_F_ASYNC,
             device_id: device.as_ptr(),
             lower: lower.raw(),
+            max_lower_in_flight: crate::exec::MAX_LOWER_IN_FLIGHT,
         };
         let mut err = vec![0u8; 1024];
         // SAFETY: args and the strings it points to live across the call; err is writable

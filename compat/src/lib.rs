@@ -8,6 +8,7 @@
 //! With no enabled interceptor a request goes straight to the backend and nothing is copied.
 
 mod bounce;
+mod exec;
 mod hook_pool;
 mod instance;
 mod io_thread;
@@ -20,6 +21,7 @@ mod stack;
 
 pub use block::{BlockBackend, BlockRequestKind, IoRequest, RequestStatus};
 pub use event_manager;
+pub use exec::{Entered, EnteredArc, Exec, Owner, SubmitError, MAX_LOWER_IN_FLIGHT, MAX_TIMERS};
 pub use hook_pool::{HookJob, HookPool, MAX_HOOK_THREADS, MAX_HOOK_THREADS_SET};
 pub use instance::{CheckOutcome, Instance, InstanceCounters, InstanceSpec};
 pub use interceptor_abi as abi;
@@ -29,7 +31,7 @@ pub use latency::LatencyHistogram;
 pub use live::{ChainError, LiveStack};
 pub use loader::{LoadError, Plugin, PluginRegistry};
 pub use net::{Direction, FrameBuf, NetChain, Verdict, MAX_ANSWERS, MAX_FRAME, MAX_HEADROOM};
-pub use stack::{BlockStack, BuildError, InFlight, StackCounters, Started, MAX_CHAIN};
+pub use stack::{BlockStack, BuildError, InFlight, Parked, StackCounters, Started, MAX_CHAIN};
 
 /// An instance config's string values under keys that end in this are files its plugin
 /// reads (`key_file`): the vmm takes them relative to its config's folder and lets the

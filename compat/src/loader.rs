@@ -36,7 +36,7 @@ pub enum LoadError {
     NotSharedObject { path: String, message: String },
     #[error("{path}: no entry symbol `{symbol}`: not an interceptor plugin")]
     NoEntry { path: String, symbol: &'static str },
-    #[error("{path}: plugin ABI version {found}, this VMM speaks {expected}")]
+    #[error("{path}: plugin ABI version {found}, this VMM speaks 1 to {expected}")]
     AbiMismatch {
         path: String,
         found: u32,
@@ -177,7 +177,7 @@ unsafe fn read_table(
 }
 
 fn check_table(path: &str, t: &InterceptorTable) -> Result<(), LoadError> {
-    if t.abi_version != abi::ABI_VERSION {
+    if !(abi::ABI_VERSION_MIN..=abi::ABI_VERSION).contains(&t.abi_version) {
         return Err(LoadError::AbiMismatch {
             path: path.into(),
             found: t.abi_version,

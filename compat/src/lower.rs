@@ -6,6 +6,7 @@ use crate::{BlockRequestKind, Segment, SECTOR_SIZE};
 use interceptor_abi as abi;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Most bytes of non-zero data a plugin may write while it is being created (they are held
@@ -21,6 +22,9 @@ pub(crate) struct LowerCtx {
     /// writes and flushes are kept here instead of reaching the layers below, so a refused
     /// instance changes no byte of the disk. Written down in order once it is accepted.
     staged: Mutex<Option<Staged>>,
+    /// Lower requests the instance has out through `submit` (ABI version 2), and the most.
+    out: Arc<AtomicU32>,
+    max_out: u32,
     raw: abi::Lower,
 }
 
@@ -102,9 +106,14 @@ impl LowerCtx {
                 log: lower_log,
                 capacity: below.capacity(),
                 discard: lower_discard,
+                submit: lower_submit,
+                resume: lower_resume,
+                timer: lower_timer,
             },
             below: RwLock::new(below),
             staged: Mutex::new(None),
+            out: Arc::default(),
+            max_out: crate::exec::MAX_LOWER_IN_FLIGHT,
         });
         // The box never moves, so the table can point at its owner.
         ctx.raw.ctx = (&*ctx as *const LowerCtx).cast_mut().cast();
@@ -319,4 +328,41 @@ unsafe extern "C" fn lower_log(p: *mut c_void, level: u32, message: *const c_cha
             _ => tracing::debug!("interceptor {id}: {text}"),
         }
     }));
+}
+
+unsafe extern "C" fn lower_submit(
+    p: *mut c_void,
+    _handle: *mut c_void,
+    io: *const abi::LowerIo,
+) -> u32 {
+    guarded(|| {
+        ctx(p).map_or(abi::STATUS_IOERR, |c| {
+            if lock(&c.staged).is_some() {
+                // While it is created: the synchronous functions (they are staged in order).
+                return abi::STATUS_UNSUPP;
+            }
+            crate::exec::ffi::submit(&c.below(), &c.out, c.max_out, io)
+        })
+    })
+}
+
+unsafe extern "C" fn lower_resume(p: *mut c_void, handle: *mut c_void, decision: u32) -> u32 {
+    guarded(|| {
+        ctx(p).map_or(abi::STATUS_IOERR, |_| {
+            crate::exec::ffi::resume(handle, decision)
+        })
+    })
+}
+
+unsafe extern "C" fn lower_timer(
+    p: *mut c_void,
+    ns: u64,
+    fire: Option<abi::FireFn>,
+    arg: *mut c_void,
+) -> u32 {
+    guarded(|| {
+        ctx(p).map_or(abi::STATUS_IOERR, |_| {
+            crate::exec::ffi::timer(ns, fire, arg)
+        })
+    })
 }

@@ -372,6 +372,7 @@ impl NetChain {
             device_kind: DeviceKind::Net as u32,
             device_id: layer.device_id_ptr(),
             net: &mut net,
+            handle: std::ptr::null_mut(),
         };
         let started = Instant::now();
         // SAFETY: `net` points at the frame's private buffer of `capacity` bytes and at

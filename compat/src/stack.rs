@@ -203,12 +203,19 @@ impl BlockStack {
         segments: &[Segment],
     ) -> RequestStatus {
         let len = segments.iter().map(|s| s.len as u64).sum();
-        match self.pre(kind, offset, len, segments.to_vec()) {
-            Err(status) => status,
-            Ok(mut parts) => {
+        self.run_sync(self.pre(kind, offset, len, segments.to_vec(), false))
+    }
+
+    /// The synchronous end of a walk that cannot wait: the backend, then the post hooks.
+    unsafe fn run_sync(&self, walk: Walk) -> RequestStatus {
+        match walk {
+            Walk::Done(status) => status,
+            Walk::Backend(mut parts) => {
                 let status = self.run_backend(&parts);
                 self.post(&mut parts, status)
             }
+            // Not reached: a walk that cannot wait fails a PENDING (see `decide`).
+            Walk::Parked(mut parts, _) => self.post(&mut parts, RequestStatus::IoError),
         }
     }
 
@@ -223,13 +230,7 @@ impl BlockStack {
         offset: u64,
         len: u64,
     ) -> RequestStatus {
-        match self.pre(kind, offset, len, Vec::new()) {
-            Err(status) => status,
-            Ok(mut parts) => {
-                let status = self.run_backend(&parts);
-                self.post(&mut parts, status)
-            }
-        }
+        self.run_sync(self.pre(kind, offset, len, Vec::new(), false))
     }
 
     /// Starts one request of `len` bytes at `offset`: its pre hooks run now. For a read or a
@@ -237,7 +238,9 @@ impl BlockStack {
     /// `len` is its range. If one of them completed or failed it,
     /// its post hooks have run too and the status is final (`Started::Done`); otherwise it
     /// waits for the backend (`Started::Backend`): run [`InFlight::io`] on an engine, then
-    /// [`InFlight::finish`] with the engine's status runs the post hooks.
+    /// [`InFlight::finish`] with the engine's status runs the post hooks; or an instance's
+    /// pre hook left it pending (`Started::Parked`, ABI version 2) until the plugin resumes
+    /// it: [`Parked::resume`] with its decision goes on from there.
     ///
     /// # Safety
     /// The segments must stay valid host memory for their lengths (readable for writes,
@@ -250,11 +253,20 @@ impl BlockStack {
         len: u64,
         segments: Vec<Segment>,
     ) -> Started {
-        match self.pre(kind, offset, len, segments) {
-            Err(status) => Started::Done(status),
-            Ok(parts) => Started::Backend(InFlight {
+        self.started(self.pre(kind, offset, len, segments, true))
+    }
+
+    fn started(self: &Arc<Self>, walk: Walk) -> Started {
+        match walk {
+            Walk::Done(status) => Started::Done(status),
+            Walk::Backend(parts) => Started::Backend(InFlight {
                 stack: self.clone(),
                 parts: Some(parts),
+            }),
+            Walk::Parked(parts, layer) => Started::Parked(Parked {
+                stack: self.clone(),
+                parts: Some(parts),
+                layer,
             }),
         }
     }
@@ -304,7 +316,8 @@ impl BlockStack {
         offset: u64,
         len: u64,
         guest: Vec<Segment>,
-    ) -> Result<Parts, RequestStatus> {
+        can_wait: bool,
+    ) -> Walk {
         self.counters.requests.fetch_add(1, Relaxed);
         let carried: u64 = guest.iter().map(|s| s.len as u64).sum();
         let consistent = if kind.has_data() {
@@ -315,7 +328,7 @@ impl BlockStack {
         if !consistent {
             // A read or write whose length is not its buffers', or a flush or range request
             // with data: a caller's bug, never sent down.
-            return Err(self.count(RequestStatus::IoError));
+            return Walk::Done(self.count(RequestStatus::IoError));
         }
         // The snapshot: one atomic load per instance, the only cost of a disabled one.
         let (mut active, mut disabled, mut private) = (0u32, 0u32, false);
@@ -331,6 +344,11 @@ impl BlockStack {
         // dropped here).
         let guest = if kind.has_data() { guest } else { Vec::new() };
         let mut parts = Parts {
+            id: if can_wait {
+                REQUEST_IDS.fetch_add(1, Relaxed)
+            } else {
+                0
+            },
             kind,
             offset,
             len,
@@ -348,7 +366,7 @@ impl BlockStack {
             .checked_add(len)
             .is_none_or(|end| end > self.capacity)
         {
-            return Err(self.count(RequestStatus::IoError));
+            return Walk::Done(self.count(RequestStatus::IoError));
         }
         // A discard or write-zeroes never reaches an instance that did not say it handles
         // one (it could leave the instance's view of the range wrong): answered UNSUPP.
@@ -357,7 +375,7 @@ impl BlockStack {
             BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
         );
         if ranged && !self.discard_reaches(active) {
-            return Err(self.count(RequestStatus::Unsupported));
+            return Walk::Done(self.count(RequestStatus::Unsupported));
         }
         if active == 0 {
             return self.backend_in_range(parts);
@@ -375,67 +393,96 @@ impl BlockStack {
             }];
             parts.bounce = Some(bounce);
         }
-        let mut early = None;
-        for (i, layer) in self.layers.iter().enumerate() {
-            if active & (1 << i) == 0 {
+        self.walk(parts, 0)
+    }
+
+    /// The pre hooks from instance `from` down, until one completes, fails or parks the
+    /// request, or all continued.
+    unsafe fn walk(&self, mut parts: Parts, from: usize) -> Walk {
+        for (i, layer) in self.layers.iter().enumerate().skip(from) {
+            if parts.active & (1 << i) == 0 {
                 continue;
             }
             let c = &layer.counters;
             c.requests.fetch_add(1, Relaxed);
-            c.bytes.fetch_add(len, Relaxed);
-            if kind == BlockRequestKind::Write {
+            c.bytes.fetch_add(parts.len, Relaxed);
+            if parts.kind == BlockRequestKind::Write {
                 c.writes.fetch_add(1, Relaxed);
             }
             parts.started[i] = Some(Instant::now());
             let request = parts.abi_request(i, layer);
             let decision = layer.call_pre(&request, &mut parts.slots[i]);
             parts.ran = i + 1;
-            match decision {
-                // One that owns its format ends discards (the layers below hold its format,
-                // not the guest's blocks, and were not asked whether they handle them).
-                abi::CONTINUE if ranged && layer.owns_format() => {
-                    tracing::warn!(
-                        "interceptor {}: passed a {kind:?} down from its own format; failing",
-                        layer.id()
-                    );
-                    c.errors.fetch_add(1, Relaxed);
-                    early = Some(RequestStatus::IoError);
-                }
-                abi::CONTINUE => continue,
-                abi::COMPLETE => {
-                    c.completed.fetch_add(1, Relaxed);
-                    self.counters.completed_without_driver.fetch_add(1, Relaxed);
-                    early = Some(RequestStatus::Ok);
-                }
-                abi::FAIL => {
-                    c.errors.fetch_add(1, Relaxed);
-                    early = Some(RequestStatus::IoError);
-                }
-                other => {
-                    tracing::warn!("interceptor {}: pre returned {other}; failing", layer.id());
-                    c.errors.fetch_add(1, Relaxed);
-                    early = Some(RequestStatus::IoError);
-                }
+            if decision == abi::PENDING && parts.id != 0 {
+                return Walk::Parked(parts, i);
             }
-            break;
+            if let Some(status) = self.decide(&parts, i, decision) {
+                return Walk::Done(self.post(&mut parts, status));
+            }
         }
-        match early {
-            Some(status) => Err(self.post(&mut parts, status)),
-            None => self.backend_in_range(parts),
+        self.backend_in_range(parts)
+    }
+
+    /// What instance `i`'s decision on `parts` means: `None` to go on down, else the
+    /// status the request ends with.
+    fn decide(&self, parts: &Parts, i: usize, decision: u32) -> Option<RequestStatus> {
+        let layer = &self.layers[i];
+        let c = &layer.counters;
+        let ranged = matches!(
+            parts.kind,
+            BlockRequestKind::Discard | BlockRequestKind::WriteZeroes
+        );
+        match decision {
+            // One that owns its format ends discards (the layers below hold its format,
+            // not the guest's blocks, and were not asked whether they handle them).
+            abi::CONTINUE if ranged && layer.owns_format() => {
+                tracing::warn!(
+                    "interceptor {}: passed a {:?} down from its own format; failing",
+                    layer.id(),
+                    parts.kind
+                );
+                c.errors.fetch_add(1, Relaxed);
+                Some(RequestStatus::IoError)
+            }
+            abi::CONTINUE => None,
+            abi::COMPLETE => {
+                c.completed.fetch_add(1, Relaxed);
+                self.counters.completed_without_driver.fetch_add(1, Relaxed);
+                Some(RequestStatus::Ok)
+            }
+            abi::FAIL => {
+                c.errors.fetch_add(1, Relaxed);
+                Some(RequestStatus::IoError)
+            }
+            abi::PENDING => {
+                // Only a request with a handle may wait (not one through the synchronous
+                // walk, nor a resume that says PENDING again).
+                tracing::warn!(
+                    "interceptor {}: left a request pending that cannot wait; failing",
+                    layer.id()
+                );
+                c.errors.fetch_add(1, Relaxed);
+                Some(RequestStatus::IoError)
+            }
+            other => {
+                tracing::warn!("interceptor {}: pre returned {other}; failing", layer.id());
+                c.errors.fetch_add(1, Relaxed);
+                Some(RequestStatus::IoError)
+            }
         }
     }
 
     /// A request every instance let through reaches the backend only inside the backend's
     /// capacity (an instance may expose more than the layers below it hold).
-    unsafe fn backend_in_range(&self, mut parts: Parts) -> Result<Parts, RequestStatus> {
+    unsafe fn backend_in_range(&self, mut parts: Parts) -> Walk {
         if parts
             .offset
             .checked_add(parts.len)
             .is_none_or(|end| end > self.backend.capacity())
         {
-            return Err(self.post(&mut parts, RequestStatus::IoError));
+            return Walk::Done(self.post(&mut parts, RequestStatus::IoError));
         }
-        Ok(parts)
+        Walk::Backend(parts)
     }
 
     /// The synchronous backend on the request's data.
@@ -484,8 +531,23 @@ impl BlockStack {
     }
 }
 
+/// Where a request's pre hooks left it.
+enum Walk {
+    /// Every instance in its path continued: the backend runs it.
+    Backend(Parts),
+    /// Answered by the chain (the post hooks due have run): its final status.
+    Done(RequestStatus),
+    /// Instance `.1` left it pending (ABI version 2).
+    Parked(Parts, usize),
+}
+
+/// Ids of requests that may wait (their `handle`); 0 is none.
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// What a request carries from its pre hooks to its post hooks.
 struct Parts {
+    /// Its handle for a plugin (`vmm_request.handle`); 0 where it cannot wait.
+    id: u64,
     kind: BlockRequestKind,
     offset: u64,
     len: u64,
@@ -546,6 +608,7 @@ impl Parts {
             device_kind: DeviceKind::Block as u32,
             device_id: layer.device_id_ptr(),
             net: std::ptr::null_mut(),
+            handle: self.id as usize as *mut c_void,
         }
     }
 }
@@ -558,6 +621,61 @@ pub enum Started {
     Done(RequestStatus),
     /// It waits for the backend.
     Backend(InFlight),
+    /// An instance's pre hook left it pending: it waits for the plugin's resume.
+    Parked(Parked),
+}
+
+/// A request an instance's pre hook left pending (ABI version 2), until the plugin resumes
+/// it. Dropped unresumed, its post hooks run with an I/O error.
+pub struct Parked {
+    stack: Arc<BlockStack>,
+    parts: Option<Parts>,
+    /// The instance (from the top) that left it pending.
+    layer: usize,
+}
+
+// SAFETY: as for `InFlight`.
+unsafe impl Send for Parked {}
+
+impl Parked {
+    /// The request's handle, as its plugin knows it (`vmm_request.handle`).
+    pub fn handle(&self) -> u64 {
+        self.parts.as_ref().map_or(0, |p| p.id)
+    }
+
+    /// The instance that left it pending, by id.
+    pub fn instance_id(&self) -> &str {
+        self.stack.layers[self.layer].id()
+    }
+
+    /// The plugin decided (`CONTINUE`, `COMPLETE` or `FAIL`): the request goes on from
+    /// there, down the chain (where it may be left pending again) or back up.
+    pub fn resume(mut self, decision: u32) -> Started {
+        let Some(parts) = self.parts.take() else {
+            return Started::Done(RequestStatus::IoError);
+        };
+        let stack = self.stack.clone();
+        // SAFETY: the buffers are still valid (the `begin` contract).
+        let walk = unsafe {
+            match stack.decide(&parts, self.layer, decision) {
+                None => stack.walk(parts, self.layer + 1),
+                Some(status) => {
+                    let mut parts = parts;
+                    Walk::Done(stack.post(&mut parts, status))
+                }
+            }
+        };
+        stack.started(walk)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if let Some(mut parts) = self.parts.take() {
+            // SAFETY: as in `InFlight::finish`.
+            unsafe { self.stack.post(&mut parts, RequestStatus::IoError) };
+        }
+    }
 }
 
 /// A request past its pre hooks, waiting for the backend. Dropped unfinished, its post

@@ -46,7 +46,9 @@
 extern "C" {
 #endif
 
-#define VMM_INTERCEPTOR_ABI_VERSION 1u
+#define VMM_INTERCEPTOR_ABI_VERSION 2u
+/* The oldest table version the VMM loads (a version-1 plugin runs as it always did). */
+#define VMM_INTERCEPTOR_ABI_VERSION_MIN 1u
 #define VMM_INTERCEPTOR_ENTRY_SYMBOL "vmm_interceptor_entry"
 #define VMM_SECTOR_SIZE 512u
 
@@ -72,11 +74,16 @@ extern "C" {
 #define VMM_STATUS_OK 0u
 #define VMM_STATUS_IOERR 1u
 #define VMM_STATUS_UNSUPP 2u
+/* vmm_lower.submit: not queued, max_lower_in_flight lower requests are out (version 2). */
+#define VMM_STATUS_BUSY 3u
 
 /* What a pre hook decided. */
 #define VMM_CONTINUE 0u /* pass the request to the layers below */
 #define VMM_COMPLETE 1u /* satisfied here with status OK: skip the layers below */
 #define VMM_FAIL 2u     /* fail the request: the guest gets an I/O error */
+/* Version 2: the request waits (buffers and slot kept) until the plugin calls
+ * vmm_lower.resume(ctx, req->handle, decision) with one of the three above, once. */
+#define VMM_PENDING 3u
 
 /* Table flags. */
 /* The plugin transforms data: its requests carry private bounce buffers. */
@@ -139,6 +146,9 @@ struct vmm_request {
     /* The frame of a VMM_REQ_NET_TX or VMM_REQ_NET_RX; NULL for block requests (added after
      * the first ABI: block plugins built before it never read it). */
     struct vmm_net_frame *net;
+    /* Version 2: this request for vmm_lower.submit and vmm_lower.resume, valid from the pre
+     * hook until it is resumed or its post hook returns; NULL where it cannot wait. */
+    void *handle;
 };
 
 /* struct virtio_net_hdr_v1: the offload header that travels with a frame. */
@@ -169,6 +179,18 @@ struct vmm_net_frame {
     uint32_t (*inject)(void *inject_ctx, const uint8_t *frame, uint32_t len);
 };
 
+/* Version 2: a request to the layers below, queued by vmm_lower.submit. */
+struct vmm_lower_io {
+    uint32_t kind;  /* VMM_REQ_READ, _WRITE, _FLUSH, _DISCARD or _WRITE_ZEROES */
+    uint32_t flags; /* 0 */
+    uint64_t offset;
+    uint64_t len;   /* the segments' total; the range for a discard or write-zeroes */
+    const struct vmm_segment *segments; /* valid until done runs */
+    uint32_t nsegments;
+    void (*done)(void *arg, uint32_t status);
+    void *arg;
+};
+
 /* "The layers below": the interceptors under this instance in its device's chain, then the
  * backend. For a plugin's own I/O (metadata, remapped blocks). Each call returns a
  * VMM_STATUS_*; offset and len must be multiples of VMM_SECTOR_SIZE within capacity. */
@@ -183,10 +205,23 @@ struct vmm_lower {
      * layers below handle it): VMM_STATUS_UNSUPP where they do not. Present only when
      * vmm_create_args.lower_features has VMM_LOWER_F_DISCARD (older VMMs: not there). */
     uint32_t (*discard)(void *ctx, uint64_t offset, uint64_t len);
+    /* Version 2, present only when vmm_create_args.lower_features has VMM_LOWER_F_ASYNC:
+     * queues io to the layers below on behalf of request handle; VMM_STATUS_OK (io->done
+     * runs once, later, on the request's thread, never inside submit) or an error (not
+     * queued; done never runs), VMM_STATUS_BUSY past max_lower_in_flight. */
+    uint32_t (*submit)(void *ctx, void *handle, const struct vmm_lower_io *io);
+    /* Ends the wait of a request its pre hook left VMM_PENDING: VMM_CONTINUE,
+     * VMM_COMPLETE or VMM_FAIL. */
+    uint32_t (*resume)(void *ctx, void *handle, uint32_t decision);
+    /* Calls fire(arg, 0) after ns nanoseconds, on the instance's thread; fire(arg, 1) at
+     * once when the disk drains (a reset, an edit, the shutdown). */
+    uint32_t (*timer)(void *ctx, uint64_t ns, void (*fire)(void *arg, uint32_t cancelled),
+                      void *arg);
 };
 
 /* vmm_create_args.lower_features */
 #define VMM_LOWER_F_DISCARD 1u
+#define VMM_LOWER_F_ASYNC 2u
 
 struct vmm_create_args {
     const char *instance_id;  /* the [[interceptor]] id */
@@ -195,6 +230,7 @@ struct vmm_create_args {
     uint32_t lower_features;  /* VMM_LOWER_F_*: what struct vmm_lower offers beyond its core */
     const char *device_id;
     const struct vmm_lower *lower; /* valid until destroy() returns */
+    uint32_t max_lower_in_flight;  /* version 2: lower requests out at once, per instance */
 };
 
 struct vmm_interceptor_table {

@@ -115,6 +115,15 @@ impl Queue<'_> {
                     .begin(self.kind, offset, BS, vec![self.bufs.slot(i, BS as usize)])
             };
             match started {
+                Started::Parked(p) => {
+                    // TODO(issue 31): drive version-2 plugins through an executor here.
+                    drop(p);
+                    return Err(
+                        "a plugin left a request pending: engine-bench does not drive \
+                                ABI version 2 plugins yet"
+                            .into(),
+                    );
+                }
                 Started::Backend(f) => {
                     // SAFETY: as above: the buffer stays valid until the token comes back.
                     unsafe { self.engine.submit(&f.io(), i as u64) };
@@ -217,6 +226,8 @@ pub fn fill(path: &Path, chain: &[InstanceSpec], direct: bool) -> Result<u64, St
         };
         let status = match started {
             Started::Done(s) => s,
+            // Filling runs outside a queue: nothing may wait (see `BlockStack::submit`).
+            Started::Parked(_) => RequestStatus::IoError,
             Started::Backend(f) => {
                 // SAFETY: as above.
                 unsafe { engine.submit(&f.io(), 0) };

@@ -90,6 +90,12 @@ impl PoolQueue<'_> {
                 self.at_engine[i] = Some(f);
                 false
             }
+            // The pool's threads have no executor: a version-2 plugin there cannot wait.
+            Started::Parked(p) => {
+                drop(p);
+                self.done(i, RequestStatus::IoError);
+                true
+            }
         }
     }
 }

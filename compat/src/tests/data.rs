@@ -163,6 +163,7 @@ fn a_discard_ends_at_the_first_instance_that_owns_its_format() {
         match unsafe { stack.begin(BlockRequestKind::Discard, 0, 4096, Vec::new()) } {
             Started::Done(st) => st,
             Started::Backend(io) => io.finish(RequestStatus::Ok),
+            Started::Parked(_) => panic!("no plugin here waits"),
         }
     };
     let answers = chain(false);

@@ -453,6 +453,7 @@ fn only_a_chain_of_concurrent_instances_starts_requests_on_the_hook_pool() {
             stack.complete(f, backend)
         }
         Started::Done(s) => s,
+        Started::Parked(_) => panic!("no plugin here waits"),
     };
     assert_eq!(status, RequestStatus::Ok);
     assert_eq!(disk.data.lock().unwrap()[8192..12288], [0x5au8; 4096]);

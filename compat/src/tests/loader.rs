@@ -14,6 +14,12 @@ fn scratch(test: &str) -> PathBuf {
 
 /// Builds a plugin named `name` whose constructor appends `name` to `marker`.
 fn build(dir: &Path, name: &str, marker: &Path, extra: &[&str]) -> PathBuf {
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptors/include");
+    build_with(dir, name, marker, extra, &include)
+}
+
+/// As `build`, against the header in `include`.
+fn build_with(dir: &Path, name: &str, marker: &Path, extra: &[&str], include: &Path) -> PathBuf {
     let src = dir.join("plugin.c");
     std::fs::write(
         &src,
@@ -57,7 +63,6 @@ const struct vmm_interceptor_table *vmm_interceptor_entry(void) { return &t; }
     )
     .unwrap();
     let out = dir.join(format!("lib{name}.so"));
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptors/include");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(cc)
         .args(["-shared", "-fPIC", "-O1", "-I"])
@@ -268,4 +273,38 @@ fn the_sealed_copy_refuses_every_change() {
         std::fs::read(&path).unwrap()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A plugin built against the first header (version 1, kept in `interceptors/include/v1`)
+/// loads under this VMM and serves requests as it always did.
+#[test]
+fn a_plugin_built_against_the_version_1_header_loads_and_runs() {
+    let dir = scratch("v1");
+    let marker = dir.join("ran");
+    let v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptors/include/v1");
+    let text = std::fs::read_to_string(v1.join("vmm_interceptor.h")).unwrap();
+    assert!(text.contains("#define VMM_INTERCEPTOR_ABI_VERSION 1u"));
+    let so = build_with(&dir, "old", &marker, &[], &v1);
+    let plugin = PluginRegistry::new().load(&so, None).unwrap();
+    assert_eq!(plugin.abi_version(), 1);
+    use crate::tests::MemDisk;
+    use crate::{BlockRequestKind, BlockStack, InstanceSpec, RequestStatus, Segment};
+    let disk = MemDisk::new(1 << 20);
+    let spec = InstanceSpec {
+        id: "old".into(),
+        plugin,
+        config_json: "{}".into(),
+        enabled: true,
+    };
+    let stack = BlockStack::build("d", disk.clone(), &[spec]).unwrap();
+    let mut buf = vec![0x42u8; 4096];
+    let seg = [Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    // SAFETY: `buf` outlives the call.
+    let status = unsafe { stack.submit(BlockRequestKind::Write, 8192, &seg) };
+    assert_eq!(status, RequestStatus::Ok);
+    assert_eq!(disk.data.lock().unwrap()[8192..12288], [0x42u8; 4096]);
+    assert_eq!(ran(&marker), ["old"]);
 }

@@ -5,6 +5,7 @@
 //! plugins are in `plugins.rs`; the helpers here.
 
 mod data;
+mod exec;
 mod hooks;
 mod live;
 mod plugins;
@@ -19,14 +20,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A RAM disk that remembers where its last buffer lived (to see copies).
-struct MemDisk {
-    data: Mutex<Vec<u8>>,
-    calls: AtomicU64,
-    last_base: AtomicUsize,
+pub(crate) struct MemDisk {
+    pub(crate) data: Mutex<Vec<u8>>,
+    pub(crate) calls: AtomicU64,
+    pub(crate) last_base: AtomicUsize,
 }
 
 impl MemDisk {
-    fn new(bytes: usize) -> Arc<MemDisk> {
+    pub(crate) fn new(bytes: usize) -> Arc<MemDisk> {
         Arc::new(MemDisk {
             data: Mutex::new(vec![0; bytes]),
             calls: AtomicU64::new(0),

@@ -6,8 +6,12 @@
 
 use std::ffi::{c_char, c_void};
 
-/// Version of the plugin ABI. A loader refuses a plugin whose table carries another version.
-pub const ABI_VERSION: u32 = 1;
+/// Version of the plugin ABI this crate describes. Version 2 adds pending pre hooks, lower
+/// I/O without waiting and timers (docs/abi-v2.md); a table of version 1 still loads and
+/// runs synchronously.
+pub const ABI_VERSION: u32 = 2;
+/// The oldest table version a loader accepts.
+pub const ABI_VERSION_MIN: u32 = 1;
 /// The symbol every plugin exports (a `fn() -> *const InterceptorTable`).
 pub const ENTRY_SYMBOL: &str = "vmm_interceptor_entry";
 /// Offsets and lengths are multiples of this.
@@ -58,10 +62,16 @@ pub const REQ_F_DISABLED: u32 = 2;
 pub const STATUS_OK: u32 = 0;
 pub const STATUS_IOERR: u32 = 1;
 pub const STATUS_UNSUPP: u32 = 2;
+/// `Lower::submit`: not queued, the instance has `CreateArgs::max_lower_in_flight` lower
+/// requests out (version 2).
+pub const STATUS_BUSY: u32 = 3;
 
 pub const CONTINUE: u32 = 0;
 pub const COMPLETE: u32 = 1;
 pub const FAIL: u32 = 2;
+/// A pre hook's decision (version 2): the request waits, buffers and slot included, until
+/// the plugin calls `Lower::resume` with one of the three above, exactly once.
+pub const PENDING: u32 = 3;
 
 /// The plugin transforms data: its requests carry private bounce buffers.
 pub const F_MODIFIES_DATA: u32 = 1;
@@ -113,6 +123,10 @@ pub struct Request {
     /// The frame of a `REQ_NET_TX` or `REQ_NET_RX`; NULL for block requests. Added after
     /// the first ABI: block plugins built before it never read it.
     pub net: *mut NetFrame,
+    /// This request, for `Lower::submit` and `Lower::resume` (version 2): valid from the
+    /// pre hook until the request is resumed or its post hook returns. NULL where the
+    /// request cannot wait (a net frame, a request through the synchronous walk).
+    pub handle: *mut c_void,
 }
 
 /// `struct virtio_net_hdr_v1`: the offload header that travels with a frame between the
@@ -165,10 +179,51 @@ pub struct Lower {
     pub capacity: u64,
     /// Present only when `CreateArgs::lower_features` has `LOWER_F_DISCARD`.
     pub discard: unsafe extern "C" fn(ctx: *mut c_void, offset: u64, len: u64) -> u32,
+    /// The three below: present only when `CreateArgs::lower_features` has
+    /// `LOWER_F_ASYNC`. Queues a lower request on behalf of request `handle`.
+    pub submit: SubmitFn,
+    /// Ends the wait of request `handle`, which a pre hook left `PENDING`.
+    pub resume: ResumeFn,
+    /// Calls `fire(arg, 0)` after `ns` nanoseconds.
+    pub timer: TimerFn,
 }
 
 /// `CreateArgs::lower_features`: `Lower::discard` is there.
 pub const LOWER_F_DISCARD: u32 = 1;
+/// `CreateArgs::lower_features`: `Lower::submit`, `resume` and `timer` are there (version 2).
+pub const LOWER_F_ASYNC: u32 = 2;
+
+/// Called once when a lower request completes, with its `STATUS_*`, on the thread that
+/// runs its parent request's hooks; never inside `submit`.
+pub type DoneFn = unsafe extern "C" fn(arg: *mut c_void, status: u32);
+/// Called once when a timer is due (`cancelled` 0) or the disk drains (`cancelled` 1), on
+/// the instance's thread.
+pub type FireFn = unsafe extern "C" fn(arg: *mut c_void, cancelled: u32);
+
+/// `struct vmm_lower_io`: a request to the layers below, queued by `Lower::submit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LowerIo {
+    /// `REQ_READ`, `REQ_WRITE`, `REQ_FLUSH`, `REQ_DISCARD` or `REQ_WRITE_ZEROES`.
+    pub kind: u32,
+    /// 0 (reserved).
+    pub flags: u32,
+    pub offset: u64,
+    /// The segments' total for a read or write; the range for a discard or write-zeroes.
+    pub len: u64,
+    /// Valid until `done` runs (the plugin's memory, or its parent request's).
+    pub segments: *const Segment,
+    pub nsegments: u32,
+    pub done: Option<DoneFn>,
+    pub arg: *mut c_void,
+}
+
+pub type SubmitFn =
+    unsafe extern "C" fn(ctx: *mut c_void, handle: *mut c_void, io: *const LowerIo) -> u32;
+pub type ResumeFn =
+    unsafe extern "C" fn(ctx: *mut c_void, handle: *mut c_void, decision: u32) -> u32;
+pub type TimerFn =
+    unsafe extern "C" fn(ctx: *mut c_void, ns: u64, fire: Option<FireFn>, arg: *mut c_void) -> u32;
 
 /// `struct vmm_create_args`.
 #[repr(C)]
@@ -179,6 +234,8 @@ pub struct CreateArgs {
     pub lower_features: u32,
     pub device_id: *const c_char,
     pub lower: *const Lower,
+    /// Lower requests an instance may have out at once (`LOWER_F_ASYNC`).
+    pub max_lower_in_flight: u32,
 }
 
 pub type CreateFn =

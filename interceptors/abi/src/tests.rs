@@ -18,16 +18,22 @@ int main(void) {
     S(vmm_request) O(vmm_request, kind) O(vmm_request, flags) O(vmm_request, offset)
     O(vmm_request, len) O(vmm_request, segments) O(vmm_request, nsegments)
     O(vmm_request, device_kind) O(vmm_request, device_id) O(vmm_request, net)
+    O(vmm_request, handle)
+    S(vmm_lower_io) O(vmm_lower_io, kind) O(vmm_lower_io, flags) O(vmm_lower_io, offset)
+    O(vmm_lower_io, len) O(vmm_lower_io, segments) O(vmm_lower_io, nsegments)
+    O(vmm_lower_io, done) O(vmm_lower_io, arg)
     S(vmm_net_header) O(vmm_net_header, flags) O(vmm_net_header, gso_type)
     O(vmm_net_header, hdr_len) O(vmm_net_header, gso_size) O(vmm_net_header, csum_start)
     O(vmm_net_header, csum_offset) O(vmm_net_header, num_buffers)
     S(vmm_net_frame) O(vmm_net_frame, data) O(vmm_net_frame, len) O(vmm_net_frame, capacity)
     O(vmm_net_frame, header) O(vmm_net_frame, inject_ctx) O(vmm_net_frame, inject)
     S(vmm_lower) O(vmm_lower, ctx) O(vmm_lower, read) O(vmm_lower, write) O(vmm_lower, flush)
-    O(vmm_lower, log) O(vmm_lower, capacity) O(vmm_lower, discard)
+    O(vmm_lower, log) O(vmm_lower, capacity) O(vmm_lower, discard) O(vmm_lower, submit)
+    O(vmm_lower, resume) O(vmm_lower, timer)
     S(vmm_create_args) O(vmm_create_args, instance_id) O(vmm_create_args, config_json)
     O(vmm_create_args, device_kind) O(vmm_create_args, lower_features)
     O(vmm_create_args, device_id) O(vmm_create_args, lower)
+    O(vmm_create_args, max_lower_in_flight)
     S(vmm_interceptor_table) O(vmm_interceptor_table, abi_version)
     O(vmm_interceptor_table, flags) O(vmm_interceptor_table, supported_devices)
     O(vmm_interceptor_table, name) O(vmm_interceptor_table, create)
@@ -39,8 +45,9 @@ int main(void) {
     C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
     C(VMM_REQ_WRITE_ZEROES) C(VMM_REQ_NET_TX) C(VMM_REQ_NET_RX)
     C(VMM_REQ_F_DATA_PRIVATE) C(VMM_REQ_F_DISABLED)
-    C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP)
-    C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL)
+    C(VMM_STATUS_OK) C(VMM_STATUS_IOERR) C(VMM_STATUS_UNSUPP) C(VMM_STATUS_BUSY)
+    C(VMM_CONTINUE) C(VMM_COMPLETE) C(VMM_FAIL) C(VMM_PENDING)
+    C(VMM_INTERCEPTOR_ABI_VERSION_MIN) C(VMM_LOWER_F_ASYNC)
     C(VMM_INTERCEPTOR_F_MODIFIES_DATA) C(VMM_INTERCEPTOR_F_KEEP_WHEN_DISABLED)
     C(VMM_INTERCEPTOR_F_OWNS_FORMAT) C(VMM_INTERCEPTOR_F_HANDLES_DISCARD)
     C(VMM_INTERCEPTOR_F_NET_PLAIN_FRAMES)
@@ -76,6 +83,20 @@ fn rust_view() -> BTreeMap<String, String> {
         offset_of!(Request, device_id),
     );
     put("offset vmm_request.net", offset_of!(Request, net));
+    put("offset vmm_request.handle", offset_of!(Request, handle));
+    put("sizeof vmm_lower_io", size_of::<LowerIo>());
+    for (f, o) in [
+        ("kind", offset_of!(LowerIo, kind)),
+        ("flags", offset_of!(LowerIo, flags)),
+        ("offset", offset_of!(LowerIo, offset)),
+        ("len", offset_of!(LowerIo, len)),
+        ("segments", offset_of!(LowerIo, segments)),
+        ("nsegments", offset_of!(LowerIo, nsegments)),
+        ("done", offset_of!(LowerIo, done)),
+        ("arg", offset_of!(LowerIo, arg)),
+    ] {
+        put(&format!("offset vmm_lower_io.{f}"), o);
+    }
     put("sizeof vmm_net_header", size_of::<NetHeader>());
     for (f, o) in [
         ("flags", offset_of!(NetHeader, flags)),
@@ -107,6 +128,9 @@ fn rust_view() -> BTreeMap<String, String> {
     put("offset vmm_lower.log", offset_of!(Lower, log));
     put("offset vmm_lower.capacity", offset_of!(Lower, capacity));
     put("offset vmm_lower.discard", offset_of!(Lower, discard));
+    put("offset vmm_lower.submit", offset_of!(Lower, submit));
+    put("offset vmm_lower.resume", offset_of!(Lower, resume));
+    put("offset vmm_lower.timer", offset_of!(Lower, timer));
     put("sizeof vmm_create_args", size_of::<CreateArgs>());
     put(
         "offset vmm_create_args.instance_id",
@@ -133,6 +157,10 @@ fn rust_view() -> BTreeMap<String, String> {
         offset_of!(CreateArgs, lower),
     );
     put(
+        "offset vmm_create_args.max_lower_in_flight",
+        offset_of!(CreateArgs, max_lower_in_flight),
+    );
+    put(
         "sizeof vmm_interceptor_table",
         size_of::<InterceptorTable>(),
     );
@@ -157,8 +185,12 @@ fn rust_view() -> BTreeMap<String, String> {
     ] {
         put(&k, v);
     }
-    let consts: [(&str, u64); 30] = [
+    let consts: [(&str, u64); 34] = [
         ("VMM_INTERCEPTOR_ABI_VERSION", ABI_VERSION.into()),
+        ("VMM_INTERCEPTOR_ABI_VERSION_MIN", ABI_VERSION_MIN.into()),
+        ("VMM_STATUS_BUSY", STATUS_BUSY.into()),
+        ("VMM_PENDING", PENDING.into()),
+        ("VMM_LOWER_F_ASYNC", LOWER_F_ASYNC.into()),
         ("VMM_SECTOR_SIZE", SECTOR_SIZE),
         ("VMM_DEVICE_BLOCK", DeviceKind::Block as u64),
         ("VMM_DEVICE_NET", DeviceKind::Net as u64),
@@ -256,5 +288,6 @@ fn device_kinds_have_stable_values() {
     assert_eq!(DeviceKind::Block as u32, 1);
     assert_eq!(DeviceKind::Net as u32, 2);
     assert_eq!(DeviceKind::Block.mask(), 2);
-    assert_eq!(ABI_VERSION, 1);
+    assert_eq!(ABI_VERSION, 2);
+    assert_eq!(ABI_VERSION_MIN, 1);
 }

@@ -98,15 +98,11 @@ unsafe extern "C" fn pre<T: Interceptor>(
         };
         let mut request = Request::from_raw(raw);
         let mut mine: Slot = None;
-        let decision = me.pre(&mut request, &mut mine);
+        let decided = me.pre(&mut request, &mut mine);
         if let (Some(state), false) = (mine, slot.is_null()) {
             *slot = Box::into_raw(Box::new(state)).cast();
         }
-        match decision {
-            Decision::Continue => abi::CONTINUE,
-            Decision::Complete => abi::COMPLETE,
-            Decision::Fail => abi::FAIL,
-        }
+        decision(decided)
     }));
     r.unwrap_or(abi::FAIL)
 }
@@ -193,4 +189,14 @@ unsafe extern "C" fn capacity<T: Interceptor>(instance: *mut c_void) -> u64 {
             .map_or(0, |me| me.capacity().unwrap_or(u64::MAX))
     }))
     .unwrap_or(0)
+}
+
+/// A decision as the ABI says it.
+pub(crate) fn decision(d: Decision) -> u32 {
+    match d {
+        Decision::Continue => abi::CONTINUE,
+        Decision::Complete => abi::COMPLETE,
+        Decision::Fail => abi::FAIL,
+        Decision::Pending => abi::PENDING,
+    }
 }

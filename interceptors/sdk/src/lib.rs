@@ -59,6 +59,7 @@ mod ffi;
 mod frame;
 pub mod key;
 mod lower;
+mod pending;
 mod request;
 
 pub use blocks::{block_pieces, BlockPiece};
@@ -66,6 +67,7 @@ pub use frame::{Frame, FrameError, NetHeader};
 pub use interceptor_abi as abi;
 pub use interceptor_abi::DeviceKind;
 pub use lower::{IoError, LogLevel, Lower};
+pub use pending::{Handle, SubmitError};
 pub use request::{DataError, Request, RequestKind};
 
 #[doc(hidden)]
@@ -87,6 +89,10 @@ pub enum Decision {
     Complete,
     /// Fail the request: the guest sees an I/O error.
     Fail,
+    /// The request waits (ABI version 2): this instance resumes it later with
+    /// [`Lower::resume`], exactly once (see the `pending` module). Only a request with a
+    /// [`Request::handle`] may wait; any other is failed.
+    Pending,
 }
 
 /// A request's status.

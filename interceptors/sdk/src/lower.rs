@@ -52,7 +52,11 @@ impl Lower {
         Ok(Lower { raw, features })
     }
 
-    fn table(&self) -> &abi::Lower {
+    pub(crate) fn features(&self) -> u32 {
+        self.features
+    }
+
+    pub(crate) fn table(&self) -> &abi::Lower {
         // SAFETY: checked non-null at creation; valid until destroy (see the type's docs).
         unsafe { &*self.raw }
     }

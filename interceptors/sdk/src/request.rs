@@ -39,6 +39,10 @@ impl<'a> Request<'a> {
         Request { raw }
     }
 
+    pub(crate) fn raw(&self) -> &abi::Request {
+        self.raw
+    }
+
     pub fn kind(&self) -> RequestKind {
         match self.raw.kind {
             abi::REQ_READ => RequestKind::Read,

@@ -163,6 +163,7 @@ pub fn discard(s: &Arc<BlockStack>, kind: BlockRequestKind, offset: u64, len: u6
     let st = match unsafe { s.begin(kind, offset, len, Vec::new()) } {
         compat::Started::Done(st) => st,
         compat::Started::Backend(f) => f.finish(RequestStatus::Ok),
+        compat::Started::Parked(_) => panic!("no store leaves a request pending"),
     };
     assert_eq!(st, RequestStatus::Ok);
 }

@@ -135,6 +135,7 @@ fn discard(stack: &Arc<BlockStack>, offset: u64, len: u64) -> RequestStatus {
     match unsafe { stack.begin(BlockRequestKind::Discard, offset, len, Vec::new()) } {
         Started::Done(st) => st,
         Started::Backend(io) => io.finish(RequestStatus::Ok),
+        Started::Parked(_) => panic!("no layer of the harness leaves a request pending"),
     }
 }
 
@@ -367,6 +368,9 @@ impl Workload<'_> {
                                 let want = self.expected(model, offset as usize / BLOCK);
                                 assert!(buf == want, "seed {seed}: read {op} at {offset}");
                             }
+                        }
+                        Started::Parked(_) => {
+                            panic!("seed {seed}: no layer of the harness leaves a request pending")
                         }
                         Started::Backend(io) => {
                             flight.push(Pending {

@@ -59,6 +59,7 @@ fn space_dedup_frees_is_given_back_by_the_compression_store_below() {
     let st = match unsafe { stack.begin(BlockRequestKind::Discard, 0, 4 << 20, Vec::new()) } {
         Started::Done(st) => st,
         Started::Backend(io) => io.finish(RequestStatus::Ok),
+        Started::Parked(_) => panic!("no layer here leaves a request pending"),
     };
     assert_eq!(st, RequestStatus::Ok);
     flush();

@@ -343,7 +343,7 @@ fn vmm_refuses_each_bad_plugin_with_one_line_and_exit_2() {
         (
             "plug-old-abi.toml",
             interceptor("a", &old_abi, ""),
-            "plugin ABI version 99, this VMM speaks 1",
+            "plugin ABI version 99, this VMM speaks 1 to 2",
         ),
         (
             "plug-pin.toml",

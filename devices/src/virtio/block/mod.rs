@@ -63,6 +63,9 @@ pub struct Block {
     /// Each queue's eventfd for requests back from the hook pool (`None`: not made; that
     /// queue runs every hook on the I/O thread).
     pool_ready: Vec<Option<Arc<EventFd>>>,
+    /// Each queue's timer for its plugins' timers (ABI version 2), made with the device
+    /// (before any seccomp filter); empty if the host would not make them.
+    exec_timers: Vec<QueueTimer>,
     /// What each queue is doing, for the API.
     stats: Arc<QueueStats>,
 }
@@ -105,6 +108,10 @@ impl Block {
             coalesce: Duration::ZERO,
             timers: Vec::new(),
             pool_ready: (0..engines_len).map(|_| worker::pool_eventfd()).collect(),
+            exec_timers: coalesce::timers(engines_len).unwrap_or_else(|e| {
+                tracing::warn!("blk-{id}: no timers for its plugins ({e}): they fire late");
+                Vec::new()
+            }),
             stats: Arc::default(),
         }
     }
@@ -242,7 +249,8 @@ impl VirtioDevice for Block {
             .with_discard(self.discard())
             .in_disk(order.clone(), q)
             .with_stats(self.stats.clone())
-            .with_hook_pool(self.pool_ready.get(q).cloned().flatten());
+            .with_hook_pool(self.pool_ready.get(q).cloned().flatten())
+            .with_exec_timer(self.exec_timers.get(q).cloned());
             let worker = match self.timers.get(q) {
                 Some(t) => worker.with_coalescing(t.clone(), self.coalesce),
                 None => worker,

@@ -19,9 +19,11 @@ use crate::virtio::Interrupt;
 use block::AsyncIo;
 use compat::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use compat::{
-    BlockRequestKind, InFlight, IoSubscriber, LiveStack, RequestStatus, Segment, Started,
+    BlockRequestKind, Exec, InFlight, IoSubscriber, LiveStack, Owner, RequestStatus, Segment,
+    Started,
 };
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,14 @@ const KICK: u32 = 0;
 const COMPLETION: u32 = 1;
 const COALESCE_TIMER: u32 = 2;
 const HOOKS_BACK: u32 = 3;
+const EXEC_TIMER: u32 = 4;
+
+/// Engine tokens of plugins' own lower requests (ABI version 2) carry this bit; a guest
+/// request's token is its slot.
+const LOWER: u64 = 1 << 63;
+/// How long a drain waits for a plugin to resume the requests it left pending once
+/// nothing else can move them (no timer, no lower request out): then they fail.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(in crate::virtio::block) use pool::pool_eventfd;
 use pool::PoolReturn;
@@ -56,6 +66,10 @@ pub(super) struct DiskOrder {
     /// (queue, token, footprint) of each request in flight through the chain.
     in_flight: Mutex<Vec<(usize, usize, Footprint)>>,
     kicks: Vec<EventFd>,
+    /// ABI version 2: the requests plugins left pending, their own lower requests and
+    /// their timers, for all the disk's queues (a plugin may resume a request of one queue
+    /// from a timer another queue armed).
+    exec: Arc<Exec>,
 }
 
 impl DiskOrder {
@@ -64,6 +78,7 @@ impl DiskOrder {
         DiskOrder {
             in_flight: Mutex::default(),
             kicks,
+            exec: Arc::default(),
         }
     }
 
@@ -119,6 +134,15 @@ pub(super) struct Worker {
     pool: Option<PoolReturn>,
     /// A request's footprint left the disk's order since the last `collect`.
     released: bool,
+    /// Plugins' lower requests at this queue's engine, by id.
+    lowers: HashMap<u64, InFlight>,
+    /// What the plugins' timers wait on (`None`: no timer was made; they then fire at the
+    /// queue's next event).
+    exec_timer: Option<QueueTimer>,
+    /// Since when a drain has found only pending requests that nothing can move.
+    stuck_since: Option<std::time::Instant>,
+    /// The deadline the plugins' timer is armed for.
+    exec_armed_for: Option<std::time::Instant>,
 }
 
 fn status_byte(s: RequestStatus) -> u8 {
@@ -175,7 +199,128 @@ impl Worker {
             stats: Arc::default(),
             pool: None,
             released: false,
+            lowers: HashMap::new(),
+            exec_timer: None,
+            stuck_since: None,
+            exec_armed_for: None,
         }
+    }
+
+    /// Plugins' timers (ABI version 2) wait on `timer`, made with the device.
+    pub(super) fn with_exec_timer(mut self, timer: Option<QueueTimer>) -> Worker {
+        self.exec_timer = timer;
+        self
+    }
+
+    /// Makes the disk's executor the one this thread's hooks reach, until the guard goes.
+    fn entered(&self) -> compat::EnteredArc {
+        self.order.exec.enter_arc()
+    }
+
+    fn exec(&self) -> &Exec {
+        &self.order.exec
+    }
+
+    /// Works off what the plugins queued (resumes, lower requests, their completions)
+    /// until nothing moves: lower requests that reached the backend go to the engine,
+    /// guest requests that moved on go to the engine or are answered.
+    fn advance(&mut self) {
+        if !self.exec().busy() {
+            // The common case (no plugin of version 2 waiting on anything): no work, and
+            // the timer stays as it is.
+            return self.arm_exec_timer();
+        }
+        let queue = self.queue_index as u32;
+        loop {
+            self.exec().run();
+            let mut moved = false;
+            while let Some((id, f)) = self.exec().take_for_engine() {
+                // SAFETY: the plugin keeps the buffers valid until its `done`, which runs
+                // only after the engine returns the token (`collect`).
+                unsafe { self.engine_mut().submit(&f.io(), LOWER | id) };
+                self.lowers.insert(id, f);
+                moved = true;
+            }
+            while let Some((token, started)) = self.exec().take_moved_for(queue) {
+                self.moved(token as usize, started);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        // Requests of the disk's other queues that moved on: they take them when woken.
+        for q in self.exec().queues_with_moved() {
+            if let Some(kick) = self.order.kicks.get(q as usize) {
+                let _ = kick.write(1);
+            }
+        }
+        self.arm_exec_timer();
+    }
+
+    /// The request in slot `token` moved on: answered, to the engine, or left pending.
+    fn moved(&mut self, token: usize, started: Started) {
+        match started {
+            Started::Done(status) => {
+                let Some(p) = self.slots.get_mut(token).and_then(Option::take) else {
+                    return tracing::error!("blk-{}: no request in slot {token}", self.id);
+                };
+                self.release(token, p.footprint);
+                self.used(p.head, &p.req, status);
+            }
+            Started::Backend(f) => {
+                // SAFETY: the buffers are guest memory or the request's private copy,
+                // both valid until the request is finished, which happens only after the
+                // engine returns the token (`collect`).
+                unsafe { self.engine_mut().submit(&f.io(), token as u64) };
+                match self.slots.get_mut(token).and_then(Option::as_mut) {
+                    Some(p) => p.at_engine = Some(f),
+                    None => tracing::error!("blk-{}: no request in slot {token}", self.id),
+                }
+            }
+            Started::Parked(parked) => {
+                let owner = (self.queue_index as u64) << 32 | token as u64;
+                self.exec().park(parked, Owner::Guest(owner));
+            }
+        }
+    }
+
+    /// Arms the plugins' timer for the earliest of their timers (or disarms it); a system
+    /// call only when that changed.
+    fn arm_exec_timer(&mut self) {
+        let next = self.exec().next_timer();
+        if next == self.exec_armed_for {
+            return;
+        }
+        self.exec_armed_for = next;
+        let Some(t) = &self.exec_timer else { return };
+        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match next {
+            Some(at) => {
+                let after = at
+                    .saturating_duration_since(std::time::Instant::now())
+                    .max(std::time::Duration::from_nanos(1));
+                t.reset(after, None)
+            }
+            None => t.clear(),
+        };
+        if let Err(e) = r {
+            tracing::error!("blk-{}: cannot arm the plugins' timer: {e}", self.id);
+        }
+    }
+
+    /// The plugins' timer is readable: fire what is due.
+    fn exec_timer_fired(&mut self) {
+        if let Some(t) = &self.exec_timer {
+            // Non-blocking: an expiry a re-arm took back reads nothing.
+            let _ = t.lock().unwrap_or_else(|p| p.into_inner()).wait();
+        }
+        // Fired: whatever comes next re-arms it.
+        self.exec_armed_for = None;
+        self.exec().fire_due(std::time::Instant::now());
+        self.advance();
+        self.engine_mut().commit();
+        self.collect();
     }
 
     /// Publishes this queue's figures into `stats`.
@@ -334,6 +479,17 @@ impl Worker {
     /// wait for anything.
     fn collect(&mut self) {
         while let Some((token, backend)) = self.engine_mut().next_completion() {
+            if token & LOWER != 0 {
+                let id = token & !LOWER;
+                match self.lowers.remove(&id) {
+                    Some(f) => self.exec().completed(id, f, backend),
+                    None => tracing::error!(
+                        "blk-{}: the engine completed unknown lower request {id}",
+                        self.id
+                    ),
+                }
+                continue;
+            }
             let Some(p) = usize::try_from(token)
                 .ok()
                 .and_then(|i| self.slots.get_mut(i))
@@ -352,6 +508,7 @@ impl Worker {
             };
             self.used(p.head, &p.req, status);
         }
+        self.advance();
         self.start_held();
         self.engine_mut().commit();
         self.signal();
@@ -408,6 +565,9 @@ impl Worker {
 
     /// See [`IoSubscriber::quiesce_step`].
     fn step(&mut self) -> bool {
+        // A drain: the plugins' timers fire at once, cancelled (docs/abi-v2.md).
+        self.exec().cancel_timers();
+        self.advance();
         self.pool_returned();
         self.collect();
         if self.engine_mut().in_flight() > 0 {
@@ -417,8 +577,31 @@ impl Worker {
             self.wait_for_pool();
             self.pool_returned();
             self.collect();
+        } else if self.exec().pending_in_queue(self.queue_index as u32) > 0 {
+            self.wait_for_plugins();
         }
         self.in_flight() == 0 && self.held.is_empty()
+    }
+
+    /// Only requests plugins left pending are in flight and nothing can move them: a
+    /// plugin that has not resumed them within [`DRAIN_TIMEOUT`] is broken, and they fail.
+    fn wait_for_plugins(&mut self) {
+        let now = std::time::Instant::now();
+        let since = *self.stuck_since.get_or_insert(now);
+        if now.duration_since(since) < DRAIN_TIMEOUT {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return;
+        }
+        for who in self.exec().abandon_queue(self.queue_index as u32) {
+            tracing::error!(
+                "blk-{}: interceptor {who} left a request pending for {}s of a drain; it fails",
+                self.id,
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        self.stuck_since = None;
+        self.advance();
+        self.collect();
     }
 
     /// The guest broke the queue: DEVICE_NEEDS_RESET, and a config interrupt to say so.
@@ -524,12 +707,16 @@ impl Worker {
     }
 
     /// Runs the pre hooks and hands the request to the engine (or completes it, when the
-    /// chain answered it).
-    fn start(&mut self, mut p: Pending) {
+    /// chain answered it, or leaves it to its plugin, when one left it pending).
+    fn start(&mut self, p: Pending) {
         if self.goes_to_pool(&p) {
             return self.hand_to_pool(p);
         }
         let Some(segments) = self.segments(&p.req) else {
+            return self.used(p.head, &p.req, RequestStatus::IoError);
+        };
+        let Some(token) = self.free.pop() else {
+            // More in flight than the queue holds cannot happen (each is a distinct head).
             return self.used(p.head, &p.req, RequestStatus::IoError);
         };
         // SAFETY: every segment was checked to lie in guest memory, which stays mapped for
@@ -538,29 +725,18 @@ impl Worker {
         // before the handler goes (`settle` on reset and drop).
         let (kind, offset, len) = (p.req.kind, p.req.offset, p.req.io_len);
         let started = unsafe { self.stack.begin(kind, offset, len, segments) };
-        let inflight = match started {
-            Started::Done(status) => return self.used(p.head, &p.req, status),
-            Started::Backend(f) => f,
-        };
-        let Some(token) = self.free.pop() else {
-            // More in flight than the queue holds cannot happen (each is a distinct head);
-            // fail it rather than overwrite a slot.
-            let status = self.stack.complete(inflight, RequestStatus::IoError);
+        if let Started::Done(status) = started {
+            // Answered by the chain (a store answers every request so): never in flight.
+            self.free.push(token);
             return self.used(p.head, &p.req, status);
-        };
-        let engine = match self.engine.as_deref_mut() {
-            Some(e) => e,
-            None => unreachable!("a queue handler without its engine"),
-        };
-        // SAFETY: the buffers are guest memory or the request's private copy, both valid
-        // until the request is finished, which happens only after the engine returns the
-        // token (`collect`).
-        unsafe { engine.submit(&inflight.io(), token as u64) };
+        }
+        // In flight from here (the disk's queues share this thread: nothing started in
+        // between).
         if let Some(fp) = p.footprint {
             self.order.lock().push((self.queue_index, token, fp));
         }
-        p.at_engine = Some(inflight);
         self.slots[token] = Some(p);
+        self.moved(token, started);
     }
 
     /// The request's guest buffers as host segments (none for a discard or write-zeroes,
@@ -583,6 +759,7 @@ impl Worker {
 
 impl MutEventSubscriber for Worker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let _on = self.entered();
         let which = events.data();
         if !events.event_set().contains(EventSet::IN) {
             tracing::error!(
@@ -606,6 +783,8 @@ impl MutEventSubscriber for Worker {
         }
         if which == COALESCE_TIMER {
             self.coalescing_timer_fired();
+        } else if which == EXEC_TIMER {
+            self.exec_timer_fired();
         } else if which == HOOKS_BACK {
             if let Some(pool) = &self.pool {
                 let _ = pool.ready.read();
@@ -644,6 +823,14 @@ impl MutEventSubscriber for Worker {
                 self.coalescer = None;
             }
         }
+        if let Some(t) = &self.exec_timer {
+            let fd = t.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
+            if let Err(e) = ops.add(Events::with_data_raw(fd, EXEC_TIMER, EventSet::IN)) {
+                // Without it the plugins' timers fire at the queue's next event.
+                tracing::error!("blk-{}: cannot watch the plugins' timer: {e}", self.id);
+                self.exec_timer = None;
+            }
+        }
         if let Some(pool) = &self.pool {
             let back = Events::with_data(&*pool.ready, HOOKS_BACK, EventSet::IN);
             if let Err(e) = ops.add(back) {
@@ -657,10 +844,12 @@ impl MutEventSubscriber for Worker {
 
 impl IoSubscriber for Worker {
     fn drain(&mut self) {
+        let _on = self.entered();
         self.process_queue();
     }
 
     fn quiesce_step(&mut self) -> bool {
+        let _on = self.entered();
         self.step()
     }
 }
@@ -673,10 +862,16 @@ impl Drop for Worker {
         while self.pool.as_ref().is_some_and(|p| p.out > 0) {
             self.wait_for_pool();
         }
+        let _on = self.entered();
         while self.engine.is_some() && self.engine_mut().in_flight() > 0 {
             self.engine_mut().wait();
             self.collect();
         }
+        // Pending requests left (the handler goes without a drain: a panic's unwinding)
+        // fail, and the plugins hear of their lower requests.
+        self.exec().cancel_timers();
+        self.exec().abandon_queue(self.queue_index as u32);
+        self.advance();
         if let Some(engine) = self.engine.take() {
             *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
         }

@@ -208,6 +208,7 @@ fn begin(stack: &Arc<BlockStack>, kind: BlockRequestKind, offset: u64, buf: &mut
     let len = buf.len() as u64;
     match unsafe { stack.begin(kind, offset, len, seg) } {
         Started::Backend(r) => r,
+        Started::Parked(_) => panic!("no plugin here leaves a request pending"),
         Started::Done(st) => panic!("{kind:?} at {offset} was answered above the disk: {st:?}"),
     }
 }

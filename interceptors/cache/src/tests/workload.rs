@@ -207,6 +207,7 @@ fn random_workload(seed: u64, write_back: bool, ops: usize) -> Exercised {
                     // SAFETY: `buf` lives in `pending` until the request is finished.
                     let len = buf.len() as u64;
                     match unsafe { stack.begin(BlockRequestKind::Write, at, len, seg) } {
+                        Started::Parked(_) => panic!("no plugin here leaves a request pending"),
                         Started::Done(st) => {
                             assert_eq!(st, RequestStatus::Ok, "{}", ctx(op, "write"))
                         }
@@ -237,6 +238,7 @@ fn random_workload(seed: u64, write_back: bool, ops: usize) -> Exercised {
                     // SAFETY: as for writes.
                     let len = buf.len() as u64;
                     match unsafe { stack.begin(BlockRequestKind::Read, at, len, seg) } {
+                        Started::Parked(_) => panic!("no plugin here leaves a request pending"),
                         Started::Done(st) => {
                             assert_eq!(st, RequestStatus::Ok, "{}", ctx(op, "read"));
                             assert!(buf == model.at(at, len as usize), "{}", ctx(op, "read hit"));

@@ -238,6 +238,7 @@ fn a_discard_writes_back_what_it_touches_and_forgets_it() {
     );
     // SAFETY: a discard has no segments.
     let status = match unsafe { stack.begin(BlockRequestKind::Discard, 0, 4096, Vec::new()) } {
+        Started::Parked(_) => panic!("no plugin here leaves a request pending"),
         Started::Done(st) => st,
         Started::Backend(io) => {
             // The disk "punches" the block, as a backend that handles discard would.

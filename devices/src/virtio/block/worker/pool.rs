@@ -115,25 +115,13 @@ impl Worker {
         if let Some(pool) = self.pool.as_mut() {
             pool.out = pool.out.saturating_sub(1);
         }
-        let Some(mut p) = self.slots.get_mut(token).and_then(Option::take) else {
+        if self.slots.get(token).is_none_or(Option::is_none) {
             tracing::error!(
                 "blk-{}: the hook pool returned unknown token {token}",
                 self.id
             );
             return;
-        };
-        match started {
-            Started::Done(status) => {
-                self.release(token, p.footprint);
-                self.used(p.head, &p.req, status);
-            }
-            Started::Backend(inflight) => {
-                // SAFETY: as in `start`: the buffers stay valid until the engine returns
-                // the token.
-                unsafe { self.engine_mut().submit(&inflight.io(), token as u64) };
-                p.at_engine = Some(inflight);
-                self.slots[token] = Some(p);
-            }
         }
+        self.moved(token, started);
     }
 }

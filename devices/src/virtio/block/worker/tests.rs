@@ -622,4 +622,5 @@ fn a_queues_figures_show_what_it_holds_and_what_it_has_answered() {
     assert_eq!(figure("used_idx"), Some(3));
 }
 
+mod pending;
 mod pool;
