@@ -38,8 +38,8 @@ pub enum Owner {
 }
 
 enum Event {
-    /// A plugin decided on the request it left pending.
-    Resume(u64, u32),
+    /// A plugin (by its `vmm_lower` context) decided on the request it left pending.
+    Resume(u64, u32, usize),
     /// A lower request to start down its stack.
     Start(u64),
     /// A lower request is done: its plugin's `done` runs.
@@ -194,8 +194,16 @@ impl Exec {
             let event = self.inner.borrow_mut().events.pop_front();
             let Some(event) = event else { break };
             match event {
-                Event::Resume(handle, decision) => {
-                    let found = self.inner.borrow_mut().parked.remove(&handle);
+                Event::Resume(handle, decision, caller) => {
+                    let found = {
+                        let mut inner = self.inner.borrow_mut();
+                        match inner.parked.get(&handle) {
+                            // Only the instance that left it pending resumes it: a request
+                            // pending in another layer is not another plugin's to move.
+                            Some((p, _)) if p.holder() == caller => inner.parked.remove(&handle),
+                            _ => None,
+                        }
+                    };
                     match found {
                         Some((parked, owner)) => {
                             let started = parked.resume(decision);
@@ -204,7 +212,8 @@ impl Exec {
                         None => {
                             self.inner.borrow_mut().stale_resumes += 1;
                             tracing::warn!(
-                                "a plugin resumed request {handle}, which is not pending; ignored"
+                                "a plugin resumed request {handle}, which it does not hold \
+                                 pending; ignored"
                             );
                         }
                     }
@@ -373,12 +382,13 @@ impl Exec {
         Ok(())
     }
 
-    /// A plugin decided on request `handle` (checked when the event runs).
-    pub fn resume(&self, handle: u64, decision: u32) {
+    /// The plugin of `vmm_lower` context `caller` decided on request `handle` (checked
+    /// when the event runs).
+    pub fn resume(&self, handle: u64, decision: u32, caller: usize) {
         self.inner
             .borrow_mut()
             .events
-            .push_back(Event::Resume(handle, decision));
+            .push_back(Event::Resume(handle, decision, caller));
     }
 
     /// Arms a timer; false if the queue holds too many.
@@ -546,8 +556,8 @@ pub(crate) mod ffi {
         }
     }
 
-    pub(crate) fn resume(handle: *mut c_void, decision: u32) -> u32 {
-        match Exec::with_current(|e| e.resume(handle as usize as u64, decision)) {
+    pub(crate) fn resume(caller: usize, handle: *mut c_void, decision: u32) -> u32 {
+        match Exec::with_current(|e| e.resume(handle as usize as u64, decision, caller)) {
             Some(()) => abi::STATUS_OK,
             None => abi::STATUS_UNSUPP,
         }

@@ -286,6 +286,11 @@ impl Instance {
     ///
     /// # Safety
     /// `req`'s segments must be valid for the call, as the ABI describes.
+    /// Who this instance is to the shim's `vmm_lower` functions (the `ctx` they get).
+    pub(crate) fn lower_ctx(&self) -> usize {
+        &*self.lower as *const LowerCtx as usize
+    }
+
     pub(crate) unsafe fn call_pre(&self, req: &abi::Request, slot: &mut *mut c_void) -> u32 {
         (self.pre)(self.handle, req, slot)
     }

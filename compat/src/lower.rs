@@ -348,8 +348,8 @@ unsafe extern "C" fn lower_submit(
 
 unsafe extern "C" fn lower_resume(p: *mut c_void, handle: *mut c_void, decision: u32) -> u32 {
     guarded(|| {
-        ctx(p).map_or(abi::STATUS_IOERR, |_| {
-            crate::exec::ffi::resume(handle, decision)
+        ctx(p).map_or(abi::STATUS_IOERR, |c| {
+            crate::exec::ffi::resume(c as *const LowerCtx as usize, handle, decision)
         })
     })
 }

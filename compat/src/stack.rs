@@ -648,6 +648,12 @@ impl Parked {
         self.stack.layers[self.layer].id()
     }
 
+    /// The instance that left it pending, as the shim's `vmm_lower` functions know it:
+    /// only that instance may resume it.
+    pub(crate) fn holder(&self) -> usize {
+        self.stack.layers[self.layer].lower_ctx()
+    }
+
     /// The plugin decided (`CONTINUE`, `COMPLETE` or `FAIL`): the request goes on from
     /// there, down the chain (where it may be left pending again) or back up.
     pub fn resume(mut self, decision: u32) -> Started {

@@ -272,7 +272,7 @@ fn a_request_never_resumed_is_abandoned_with_an_error() {
         _ => panic!("the guest request did not end"),
     }
     // A resume that comes too late is ignored.
-    exec.resume(1, abi::CONTINUE);
+    exec.resume(1, abi::CONTINUE, 0);
     exec.run();
     assert!(exec.idle());
 }
@@ -295,4 +295,50 @@ fn outside_a_queue_a_request_cannot_wait_and_lower_requests_are_refused() {
         RequestStatus::Ok,
         "no handle: the waiter lets it through"
     );
+}
+
+/// A request pending in one layer is that layer's plugin's to resume: another plugin's
+/// resume of the same handle (its own request's, resumed twice) is refused, so it cannot
+/// move a request past a layer that holds it (an encryption that has not sealed it yet).
+#[test]
+fn only_the_instance_holding_a_request_may_resume_it() {
+    let (disk, backend) = disk_with_pattern();
+    // mode 2 holds for good: the top (a timer resumes it CONTINUE) passes it down to the
+    // bottom, which holds it.
+    let stack = BlockStack::build(
+        "d",
+        backend.clone(),
+        &[waiter("top", 0), waiter("bottom", 2)],
+    )
+    .unwrap();
+    let exec = Exec::new();
+    let mut buf = vec![0u8; 4096];
+    let seg = vec![Segment {
+        base: buf.as_mut_ptr(),
+        len: buf.len(),
+    }];
+    let _on = exec.enter();
+    // SAFETY: `buf` outlives the request (abandoned below).
+    let Started::Parked(p) = (unsafe { stack.begin(BlockRequestKind::Read, 0, 4096, seg) }) else {
+        panic!("not left pending");
+    };
+    let handle = p.handle();
+    let top = stack.layers()[0].lower_ctx();
+    exec.park(p, Owner::Guest(1));
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    exec.fire_due(std::time::Instant::now());
+    exec.run();
+    assert_eq!(exec.counts().0, 1, "held by the bottom now");
+    let calls = disk.calls.load(Ordering::SeqCst);
+    // The top resumes "its" request again: refused, nothing moves.
+    exec.resume(handle, abi::CONTINUE, top);
+    exec.run();
+    assert_eq!(exec.counts().0, 1);
+    assert!(exec.take_moved().is_none());
+    assert_eq!(
+        disk.calls.load(Ordering::SeqCst),
+        calls,
+        "nothing reached the disk"
+    );
+    exec.abandon();
 }

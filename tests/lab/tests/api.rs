@@ -213,7 +213,10 @@ fn every_documented_operation_answers_as_documented_and_every_route_is_documente
     assert_eq!(all.as_array().map(Vec::len), Some(2));
     let enc = api.interceptor("enc").json();
     assert_eq!(enc["plugin"], "encrypt");
-    assert_eq!(enc["abi_version"], 2, "the SDK builds plugins of ABI version 2");
+    assert_eq!(
+        enc["abi_version"], 2,
+        "the SDK builds plugins of ABI version 2"
+    );
     // Every flag the plugin declares (issue 30, item 8: only three kinds were shown, so
     // net-encrypt's net_plain_frames and encrypt's concurrent were missing).
     assert_eq!(
