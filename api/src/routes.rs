@@ -118,10 +118,12 @@ async fn actions(State(s): Shared, method: Method, body: Body) -> Answer {
     }
 }
 
+/// `PATCH /interceptors/{id}`: enable or disable it, give it a new config, or both.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Toggle {
-    enabled: bool,
+struct Patch {
+    enabled: Option<bool>,
+    config: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `PUT /interceptors/{id}`: a new instance in one device's chain.
@@ -182,15 +184,25 @@ async fn interceptor(
             .map(|v| ok_json(&v))
             .ok_or_else(unknown),
         Method::PATCH => {
-            let toggle: Toggle = body::json(body, s.body_timeout).await?;
-            let found = views::instances(&s, &id);
-            if found.is_empty() {
+            let patch: Patch = body::json(body, s.body_timeout).await?;
+            if patch.enabled.is_none() && patch.config.is_none() {
+                return Err(ApiError::BadRequest(
+                    "give `enabled`, `config` or both".into(),
+                ));
+            }
+            if views::instances(&s, &id).is_empty() {
                 return Err(unknown());
             }
-            for (_, _, instance) in found {
-                instance.set_enabled(toggle.enabled);
+            if let Some(config) = patch.config {
+                let (state, who) = (s.clone(), id.clone());
+                edit(state, move |s| reconfigure_instance(s, &who, config)).await?;
             }
-            tracing::info!("api: interceptor {id} enabled={}", toggle.enabled);
+            if let Some(on) = patch.enabled {
+                for (_, _, instance) in views::instances(&s, &id) {
+                    instance.set_enabled(on);
+                }
+                tracing::info!("api: interceptor {id} enabled={on}");
+            }
             Ok(no_content())
         }
         Method::PUT => {
@@ -266,6 +278,42 @@ fn load_instance(s: &ApiState, id: String, load: Load) -> Result<(), ApiError> {
         device.id(),
         load.position
     );
+    Ok(())
+}
+
+/// A new config for every instance named `id` (ABI version 2, the plugin's `reconfigure`),
+/// on its device's I/O thread with nothing in flight.
+fn reconfigure_instance(
+    s: &ApiState,
+    id: &str,
+    config: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    let _edits = s.edits.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(policy) = &s.policy {
+        policy.check_config(&config)?;
+    }
+    let json = serde_json::Value::Object(config).to_string();
+    let found = views::instances(s, id);
+    if let Some((_, _, i)) = found.iter().find(|(_, _, i)| !i.can_reconfigure()) {
+        return Err(ApiError::Conflict(format!(
+            "interceptor `{id}`: its plugin `{}` cannot change its config while it runs \
+             (plugin ABI version 1); remove and load it again",
+            i.plugin().name()
+        )));
+    }
+    for (device, _, instance) in found {
+        match device {
+            views::Device::Disk(disk) => disk.stack.reconfigure(id, &json)?,
+            views::Device::Net(card) => {
+                let j = json.clone();
+                card.io
+                    .run(move || instance.reconfigure(&j))
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(ApiError::BadRequest)?
+            }
+        }
+    }
+    tracing::info!("api: interceptor {id} reconfigured: {json}");
     Ok(())
 }
 

@@ -313,6 +313,43 @@ impl Instance {
         self.call_json("stats", stats, 4096)
     }
 
+    /// Can the plugin take a new config while it runs (a `reconfigure` in its table)?
+    pub fn can_reconfigure(&self) -> bool {
+        self.plugin.table().reconfigure.is_some()
+    }
+
+    /// Gives the running instance a new config (`config_json`, a JSON object as `create`
+    /// got): the plugin takes it or refuses it, keeping its old one, and says why. Call it
+    /// on the thread that calls the hooks, with no request in flight.
+    pub fn reconfigure(&self, config_json: &str) -> Result<(), String> {
+        let Some(f) = self.plugin.table().reconfigure else {
+            return Err(format!(
+                "interceptor {}: its plugin cannot change its config while it runs (version 1, \
+                 or no reconfigure in its table): remove and load it again",
+                self.id()
+            ));
+        };
+        let config = std::ffi::CString::new(config_json)
+            .map_err(|_| format!("interceptor {}: the config holds a NUL byte", self.id()))?;
+        let mut err = vec![0u8; 1024];
+        // SAFETY: the handle is this plugin's, live until destroy; the config is a
+        // NUL-terminated string and `err` is writable for its length, for the call.
+        let status = unsafe {
+            f(
+                self.handle,
+                config.as_ptr(),
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if status == abi::STATUS_OK {
+            return Ok(());
+        }
+        let n = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+        let why = String::from_utf8_lossy(&err[..n]);
+        Err(format!("interceptor {}: {why}", self.id()))
+    }
+
     /// Runs the plugin's check of what it keeps on the disk (`None`: it keeps nothing
     /// there, or has no check). Call it with no request in flight, on the thread that
     /// calls the hooks; it may read the whole disk.

@@ -311,6 +311,23 @@ impl LiveStack {
         self.on_io_thread(move || chain.remove(&id))
     }
 
+    /// Gives instance `id` a new config (ABI version 2, the plugin's `reconfigure`), on the
+    /// I/O thread with no guest request in flight. The instance keeps its old config if its
+    /// plugin refuses (the error says why) or cannot be reconfigured.
+    pub fn reconfigure(&self, id: &str, config_json: &str) -> Result<(), ChainError> {
+        let (chain, id, config) = (self.chain.clone(), id.to_string(), config_json.to_string());
+        self.on_io_thread(move || {
+            let snapshot = chain.snapshot();
+            let Some(instance) = snapshot.instance(&id) else {
+                return Err(ChainError::NotFound {
+                    device: chain.device_id.clone(),
+                    id,
+                });
+            };
+            instance.reconfigure(&config).map_err(ChainError::Invalid)
+        })
+    }
+
     /// Would [`remove`](Self::remove) refuse `id` now?
     pub fn check_removable(&self, id: &str) -> Result<(), ChainError> {
         let (chain, id) = (self.chain.clone(), id.to_string());

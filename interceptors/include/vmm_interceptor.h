@@ -270,6 +270,11 @@ struct vmm_interceptor_table {
     /* Bytes a net plugin may add to a frame (a seal's nonce and tag): the device lowers the
      * MTU it tells the guest by the chain's sum. Present when table_size covers it. */
     uint32_t net_headroom;
+    /* Version 2: takes a new config (JSON, as create's) while the instance runs, on its
+     * disk's thread with nothing of the disk in flight (PATCH /interceptors/{id}). Returns
+     * VMM_STATUS_OK, or another status after writing a reason into err; the instance keeps
+     * its old config then. NULL: it cannot be reconfigured. */
+    uint32_t (*reconfigure)(void *instance, const char *config_json, char *err, size_t err_len);
 };
 
 /* The one symbol a plugin exports. */

@@ -119,6 +119,7 @@ static WAITER: abi::InterceptorTable = abi::InterceptorTable {
     capacity: None,
     check: None,
     net_headroom: 0,
+    reconfigure: None,
 };
 
 fn waiter(id: &str, mode: u8) -> InstanceSpec {

@@ -255,6 +255,14 @@ pub type CapacityFn = unsafe extern "C" fn(instance: *mut c_void) -> u64;
 /// Same calling convention as [`StatsFn`]; the JSON is a check report (see the header).
 pub type CheckFn =
     unsafe extern "C" fn(instance: *mut c_void, buf: *mut c_char, len: usize) -> usize;
+/// Gives a running instance a new config (version 2): `STATUS_OK`, or an error with a
+/// NUL-terminated reason in `err` (the instance keeps its old config then).
+pub type ReconfigureFn = unsafe extern "C" fn(
+    instance: *mut c_void,
+    config_json: *const c_char,
+    err: *mut c_char,
+    err_len: usize,
+) -> u32;
 /// The type of the exported entry symbol.
 pub type EntryFn = unsafe extern "C" fn() -> *const InterceptorTable;
 
@@ -282,6 +290,10 @@ pub struct InterceptorTable {
     /// Bytes a net plugin may add to a frame (a seal's nonce and tag): the device lowers
     /// the MTU it tells the guest by the chain's sum. Present when `table_size` covers it.
     pub net_headroom: u32,
+    /// Takes a new config while the instance runs (`PATCH /interceptors/{id}`), on the
+    /// instance's thread with nothing of its disk in flight. Version 2; present when
+    /// `table_size` covers it.
+    pub reconfigure: Option<ReconfigureFn>,
 }
 
 /// Bytes of the first table (up to `capacity`), which a `table_size` of 0 stands for.

@@ -41,6 +41,7 @@ int main(void) {
     O(vmm_interceptor_table, stats) O(vmm_interceptor_table, destroy)
     O(vmm_interceptor_table, capacity) O(vmm_interceptor_table, table_size)
     O(vmm_interceptor_table, check) O(vmm_interceptor_table, net_headroom)
+    O(vmm_interceptor_table, reconfigure)
     C(VMM_INTERCEPTOR_ABI_VERSION) C(VMM_SECTOR_SIZE) C(VMM_DEVICE_BLOCK) C(VMM_DEVICE_NET)
     C(VMM_REQ_READ) C(VMM_REQ_WRITE) C(VMM_REQ_FLUSH) C(VMM_REQ_DISCARD) C(VMM_REQ_GET_ID)
     C(VMM_REQ_WRITE_ZEROES) C(VMM_REQ_NET_TX) C(VMM_REQ_NET_RX)
@@ -182,6 +183,7 @@ fn rust_view() -> BTreeMap<String, String> {
         t("table_size", offset_of!(InterceptorTable, table_size)),
         t("check", offset_of!(InterceptorTable, check)),
         t("net_headroom", offset_of!(InterceptorTable, net_headroom)),
+        t("reconfigure", offset_of!(InterceptorTable, reconfigure)),
     ] {
         put(&k, v);
     }

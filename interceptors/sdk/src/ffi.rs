@@ -21,7 +21,33 @@ pub const fn table<T: Interceptor>() -> abi::InterceptorTable {
         capacity: Some(capacity::<T>),
         check: Some(check::<T>),
         net_headroom: T::NET_HEADROOM,
+        reconfigure: Some(reconfigure::<T>),
     }
+}
+
+unsafe extern "C" fn reconfigure<T: Interceptor>(
+    instance: *mut c_void,
+    config_json: *const c_char,
+    err: *mut c_char,
+    err_len: usize,
+) -> u32 {
+    let r = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        let me = instance.cast::<T>().as_ref().ok_or("no instance")?;
+        let text = str_arg(config_json)?;
+        let config = if text.is_empty() {
+            serde_json::json!({})
+        } else {
+            serde_json::from_str(text).map_err(|e| format!("config is not JSON: {e}"))?
+        };
+        me.reconfigure(config)
+    }));
+    let msg = match r {
+        Ok(Ok(())) => return abi::STATUS_OK,
+        Ok(Err(msg)) => msg,
+        Err(p) => format!("reconfigure panicked: {}", panic_message(&*p)),
+    };
+    write_c(&msg, err, err_len);
+    abi::STATUS_IOERR
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

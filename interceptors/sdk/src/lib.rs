@@ -224,6 +224,17 @@ pub trait Interceptor: Sized + Send + Sync + 'static {
     fn check(&self) -> Option<CheckReport> {
         None
     }
+
+    /// Takes a new config while the instance runs (`PATCH /interceptors/{id}` with a
+    /// `config`), on its disk's thread with nothing of the disk in flight. `Err` keeps the
+    /// old one and tells the operator why. The default refuses: most plugins are
+    /// reconfigured by a reload.
+    fn reconfigure(&self, _config: serde_json::Value) -> Result<(), String> {
+        Err(format!(
+            "{} cannot change its config while it runs: remove and load it again",
+            Self::NAME.to_string_lossy()
+        ))
+    }
 }
 
 /// What [`Interceptor::check`] found.

@@ -27,6 +27,15 @@ impl Bucket {
         }
     }
 
+    /// New limits from now on; what the bucket holds (or owes) carries over, up to the new
+    /// burst.
+    pub fn set(&mut self, rate: u64, burst: u64, now: Instant) {
+        self.refill(now);
+        self.rate = rate.max(1) as f64;
+        self.burst = burst.max(1) as f64;
+        self.level = self.level.min(self.burst);
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.level = (self.level + dt * self.rate).min(self.burst);

@@ -52,13 +52,27 @@ struct Buckets {
     bytes: Option<Bucket>,
 }
 
+fn burst_of(c: &Config, rate: u64) -> u64 {
+    (rate.saturating_mul(c.burst_ms) / 1000).max(1)
+}
+
 impl Buckets {
     fn new(c: &Config, now: Instant) -> Buckets {
-        let burst = |rate: u64| (rate.saturating_mul(c.burst_ms) / 1000).max(1);
         Buckets {
-            iops: c.iops.map(|r| Bucket::new(r, burst(r), now)),
-            bytes: c.bytes_per_sec.map(|r| Bucket::new(r, burst(r), now)),
+            iops: c.iops.map(|r| Bucket::new(r, burst_of(c, r), now)),
+            bytes: c.bytes_per_sec.map(|r| Bucket::new(r, burst_of(c, r), now)),
         }
+    }
+
+    /// New limits; a bucket kept keeps what it holds (or owes), a new one starts full.
+    fn set(&mut self, c: &Config, now: Instant) {
+        let one = |b: &mut Option<Bucket>, rate: Option<u64>| match (b.as_mut(), rate) {
+            (Some(b), Some(r)) => b.set(r, burst_of(c, r), now),
+            (None, Some(r)) => *b = Some(Bucket::new(r, burst_of(c, r), now)),
+            (_, None) => *b = None,
+        };
+        one(&mut self.iops, c.iops);
+        one(&mut self.bytes, c.bytes_per_sec);
     }
 
     /// How long until a request of `bytes` may start.
@@ -86,7 +100,7 @@ impl Buckets {
 
 /// A group's buckets and the config that made them (every member must say the same).
 struct Shared {
-    config: Config,
+    config: Mutex<Config>,
     buckets: Mutex<Buckets>,
 }
 
@@ -100,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn shared_for(c: &Config) -> Result<Arc<Shared>, String> {
     let make = || {
         Arc::new(Shared {
-            config: c.clone(),
+            config: Mutex::new(c.clone()),
             buckets: Mutex::new(Buckets::new(c, Instant::now())),
         })
     };
@@ -111,11 +125,12 @@ fn shared_for(c: &Config) -> Result<Arc<Shared>, String> {
     let groups = groups.get_or_insert_with(HashMap::new);
     groups.retain(|_, w| w.strong_count() > 0);
     if let Some(s) = groups.get(name).and_then(Weak::upgrade) {
-        if s.config != *c {
+        let theirs = lock(&s.config).clone();
+        if theirs != *c {
             return Err(format!(
                 "group {name:?} is throttled at iops {:?}, bytes_per_sec {:?}, burst_ms {} by \
                  another disk; give every member the same limits",
-                s.config.iops, s.config.bytes_per_sec, s.config.burst_ms
+                theirs.iops, theirs.bytes_per_sec, theirs.burst_ms
             ));
         }
         return Ok(s);
@@ -201,6 +216,20 @@ impl Throttle {
     }
 }
 
+/// A config's limits make sense.
+fn check(cfg: &Config) -> Result<(), String> {
+    if cfg.iops == Some(0) || cfg.bytes_per_sec == Some(0) {
+        return Err("iops and bytes_per_sec: at least 1 (leave one out for no limit)".into());
+    }
+    if cfg.iops.is_none() && cfg.bytes_per_sec.is_none() {
+        return Err("give iops, bytes_per_sec or both: nothing to throttle".into());
+    }
+    if cfg.burst_ms == 0 || cfg.burst_ms > MAX_BURST_MS {
+        return Err(format!("burst_ms: 1 to {MAX_BURST_MS}"));
+    }
+    Ok(())
+}
+
 /// The instance the VMM holds: the throttle behind an `Arc`, so that its timers can reach
 /// it and find it gone after the instance is destroyed.
 pub struct Instance(Arc<Throttle>);
@@ -211,15 +240,7 @@ impl Interceptor for Instance {
 
     fn create(ctx: CreateContext<'_>) -> Result<Self, String> {
         let cfg: Config = ctx.config_as()?;
-        if cfg.iops == Some(0) || cfg.bytes_per_sec == Some(0) {
-            return Err("iops and bytes_per_sec: at least 1 (leave one out for no limit)".into());
-        }
-        if cfg.iops.is_none() && cfg.bytes_per_sec.is_none() {
-            return Err("give iops, bytes_per_sec or both: nothing to throttle".into());
-        }
-        if cfg.burst_ms == 0 || cfg.burst_ms > MAX_BURST_MS {
-            return Err(format!("burst_ms: 1 to {MAX_BURST_MS}"));
-        }
+        check(&cfg)?;
         if !ctx.lower.is_async() {
             return Err("this VMM cannot hold requests back (no plugin ABI version 2)".into());
         }
@@ -268,9 +289,27 @@ impl Interceptor for Instance {
         Decision::Pending
     }
 
+    /// New limits for the disk (for its whole group, when it has one) from now on; the
+    /// group itself cannot change.
+    fn reconfigure(&self, config: serde_json::Value) -> Result<(), String> {
+        let cfg: Config = serde_json::from_value(config).map_err(|e| format!("config: {e}"))?;
+        check(&cfg)?;
+        let t = &self.0;
+        let mut current = lock(&t.shared.config);
+        if cfg.group != current.group {
+            return Err(format!(
+                "group: {:?} while it runs (was {:?}); remove and load it again to move it",
+                cfg.group, current.group
+            ));
+        }
+        lock(&t.shared.buckets).set(&cfg, Instant::now());
+        *current = cfg;
+        Ok(())
+    }
+
     fn stats(&self) -> serde_json::Value {
         let t = &self.0;
-        let c = &t.shared.config;
+        let c = lock(&t.shared.config).clone();
         serde_json::json!({
             "iops_limit": c.iops,
             "bytes_per_sec_limit": c.bytes_per_sec,

@@ -197,3 +197,36 @@ fn bad_configs_are_refused_naming_the_field() {
         assert!(e.contains(says), "{cfg}: {e}");
     }
 }
+
+#[test]
+fn new_limits_apply_while_it_runs_and_bad_ones_keep_the_old() {
+    let d = disk(serde_json::json!({ "iops": 100, "burst_ms": 100 })).unwrap();
+    let exec = Exec::new();
+    let (_, s) = write_all(&d, &exec, 20);
+    assert!(s.iter().all(|s| *s == RequestStatus::Ok));
+    let held = stat(&d, "held");
+    assert!(
+        held >= 9,
+        "a burst of 10 at 100/s: the rest waited ({held})"
+    );
+    let instance = &d.stack.layers()[0];
+    for (bad, says) in [
+        (serde_json::json!({ "iops": 0 }), "at least 1"),
+        (serde_json::json!({ "iops": 10, "group": "other" }), "group"),
+        (serde_json::json!({ "iops": 10, "speed": 1 }), "speed"),
+    ] {
+        let e = instance.reconfigure(&bad.to_string()).unwrap_err();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    assert_eq!(stat(&d, "iops_limit"), 100, "refused: the old limits stay");
+    instance
+        .reconfigure(&serde_json::json!({ "iops": 100000, "burst_ms": 1000 }).to_string())
+        .unwrap();
+    assert_eq!(stat(&d, "iops_limit"), 100000);
+    // The bucket keeps what it owed, at the new rate (microseconds), then a burst of
+    // 100,000: 50 writes wait for nothing more than that debt.
+    std::thread::sleep(Duration::from_millis(5));
+    let (_, s) = write_all(&d, &exec, 50);
+    assert!(s.iter().all(|s| *s == RequestStatus::Ok));
+    assert_eq!(stat(&d, "held"), held, "none held under the new limits");
+}

@@ -83,6 +83,7 @@ const fn table(i: usize) -> InterceptorTable {
         capacity: if i & 8 != 0 { Some(fz_capacity) } else { None },
         check: None,
         net_headroom: 0,
+        reconfigure: None,
     };
     // The broken ones.
     match i {

@@ -20,6 +20,7 @@ pub struct Plugins {
     pub xor: PathBuf,
     pub net_filter: PathBuf,
     pub net_encrypt: PathBuf,
+    pub throttle: PathBuf,
 }
 
 /// Where test builds of plugins go.
@@ -69,6 +70,7 @@ fn build() -> Result<Plugins> {
         xor: plugin_dir().join("libxor.so"),
         net_filter: lib("interceptor_net_filter"),
         net_encrypt: lib("interceptor_net_encrypt"),
+        throttle: lib("interceptor_throttle"),
     };
     // The lab VM has no toolchain: a command that needs plugins in there builds them
     // before it enters (as every test does), and finds them here.
@@ -104,6 +106,8 @@ fn build() -> Result<Plugins> {
             "interceptor-net-filter",
             "-p",
             "interceptor-net-encrypt",
+            "-p",
+            "interceptor-throttle",
         ])
         .arg("--target-dir")
         .arg(&target)
@@ -129,6 +133,7 @@ impl Plugins {
             &self.xor,
             &self.net_filter,
             &self.net_encrypt,
+            &self.throttle,
         ]
     }
 }

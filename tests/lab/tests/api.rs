@@ -374,6 +374,66 @@ fn an_instance_loads_at_run_time_and_unloads_but_a_format_owner_is_kept() {
     );
 }
 
+/// `PATCH /interceptors/{id}` with a `config` (ABI version 2): a throttle takes new limits
+/// while it runs; a bad one is refused with the plugin's reason and the old stays; a plugin
+/// that cannot change its config answers 409 or 400, and an empty patch is refused.
+#[test]
+fn a_running_instance_takes_a_new_config_through_patch() {
+    let api = start("api-reconfigure");
+    let p = plugins().unwrap();
+    let body = json!({
+        "path": p.throttle, "device": "vdb", "position": 0,
+        "config": { "iops": 100, "burst_ms": 100 }
+    });
+    let a = api.call(
+        "PUT",
+        "/interceptors/limit",
+        "/interceptors/{id}",
+        Some(body),
+    );
+    assert_eq!(a.status, 204, "{}", a.body);
+    let stats = |api: &Api| api.interceptor("limit").json()["devices"][0]["stats"].clone();
+    assert_eq!(stats(&api)["iops_limit"], 100);
+    let patch = |body: Value| {
+        api.call(
+            "PATCH",
+            "/interceptors/limit",
+            "/interceptors/{id}",
+            Some(body),
+        )
+    };
+    let a = patch(json!({ "config": { "iops": 5000, "burst_ms": 200 } }));
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(stats(&api)["iops_limit"], 5000);
+    assert_eq!(stats(&api)["burst_ms"], 200);
+    let a = patch(json!({ "config": { "iops": 0 } }));
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.contains("at least 1"), "{}", a.body);
+    assert_eq!(stats(&api)["iops_limit"], 5000, "the old config stays");
+    let a = patch(json!({ "config": { "iops": 10 }, "enabled": false }));
+    assert_eq!(a.status, 204, "{}", a.body);
+    let v = api.interceptor("limit").json();
+    assert_eq!(v["enabled"], false);
+    assert_eq!(v["devices"][0]["stats"]["iops_limit"], 10);
+    // Encryption keeps the SDK's default: it cannot change its config while it runs.
+    let a = api.call(
+        "PATCH",
+        "/interceptors/enc",
+        "/interceptors/{id}",
+        Some(json!({ "config": { "key_file": "/x" } })),
+    );
+    assert!(
+        a.status == 400 || a.status == 403,
+        "{}: {}",
+        a.status,
+        a.body
+    );
+    let a = patch(json!({}));
+    assert_eq!(a.status, 400, "{}", a.body);
+    // Requests still pass the throttle after all of it.
+    write(&api.disks[1], 0);
+}
+
 #[test]
 fn errors_are_json_faults_with_the_right_status() {
     let api = start("api-errors");
