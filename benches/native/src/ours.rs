@@ -13,8 +13,9 @@ use crate::slow::{SlowBackend, SlowIo};
 use crate::sys::{cpu_time, Who};
 use crate::{Below, Outcome, Rw, BS};
 use block::{AsyncIo, BlockBackend, EngineChoice, RawFile, RequestStatus};
-use compat::{BlockRequestKind, InFlight, InstanceSpec, LiveStack, Segment, Started};
+use compat::{BlockRequestKind, Exec, InFlight, InstanceSpec, LiveStack, Owner, Segment, Started};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -70,11 +71,21 @@ impl Drop for Buffers {
     }
 }
 
+/// Engine tokens of plugins' own lower requests (ABI version 2), as the device marks them.
+const LOWER: u64 = 1 << 63;
+
 /// What one request slot needs to start a request.
 struct Queue<'a> {
     stack: &'a LiveStack,
     engine: &'a mut dyn AsyncIo,
-    slots: Vec<Option<(InFlight, u64)>>,
+    /// Each slot's request and block; the request is `None` while a plugin holds it
+    /// pending (ABI version 2).
+    slots: Vec<Option<(Option<InFlight>, u64)>>,
+    /// The queue's executor (ABI version 2): requests left pending, plugins' own lower
+    /// requests and timers, driven as the device's queue drives it.
+    exec: &'a Exec,
+    /// Plugins' lower requests at the engine, by id.
+    lowers: HashMap<u64, InFlight>,
     bufs: Buffers,
     rng: XorShift,
     kind: BlockRequestKind,
@@ -116,13 +127,12 @@ impl Queue<'_> {
             };
             match started {
                 Started::Parked(p) => {
-                    // TODO(issue 31): drive version-2 plugins through an executor here.
-                    drop(p);
-                    return Err(
-                        "a plugin left a request pending: engine-bench does not drive \
-                                ABI version 2 plugins yet"
-                            .into(),
-                    );
+                    self.exec.park(p, Owner::Guest(i as u64));
+                    if let Some(busy) = &mut self.busy {
+                        busy.insert(block);
+                    }
+                    self.slots[i] = Some((None, block));
+                    return Ok(true);
                 }
                 Started::Backend(f) => {
                     // SAFETY: as above: the buffer stays valid until the token comes back.
@@ -130,7 +140,7 @@ impl Queue<'_> {
                     if let Some(busy) = &mut self.busy {
                         busy.insert(block);
                     }
-                    self.slots[i] = Some((f, block));
+                    self.slots[i] = Some((Some(f), block));
                     return Ok(true);
                 }
                 Started::Done(status) => {
@@ -154,7 +164,56 @@ impl Queue<'_> {
         if let Some(busy) = &mut self.busy {
             busy.remove(&block);
         }
-        Some(f)
+        f
+    }
+
+    /// Works off the executor (ABI version 2): lower requests to the engine, guest requests
+    /// that moved on to the engine; returns those that ended there (slot, status).
+    fn advance(&mut self) -> Vec<(usize, RequestStatus)> {
+        let mut ended = Vec::new();
+        loop {
+            self.exec.run();
+            let mut moved = false;
+            while let Some((id, f)) = self.exec.take_for_engine() {
+                // SAFETY: the plugin keeps the buffers valid until its `done`.
+                unsafe { self.engine.submit(&f.io(), LOWER | id) };
+                self.lowers.insert(id, f);
+                moved = true;
+            }
+            while let Some((i, started)) = self.exec.take_moved() {
+                moved = true;
+                let i = i as usize;
+                match started {
+                    Started::Backend(f) => {
+                        // SAFETY: the slot's buffer stays valid until the token comes back.
+                        unsafe { self.engine.submit(&f.io(), i as u64) };
+                        if let Some((slot, _)) = self.slots.get_mut(i).and_then(Option::as_mut) {
+                            *slot = Some(f);
+                        }
+                    }
+                    Started::Done(status) => {
+                        if let Some((_, block)) = self.slots.get_mut(i).and_then(Option::take) {
+                            if let Some(busy) = &mut self.busy {
+                                busy.remove(&block);
+                            }
+                        }
+                        ended.push((i, status));
+                    }
+                    Started::Parked(p) => self.exec.park(p, Owner::Guest(i as u64)),
+                }
+            }
+            if !moved {
+                return ended;
+            }
+        }
+    }
+
+    /// Requests held by plugins, not at the engine.
+    fn held(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Some((None, _))))
+            .count()
     }
 }
 
@@ -317,10 +376,14 @@ pub fn run(
             engine: name,
         });
     }
+    let exec = Exec::new();
+    let _on = exec.enter();
     let mut q = Queue {
         stack: &stack,
         engine: engine.as_mut(),
         slots: (0..depth).map(|_| None).collect(),
+        exec: &exec,
+        lowers: HashMap::new(),
         bufs: Buffers::new(depth, BS as usize, seed)?,
         rng: XorShift::new(seed),
         kind,
@@ -353,23 +416,34 @@ pub fn run(
         // At most `depth` completions a batch: the synchronous engine has the replacement
         // of each done by the time it is started, so "until none is left" never ends.
         let mut n = 0usize;
+        let mut ended = Vec::new();
         while n < depth {
             let Some((token, status)) = q.engine.next_completion() else {
                 break;
             };
+            n += 1;
+            if token & LOWER != 0 {
+                match q.lowers.remove(&(token & !LOWER)) {
+                    Some(f) => q.exec.completed(token & !LOWER, f, status),
+                    None => failure = Some(format!("unknown lower request {token:x}")),
+                }
+                continue;
+            }
             let Some(f) = q.finish(token) else {
                 failure = Some(format!("the engine completed unknown token {token}"));
                 open = false;
-                n += 1;
                 continue;
             };
-            if q.stack.complete(f, status) != RequestStatus::Ok {
+            ended.push((token as usize, q.stack.complete(f, status)));
+        }
+        ended.extend(q.advance());
+        for (slot, status) in ended {
+            if status != RequestStatus::Ok {
                 errors += 1;
             }
             done += 1;
-            n += 1;
             if open {
-                match q.start(token as usize) {
+                match q.start(slot) {
                     Ok(true) => {}
                     Ok(false) => open = false,
                     Err(e) => {
@@ -384,9 +458,10 @@ pub fn run(
             if open && batches % CLOCK_EVERY == 0 && Instant::now() >= deadline {
                 open = false;
             }
-            q.engine.commit();
         }
-        if q.engine.in_flight() == 0 {
+        q.engine.commit();
+        let held = q.held();
+        if q.engine.in_flight() == 0 && held == 0 {
             // Every request of the chain may be answered in `begin` (none at the engine).
             if open && failure.is_none() && Instant::now() < deadline {
                 match q.start(0) {
@@ -401,7 +476,32 @@ pub fn run(
             break;
         }
         if n == 0 {
-            q.engine.wait();
+            match q.exec.next_timer() {
+                // Plugins' timers first: the engine's wait would sleep past them.
+                Some(at) => {
+                    let now = Instant::now();
+                    if at > now {
+                        // With requests at the engine too, look at it again soon (its own
+                        // wait could sleep past the timer).
+                        let nap = if q.engine.in_flight() == 0 {
+                            at - now
+                        } else {
+                            (at - now).min(Duration::from_micros(100))
+                        };
+                        std::thread::sleep(nap);
+                    }
+                    q.exec.fire_due(Instant::now());
+                }
+                None if q.engine.in_flight() > 0 => q.engine.wait(),
+                // Held by a plugin with nothing to move it: what a drain would fail.
+                None => {
+                    q.exec.cancel_timers();
+                    for who in q.exec.abandon() {
+                        failure = Some(format!("interceptor {who} never resumed a request"));
+                    }
+                    open = false;
+                }
+            }
         }
     }
     let secs = t0.elapsed().as_secs_f64();
