@@ -33,6 +33,16 @@ pub fn plugin_dir() -> PathBuf {
 /// building the plugins, and one must never load the library another is still writing
 /// ("file too short").
 pub fn build_c(source: &std::path::Path, out_name: &str) -> Result<PathBuf> {
+    build_c_with(source, out_name, &repo_root().join("interceptors/include"))
+}
+
+/// As [`build_c`], against the header in `include` (e.g. `interceptors/include/v1`, the
+/// first ABI's, as third parties built their plugins).
+pub fn build_c_with(
+    source: &std::path::Path,
+    out_name: &str,
+    include: &std::path::Path,
+) -> Result<PathBuf> {
     let out = plugin_dir().join(out_name);
     let partial = plugin_dir().join(format!(".{out_name}.{}.tmp", std::process::id()));
     std::fs::create_dir_all(plugin_dir())?;
@@ -41,7 +51,7 @@ pub fn build_c(source: &std::path::Path, out_name: &str) -> Result<PathBuf> {
         .args([
             "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I",
         ])
-        .arg(repo_root().join("interceptors/include"))
+        .arg(include)
         .arg(source)
         .arg("-o")
         .arg(&partial)

@@ -39,6 +39,30 @@ fn remapped_block(raw: &[u8], block: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Issue 31, item 1: a plugin built from the first header (ABI version 1, as third parties
+/// wrote them) loads under this VMM and fio verify passes through it in a guest.
+#[test]
+fn fio_verify_passes_through_a_plugin_built_from_the_version_1_header() {
+    plugins().expect("building the plugins");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let v1 = vmm_lab::plugins::build_c_with(
+        &repo.join("interceptors/xor/xor.c"),
+        "libxor-v1.so",
+        &repo.join("interceptors/include/v1"),
+    )
+    .expect("building xor against the v1 header");
+    let loaded = compat::PluginRegistry::new().load(&v1, None).unwrap();
+    assert_eq!(loaded.abi_version(), 1, "built from the first header");
+    let chain = interceptor("xor1", &v1, &format!("config = {{ key = {KEY} }}"));
+    let Some((markers, _text, _raw)) = run_with("plugin-xor-v1", &chain, |_| {}) else {
+        return;
+    };
+    assert!(
+        markers.iter().any(|m| m.starts_with("hostcheck")),
+        "the run's host check: {markers:?}"
+    );
+}
+
 #[test]
 fn fio_verify_passes_through_the_c_xor_plugin_and_the_disk_holds_xored_bytes() {
     let p = plugins().expect("building the plugins");
